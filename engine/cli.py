@@ -1,0 +1,140 @@
+"""The ``raymerge`` command line: plan, run, demo.
+
+Every ``RaymergeError`` becomes one readable line on stderr and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+from raymerge.engine import __version__
+from raymerge.engine.errors import RaymergeError
+from raymerge.engine.plan import DEFAULT_SHARD_BYTES, build_plan, check_budget
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}  # fmt: skip
+
+
+def parse_size(text: str) -> int:
+    """``"2GiB"`` → 2147483648; plain integers are bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 500MB, 2GiB, 1073741824)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from raymerge.engine.executor import default_memory_budget
+    from raymerge.engine.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    plan = build_plan(recipe, out_shard_bytes=args.out_shard_size)
+    budget = args.memory_budget or default_memory_budget()
+    summary = plan.summary()
+    summary["memory_budget"] = budget
+    if args.json:
+        summary["task_list"] = [
+            {"id": t.id, "class": t.tensor_class, "read_bytes": t.read_bytes, "write_bytes": t.write_bytes,
+             "est_host_bytes": t.est_host_bytes, "flops": t.flops}
+            for t in plan.tasks
+        ]  # fmt: skip
+        print(json.dumps(summary, indent=1))
+    else:
+        print(f"method      {summary['method']}  ({len(plan.models)} models)")
+        print(f"tensors     {summary['tensors']}  in {summary['tasks']} tasks  {summary['tasks_by_class']}")
+        print(f"read        {_fmt_bytes(summary['read_bytes'])}")
+        print(f"write       {_fmt_bytes(summary['write_bytes'])}  in {len(plan.shards)} shard(s)")
+        print(f"peak task   {_fmt_bytes(summary['peak_task_host_bytes'])} host  (budget {_fmt_bytes(budget)})")
+        print(f"flops       {summary['flops']:.3g}")
+        biggest = sorted(plan.tasks, key=lambda t: -t.est_host_bytes)[:5]
+        print("largest tasks:")
+        for t in biggest:
+            print(f"  {t.id:<60} {_fmt_bytes(t.est_host_bytes):>12}")
+    check_budget(plan, budget)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from raymerge.engine.merge import format_figures, merge
+    from raymerge.engine.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    figures = merge(
+        recipe, args.out, memory_budget=args.memory_budget, workers=args.workers,
+        out_shard_bytes=args.out_shard_size, overwrite=args.overwrite, progress=not args.quiet, device=args.device,
+    )  # fmt: skip
+    print(format_figures(figures))
+    print(f"wrote {Path(args.out).absolute()}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from raymerge.engine.demo import run_demo
+
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="raymerge-demo-"))
+    return run_demo(workdir, size=args.size)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="raymerge", description="Out-of-core merging of fine-tuned models.")
+    p.add_argument("--version", action="version", version=f"raymerge {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("recipe", help="recipe YAML (mergekit schema + raymerge keys)")
+        sp.add_argument("--out-shard-size", type=parse_size, default=DEFAULT_SHARD_BYTES, help="bytes per output shard (default 5GiB)")
+        sp.add_argument("--memory-budget", type=parse_size, default=None, help="host memory for running tasks (default: half the available RAM)")
+
+    sp = sub.add_parser("plan", help="validate a recipe against checkpoint headers and print the plan")
+    common(sp)
+    sp.add_argument("--json", action="store_true", help="machine-readable output, with every task")
+    sp.set_defaults(fn=cmd_plan)
+
+    sp = sub.add_parser("run", help="run a merge into OUT (resumes an interrupted run of the same plan)")
+    common(sp)
+    sp.add_argument("out", help="output model directory (published atomically)")
+    sp.add_argument("--executor", choices=["local"], default="local", help="where tasks run")
+    sp.add_argument("--workers", type=int, default=None, help="concurrent tasks (default: min(4, cores))")
+    sp.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="compute device")
+    sp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    sp.set_defaults(fn=cmd_run)
+
+    sp = sub.add_parser("demo", help="build small checkpoints, merge them, print the figures")
+    sp.add_argument("--workdir", default=None, help="where to build (default: a temp dir)")
+    sp.add_argument("--size", default="small", choices=["tiny", "small", "1b"], help="synthetic model size")
+    sp.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.fn(args))
+    except RaymergeError as exc:
+        print(f"raymerge: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("raymerge: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

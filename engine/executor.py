@@ -1,0 +1,122 @@
+"""The in-process executor: a thread pool that admits tasks by declared memory, not by count.
+
+Torch kernels and mmap page faults release the GIL, so threads overlap I/O and compute. A task is
+admitted only while the declared peak bytes of running tasks plus its own stay under the budget
+(a task alone always runs: ``check_budget`` has already refused any task larger than the budget).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+from raymerge.engine.plan import TensorTask
+from raymerge.engine.task import Receipt, run_task
+
+
+def default_memory_budget() -> int:
+    """Half of the currently available RAM, at least 512 MiB: leaves room for the page cache."""
+    return max(512 << 20, int(psutil.virtual_memory().available * 0.5))
+
+
+def default_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+@dataclass
+class MemoryGate:
+    """Counts declared bytes of running tasks; ``acquire`` blocks until a task fits the budget."""
+
+    budget: int
+    in_use: int = 0
+
+    def __post_init__(self) -> None:
+        self._cv = threading.Condition()
+
+    def acquire(self, nbytes: int) -> None:
+        with self._cv:
+            while self.in_use > 0 and self.in_use + nbytes > self.budget:
+                self._cv.wait()
+            self.in_use += nbytes
+
+    def release(self, nbytes: int) -> None:
+        with self._cv:
+            self.in_use -= nbytes
+            self._cv.notify_all()
+
+
+def run_local(
+    tasks: Sequence[TensorTask],
+    staging_dir: str,
+    *,
+    budget: int,
+    workers: int,
+    device: str,
+    on_done: Callable[[TensorTask, Receipt], None],
+) -> None:
+    """Run ``tasks`` on a thread pool under the memory budget; call ``on_done`` per receipt.
+
+    The first failure cancels what has not started and is re-raised after running tasks finish,
+    so the journal stays consistent for a resume.
+    """
+    gate = MemoryGate(budget)
+    # Split the cores between workers so concurrent tasks do not oversubscribe the CPU.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, workers)))
+    errors: list[BaseException] = []
+
+    def job(task: TensorTask) -> tuple[TensorTask, Receipt]:
+        try:
+            return task, run_task(task, staging_dir, device)
+        finally:
+            gate.release(task.est_host_bytes)
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="raymerge") as pool:
+        running: set[Future[tuple[TensorTask, Receipt]]] = set()
+
+        def drain(block: bool) -> None:
+            done, _ = wait(running, timeout=None if block else 0, return_when=FIRST_COMPLETED)
+            for fut in done:
+                running.discard(fut)
+                try:
+                    task, receipt = fut.result()
+                except BaseException as exc:  # noqa: BLE001 - re-raised below
+                    errors.append(exc)
+                    continue
+                on_done(task, receipt)
+
+        for task in tasks:
+            if errors:
+                break
+            while len(running) >= workers:
+                drain(block=True)
+            # Wait for memory without holding a pool slot; poll completions meanwhile.
+            while gate.in_use > 0 and gate.in_use + task.est_host_bytes > gate.budget:
+                drain(block=True)
+                if errors:
+                    break
+            if errors:
+                break
+            gate.acquire(task.est_host_bytes)
+            running.add(pool.submit(job, task))
+        while running:
+            drain(block=True)
+    if errors:
+        raise errors[0]
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set of this process so far (ru_maxrss), in bytes."""
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def now() -> float:
+    return time.perf_counter()

@@ -1,0 +1,146 @@
+"""One merge end to end: plan → staging → execute → commit, with progress and figures."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from raymerge.engine import __version__
+from raymerge.engine.errors import RaymergeError
+from raymerge.engine.executor import default_memory_budget, default_workers, peak_rss_bytes, run_local
+from raymerge.engine.plan import DEFAULT_SHARD_BYTES, MergePlan, TensorTask, build_plan, check_budget
+from raymerge.engine.recipe import Recipe
+from raymerge.engine.storage import READ_STATS
+from raymerge.engine.task import Receipt
+from raymerge.engine.writer import Staging
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunFigures:
+    """Figures of one run, recorded in the model card and printed by the CLI."""
+
+    method: str
+    models: int
+    tensors: int
+    tasks: int
+    tasks_resumed: int
+    bytes_read: int
+    bytes_written: int
+    wall_seconds: float
+    read_gbps: float
+    peak_rss_bytes: int
+    memory_budget: int
+    workers: int
+    executor: str
+    device: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def model_card(plan: MergePlan, figures: RunFigures) -> str:
+    """A Hugging Face README recording the recipe, the inputs and the run's figures."""
+    recipe = plan.recipe
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags:",
+        "- merge",
+        "- raymerge",
+        f"- {recipe.merge_method}",
+        "---",
+        f"# {recipe.name or Path(plan.recipe.base_model or plan.models[0]).name + '-' + recipe.merge_method}",
+        "",
+        f"Merged with [raymerge](https://github.com/raymerge/raymerge) {__version__} using "
+        f"**{recipe.merge_method}** ({recipe.method.reference}) on {_dt.date.today().isoformat()}.",
+        "",
+        "## Inputs",
+        "",
+    ]
+    if recipe.base_model:
+        lines.append(f"- base: `{recipe.base_model}`")
+    lines += [f"- `{u}`" for u in recipe.expert_urls()]
+    lines += ["", "## Recipe", "", "```yaml", (recipe.source or "").rstrip(), "```", "", "## Run", ""]
+    lines += ["| figure | value |", "|---|---|"]
+    for k, v in figures.to_json().items():
+        lines.append(f"| {k} | {v} |")
+    lines += ["", "Per-task CRC32 checksums are in `.raymerge/receipts.json`.", ""]
+    return "\n".join(lines)
+
+
+def merge(
+    recipe: Recipe,
+    out: str | Path,
+    *,
+    memory_budget: int | None = None,
+    workers: int | None = None,
+    out_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    overwrite: bool = False,
+    progress: bool = True,
+    device: str | None = None,
+) -> RunFigures:
+    """Merge ``recipe`` into the model directory ``out``; resumes a staged run of the same plan."""
+    t0 = time.perf_counter()
+    read0 = READ_STATS.bytes_read
+    budget = memory_budget or default_memory_budget()
+    n_workers = workers or default_workers()
+    dev = device or recipe.raymerge.device
+    if dev == "auto":
+        dev = "cpu"  # elementwise work is memory-bound; Gram methods pick CUDA per task
+    plan = build_plan(recipe, out_shard_bytes=out_shard_bytes)
+    check_budget(plan, budget)
+    staging = Staging(out, plan, overwrite=overwrite)
+    receipts = staging.prepare()
+    resumed = len(receipts)
+    todo: list[TensorTask] = [t for t in plan.tasks if t.id not in receipts]
+    total_io = sum(t.read_bytes + t.write_bytes for t in todo)
+    bar = tqdm(
+        total=total_io, unit="B", unit_scale=True, unit_divisor=1024, desc=f"merge {recipe.merge_method}",
+        disable=not progress, file=sys.stderr, smoothing=0.1, dynamic_ncols=True,
+    )  # fmt: skip
+
+    def on_done(task: TensorTask, receipt: Receipt) -> None:
+        staging.record(receipt)
+        receipts[task.id] = receipt
+        bar.update(task.read_bytes + task.write_bytes)
+
+    try:
+        run_local(todo, str(staging.dir), budget=budget, workers=n_workers, device=dev, on_done=on_done)
+    except BaseException:
+        staging.close()
+        bar.close()
+        raise
+    bar.close()
+    wall = time.perf_counter() - t0
+    read = READ_STATS.bytes_read - read0
+    figures = RunFigures(
+        method=recipe.merge_method, models=len(plan.models), tensors=len({t.tensor for t in plan.tasks}),
+        tasks=len(plan.tasks), tasks_resumed=resumed, bytes_read=read,
+        bytes_written=sum(t.write_bytes for t in todo), wall_seconds=round(wall, 3),
+        read_gbps=round(read / wall / 1e9, 3) if wall > 0 else 0.0, peak_rss_bytes=peak_rss_bytes(),
+        memory_budget=budget, workers=n_workers, executor="local", device=dev,
+    )  # fmt: skip
+    staging.commit(receipts, model_card(plan, figures))
+    return figures
+
+
+def format_figures(f: RunFigures) -> str:
+    gib = 2**30
+    return (
+        f"{f.method}: {f.tensors} tensors / {f.tasks} tasks ({f.tasks_resumed} resumed) from {f.models} models; "
+        f"read {f.bytes_read / gib:.2f} GiB, wrote {f.bytes_written / gib:.2f} GiB in {f.wall_seconds:.1f} s "
+        f"({f.read_gbps:.2f} GB/s); peak RSS {f.peak_rss_bytes / gib:.2f} GiB (budget {f.memory_budget / gib:.1f} GiB)"
+    )
+
+
+__all__ = ["RaymergeError", "RunFigures", "format_figures", "merge", "model_card", "json"]

@@ -1,0 +1,54 @@
+"""Merge methods, registered by name (mergekit's names where they exist)."""
+
+from __future__ import annotations
+
+from raymerge.engine.methods import interpolation, task_vector
+from raymerge.engine.methods.registry import METHODS, REQUIRED, MergeArgs, MethodSpec, Param, Scope, get_method, register
+
+S, M = Scope.SHARED, Scope.MODEL
+
+
+def _gta(normalize: bool, rescale: bool, *extra: Param) -> tuple[Param, ...]:
+    """mergekit's generalized-task-arithmetic parameter set with per-method defaults."""
+    return (
+        Param("weight", float, M, REQUIRED, "scale of this expert's task vector"),
+        Param("density", float, M, 1.0, "fraction of task-vector entries kept"),
+        *extra,
+        Param("normalize", bool, S, normalize, "divide by the summed weights of kept entries"),
+        Param("rescale", bool, S, rescale, "L1-rescale sparsified task vectors"),
+        Param("lambda", float, S, 1.0, "scale of the merged task vector"),
+        Param("int8_mask", bool, S, False, "accepted for mergekit compatibility; no effect"),
+    )
+
+
+_GAMMA = Param("gamma", float, M, 0.01, "fraction of largest-magnitude outliers dropped")
+
+register(MethodSpec(
+    "linear", task_vector.linear, (Param("weight", float, M, REQUIRED), Param("normalize", bool, S, True)),
+    "https://arxiv.org/abs/2203.05482", needs_base=False, row_separable=True, includes_base_in_inputs=True,
+    work_buffers=lambda n: 2,
+))  # fmt: skip
+register(MethodSpec("task_arithmetic", task_vector.task_arithmetic, _gta(False, False),
+                    "https://arxiv.org/abs/2212.04089", row_separable=True, work_buffers=lambda n: n + 3))  # fmt: skip
+register(MethodSpec("ties", task_vector.ties, _gta(True, False), "https://arxiv.org/abs/2306.01708",
+                    work_buffers=lambda n: n + 6))  # fmt: skip
+register(MethodSpec("dare_linear", task_vector.dare_linear, _gta(False, True), "https://arxiv.org/abs/2311.03099",
+                    random=True, work_buffers=lambda n: n + 4))  # fmt: skip
+register(MethodSpec("dare_ties", task_vector.dare_ties, _gta(False, True), "https://arxiv.org/abs/2311.03099",
+                    random=True, work_buffers=lambda n: n + 6))  # fmt: skip
+register(MethodSpec("breadcrumbs", task_vector.breadcrumbs, _gta(False, False, _GAMMA),
+                    "https://arxiv.org/abs/2312.06795", work_buffers=lambda n: n + 6))  # fmt: skip
+register(MethodSpec("breadcrumbs_ties", task_vector.breadcrumbs_ties, _gta(False, False, _GAMMA),
+                    "https://arxiv.org/abs/2312.06795", work_buffers=lambda n: n + 7))  # fmt: skip
+register(MethodSpec(
+    "consensus", task_vector.consensus,
+    (Param("weight", float, M, 1.0), Param("k", int, S, 2, "masks that must agree to keep an entry"),
+     Param("tall_lambda", float, S, 0.6, "TALL mask threshold λ"), Param("lambda", float, S, 1.0)),
+    "https://arxiv.org/abs/2405.07813", min_experts=2, row_separable=True, work_buffers=lambda n: n + 4,
+))  # fmt: skip
+register(MethodSpec("slerp", interpolation.slerp, (Param("t", float, S, REQUIRED, "0 = base, 1 = other model"),),
+                    "https://en.wikipedia.org/wiki/Slerp", max_experts=1, work_buffers=lambda n: 4))  # fmt: skip
+register(MethodSpec("model_stock", interpolation.model_stock, (Param("filter_wise", bool, S, False),),
+                    "https://arxiv.org/abs/2403.19522", min_experts=2, work_buffers=lambda n: n + 4))  # fmt: skip
+
+__all__ = ["METHODS", "MergeArgs", "MethodSpec", "Param", "Scope", "get_method"]

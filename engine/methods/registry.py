@@ -1,0 +1,96 @@
+"""Method registry: a name, its parameters (mergekit's scopes) and the pure function behind it.
+
+A method function takes tensors already cast to the compute dtype and returns the merged tensor:
+``fn(base, experts, args) -> Tensor``. ``args`` carries the shared parameters, one dict of
+per-model parameters per expert, and a seeded generator for random methods. Nothing here reads
+files or knows about tasks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import torch
+
+
+class Scope(str, Enum):
+    SHARED = "shared"  # one value per tensor (top-level `parameters`)
+    MODEL = "model"  # one value per expert (per-model `parameters`, may also be set top-level)
+
+
+REQUIRED: Any = object()
+
+
+@dataclass(frozen=True)
+class Param:
+    """A method parameter: its name, Python type, scope and default (``REQUIRED`` if none)."""
+
+    name: str
+    kind: type
+    scope: Scope
+    default: Any = REQUIRED
+    help: str = ""
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+
+@dataclass(frozen=True)
+class MergeArgs:
+    """Resolved parameters for one tensor: shared values, per-expert values, and an RNG."""
+
+    shared: Mapping[str, Any]
+    per_model: Sequence[Mapping[str, Any]]
+    generator: torch.Generator | None = None
+    tensor_name: str = ""
+
+
+MergeFn = Callable[[torch.Tensor | None, Sequence[torch.Tensor], MergeArgs], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What the planner needs to know about a method besides its math.
+
+    ``row_separable``: the result for a block of rows depends only on those rows, so the planner
+    may split the tensor into row chunks. ``work_buffers(n_experts)``: how many full-size
+    compute-dtype buffers the function holds at its peak (used for memory estimates).
+    ``includes_base_in_inputs``: the base model is one of the averaged inputs (linear) rather
+    than the reference point of task vectors.
+    """
+
+    name: str
+    fn: MergeFn
+    params: tuple[Param, ...]
+    reference: str
+    needs_base: bool = True
+    min_experts: int = 1
+    max_experts: int | None = None
+    row_separable: bool = False
+    random: bool = False
+    includes_base_in_inputs: bool = False
+    work_buffers: Callable[[int], int] = field(default=lambda n: n + 4)
+
+    def param(self, name: str) -> Param | None:
+        for p in self.params:
+            if p.name == name:
+                return p
+        return None
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    if spec.name in METHODS:
+        raise ValueError(f"method {spec.name!r} registered twice")
+    METHODS[spec.name] = spec
+    return spec
+
+
+def get_method(name: str) -> MethodSpec:
+    return METHODS[name]

@@ -1,0 +1,345 @@
+"""Planning: from a recipe and checkpoint headers to a list of tensor tasks and an output layout.
+
+Reads headers only (never tensor data) and fails early on any disagreement between models. Every
+output tensor gets a fixed shard and byte offset before any compute, so tasks can write their
+bytes in place from any process or node, in any order, any number of times.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from raymerge.engine.errors import CheckpointError, PlanError
+from raymerge.engine.recipe import Recipe, layer_index, resolve_for_tensor
+from raymerge.engine.storage import DTYPES, TAG_OF_DTYPE, Checkpoint, TensorEntry, dtype_from_name, open_checkpoint
+
+DEFAULT_SHARD_BYTES = 5 * 1024**3
+_EMBED_HINTS = ("embed_tokens", "lm_head", "wte", "word_embeddings", "embed_out", "tok_embeddings", "output.weight")
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one input tensor's bytes live: shard URL, absolute byte range, dtype tag, shape."""
+
+    url: str
+    start: int
+    end: int
+    dtype: str
+    shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, url: str, e: TensorEntry) -> TensorRef:
+        return cls(url, e.start, e.end, e.dtype, e.shape)
+
+    def entry(self, name: str) -> TensorEntry:
+        return TensorEntry(name, self.dtype, self.shape, self.start, self.end)
+
+
+@dataclass(frozen=True)
+class OutputRef:
+    """Where a task writes: output shard file name, absolute offset of its first byte, dtype, shape."""
+
+    shard: str
+    offset: int
+    nbytes: int
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TensorTask:
+    """One self-contained unit of work: merge rows [row_start, row_end) of one tensor.
+
+    ``action`` is ``merge`` (run ``method``) or ``copy`` (take the base model's bytes, for
+    non-float buffers). ``est_host_bytes`` is the declared peak host memory, which executors use
+    for admission; ``read_bytes``/``write_bytes`` are exact I/O volumes.
+    """
+
+    id: str
+    tensor: str
+    tensor_class: str
+    action: str
+    method: str
+    row_start: int
+    row_end: int
+    inputs: tuple[TensorRef, ...]  # base first when the method has one, then experts
+    has_base: bool
+    shared: dict[str, Any] = field(hash=False)
+    per_model: tuple[dict[str, Any], ...] = field(hash=False)
+    seed: int
+    compute_dtype: str
+    output: OutputRef
+    est_host_bytes: int
+    read_bytes: int
+    write_bytes: int
+    flops: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TensorTask:
+        d = dict(d)
+        d["inputs"] = tuple(TensorRef(**{**r, "shape": tuple(r["shape"])}) for r in d["inputs"])
+        d["per_model"] = tuple(d["per_model"])
+        o = d["output"]
+        d["output"] = OutputRef(**{**o, "shape": tuple(o["shape"])})
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class OutputShard:
+    """A pre-sized output file: its name, full size, the header bytes, and the tensors in it."""
+
+    name: str
+    size: int
+    header: bytes
+    tensors: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    recipe: Recipe
+    models: tuple[str, ...]
+    tasks: tuple[TensorTask, ...]
+    shards: tuple[OutputShard, ...]
+    config: dict[str, Any]
+    out_dtype: str | None
+    tokenizer_from: str | None
+
+    @property
+    def read_bytes(self) -> int:
+        return sum(t.read_bytes for t in self.tasks)
+
+    @property
+    def write_bytes(self) -> int:
+        return sum(t.write_bytes for t in self.tasks)
+
+    @property
+    def peak_task_bytes(self) -> int:
+        return max((t.est_host_bytes for t in self.tasks), default=0)
+
+    def fingerprint(self) -> str:
+        """A hash of everything that determines the output bytes (for safe resume)."""
+        h = hashlib.sha256()
+        for s in self.shards:
+            h.update(s.name.encode())
+            h.update(s.header)
+        for t in self.tasks:
+            h.update(json.dumps(t.to_json(), sort_keys=True, default=str).encode())
+        return h.hexdigest()
+
+    def summary(self) -> dict[str, Any]:
+        """Machine-readable summary printed by ``raymerge plan --json``."""
+        by_class: dict[str, int] = {}
+        for t in self.tasks:
+            by_class[t.tensor_class] = by_class.get(t.tensor_class, 0) + 1
+        return {
+            "method": self.recipe.merge_method,
+            "models": list(self.models),
+            "tensors": len({t.tensor for t in self.tasks}),
+            "tasks": len(self.tasks),
+            "tasks_by_class": by_class,
+            "shards": [{"name": s.name, "bytes": s.size, "tensors": len(s.tensors)} for s in self.shards],
+            "read_bytes": self.read_bytes,
+            "write_bytes": self.write_bytes,
+            "peak_task_host_bytes": self.peak_task_bytes,
+            "flops": sum(t.flops for t in self.tasks),
+            "fingerprint": self.fingerprint(),
+        }
+
+
+def classify(name: str, entry: TensorEntry, vocab_size: int | None) -> str:
+    """Tensor class: ``buffer`` (non-float), ``embedding`` (token embeddings / LM head),
+    ``linear`` (other 2-D weights), ``vector`` (≤1-D) or ``other`` (≥3-D, e.g. convolutions)."""
+    if not entry.is_float:
+        return "buffer"
+    if len(entry.shape) == 2 and (
+        any(h in name for h in _EMBED_HINTS) or (vocab_size is not None and entry.shape[0] == vocab_size)
+    ):
+        return "embedding"
+    if len(entry.shape) == 2:
+        return "linear"
+    if len(entry.shape) <= 1:
+        return "vector"
+    return "other"
+
+
+def _order_key(name: str) -> tuple[int, int, str]:
+    idx = layer_index(name)
+    if idx is not None:
+        return (1, idx, name)
+    return (0 if "embed" in name else 2, 0, name)
+
+
+def _check_agreement(ckpts: list[Checkpoint], ref: Checkpoint) -> None:
+    names = set(ref.entries)
+    for ck in ckpts:
+        if ck is ref:
+            continue
+        missing = sorted(names - set(ck.entries))
+        if missing:
+            raise CheckpointError(
+                f"tensor is missing from model {ck.url} (present in {ref.url})", file=ck.url, tensor=missing[0]
+            )
+        extra = sorted(set(ck.entries) - names)
+        if extra:
+            raise CheckpointError(f"model {ck.url} has a tensor that {ref.url} lacks", file=ck.url, tensor=extra[0])
+        for name, e in ref.entries.items():
+            o = ck.entries[name]
+            if o.shape != e.shape:
+                vocab = len(e.shape) == 2 and any(h in name for h in _EMBED_HINTS)
+                raise CheckpointError(
+                    f"shape {list(o.shape)} in model {ck.url} differs from {list(e.shape)} in {ref.url}",
+                    file=ck.shard_of[name], tensor=name,
+                    hint=(
+                        "vocabulary sizes differ; resize the embeddings to a common vocabulary before merging"
+                        if vocab else "models must share one architecture"
+                    ),
+                )  # fmt: skip
+            if o.dtype != e.dtype:
+                raise CheckpointError(
+                    f"dtype {o.dtype} in model {ck.url} differs from {e.dtype} in {ref.url}",
+                    file=ck.shard_of[name], tensor=name, hint="convert the checkpoints to one dtype",
+                )  # fmt: skip
+
+
+def shard_header(entries: list[tuple[str, str, tuple[int, ...], int, int]]) -> bytes:
+    obj: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    for name, tag, shape, lo, hi in entries:
+        obj[name] = {"dtype": tag, "shape": list(shape), "data_offsets": [lo, hi]}
+    raw = json.dumps(obj, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # keep the data section 8-byte aligned
+    return raw
+
+
+def build_plan(recipe: Recipe, *, out_shard_bytes: int = DEFAULT_SHARD_BYTES) -> MergePlan:
+    """Open every checkpoint's headers, validate them and lay out tasks and output shards."""
+    method = recipe.method
+    urls = recipe.model_urls()
+    ckpts = {u: open_checkpoint(u) for u in urls}
+    expert_urls = recipe.expert_urls()
+    base_url = recipe.base_model if recipe.base_model else expert_urls[0]
+    ref = ckpts[base_url]
+    _check_agreement(list(ckpts.values()), ref)
+    has_base = method.needs_base or (recipe.base_model is not None and not method.includes_base_in_inputs)
+    input_urls = ([recipe.base_model] if has_base and recipe.base_model else []) + expert_urls
+    config = dict(ref.config)
+    vocab = config.get("vocab_size") if isinstance(config.get("vocab_size"), int) else None
+    num_layers = config.get("num_hidden_layers") or config.get("n_layer") or config.get("num_layers")
+    if not isinstance(num_layers, int):
+        idxs = [i for i in (layer_index(n) for n in ref.entries) if i is not None]
+        num_layers = max(idxs) + 1 if idxs else 1
+    out_tag: str | None = None
+    if recipe.out_dtype or recipe.dtype:
+        out_tag = TAG_OF_DTYPE[dtype_from_name(recipe.out_dtype or recipe.dtype or "")]
+    cdt = dtype_from_name(recipe.raymerge.compute_dtype) if recipe.raymerge.compute_dtype else None
+
+    names = sorted(ref.entries, key=_order_key)
+    # 1) output layout: shard membership and offsets
+    shard_members: list[list[str]] = [[]]
+    shard_fill = 0
+    out_dtype_of: dict[str, str] = {}
+    for name in names:
+        e = ref.entries[name]
+        tag = out_tag if (out_tag and e.is_float) else e.dtype
+        out_dtype_of[name] = tag
+        nbytes = e.numel * DTYPES[tag][1]
+        if shard_members[-1] and shard_fill + nbytes > out_shard_bytes:
+            shard_members.append([])
+            shard_fill = 0
+        shard_members[-1].append(name)
+        shard_fill += nbytes
+    n_shards = len(shard_members)
+    shards: list[OutputShard] = []
+    offset_of: dict[str, tuple[str, int]] = {}
+    for i, members in enumerate(shard_members):
+        fname = "model.safetensors" if n_shards == 1 else f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+        rows: list[tuple[str, str, tuple[int, ...], int, int]] = []
+        pos = 0
+        for name in members:
+            e = ref.entries[name]
+            nb = e.numel * DTYPES[out_dtype_of[name]][1]
+            rows.append((name, out_dtype_of[name], e.shape, pos, pos + nb))
+            pos += nb
+        header = shard_header(rows)
+        data_start = 8 + len(header)
+        for name, _, _, lo, _ in rows:
+            offset_of[name] = (fname, data_start + lo)
+        shards.append(OutputShard(fname, data_start + pos, header, tuple(members)))
+
+    # 2) tasks
+    tasks: list[TensorTask] = []
+    n_exp = len(expert_urls)
+    for name in names:
+        e = ref.entries[name]
+        cls = classify(name, e, vocab)
+        shard_name, out_off = offset_of[name]
+        out_tag_t = out_dtype_of[name]
+        out_item = DTYPES[out_tag_t][1]
+        if cls == "buffer":
+            src = ckpts[base_url]
+            refs: tuple[TensorRef, ...] = (TensorRef.of(src.shard_of[name], src.entries[name]),)
+            tasks.append(TensorTask(
+                id=name, tensor=name, tensor_class=cls, action="copy", method="copy", row_start=0,
+                row_end=e.shape[0] if e.shape else 0, inputs=refs, has_base=True, shared={}, per_model=(),
+                seed=0, compute_dtype=e.dtype, output=OutputRef(shard_name, out_off, e.nbytes, e.dtype, e.shape),
+                est_host_bytes=2 * e.nbytes, read_bytes=e.nbytes, write_bytes=e.nbytes, flops=0,
+            ))  # fmt: skip
+            continue
+        params = resolve_for_tensor(recipe, name, num_layers)
+        refs = tuple(TensorRef.of(ckpts[u].shard_of[name], ckpts[u].entries[name]) for u in input_urls)
+        compute = cdt or (torch.float64 if e.dtype == "F64" else torch.float32)
+        c_item = torch.empty((), dtype=compute).element_size()
+        rows_total = e.shape[0] if e.shape else 1
+        row_numel = e.numel // rows_total if rows_total else 0
+        if method.row_separable and len(e.shape) >= 1 and row_numel:
+            per_chunk = max(1, recipe.raymerge.chunk_bytes // max(1, row_numel * c_item))
+        else:
+            per_chunk = max(1, rows_total)
+        n_chunks = max(1, math.ceil(rows_total / per_chunk)) if rows_total else 1
+        seed = _tensor_seed(recipe.raymerge.seed, name) if method.random else 0
+        for c in range(n_chunks):
+            r0 = c * per_chunk
+            r1 = min(rows_total, r0 + per_chunk) if e.shape else 0
+            numel = (r1 - r0) * row_numel if e.shape else e.numel
+            in_bytes = numel * e.itemsize * len(refs)
+            out_bytes = numel * out_item
+            est = method.work_buffers(n_exp) * numel * c_item + in_bytes + out_bytes
+            tid = name if n_chunks == 1 else f"{name}@{r0}:{r1}"
+            tasks.append(TensorTask(
+                id=tid, tensor=name, tensor_class=cls, action="merge", method=method.name, row_start=r0,
+                row_end=r1, inputs=refs, has_base=has_base, shared=params.shared, per_model=params.per_model,
+                seed=seed, compute_dtype=TAG_OF_DTYPE[compute],
+                output=OutputRef(shard_name, out_off + r0 * row_numel * out_item, out_bytes, out_tag_t, e.shape),
+                est_host_bytes=est, read_bytes=in_bytes, write_bytes=out_bytes, flops=10 * numel * max(1, n_exp),
+            ))  # fmt: skip
+
+    tok = recipe.tokenizer_source
+    tokenizer_from = base_url if tok in (None, "base") else tok
+    out_dtype_name = None
+    if out_tag:
+        out_dtype_name = str(DTYPES[out_tag][0]).replace("torch.", "")
+    return MergePlan(recipe, tuple(urls), tuple(tasks), tuple(shards), config, out_dtype_name, tokenizer_from)
+
+
+def _tensor_seed(seed: int, name: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def check_budget(plan: MergePlan, budget: int) -> None:
+    """Refuse a plan whose biggest task cannot fit the memory budget, naming the tensor."""
+    for t in plan.tasks:
+        if t.est_host_bytes > budget:
+            raise PlanError(
+                f"task needs about {t.est_host_bytes / 2**30:.2f} GiB but the memory budget is {budget / 2**30:.2f} GiB",
+                tensor=t.tensor,
+                hint="raise --memory-budget, or choose a method that can be row-chunked",
+            )

@@ -1,0 +1,335 @@
+"""Recipes: mergekit's YAML schema where the two overlap, plus a ``raymerge:`` section.
+
+Parsing is strict: unknown keys, methods and parameters are errors with a "did you mean"
+suggestion. Parameter values follow mergekit: a scalar, a gradient (list of numbers interpolated
+over layer depth), or conditionals ``[{filter: substring, value: …}, …]``; per-model settings
+take precedence over top-level ones, which take precedence over the method's default.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from raymerge.engine.errors import RecipeError
+from raymerge.engine.methods import METHODS, MethodSpec, Param, Scope
+from raymerge.engine.storage import dtype_from_name
+
+_UNSUPPORTED = {
+    "slices": "layer slicing/stacking is not supported; list whole models under `models`",
+    "modules": "per-module recipes are not supported; list whole models under `models`",
+    "tokenizer": "tokenizer surgery is not supported; use `tokenizer_source: base`",
+    "chat_template": "chat_template is not supported; edit tokenizer_config.json after merging",
+}
+
+
+def suggest(word: str, choices: list[str] | set[str] | tuple[str, ...]) -> str:
+    """A ``did you mean`` hint for a misspelt key, or the list of valid choices."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {close[0]!r}?"
+    return "valid: " + ", ".join(sorted(choices))
+
+
+def _check_keys(obj: dict[str, Any], allowed: set[str], where: str) -> None:
+    for key in obj:
+        if key not in allowed:
+            if key in _UNSUPPORTED:
+                raise RecipeError(f"{where}: {_UNSUPPORTED[key]}")
+            raise RecipeError(f"{where}: unknown key {key!r}", hint=suggest(str(key), allowed))
+
+
+class RaymergeOptions(BaseModel):
+    """raymerge's own recipe keys (mergekit has no equivalent)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seed: int = Field(0, description="seed for random methods (DARE); the merge is deterministic given it")
+    chunk_bytes: int = Field(64 << 20, gt=0, description="target input bytes per row-chunk for separable methods")
+    device: str = Field("auto", description="auto | cpu | cuda")
+    compute_dtype: str | None = Field(None, description="override the compute dtype (default float32)")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda") and not v.startswith("cuda:"):
+            raise ValueError("device must be auto, cpu or cuda")
+        return v
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class Recipe(BaseModel):
+    """A validated recipe. ``source`` keeps the original YAML text for the model card."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    models: list[ModelEntry]
+    merge_method: str
+    base_model: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    name: str | None = None
+    raymerge: RaymergeOptions = Field(default_factory=RaymergeOptions)
+    source: str = ""
+
+    @property
+    def method(self) -> MethodSpec:
+        return METHODS[self.merge_method]
+
+    def expert_urls(self) -> list[str]:
+        """The models merged against the base, in recipe order (all models for base-free methods)."""
+        if self.method.includes_base_in_inputs or not self.base_model:
+            return [m.model for m in self.models]
+        return [m.model for m in self.models if m.model != self.base_model]
+
+    def model_urls(self) -> list[str]:
+        """Every checkpoint the merge reads: base first (when used), then the experts."""
+        experts = self.expert_urls()
+        if self.base_model and not self.method.includes_base_in_inputs:
+            return [self.base_model, *experts]
+        if self.base_model and self.base_model not in experts:
+            return [*experts, self.base_model]
+        return experts
+
+    def entry(self, url: str) -> ModelEntry | None:
+        for m in self.models:
+            if m.model == url:
+                return m
+        return None
+
+
+RECIPE_KEYS = set(Recipe.model_fields) - {"source"}
+
+
+def _validate_setting(value: Any, where: str) -> None:
+    """Reject parameter values that are not scalars, gradients or filter conditionals."""
+    scalar = (bool, int, float, str)
+    if isinstance(value, scalar):
+        return
+    if isinstance(value, dict):
+        _check_keys(value, {"filter", "value"}, where)
+        if "value" not in value:
+            raise RecipeError(f"{where}: a conditional needs a `value`")
+        _validate_setting(value["value"], where)
+        return
+    if isinstance(value, list) and value:
+        if all(isinstance(v, scalar) for v in value):
+            return
+        if all(isinstance(v, dict) for v in value):
+            for v in value:
+                _validate_setting(v, where)
+            return
+    raise RecipeError(f"{where}: expected a number, a list of numbers or [{{filter, value}}, …], got {value!r}")
+
+
+def _check_params(params: dict[str, Any], method: MethodSpec, scope_ok: set[Scope], where: str) -> None:
+    names = [p.name for p in method.params]
+    for key, value in params.items():
+        spec = method.param(key)
+        if spec is None:
+            raise RecipeError(
+                f"{where}: method {method.name!r} has no parameter {key!r}", hint=suggest(key, names)
+            )
+        if spec.scope not in scope_ok:
+            raise RecipeError(f"{where}: {key!r} is a shared parameter; set it under the top-level `parameters`")
+        _validate_setting(value, f"{where}.{key}")
+
+
+def parse_recipe(text: str, origin: str = "<recipe>") -> Recipe:
+    """Parse and validate recipe YAML (safe loader only)."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"recipe is not valid YAML: {exc}".replace("\n", " "), file=origin) from None
+    if not isinstance(raw, dict):
+        raise RecipeError("recipe must be a YAML mapping", file=origin)
+    _check_keys(raw, RECIPE_KEYS, origin)
+    if "merge_method" not in raw:
+        raise RecipeError("recipe needs `merge_method`", file=origin, hint="valid: " + ", ".join(sorted(METHODS)))
+    method_name = raw["merge_method"]
+    if method_name not in METHODS:
+        raise RecipeError(f"unknown merge_method {method_name!r}", file=origin, hint=suggest(str(method_name), METHODS))
+    method = METHODS[method_name]
+    models = raw.get("models")
+    if not isinstance(models, list) or not models:
+        raise RecipeError("recipe needs a non-empty `models` list", file=origin)
+    for i, m in enumerate(models):
+        if isinstance(m, str):
+            models[i] = m = {"model": m}
+        if not isinstance(m, dict) or "model" not in m:
+            raise RecipeError(f"models[{i}] must be a mapping with a `model` key", file=origin)
+        _check_keys(m, {"model", "parameters"}, f"{origin}: models[{i}]")
+        _check_params(m.get("parameters") or {}, method, {Scope.MODEL}, f"models[{i}].parameters")
+    _check_params(raw.get("parameters") or {}, method, {Scope.MODEL, Scope.SHARED}, "parameters")
+    if isinstance(raw.get("raymerge"), dict):
+        _check_keys(raw["raymerge"], set(RaymergeOptions.model_fields), f"{origin}: raymerge")
+    for key in ("dtype", "out_dtype"):
+        if raw.get(key) is not None:
+            try:
+                dtype_from_name(str(raw[key]))
+            except ValueError as exc:
+                raise RecipeError(f"{key}: {exc}", file=origin) from None
+    for key in ("parameters",):
+        if raw.get(key) is None:
+            raw.pop(key, None)
+    for m in models:
+        if m.get("parameters") is None:
+            m.pop("parameters", None)
+    try:
+        recipe = Recipe(**raw, source=text)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise RecipeError(f"{loc}: {first['msg']}", file=origin) from None
+    _check_structure(recipe, origin)
+    return recipe
+
+
+def _check_structure(recipe: Recipe, origin: str) -> None:
+    method = recipe.method
+    if method.needs_base and not recipe.base_model:
+        raise RecipeError(f"method {method.name!r} needs `base_model`", file=origin)
+    n = len(recipe.expert_urls())
+    if n < method.min_experts:
+        raise RecipeError(f"method {method.name!r} needs at least {method.min_experts} model(s) besides the base, got {n}", file=origin)
+    if method.max_experts is not None and n > method.max_experts:
+        raise RecipeError(f"method {method.name!r} takes at most {method.max_experts} model(s) besides the base, got {n}", file=origin)
+    urls = [m.model for m in recipe.models]
+    dup = {u for u in urls if urls.count(u) > 1}
+    if dup:
+        raise RecipeError(f"model {sorted(dup)[0]!r} is listed twice", file=origin)
+    ts = recipe.tokenizer_source
+    if ts not in (None, "base") and ts not in recipe.model_urls():
+        raise RecipeError(f"tokenizer_source {ts!r} is neither `base` nor one of the models", file=origin)
+    # Required per-model parameters must be resolvable for every expert (checked per tensor later
+    # too, but a recipe that can never work should fail before any checkpoint is opened).
+    for p in method.params:
+        if p.required and p.scope == Scope.MODEL and p.name not in recipe.parameters:
+            for url in recipe.expert_urls():
+                entry = recipe.entry(url)
+                if entry is None or p.name not in entry.parameters:
+                    raise RecipeError(f"model {url!r} needs parameter {p.name!r} for method {method.name!r}", file=origin)
+        if p.required and p.scope == Scope.SHARED and p.name not in recipe.parameters:
+            raise RecipeError(f"method {method.name!r} needs top-level parameter {p.name!r}", file=origin)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a recipe file; relative model paths are taken as given (relative to the cwd)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe: {exc.strerror}", file=str(path)) from None
+    return parse_recipe(text, str(path))
+
+
+_NOT_FOUND = object()
+
+
+def _coerce(value: Any, param: Param, where: str) -> Any:
+    kind = param.kind
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                if value.lower() in ("true", "yes", "1"):
+                    return True
+                if value.lower() in ("false", "no", "0"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if kind is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        return kind(value)
+    except (TypeError, ValueError):
+        raise RecipeError(f"{where}: parameter {param.name!r} expects {kind.__name__}, got {value!r}") from None
+
+
+def evaluate_setting(setting: Any, tensor_name: str, t: float, param: Param, where: str) -> Any:
+    """Resolve one setting for a tensor at layer-depth ``t`` ∈ [0, 1] (mergekit semantics)."""
+    if isinstance(setting, dict):
+        setting = [setting]
+    if isinstance(setting, list):
+        if all(isinstance(s, dict) for s in setting):
+            for cond in setting:
+                filt = cond.get("filter")
+                if filt is None or filt == "*" or (tensor_name and str(filt) in tensor_name):
+                    return evaluate_setting(cond["value"], tensor_name, t, param, where)
+            return _NOT_FOUND
+        values = [_coerce(v, param, where) for v in setting]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        if not numeric:
+            return values[int(t * (len(values) - 1))]
+        scaled = t * (len(values) - 1)
+        i0 = int(scaled)
+        i1 = min(len(values) - 1, i0 + 1)
+        frac = scaled - i0
+        return _coerce((1 - frac) * values[i0] + frac * values[i1], param, where)
+    return _coerce(setting, param, where)
+
+
+def resolve_param(
+    param: Param, scopes: list[dict[str, Any]], tensor_name: str, t: float, where: str
+) -> Any:
+    """First scope (highest precedence first) whose setting applies to this tensor, else default."""
+    for scope in scopes:
+        if param.name in scope:
+            value = evaluate_setting(scope[param.name], tensor_name, t, param, where)
+            if value is not _NOT_FOUND:
+                return value
+    if param.required:
+        raise RecipeError(f"{where}: no value of required parameter {param.name!r} applies", tensor=tensor_name)
+    return param.default
+
+
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks|block)\.(\d+)\.")
+
+
+def layer_index(tensor_name: str) -> int | None:
+    """Transformer block index in a tensor name (``model.layers.7.mlp…`` → 7), else None."""
+    m = _LAYER_RE.search(tensor_name)
+    return int(m.group(1)) if m else None
+
+
+@dataclass(frozen=True)
+class ResolvedParams:
+    shared: dict[str, Any]
+    per_model: tuple[dict[str, Any], ...]
+
+
+def resolve_for_tensor(recipe: Recipe, tensor_name: str, num_layers: int) -> ResolvedParams:
+    """All parameters of the recipe's method for one tensor (mergekit's gradient depth ``t``)."""
+    idx = layer_index(tensor_name)
+    if idx is None:
+        t = 0.0
+    else:
+        t = idx / (num_layers - 1) if num_layers > 1 else 1.0
+    method = recipe.method
+    top = recipe.parameters
+    shared = {
+        p.name: resolve_param(p, [top], tensor_name, t, "parameters")
+        for p in method.params
+        if p.scope == Scope.SHARED
+    }
+    per_model = []
+    for url in recipe.expert_urls():
+        entry = recipe.entry(url)
+        scopes = [entry.parameters if entry else {}, top]
+        per_model.append(
+            {p.name: resolve_param(p, scopes, tensor_name, t, f"model {url}") for p in method.params if p.scope == Scope.MODEL}
+        )
+    return ResolvedParams(shared, tuple(per_model))

@@ -1,0 +1,455 @@
+"""Checkpoint storage: fsspec access, a strict safetensors header parser and byte-range reads.
+
+Local shards are memory-mapped (copy-on-write, so ``torch.frombuffer`` gets a writable view
+without copying) and only the pages a task touches are faulted in; remote shards are read with
+HTTP/S3 range requests for exactly the rows a task needs. ``safetensors.safe_open`` is not used
+here: it is local-only and loads whole tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import posixpath
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import torch
+
+from raymerge.engine.errors import CheckpointError, HeaderError
+
+# safetensors dtype tag -> (torch dtype, bytes per element)
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8),
+    "F32": (torch.float32, 4),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8),
+    "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2),
+    "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1),
+    "BOOL": (torch.bool, 1),
+    "F8_E4M3": (torch.float8_e4m3fn, 1),
+    "F8_E5M2": (torch.float8_e5m2, 1),
+}
+FLOAT_TAGS = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+TAG_OF_DTYPE = {dt: tag for tag, (dt, _) in DTYPES.items()}
+# A header larger than this is refused before any allocation (safetensors uses 100 MB).
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """Map a recipe dtype name (``float32``, ``bfloat16``, ``fp16`` …) to a torch dtype."""
+    aliases = {
+        "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+        "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+        "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+        "float64": torch.float64, "fp64": torch.float64,
+    }  # fmt: skip
+    if name not in aliases:
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(aliases)}")
+    return aliases[name]
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor in a safetensors file: dtype tag, shape and absolute byte range in the file."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute file offset of the first byte
+    end: int  # absolute file offset one past the last byte
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype][0]
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPES[self.dtype][1]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOAT_TAGS
+
+    def row_bytes(self) -> int:
+        """Bytes of one leading-dimension row (the whole tensor for scalars)."""
+        if not self.shape:
+            return self.nbytes
+        return self.nbytes // max(self.shape[0], 1) if self.shape[0] else 0
+
+
+def parse_header(raw: bytes, file_size: int, file: str) -> tuple[dict[str, TensorEntry], dict[str, str], int]:
+    """Validate and parse a safetensors header.
+
+    ``raw`` is the JSON header (without the 8-byte length prefix). Returns the entries, the
+    ``__metadata__`` map and the absolute offset where the data section starts. Offsets must lie
+    inside the file, tensors may not overlap, and each byte range must match dtype × shape.
+    """
+    data_start = 8 + len(raw)
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HeaderError(f"header is not valid UTF-8 JSON: {exc}", file=file) from None
+    if not isinstance(obj, dict):
+        raise HeaderError("header JSON is not an object", file=file)
+    metadata_raw = obj.pop("__metadata__", None) or {}
+    if not isinstance(metadata_raw, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata_raw.items()
+    ):
+        raise HeaderError("__metadata__ must map strings to strings", file=file)
+    data_len = file_size - data_start
+    if data_len < 0:
+        raise HeaderError(f"header length {len(raw)} runs past the end of the file ({file_size} bytes)", file=file)
+    entries: dict[str, TensorEntry] = {}
+    for name, info in obj.items():
+        if not isinstance(info, dict):
+            raise HeaderError("tensor entry is not an object", file=file, tensor=name)
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in DTYPES:
+            raise HeaderError(f"unsupported dtype {dtype!r}", file=file, tensor=name)
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise HeaderError(f"bad shape {shape!r}", file=file, tensor=name)
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        ):
+            raise HeaderError(f"bad data_offsets {offsets!r}", file=file, tensor=name)
+        lo, hi = offsets
+        if not 0 <= lo <= hi <= data_len:
+            raise HeaderError(
+                f"data_offsets {offsets} lie outside the data section ({data_len} bytes)",
+                file=file, tensor=name, hint="the file is truncated or corrupt",
+            )  # fmt: skip
+        numel = 1
+        for d in shape:
+            numel *= d
+        if numel * DTYPES[dtype][1] != hi - lo:
+            raise HeaderError(
+                f"{dtype}{shape} needs {numel * DTYPES[dtype][1]} bytes but data_offsets span {hi - lo}",
+                file=file, tensor=name,
+            )  # fmt: skip
+        entries[name] = TensorEntry(name, dtype, tuple(shape), data_start + lo, data_start + hi)
+    spans = sorted((e.start, e.end, e.name) for e in entries.values() if e.end > e.start)
+    for (_, a_end, a_name), (b_start, _, b_name) in zip(spans, spans[1:], strict=False):
+        if b_start < a_end:
+            raise HeaderError(f"byte range overlaps tensor {a_name}", file=file, tensor=b_name)
+    return entries, dict(metadata_raw), data_start
+
+
+def _split_url(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs, path
+
+
+def is_local(url: str) -> bool:
+    """True for plain paths and ``file://`` URLs (memory-mapped); False for anything remote."""
+    return "://" not in url or url.startswith("file://")
+
+
+def local_path(url: str) -> str:
+    return url[len("file://") :] if url.startswith("file://") else url
+
+
+def join_url(base: str, name: str) -> str:
+    """Join a directory URL and a relative file name (no path components allowed in ``name``)."""
+    if is_local(base):
+        return os.path.join(local_path(base), name)
+    return base.rstrip("/") + "/" + name
+
+
+@dataclass
+class ReadStats:
+    """Bytes actually fetched by this process (range reads or mmap'd spans), for figures."""
+
+    bytes_read: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, n: int) -> None:
+        with self.lock:
+            self.bytes_read += n
+
+
+READ_STATS = ReadStats()
+
+
+class ShardReader:
+    """Byte-range access to one safetensors file: mmap for local paths, range reads otherwise.
+
+    Instances are cached per process (``open_shard``) so the header is parsed and the file mapped
+    once; they are never pickled: tasks carry URLs and offsets and re-open here.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._mm: mmap.mmap | None = None
+        self._fs: fsspec.AbstractFileSystem | None = None
+        self._path = url
+        if is_local(url):
+            path = local_path(url)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as exc:
+                raise CheckpointError(f"cannot open shard: {exc.strerror}", file=url) from None
+            try:
+                self.size = os.fstat(fd).st_size
+                if self.size > 0:
+                    # ACCESS_COPY gives a writable private view, which torch.frombuffer needs,
+                    # without copying: pages are shared with the page cache until written.
+                    self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+            finally:
+                os.close(fd)
+        else:
+            self._fs, self._path = _split_url(url)
+            try:
+                self.size = int(self._fs.size(self._path))
+            except FileNotFoundError:
+                raise CheckpointError("shard not found", file=url) from None
+            except Exception as exc:  # noqa: BLE001 - fsspec backends raise many types
+                raise CheckpointError(f"cannot stat shard: {exc}", file=url) from None
+        if self.size < 8:
+            raise HeaderError(f"file is {self.size} bytes, too short for a safetensors header", file=url)
+        (hlen,) = _u64(self.read_bytes(0, 8))
+        if hlen > MAX_HEADER_BYTES or 8 + hlen > self.size:
+            raise HeaderError(
+                f"header length {hlen} is beyond the file ({self.size} bytes)", file=url,
+                hint="the file is truncated or not safetensors",
+            )  # fmt: skip
+        self.entries, self.metadata, self.data_start = parse_header(self.read_bytes(8, 8 + hlen), self.size, url)
+
+    def read_bytes(self, start: int, end: int) -> bytes:
+        """Read ``[start, end)`` as bytes (a copy); used for headers and remote data."""
+        if self._mm is not None:
+            return self._mm[start:end]
+        assert self._fs is not None
+        try:
+            data = self._fs.cat_file(self._path, start=start, end=end)
+        except Exception as exc:  # noqa: BLE001
+            raise CheckpointError(f"range read [{start}, {end}) failed: {exc}", file=self.url) from None
+        if len(data) != end - start:
+            raise CheckpointError(f"short read: wanted {end - start} bytes, got {len(data)}", file=self.url)
+        READ_STATS.add(len(data))
+        return bytes(data)
+
+    def read_rows(self, entry: TensorEntry, row_start: int = 0, row_end: int | None = None) -> torch.Tensor:
+        """Return rows ``[row_start, row_end)`` of a tensor in its stored dtype.
+
+        Local files give a zero-copy view into the mapping (valid while this reader lives);
+        remote files give a tensor over freshly range-read bytes.
+        """
+        lo, hi = row_span(entry, row_start, row_end)
+        shape = entry.shape
+        if shape:
+            stop = shape[0] if row_end is None else row_end
+            out_shape: tuple[int, ...] = (stop - row_start, *shape[1:])
+        else:
+            out_shape = shape
+        dtype = entry.torch_dtype
+        if hi == lo:
+            return torch.empty(out_shape, dtype=dtype)
+        if self._mm is not None:
+            READ_STATS.add(hi - lo)
+            flat = torch.frombuffer(self._mm, dtype=dtype, count=(hi - lo) // entry.itemsize, offset=lo)
+        else:
+            flat = torch.frombuffer(bytearray(self.read_bytes(lo, hi)), dtype=dtype)
+        return flat.view(out_shape)
+
+    def release(self, start: int, end: int) -> None:
+        """Drop the mapped pages of ``[start, end)`` from this process's resident set (local only).
+
+        Pages are unmodified private mappings, so MADV_DONTNEED simply forgets them; a later read
+        faults them in again from the page cache. Keeps RSS flat across a long merge.
+        """
+        if self._mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        lo = (start // page) * page
+        hi = min(self.size, -(-end // page) * page)
+        if hi > lo:
+            try:
+                self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+            except (OSError, ValueError):
+                pass
+
+
+def row_span(entry: TensorEntry, row_start: int = 0, row_end: int | None = None) -> tuple[int, int]:
+    """Absolute byte range of rows ``[row_start, row_end)`` of a tensor (all of it if 0-D)."""
+    if not entry.shape:
+        return entry.start, entry.end
+    row_end = entry.shape[0] if row_end is None else row_end
+    rb = entry.row_bytes()
+    return entry.start + row_start * rb, entry.start + row_end * rb
+
+
+def _u64(b: bytes) -> tuple[int]:
+    return (int.from_bytes(b, "little"),)
+
+
+_READERS: dict[str, ShardReader] = {}
+_READERS_LOCK = threading.Lock()
+
+
+def open_shard(url: str) -> ShardReader:
+    """Process-wide cached ``ShardReader`` for ``url`` (headers parsed once, files mapped once)."""
+    with _READERS_LOCK:
+        reader = _READERS.get(url)
+    if reader is None:
+        reader = ShardReader(url)
+        with _READERS_LOCK:
+            reader = _READERS.setdefault(url, reader)
+    return reader
+
+
+def clear_shard_cache() -> None:
+    """Forget cached readers (tests that rewrite files between runs call this)."""
+    with _READERS_LOCK:
+        _READERS.clear()
+
+
+def read_text(url: str) -> str | None:
+    """Read a small text file (config, index) or return None if it does not exist."""
+    if is_local(url):
+        try:
+            with open(local_path(url), encoding="utf-8") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+    fs, path = _split_url(url)
+    try:
+        return fs.cat_file(path).decode("utf-8")
+    except FileNotFoundError:
+        return None
+
+
+def exists(url: str) -> bool:
+    if is_local(url):
+        return os.path.exists(local_path(url))
+    fs, path = _split_url(url)
+    try:
+        return bool(fs.exists(path))
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def list_dir(url: str) -> list[str]:
+    """File names (not paths) directly inside a directory URL."""
+    if is_local(url):
+        try:
+            return sorted(os.listdir(local_path(url)))
+        except FileNotFoundError:
+            return []
+    fs, path = _split_url(url)
+    try:
+        return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+    except Exception:  # noqa: BLE001 - plain HTTP servers often cannot list
+        return []
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A Hugging Face model directory: its config, and where each tensor lives."""
+
+    url: str
+    config: dict[str, Any]
+    shard_of: dict[str, str]  # tensor name -> shard URL
+    entries: dict[str, TensorEntry]
+
+    @property
+    def label(self) -> str:
+        return self.url
+
+
+def _safe_shard_name(name: Any, index_url: str) -> str:
+    if (
+        not isinstance(name, str)
+        or not name
+        or "/" in name
+        or "\\" in name
+        or name in (".", "..")
+        or os.path.isabs(name)
+        or "\x00" in name
+    ):
+        raise CheckpointError(
+            f"index names shard {name!r}, which is not a plain file name", file=index_url,
+            hint="shard names may not contain path components",
+        )  # fmt: skip
+    return name
+
+
+def open_checkpoint(url: str) -> Checkpoint:
+    """Open a checkpoint directory (local or URL) reading headers only, never tensor data."""
+    url = url.rstrip("/") if not is_local(url) else url
+    cfg_url = join_url(url, "config.json")
+    cfg_text = read_text(cfg_url)
+    config: dict[str, Any] = {}
+    if cfg_text is not None:
+        try:
+            config = json.loads(cfg_text)
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"config.json is not valid JSON: {exc}", file=cfg_url) from None
+    index_url = join_url(url, "model.safetensors.index.json")
+    index_text = read_text(index_url)
+    shard_names: dict[str, str] = {}
+    if index_text is not None:
+        try:
+            index = json.loads(index_text)
+            weight_map = index["weight_map"]
+            assert isinstance(weight_map, dict)
+        except (json.JSONDecodeError, KeyError, AssertionError, TypeError):
+            raise CheckpointError("index is not valid JSON with a weight_map object", file=index_url) from None
+        for tname, shard in weight_map.items():
+            shard_names[tname] = _safe_shard_name(shard, index_url)
+        files = sorted(set(shard_names.values()))
+    else:
+        single = join_url(url, "model.safetensors")
+        if exists(single):
+            files = ["model.safetensors"]
+        else:
+            names = list_dir(url)
+            if any(n.endswith(".bin") or n.endswith(".pt") for n in names):
+                raise CheckpointError(
+                    "only pickle (.bin/.pt) weights found", file=url,
+                    hint="convert the checkpoint to safetensors; raymerge never unpickles by default",
+                )  # fmt: skip
+            raise CheckpointError(
+                "no model.safetensors or model.safetensors.index.json", file=url,
+                hint="point the recipe at a Hugging Face model directory",
+            )  # fmt: skip
+    shard_of: dict[str, str] = {}
+    entries: dict[str, TensorEntry] = {}
+    for fname in files:
+        surl = join_url(url, fname)
+        reader = open_shard(surl)
+        for tname, entry in reader.entries.items():
+            if tname in entries:
+                raise CheckpointError("tensor appears in two shards", file=surl, tensor=tname)
+            if shard_names and shard_names.get(tname) != fname:
+                raise CheckpointError(
+                    f"index places this tensor in {shard_names.get(tname)!r} but it is stored in {fname!r}",
+                    file=index_url, tensor=tname,
+                )  # fmt: skip
+            entries[tname] = entry
+            shard_of[tname] = surl
+    missing = sorted(set(shard_names) - set(entries))
+    if missing:
+        raise CheckpointError(
+            f"index lists {len(missing)} tensor(s) no shard contains", file=index_url, tensor=missing[0]
+        )
+    return Checkpoint(url=url, config=config, shard_of=shard_of, entries=entries)

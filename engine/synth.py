@@ -1,0 +1,199 @@
+"""Deterministic synthetic Llama-shaped checkpoints for tests, the demo and benchmarks.
+
+Experts are the base plus structured task vectors: a low-rank component (what fine-tuning tends
+to produce) and a sparse component, each from its own seed. Files are written tensor by tensor,
+so building a multi-GB checkpoint never holds more than one tensor in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from raymerge.engine.plan import shard_header
+from raymerge.engine.storage import DTYPES, TAG_OF_DTYPE
+from raymerge.engine.task import tensor_bytes
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    vocab: int
+    hidden: int
+    layers: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+
+    def config(self, dtype: torch.dtype) -> dict[str, object]:
+        """A ``transformers`` LlamaConfig dict for this shape."""
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab,
+            "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "max_position_embeddings": 256,
+            "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": False,
+            "hidden_act": "silu",
+            "torch_dtype": str(dtype).replace("torch.", ""),
+        }
+
+    def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
+        """Tensor names and shapes in Hugging Face Llama layout."""
+        h, i, hd = self.hidden, self.intermediate, self.hidden // self.heads
+        kv = self.kv_heads * hd
+        out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (self.vocab, h))]
+        for n in range(self.layers):
+            p = f"model.layers.{n}."
+            out += [
+                (p + "input_layernorm.weight", (h,)),
+                (p + "self_attn.q_proj.weight", (h, h)),
+                (p + "self_attn.k_proj.weight", (kv, h)),
+                (p + "self_attn.v_proj.weight", (kv, h)),
+                (p + "self_attn.o_proj.weight", (h, h)),
+                (p + "post_attention_layernorm.weight", (h,)),
+                (p + "mlp.gate_proj.weight", (i, h)),
+                (p + "mlp.up_proj.weight", (i, h)),
+                (p + "mlp.down_proj.weight", (h, i)),
+            ]
+        out += [("model.norm.weight", (h,)), ("lm_head.weight", (self.vocab, h))]
+        return out
+
+    @property
+    def params(self) -> int:
+        total = 0
+        for _, s in self.tensors():
+            n = 1
+            for d in s:
+                n *= d
+            total += n
+        return total
+
+
+SHAPES: dict[str, LlamaShape] = {
+    "tiny": LlamaShape(vocab=512, hidden=64, layers=2, intermediate=176, heads=4, kv_heads=2),
+    "small": LlamaShape(vocab=4096, hidden=256, layers=4, intermediate=688, heads=8, kv_heads=4),
+    "1b": LlamaShape(vocab=32000, hidden=2048, layers=16, intermediate=5632, heads=16, kv_heads=4),
+    "7b": LlamaShape(vocab=32000, hidden=4096, layers=32, intermediate=11008, heads=32, kv_heads=32),
+}
+
+
+def _seed(*parts: object) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
+
+
+def base_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Base weights: norms near 1, matrices ~ N(0, 0.02²)."""
+    g = torch.Generator().manual_seed(_seed("base", seed, name))
+    if len(shape) == 1:
+        return 1.0 + 0.05 * torch.randn(shape, generator=g)
+    return 0.02 * torch.randn(shape, generator=g)
+
+
+def task_vector(name: str, shape: tuple[int, ...], expert: int, seed: int, scale: float = 0.004) -> torch.Tensor:
+    """A structured task vector: rank-4 plus 1 % sparse spikes (vectors: dense small noise)."""
+    g = torch.Generator().manual_seed(_seed("expert", seed, expert, name))
+    if len(shape) == 1:
+        return scale * torch.randn(shape, generator=g)
+    rows, cols = shape[0], int(torch.tensor(shape[1:]).prod())
+    r = 4
+    low = (torch.randn(rows, r, generator=g) @ torch.randn(r, cols, generator=g)) * (scale / r**0.5)
+    spikes = torch.rand(rows, cols, generator=g) < 0.01
+    low += spikes * torch.randn(rows, cols, generator=g) * (4 * scale)
+    return low.reshape(shape)
+
+
+def write_checkpoint(
+    path: str | Path,
+    tensors: Iterator[tuple[str, torch.Tensor]] | list[tuple[str, torch.Tensor]],
+    specs: list[tuple[str, tuple[int, ...]]],
+    dtype: torch.dtype,
+    config: dict[str, object] | None,
+    shard_bytes: int | None = None,
+    tokenizer: bool = True,
+) -> Path:
+    """Stream tensors (in ``specs`` order) into HF-layout safetensors shards plus metadata."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    item = DTYPES[TAG_OF_DTYPE[dtype]][1]
+    groups: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    fill = 0
+    for name, shape in specs:
+        nb = item * int(torch.tensor(shape).prod()) if shape else item
+        if shard_bytes and groups[-1] and fill + nb > shard_bytes:
+            groups.append([])
+            fill = 0
+        groups[-1].append((name, shape))
+        fill += nb
+    names = [
+        "model.safetensors" if len(groups) == 1 else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        for i in range(len(groups))
+    ]
+    it = iter(tensors)
+    weight_map: dict[str, str] = {}
+    for fname, group in zip(names, groups, strict=True):
+        rows = []
+        pos = 0
+        for name, shape in group:
+            nb = item * int(torch.tensor(shape).prod()) if shape else item
+            rows.append((name, TAG_OF_DTYPE[dtype], shape, pos, pos + nb))
+            pos += nb
+            weight_map[name] = fname
+        header = shard_header(rows)
+        with open(path / fname, "wb") as f:
+            f.write(len(header).to_bytes(8, "little"))
+            f.write(header)
+            for name, shape in group:
+                got_name, t = next(it)
+                assert got_name == name and tuple(t.shape) == tuple(shape), (got_name, name)
+                f.write(tensor_bytes(t.to(dtype)))
+    if len(groups) > 1:
+        index = {"metadata": {}, "weight_map": weight_map}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    if config is not None:
+        (path / "config.json").write_text(json.dumps(config, indent=2))
+    if tokenizer:
+        (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 256, "source": str(path.name)}))
+    return path
+
+
+def make_family(
+    root: str | Path,
+    shape: LlamaShape | str,
+    n_experts: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    shard_bytes: int | None = None,
+    scale: float = 0.004,
+) -> tuple[Path, list[Path]]:
+    """Write a base checkpoint and ``n_experts`` fine-tuned-like experts under ``root``."""
+    shp = SHAPES[shape] if isinstance(shape, str) else shape
+    root = Path(root)
+    specs = shp.tensors()
+    cfg = shp.config(dtype)
+
+    def stream(expert: int | None) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, s in specs:
+            t = base_tensor(name, s, seed)
+            if expert is not None:
+                t += task_vector(name, s, expert, seed, scale)
+            yield name, t
+
+    base = write_checkpoint(root / "base", stream(None), specs, dtype, cfg, shard_bytes)
+    experts = [
+        write_checkpoint(root / f"expert{e}", stream(e), specs, dtype, cfg, shard_bytes) for e in range(n_experts)
+    ]
+    os.sync()
+    return base, experts

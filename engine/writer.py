@@ -1,0 +1,199 @@
+"""Staging shards, the receipt journal, resume, and the atomic commit that publishes a model.
+
+Layout while a merge runs (``OUT`` is the requested output directory)::
+
+    OUT.raymerge-staging/
+        model-00001-of-0000N.safetensors   pre-sized; tasks pwrite into them
+        .raymerge/plan.json                fingerprint of the plan (resume only if it matches)
+        .raymerge/journal.jsonl            one receipt per finished task (append-only)
+
+``commit`` checks that every task has a receipt, writes the index, config, tokenizer files and
+model card, fsyncs, and renames the staging directory to ``OUT`` in one step. Nothing at ``OUT``
+looks like a model before that rename.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+from raymerge.engine.errors import OutputError
+from raymerge.engine.plan import MergePlan, OutputShard
+from raymerge.engine.storage import exists, is_local, join_url, list_dir, local_path, read_text
+from raymerge.engine.task import Receipt
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "vocab.json",
+    "merges.txt", "vocab.txt", "added_tokens.json", "spiece.model", "chat_template.jinja", "generation_config.json",
+)  # fmt: skip
+META = ".raymerge"
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Staging:
+    """The staging area of one merge: pre-allocated shards plus the journal of receipts."""
+
+    def __init__(self, out_dir: str | Path, plan: MergePlan, *, overwrite: bool = False) -> None:
+        if not is_local(str(out_dir)):
+            raise OutputError("remote output paths are not supported yet", file=str(out_dir), hint="write locally, then upload")
+        self.final = Path(local_path(str(out_dir))).absolute()
+        self.dir = self.final.with_name(self.final.name + ".raymerge-staging")
+        self.plan = plan
+        self.overwrite = overwrite
+        self._journal_lock = threading.Lock()
+        self._journal: Any = None
+        self._last_sync = 0.0
+
+    @property
+    def meta(self) -> Path:
+        return self.dir / META
+
+    def prepare(self) -> dict[str, Receipt]:
+        """Create or reopen the staging area; return receipts of tasks already done and verified."""
+        if self.final.exists() and not self.overwrite:
+            raise OutputError("output path already exists", file=str(self.final), hint="pass --overwrite to replace it")
+        if not self.final.parent.exists():
+            raise OutputError("parent directory of the output does not exist", file=str(self.final))
+        fingerprint = self.plan.fingerprint()
+        done: dict[str, Receipt] = {}
+        plan_file = self.meta / "plan.json"
+        if self.dir.exists():
+            staged = None
+            try:
+                staged = json.loads(plan_file.read_text())["fingerprint"]
+            except (OSError, ValueError, KeyError):
+                pass
+            if staged == fingerprint:
+                done = self._verified_receipts()
+                log.info("resuming %s: %d of %d tasks already done", self.dir, len(done), len(self.plan.tasks))
+            else:
+                log.warning("discarding staging area of a different merge at %s", self.dir)
+                shutil.rmtree(self.dir)
+        if not self.dir.exists():
+            self.meta.mkdir(parents=True)
+            for shard in self.plan.shards:
+                self._allocate(shard)
+            plan_file.write_text(json.dumps({"fingerprint": fingerprint, "summary": self.plan.summary()}, indent=1))
+        self._journal = open(self.meta / "journal.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        return done
+
+    def _allocate(self, shard: OutputShard) -> None:
+        path = self.dir / shard.name
+        fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+        try:
+            os.pwrite(fd, len(shard.header).to_bytes(8, "little") + shard.header, 0)
+            try:
+                # Reserve the space now so a full disk fails before hours of compute, not after.
+                os.posix_fallocate(fd, 0, shard.size)
+            except OSError as exc:
+                if exc.errno in (28, 122):  # ENOSPC, EDQUOT
+                    raise OutputError(
+                        f"not enough disk space for {shard.size / 2**30:.2f} GiB shard", file=str(path),
+                        hint="free space and run again",
+                    ) from None  # fmt: skip
+                os.ftruncate(fd, shard.size)  # filesystems without fallocate
+        finally:
+            os.close(fd)
+
+    def _verified_receipts(self) -> dict[str, Receipt]:
+        """Receipts from the journal whose bytes in the staging shards still match their CRC."""
+        by_id = {t.id: t for t in self.plan.tasks}
+        done: dict[str, Receipt] = {}
+        journal = self.meta / "journal.jsonl"
+        if not journal.exists():
+            return done
+        for line in journal.read_text(encoding="utf-8").splitlines():
+            try:
+                r = Receipt(**json.loads(line))
+            except (ValueError, TypeError):
+                continue  # a torn last line after a crash
+            task = by_id.get(r.id)
+            if task is None:
+                continue
+            with open(self.dir / task.output.shard, "rb") as f:
+                f.seek(task.output.offset)
+                if zlib.crc32(f.read(task.output.nbytes)) == r.crc32:
+                    done[r.id] = r
+        return done
+
+    def record(self, receipt: Receipt) -> None:
+        """Append a receipt to the journal (flushed now; fsynced at most every 2 s and at commit)."""
+        with self._journal_lock:
+            self._journal.write(json.dumps(receipt.to_json()) + "\n")
+            self._journal.flush()
+            now = time.monotonic()
+            if now - self._last_sync > 2.0:
+                os.fsync(self._journal.fileno())
+                self._last_sync = now
+
+    def close(self) -> None:
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
+
+    def commit(self, receipts: dict[str, Receipt], card: str) -> Path:
+        """Verify coverage, write metadata files, fsync, and publish atomically. Returns the path."""
+        missing = [t.id for t in self.plan.tasks if t.id not in receipts]
+        if missing:
+            raise OutputError(f"{len(missing)} task(s) have no receipt; not publishing", tensor=missing[0])
+        self.close()
+        plan = self.plan
+        weight_map = {name: s.name for s in plan.shards for name in s.tensors}
+        total = sum(t.output.nbytes for t in plan.tasks)
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        config = dict(plan.config)
+        if plan.out_dtype:
+            config["torch_dtype"] = plan.out_dtype
+            if "dtype" in config:
+                config["dtype"] = plan.out_dtype
+        if config:
+            (self.dir / "config.json").write_text(json.dumps(config, indent=2))
+        if plan.tokenizer_from:
+            self._copy_tokenizer(plan.tokenizer_from)
+        (self.dir / "README.md").write_text(card, encoding="utf-8")
+        ordered = [receipts[t.id].to_json() for t in plan.tasks]
+        (self.meta / "receipts.json").write_text(json.dumps(ordered))
+        for p in self.dir.iterdir():
+            if p.is_file():
+                _fsync_path(p)
+        _fsync_path(self.dir)
+        old = None
+        if self.final.exists():
+            old = self.final.with_name(self.final.name + ".raymerge-old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.rename(self.final, old)
+        os.rename(self.dir, self.final)
+        _fsync_path(self.final.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.final
+
+    def _copy_tokenizer(self, src: str) -> None:
+        names = set(list_dir(src)) if is_local(src) else set()
+        for fname in TOKENIZER_FILES:
+            url = join_url(src, fname)
+            if is_local(src):
+                if fname in names:
+                    shutil.copyfile(local_path(url), self.dir / fname)
+            elif exists(url):
+                text = read_text(url)
+                if text is not None:
+                    (self.dir / fname).write_text(text, encoding="utf-8")
