@@ -97,8 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("recipe", help="recipe YAML (mergekit schema + raymerge keys)")
-        sp.add_argument("--out-shard-size", type=parse_size, default=DEFAULT_SHARD_BYTES, help="bytes per output shard (default 5GiB)")
-        sp.add_argument("--memory-budget", type=parse_size, default=None, help="host memory for running tasks (default: half the available RAM)")
+        sp.add_argument(
+            "--out-shard-size",
+            type=parse_size,
+            default=DEFAULT_SHARD_BYTES,
+            help="bytes per output shard (default 5GiB)",
+        )
+        sp.add_argument(
+            "--memory-budget",
+            type=parse_size,
+            default=None,
+            help="host memory for running tasks (default: half the available RAM)",
+        )
 
     sp = sub.add_parser("plan", help="validate a recipe against checkpoint headers and print the plan")
     common(sp)
@@ -125,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return int(args.fn(args))
     except RaymergeError as exc:

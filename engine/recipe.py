@@ -141,9 +141,7 @@ def _check_params(params: dict[str, Any], method: MethodSpec, scope_ok: set[Scop
     for key, value in params.items():
         spec = method.param(key)
         if spec is None:
-            raise RecipeError(
-                f"{where}: method {method.name!r} has no parameter {key!r}", hint=suggest(key, names)
-            )
+            raise RecipeError(f"{where}: method {method.name!r} has no parameter {key!r}", hint=suggest(key, names))
         if spec.scope not in scope_ok:
             raise RecipeError(f"{where}: {key!r} is a shared parameter; set it under the top-level `parameters`")
         _validate_setting(value, f"{where}.{key}")
@@ -205,9 +203,14 @@ def _check_structure(recipe: Recipe, origin: str) -> None:
         raise RecipeError(f"method {method.name!r} needs `base_model`", file=origin)
     n = len(recipe.expert_urls())
     if n < method.min_experts:
-        raise RecipeError(f"method {method.name!r} needs at least {method.min_experts} model(s) besides the base, got {n}", file=origin)
+        raise RecipeError(
+            f"method {method.name!r} needs at least {method.min_experts} model(s) besides the base, got {n}",
+            file=origin,
+        )
     if method.max_experts is not None and n > method.max_experts:
-        raise RecipeError(f"method {method.name!r} takes at most {method.max_experts} model(s) besides the base, got {n}", file=origin)
+        raise RecipeError(
+            f"method {method.name!r} takes at most {method.max_experts} model(s) besides the base, got {n}", file=origin
+        )
     urls = [m.model for m in recipe.models]
     dup = {u for u in urls if urls.count(u) > 1}
     if dup:
@@ -222,7 +225,9 @@ def _check_structure(recipe: Recipe, origin: str) -> None:
             for url in recipe.expert_urls():
                 entry = recipe.entry(url)
                 if entry is None or p.name not in entry.parameters:
-                    raise RecipeError(f"model {url!r} needs parameter {p.name!r} for method {method.name!r}", file=origin)
+                    raise RecipeError(
+                        f"model {url!r} needs parameter {p.name!r} for method {method.name!r}", file=origin
+                    )
         if p.required and p.scope == Scope.SHARED and p.name not in recipe.parameters:
             raise RecipeError(f"method {method.name!r} needs top-level parameter {p.name!r}", file=origin)
 
@@ -282,9 +287,7 @@ def evaluate_setting(setting: Any, tensor_name: str, t: float, param: Param, whe
     return _coerce(setting, param, where)
 
 
-def resolve_param(
-    param: Param, scopes: list[dict[str, Any]], tensor_name: str, t: float, where: str
-) -> Any:
+def resolve_param(param: Param, scopes: list[dict[str, Any]], tensor_name: str, t: float, where: str) -> Any:
     """First scope (highest precedence first) whose setting applies to this tensor, else default."""
     for scope in scopes:
         if param.name in scope:
@@ -321,15 +324,17 @@ def resolve_for_tensor(recipe: Recipe, tensor_name: str, num_layers: int) -> Res
     method = recipe.method
     top = recipe.parameters
     shared = {
-        p.name: resolve_param(p, [top], tensor_name, t, "parameters")
-        for p in method.params
-        if p.scope == Scope.SHARED
+        p.name: resolve_param(p, [top], tensor_name, t, "parameters") for p in method.params if p.scope == Scope.SHARED
     }
     per_model = []
     for url in recipe.expert_urls():
         entry = recipe.entry(url)
         scopes = [entry.parameters if entry else {}, top]
         per_model.append(
-            {p.name: resolve_param(p, scopes, tensor_name, t, f"model {url}") for p in method.params if p.scope == Scope.MODEL}
+            {
+                p.name: resolve_param(p, scopes, tensor_name, t, f"model {url}")
+                for p in method.params
+                if p.scope == Scope.MODEL
+            }
         )
     return ResolvedParams(shared, tuple(per_model))

@@ -8,6 +8,7 @@ here: it is local-only and loads whole tensors.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
@@ -124,7 +125,9 @@ def parse_header(raw: bytes, file_size: int, file: str) -> tuple[dict[str, Tenso
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if dtype not in DTYPES:
             raise HeaderError(f"unsupported dtype {dtype!r}", file=file, tensor=name)
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
             raise HeaderError(f"bad shape {shape!r}", file=file, tensor=name)
         if (
             not isinstance(offsets, list)
@@ -283,10 +286,8 @@ class ShardReader:
         lo = (start // page) * page
         hi = min(self.size, -(-end // page) * page)
         if hi > lo:
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
-            except (OSError, ValueError):
-                pass
 
 
 def row_span(entry: TensorEntry, row_start: int = 0, row_end: int | None = None) -> tuple[int, int]:

@@ -46,7 +46,7 @@ def resolve_device(device: str) -> torch.device:
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a CPU tensor, without a copy."""
     flat = t.detach().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
+    return flat.view(torch.uint8).numpy().data
 
 
 def pwrite_all(path: str, data: memoryview, offset: int) -> None:

@@ -14,6 +14,7 @@ looks like a model before that rename.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -51,7 +52,9 @@ class Staging:
 
     def __init__(self, out_dir: str | Path, plan: MergePlan, *, overwrite: bool = False) -> None:
         if not is_local(str(out_dir)):
-            raise OutputError("remote output paths are not supported yet", file=str(out_dir), hint="write locally, then upload")
+            raise OutputError(
+                "remote output paths are not supported yet", file=str(out_dir), hint="write locally, then upload"
+            )
         self.final = Path(local_path(str(out_dir))).absolute()
         self.dir = self.final.with_name(self.final.name + ".raymerge-staging")
         self.plan = plan
@@ -75,10 +78,8 @@ class Staging:
         plan_file = self.meta / "plan.json"
         if self.dir.exists():
             staged = None
-            try:
+            with contextlib.suppress(OSError, ValueError, KeyError):
                 staged = json.loads(plan_file.read_text())["fingerprint"]
-            except (OSError, ValueError, KeyError):
-                pass
             if staged == fingerprint:
                 done = self._verified_receipts()
                 log.info("resuming %s: %d of %d tasks already done", self.dir, len(done), len(self.plan.tasks))

@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 from raymerge.engine.methods import interpolation, task_vector
-from raymerge.engine.methods.registry import METHODS, REQUIRED, MergeArgs, MethodSpec, Param, Scope, get_method, register
+from raymerge.engine.methods.registry import (
+    METHODS,
+    REQUIRED,
+    MergeArgs,
+    MethodSpec,
+    Param,
+    Scope,
+    get_method,
+    register,
+)
 
 S, M = Scope.SHARED, Scope.MODEL
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import torch
 
 
-class Scope(str, Enum):
+class Scope(StrEnum):
     SHARED = "shared"  # one value per tensor (top-level `parameters`)
     MODEL = "model"  # one value per expert (per-model `parameters`, may also be set top-level)
 

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up and run the test suite (extra arguments go to pytest, e.g. -m "not slow").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/ruff check engine cluster tests benchmarks
+.venv/bin/mypy engine cluster
+exec .venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny HF-layout Llama checkpoints built in temp dirs, and recipe helpers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from raymerge.engine.storage import clear_shard_cache
+from raymerge.engine.synth import make_family
+
+
+@pytest.fixture(autouse=True)
+def _fresh_readers():
+    # Tests rewrite files in place; never reuse a mapping of an older file.
+    clear_shard_cache()
+    yield
+    clear_shard_cache()
+
+
+@pytest.fixture(scope="session")
+def family(tmp_path_factory) -> tuple[Path, list[Path]]:
+    """fp32 tiny Llama: base + 3 experts, sharded (several shards per model)."""
+    root = tmp_path_factory.mktemp("family")
+    return make_family(root, "tiny", 3, dtype=torch.float32, shard_bytes=200_000)
+
+
+@pytest.fixture(scope="session")
+def family_single(tmp_path_factory) -> tuple[Path, list[Path]]:
+    """fp32 tiny Llama in single-file layout (model.safetensors, no index)."""
+    root = tmp_path_factory.mktemp("family1")
+    return make_family(root, "tiny", 3, dtype=torch.float32, seed=7)
+
+
+def recipe_text(
+    method: str,
+    base: Path | str | None,
+    experts: list,
+    params: dict | None = None,
+    per_model: list[dict] | None = None,
+    extra: str = "",
+) -> str:
+    """A recipe YAML string for ``method`` over ``experts`` (optionally per-model parameters)."""
+    lines = [f"merge_method: {method}"]
+    if base is not None:
+        lines.append(f"base_model: {base}")
+    lines.append("models:")
+    for i, e in enumerate(experts):
+        lines.append(f"  - model: {e}")
+        pm = (per_model or [{}] * len(experts))[i]
+        if pm:
+            lines.append("    parameters:")
+            for k, v in pm.items():
+                lines.append(f"      {k}: {v}")
+    if params:
+        lines.append("parameters:")
+        for k, v in params.items():
+            lines.append(f"  {k}: {v}")
+    if extra:
+        lines.append(extra)
+    return "\n".join(lines) + "\n"
+
+
+def load_dir(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of an HF model directory (any number of shards), via the safetensors library."""
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as sf:
+            for k in sf.keys():
+                out[k] = sf.get_tensor(k)
+    return out

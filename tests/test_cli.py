@@ -1,0 +1,121 @@
+"""The CLI: plan output, and bad input → one error line, exit code ≠ 0, nothing at the output."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import recipe_text
+
+RAYMERGE = [sys.executable, "-m", "raymerge.engine.cli"]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*RAYMERGE, *args], capture_output=True, text=True, timeout=300)
+
+
+def _assert_clean_failure(proc, out: Path, *needles: str) -> None:
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("raymerge: error:"), proc.stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    assert not out.exists()
+
+
+def test_plan_json(family, tmp_path):
+    base, experts = family
+    r = tmp_path / "r.yaml"
+    r.write_text(recipe_text("ties", base, experts, {"density": 0.5}, [{"weight": 1}] * 3))
+    proc = _run("plan", str(r), "--json", "--out-shard-size", "100KB")
+    assert proc.returncode == 0, proc.stderr
+    s = json.loads(proc.stdout)
+    assert s["tensors"] == 21 and len(s["shards"]) > 1
+    assert s["read_bytes"] == 4 * s["write_bytes"]  # base + 3 experts, fp32 in and out
+    assert all(t["est_host_bytes"] > 0 for t in s["task_list"])
+    human = _run("plan", str(r))
+    assert human.returncode == 0 and "peak task" in human.stdout
+
+
+def test_bad_recipe_key(family, tmp_path):
+    base, experts = family
+    r = tmp_path / "r.yaml"
+    r.write_text(recipe_text("ties", base, experts, {"densiti": 0.5}, [{"weight": 1}] * 3))
+    out = tmp_path / "out"
+    _assert_clean_failure(_run("run", str(r), str(out)), out, "densiti", "did you mean 'density'")
+
+
+def test_missing_model_path(family, tmp_path):
+    base, experts = family
+    r = tmp_path / "r.yaml"
+    r.write_text(recipe_text("ties", base, [*experts[:2], tmp_path / "nope"], None, [{"weight": 1}] * 3))
+    out = tmp_path / "out"
+    _assert_clean_failure(_run("run", str(r), str(out)), out, "nope")
+
+
+def _clone(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_shape_mismatch_names_model_and_tensor(family_single, tmp_path):
+    base, experts = family_single
+    bad = _clone(experts[1], tmp_path / "bad")
+    t = load_file(bad / "model.safetensors")
+    t["model.layers.1.mlp.up_proj.weight"] = torch.zeros(10, 64)
+    save_file(t, bad / "model.safetensors")
+    r = tmp_path / "r.yaml"
+    r.write_text(recipe_text("ties", base, [experts[0], bad], None, [{"weight": 1}] * 2))
+    out = tmp_path / "out"
+    _assert_clean_failure(_run("run", str(r), str(out)), out, str(bad), "model.layers.1.mlp.up_proj.weight")
+
+
+def test_missing_tensor_names_model_and_tensor(family_single, tmp_path):
+    base, experts = family_single
+    bad = _clone(experts[1], tmp_path / "bad")
+    t = load_file(bad / "model.safetensors")
+    del t["model.norm.weight"]
+    save_file(t, bad / "model.safetensors")
+    r = tmp_path / "r.yaml"
+    r.write_text(recipe_text("ties", base, [experts[0], bad], None, [{"weight": 1}] * 2))
+    out = tmp_path / "out"
+    _assert_clean_failure(_run("run", str(r), str(out)), out, str(bad), "model.norm.weight", "missing")
+
+
+def test_truncated_shard(family_single, tmp_path):
+    base, experts = family_single
+    bad = _clone(experts[0], tmp_path / "bad")
+    f = bad / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-1000])
+    r = tmp_path / "r.yaml"
+    r.write_text(recipe_text("ties", base, [bad, experts[1]], None, [{"weight": 1}] * 2))
+    out = tmp_path / "out"
+    _assert_clean_failure(_run("run", str(r), str(out)), out, "model.safetensors", "tensor")
+
+
+def test_nan_input_is_refused(family_single, tmp_path):
+    base, experts = family_single
+    bad = _clone(experts[0], tmp_path / "bad")
+    t = load_file(bad / "model.safetensors")
+    t["model.layers.0.self_attn.q_proj.weight"][3, 3] = float("nan")
+    save_file(t, bad / "model.safetensors")
+    r = tmp_path / "r.yaml"
+    r.write_text(recipe_text("task_arithmetic", base, [bad], None, [{"weight": 1}]))
+    out = tmp_path / "out"
+    _assert_clean_failure(
+        _run("run", str(r), str(out), "-q"), out, "NaN", "model.layers.0.self_attn.q_proj.weight", "bad"
+    )
+
+
+def test_budget_too_small_is_refused_by_plan(family, tmp_path):
+    base, experts = family
+    r = tmp_path / "r.yaml"
+    r.write_text(recipe_text("ties", base, experts, None, [{"weight": 1}] * 3))
+    out = tmp_path / "out"
+    _assert_clean_failure(_run("run", str(r), str(out), "--memory-budget", "10KB"), out, "memory budget", "embed")

@@ -1,0 +1,50 @@
+"""Recipe parsing: mergekit schema, strictness with suggestions, parameter resolution."""
+
+from __future__ import annotations
+
+import pytest
+
+from raymerge.engine.errors import RecipeError
+from raymerge.engine.recipe import parse_recipe, resolve_for_tensor
+
+BASE = "merge_method: ties\nbase_model: b\nmodels:\n  - model: e1\n    parameters: {weight: 1.0}\n  - model: e2\n    parameters: {weight: [0.0, 1.0]}\n"
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("merge_methd: ties\nmodels: [a]\n", "did you mean 'merge_method'"),
+        ("merge_method: tie\nbase_model: b\nmodels: [a]\n", "did you mean 'ties'"),
+        (BASE + "parameters: {densty: 0.5}\n", "did you mean 'density'"),
+        (BASE.replace("weight: 1.0", "weight: 1.0, normalize: true"), "shared parameter"),
+        ("merge_method: ties\nmodels: [a]\n", "needs `base_model`"),
+        ("merge_method: slerp\nbase_model: b\nmodels: [b, a, c]\nparameters: {t: 0.5}\n", "at most 1"),
+        ("merge_method: linear\nmodels: [a, b]\n", "needs parameter 'weight'"),
+        ("slices: []\nmerge_method: linear\n", "slicing"),
+        (
+            "merge_method: ties\nbase_model: b\nmodels: [a]\nparameters: {weight: 1, density: {x: 1}}\n",
+            "unknown key 'x'",
+        ),
+        ("- a\n- b\n", "mapping"),
+        ("merge_method: [\n", "not valid YAML"),
+        (BASE + "out_dtype: float12\n", "unknown dtype"),
+        (BASE + "raymerge: {seeed: 1}\n", "did you mean 'seed'"),
+    ],
+)
+def test_bad_recipes_name_the_problem(text, match):
+    with pytest.raises(RecipeError, match=match):
+        parse_recipe(text)
+
+
+def test_gradient_filter_and_precedence():
+    text = BASE + "parameters:\n  density: [{filter: mlp, value: [0.2, 0.6]}, {value: 0.9}]\n  lambda: 0.5\n"
+    r = parse_recipe(text)
+    p = resolve_for_tensor(r, "model.layers.2.mlp.up_proj.weight", num_layers=5)
+    assert p.shared["lambda"] == 0.5 and p.shared["normalize"] is True  # default for ties
+    assert p.per_model[0]["weight"] == 1.0
+    assert p.per_model[1]["weight"] == pytest.approx(0.5)  # gradient at t = 2/4
+    assert p.per_model[0]["density"] == pytest.approx(0.4)
+    q = resolve_for_tensor(r, "model.layers.4.self_attn.q_proj.weight", num_layers=5)
+    assert q.per_model[0]["density"] == 0.9 and q.per_model[1]["weight"] == 1.0
+    e = resolve_for_tensor(r, "model.embed_tokens.weight", num_layers=5)
+    assert e.per_model[1]["weight"] == 0.0  # non-layer tensors sit at t = 0, as in mergekit
