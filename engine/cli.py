@@ -76,6 +76,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     figures = merge(
         recipe, args.out, memory_budget=args.memory_budget, workers=args.workers,
         out_shard_bytes=args.out_shard_size, overwrite=args.overwrite, progress=not args.quiet, device=args.device,
+        executor=args.executor, address=args.address,
     )  # fmt: skip
     print(format_figures(figures))
     print(f"wrote {Path(args.out).absolute()}")
@@ -118,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("run", help="run a merge into OUT (resumes an interrupted run of the same plan)")
     common(sp)
     sp.add_argument("out", help="output model directory (published atomically)")
-    sp.add_argument("--executor", choices=["local"], default="local", help="where tasks run")
+    sp.add_argument("--executor", choices=["local", "ray"], default="local", help="where tasks run")
+    sp.add_argument("--address", default=None, help="Ray cluster to join (auto | HOST:PORT); default: embedded local Ray")
     sp.add_argument("--workers", type=int, default=None, help="concurrent tasks (default: min(4, cores))")
     sp.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="compute device")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import logging
 import sys
 import time
@@ -88,15 +87,21 @@ def merge(
     overwrite: bool = False,
     progress: bool = True,
     device: str | None = None,
+    executor: str = "local",
+    address: str | None = None,
 ) -> RunFigures:
-    """Merge ``recipe`` into the model directory ``out``; resumes a staged run of the same plan."""
+    """Merge ``recipe`` into the model directory ``out``; resumes a staged run of the same plan.
+
+    ``executor`` is ``local`` (threads in this process) or ``ray`` (``raymerge.cluster``; joins
+    ``address`` or starts an embedded local Ray). Both run the same ``run_task`` on the same plan,
+    so their outputs are bit-identical.
+    """
     t0 = time.perf_counter()
     read0 = READ_STATS.bytes_read
     budget = memory_budget or default_memory_budget()
     n_workers = workers or default_workers()
+    # ``auto`` is resolved per task: dense linear algebra goes to CUDA, elementwise work stays on CPU.
     dev = device or recipe.raymerge.device
-    if dev == "auto":
-        dev = "cpu"  # elementwise work is memory-bound; Gram methods pick CUDA per task
     plan = build_plan(recipe, out_shard_bytes=out_shard_bytes)
     check_budget(plan, budget)
     staging = Staging(out, plan, overwrite=overwrite)
@@ -115,7 +120,16 @@ def merge(
         bar.update(task.read_bytes + task.write_bytes)
 
     try:
-        run_local(todo, str(staging.dir), budget=budget, workers=n_workers, device=dev, on_done=on_done)
+        if executor == "local":
+            run_local(todo, str(staging.dir), budget=budget, workers=n_workers, device=dev, on_done=on_done)
+        elif executor == "ray":
+            from raymerge.cluster.executor import run_ray  # Ray is imported only when asked for
+
+            run_ray(
+                todo, str(staging.dir), budget=budget, workers=n_workers, device=dev, on_done=on_done, address=address
+            )
+        else:
+            raise RaymergeError(f"unknown executor {executor!r}", hint="use local or ray")
     except BaseException:
         staging.close()
         bar.close()
@@ -128,7 +142,7 @@ def merge(
         tasks=len(plan.tasks), tasks_resumed=resumed, bytes_read=read,
         bytes_written=sum(t.write_bytes for t in todo), wall_seconds=round(wall, 3),
         read_gbps=round(read / wall / 1e9, 3) if wall > 0 else 0.0, peak_rss_bytes=peak_rss_bytes(),
-        memory_budget=budget, workers=n_workers, executor="local", device=dev,
+        memory_budget=budget, workers=n_workers, executor=executor, device=dev,
     )  # fmt: skip
     staging.commit(receipts, model_card(plan, figures))
     return figures
@@ -143,4 +157,4 @@ def format_figures(f: RunFigures) -> str:
     )
 
 
-__all__ = ["RaymergeError", "RunFigures", "format_figures", "merge", "model_card", "json"]
+__all__ = ["RunFigures", "format_figures", "merge", "model_card"]

@@ -10,12 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
 from raymerge.engine.errors import CheckpointError, PlanError
+from raymerge.engine.methods import METHODS
 from raymerge.engine.recipe import Recipe, layer_index, resolve_for_tensor
 from raymerge.engine.storage import DTYPES, TAG_OF_DTYPE, Checkpoint, TensorEntry, dtype_from_name, open_checkpoint
 
@@ -293,32 +295,43 @@ def build_plan(recipe: Recipe, *, out_shard_bytes: int = DEFAULT_SHARD_BYTES) ->
                 est_host_bytes=2 * e.nbytes, read_bytes=e.nbytes, write_bytes=e.nbytes, flops=0,
             ))  # fmt: skip
             continue
-        params = resolve_for_tensor(recipe, name, num_layers)
+        spec = method
+        if cls not in method.applies_to or any(re.search(p, name) for p in recipe.raymerge.exclude):
+            spec = METHODS[method.fallback or "mean"]
+        params = resolve_for_tensor(recipe, name, num_layers, spec)
         refs = tuple(TensorRef.of(ckpts[u].shard_of[name], ckpts[u].entries[name]) for u in input_urls)
         compute = cdt or (torch.float64 if e.dtype == "F64" else torch.float32)
         c_item = torch.empty((), dtype=compute).element_size()
         rows_total = e.shape[0] if e.shape else 1
         row_numel = e.numel // rows_total if rows_total else 0
-        if method.row_separable and len(e.shape) >= 1 and row_numel:
+        if spec.row_separable and len(e.shape) >= 1 and row_numel:
             per_chunk = max(1, recipe.raymerge.chunk_bytes // max(1, row_numel * c_item))
         else:
             per_chunk = max(1, rows_total)
         n_chunks = max(1, math.ceil(rows_total / per_chunk)) if rows_total else 1
-        seed = _tensor_seed(recipe.raymerge.seed, name) if method.random else 0
+        seed = _tensor_seed(recipe.raymerge.seed, name) if spec.random else 0
         for c in range(n_chunks):
             r0 = c * per_chunk
             r1 = min(rows_total, r0 + per_chunk) if e.shape else 0
             numel = (r1 - r0) * row_numel if e.shape else e.numel
             in_bytes = numel * e.itemsize * len(refs)
             out_bytes = numel * out_item
-            est = method.work_buffers(n_exp) * numel * c_item + in_bytes + out_bytes
+            resident_in = numel * e.itemsize * (2 if spec.streams_experts else len(refs))
+            chunk_shape = (r1 - r0, *e.shape[1:]) if e.shape else ()
+            est = (
+                spec.work_buffers(n_exp) * numel * c_item
+                + spec.extra_bytes(chunk_shape, c_item)
+                + resident_in
+                + out_bytes
+            )
             tid = name if n_chunks == 1 else f"{name}@{r0}:{r1}"
             tasks.append(TensorTask(
-                id=tid, tensor=name, tensor_class=cls, action="merge", method=method.name, row_start=r0,
+                id=tid, tensor=name, tensor_class=cls, action="merge", method=spec.name, row_start=r0,
                 row_end=r1, inputs=refs, has_base=has_base, shared=params.shared, per_model=params.per_model,
                 seed=seed, compute_dtype=TAG_OF_DTYPE[compute],
                 output=OutputRef(shard_name, out_off + r0 * row_numel * out_item, out_bytes, out_tag_t, e.shape),
-                est_host_bytes=est, read_bytes=in_bytes, write_bytes=out_bytes, flops=10 * numel * max(1, n_exp),
+                est_host_bytes=est, read_bytes=in_bytes, write_bytes=out_bytes,
+                flops=spec.flops(chunk_shape, n_exp) if spec.flops else 10 * numel * max(1, n_exp),
             ))  # fmt: skip
 
     tok = recipe.tokenizer_source

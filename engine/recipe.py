@@ -54,6 +54,9 @@ class RaymergeOptions(BaseModel):
     chunk_bytes: int = Field(64 << 20, gt=0, description="target input bytes per row-chunk for separable methods")
     device: str = Field("auto", description="auto | cpu | cuda")
     compute_dtype: str | None = Field(None, description="override the compute dtype (default float32)")
+    exclude: list[str] = Field(
+        default_factory=list, description="regexes of tensor names merged with the method's fallback (mean) instead"
+    )
 
     @field_validator("device")
     @classmethod
@@ -314,14 +317,16 @@ class ResolvedParams:
     per_model: tuple[dict[str, Any], ...]
 
 
-def resolve_for_tensor(recipe: Recipe, tensor_name: str, num_layers: int) -> ResolvedParams:
-    """All parameters of the recipe's method for one tensor (mergekit's gradient depth ``t``)."""
+def resolve_for_tensor(
+    recipe: Recipe, tensor_name: str, num_layers: int, method: MethodSpec | None = None
+) -> ResolvedParams:
+    """All parameters of ``method`` (default: the recipe's) for one tensor at mergekit's depth ``t``."""
     idx = layer_index(tensor_name)
     if idx is None:
         t = 0.0
     else:
         t = idx / (num_layers - 1) if num_layers > 1 else 1.0
-    method = recipe.method
+    method = method or recipe.method
     top = recipe.parameters
     shared = {
         p.name: resolve_param(p, [top], tensor_name, t, "parameters") for p in method.params if p.scope == Scope.SHARED

@@ -9,15 +9,16 @@ from __future__ import annotations
 import os
 import time
 import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, overload
 
 import torch
 
 from raymerge.engine.errors import CheckpointError, OutputError, TaskError
 from raymerge.engine.methods import MergeArgs, get_method
 from raymerge.engine.plan import TensorTask
-from raymerge.engine.storage import DTYPES, open_shard, row_span
+from raymerge.engine.storage import DTYPES, ShardReader, open_shard, row_span
 
 
 @dataclass(frozen=True)
@@ -34,13 +35,6 @@ class Receipt:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -67,47 +61,89 @@ def pwrite_all(path: str, data: memoryview, offset: int) -> None:
         os.close(fd)
 
 
-def _check_finite(x: torch.Tensor, task: TensorTask, i: int) -> None:
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-        raise CheckpointError(
-            "input contains NaN or Inf", file=task.inputs[i].url, tensor=task.tensor,
-            hint="fix the checkpoint, or exclude this tensor from the merge",
-        )  # fmt: skip
+class ExpertStream(Sequence[torch.Tensor]):
+    """The experts of a task as a lazy sequence: each access reads that expert's rows afresh
+    (zero-copy from the mapping, then cast to the compute dtype on the compute device), so a
+    method that iterates holds one expert at a time and can iterate more than once."""
+
+    def __init__(self, task: TensorTask, readers: list[ShardReader], first: int, dev: torch.device) -> None:
+        self.task = task
+        self.readers = readers
+        self.first = first
+        self.dev = dev
+        self.compute = DTYPES[task.compute_dtype][0]
+        self.bytes_read = 0
+
+    def load(self, i: int) -> torch.Tensor:
+        """Input ``i`` of the task (0 = base when the task has one)."""
+        ref = self.task.inputs[i]
+        view = self.readers[i].read_rows(ref.entry(self.task.tensor), self.task.row_start, self.task.row_end)
+        self.bytes_read += view.numel() * view.element_size()
+        x = view.to(device=self.dev, dtype=self.compute)
+        if not bool(torch.isfinite(x).all()):
+            raise CheckpointError(
+                "input contains NaN or Inf", file=ref.url, tensor=self.task.tensor,
+                hint="fix the checkpoint, or exclude this tensor from the merge",
+            )  # fmt: skip
+        return x
+
+    def __len__(self) -> int:
+        return len(self.readers) - self.first
+
+    @overload
+    def __getitem__(self, i: int) -> torch.Tensor: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[torch.Tensor]: ...
+    def __getitem__(self, i: int | slice) -> torch.Tensor | Sequence[torch.Tensor]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(len(self))[i]]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        return self.load(self.first + (i % len(self)))
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for i in range(len(self)):
+            yield self.load(self.first + i)
+
+
+def task_device(task: TensorTask, device: str) -> torch.device:
+    """The device a task computes on: ``auto`` sends accelerator-friendly methods to CUDA."""
+    if device != "auto":
+        return torch.device(device)
+    if task.action == "merge" and get_method(task.method).prefers_accelerator and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
 
 
 def run_task(task: TensorTask, staging_dir: str, device: str = "cpu") -> Receipt:
     """Execute ``task`` and write its output bytes into ``staging_dir/<shard>`` at its offset."""
     t0 = time.perf_counter()
-    dev = resolve_device(device)
+    dev = task_device(task, device)
     readers = [open_shard(r.url) for r in task.inputs]
     entries = [r.entry(task.tensor) for r in task.inputs]
     try:
-        views = [rd.read_rows(e, task.row_start, task.row_end) for rd, e in zip(readers, entries, strict=True)]
-        read_bytes = sum(v.numel() * v.element_size() for v in views)
         if task.action == "copy":
-            out = views[0]
+            out = readers[0].read_rows(entries[0], task.row_start, task.row_end)
+            read_bytes = out.numel() * out.element_size()
         else:
-            compute = DTYPES[task.compute_dtype][0]
-            xs = [v.to(device=dev, dtype=compute) for v in views]
-            for i, x in enumerate(xs):
-                _check_finite(x, task, i)
             method = get_method(task.method)
+            stream = ExpertStream(task, readers, 1 if task.has_base else 0, dev)
+            base = stream.load(0) if task.has_base else None
             gen = torch.Generator().manual_seed(task.seed) if method.random else None
             args = MergeArgs(task.shared, task.per_model, gen, task.tensor)
-            base = xs[0] if task.has_base else None
-            experts = xs[1:] if task.has_base else xs
             try:
-                merged = method.fn(base, experts, args)
+                merged = method.fn(base, stream, args)
             except torch.OutOfMemoryError as exc:
                 raise TaskError(f"out of memory on {dev}: {exc}", tensor=task.tensor) from None
-            del xs, base, experts
+            del base
             out = merged.to(dtype=DTYPES[task.output.dtype][0]).cpu()
+            read_bytes = stream.bytes_read
         data = tensor_bytes(out)
         if len(data) != task.output.nbytes:
             raise TaskError(f"produced {len(data)} bytes, plan expects {task.output.nbytes}", tensor=task.tensor)
         crc = zlib.crc32(data)
         pwrite_all(os.path.join(staging_dir, task.output.shard), data, task.output.offset)
-        del out, data, views
+        del out, data
     finally:
         for rd, e in zip(readers, entries, strict=True):
             rd.release(*row_span(e, task.row_start, task.row_end))

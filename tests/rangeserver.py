@@ -75,9 +75,10 @@ class RangeServer:
                 with open(p, "rb") as f:
                     f.seek(start)
                     data = f.read(n)
-                self.wfile.write(data)
+                # Count before sending: the client may return before this thread runs again.
                 with server._lock:
                     server.bytes_sent += len(data)
+                self.wfile.write(data)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = self.httpd.server_address[1]

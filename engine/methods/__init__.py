@@ -55,9 +55,14 @@ register(MethodSpec(
      Param("tall_lambda", float, S, 0.6, "TALL mask threshold λ"), Param("lambda", float, S, 1.0)),
     "https://arxiv.org/abs/2405.07813", min_experts=2, row_separable=True, work_buffers=lambda n: n + 4,
 ))  # fmt: skip
+register(MethodSpec("mean", task_vector.mean, (), "average of the experts", row_separable=True, streams_experts=True,
+                    work_buffers=lambda n: 2))  # fmt: skip
 register(MethodSpec("slerp", interpolation.slerp, (Param("t", float, S, REQUIRED, "0 = base, 1 = other model"),),
                     "https://en.wikipedia.org/wiki/Slerp", max_experts=1, work_buffers=lambda n: 4))  # fmt: skip
 register(MethodSpec("model_stock", interpolation.model_stock, (Param("filter_wise", bool, S, False),),
                     "https://arxiv.org/abs/2403.19522", min_experts=2, work_buffers=lambda n: n + 4))  # fmt: skip
+
+# Families that register themselves in their own modules (one function + one register line each).
+from raymerge.engine.methods import gram, spectral  # noqa: E402,F401
 
 __all__ = ["METHODS", "MergeArgs", "MethodSpec", "Param", "Scope", "get_method"]

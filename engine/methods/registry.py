@@ -51,6 +51,8 @@ class MergeArgs:
 
 MergeFn = Callable[[torch.Tensor | None, Sequence[torch.Tensor], MergeArgs], torch.Tensor]
 
+ALL_CLASSES = frozenset({"linear", "embedding", "vector", "other"})
+
 
 @dataclass(frozen=True)
 class MethodSpec:
@@ -61,6 +63,14 @@ class MethodSpec:
     compute-dtype buffers the function holds at its peak (used for memory estimates).
     ``includes_base_in_inputs``: the base model is one of the averaged inputs (linear) rather
     than the reference point of task vectors.
+
+    ``applies_to``: tensor classes (see ``plan.classify``) the method handles; the others are
+    merged with ``fallback`` (e.g. Gram methods average biases, norms and embeddings).
+    ``streams_experts``: the function iterates over ``experts`` (a lazy sequence that reads each
+    expert on demand) and holds O(1) experts at a time, so memory is independent of their number.
+    ``prefers_accelerator``: runs on CUDA under ``device: auto`` (dense linear algebra).
+    ``extra_bytes(shape, itemsize)``: peak bytes held besides the ``work_buffers`` full-size
+    buffers (e.g. an in×in Gram matrix), for memory estimates.
     """
 
     name: str
@@ -74,6 +84,12 @@ class MethodSpec:
     random: bool = False
     includes_base_in_inputs: bool = False
     work_buffers: Callable[[int], int] = field(default=lambda n: n + 4)
+    applies_to: frozenset[str] = ALL_CLASSES
+    fallback: str | None = None
+    streams_experts: bool = False
+    prefers_accelerator: bool = False
+    extra_bytes: Callable[[tuple[int, ...], int], int] = field(default=lambda shape, item: 0)
+    flops: Callable[[tuple[int, ...], int], int] | None = None
 
     def param(self, name: str) -> Param | None:
         for p in self.params:

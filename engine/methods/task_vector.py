@@ -29,6 +29,17 @@ def linear(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: Mer
     return out
 
 
+def mean(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: MergeArgs) -> torch.Tensor:
+    """Plain average of the experts (= base + mean task vector); the fallback of Gram methods."""
+    it = iter(experts)
+    out = next(it).clone()
+    n = 1
+    for x in it:
+        out.add_(x)
+        n += 1
+    return out.div_(n)
+
+
 Sparsifier = Callable[[torch.Tensor, dict, MergeArgs], torch.Tensor]
 
 
