@@ -120,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     sp.add_argument("out", help="output model directory (published atomically)")
     sp.add_argument("--executor", choices=["local", "ray"], default="local", help="where tasks run")
-    sp.add_argument("--address", default=None, help="Ray cluster to join (auto | HOST:PORT); default: embedded local Ray")
+    sp.add_argument(
+        "--address", default=None, help="Ray cluster to join (auto | HOST:PORT); default: embedded local Ray"
+    )
     sp.add_argument("--workers", type=int, default=None, help="concurrent tasks (default: min(4, cores))")
     sp.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="compute device")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")

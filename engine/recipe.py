@@ -262,6 +262,11 @@ def _coerce(value: Any, param: Param, where: str) -> Any:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
             return int(value)
+        if param.choices is not None and str(value) not in param.choices:
+            raise RecipeError(
+                f"{where}: parameter {param.name!r} must be one of {', '.join(param.choices)}, got {value!r}",
+                hint=suggest(str(value), param.choices),
+            )
         return kind(value)
     except (TypeError, ValueError):
         raise RecipeError(f"{where}: parameter {param.name!r} expects {kind.__name__}, got {value!r}") from None

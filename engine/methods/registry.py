@@ -33,6 +33,7 @@ class Param:
     scope: Scope
     default: Any = REQUIRED
     help: str = ""
+    choices: tuple[str, ...] | None = None
 
     @property
     def required(self) -> bool:
