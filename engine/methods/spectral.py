@@ -1,3 +1,301 @@
-"""Spectral merges (per-matrix SVD work): TSV-M, Iso-C, Iso-CTS. Registered at import."""
+"""Spectral merges: per-matrix SVD work on task vectors τ_t = expert_t − base. Registered at import.
+
+* **TSV-M** (Gargiulo et al., CVPR 2025): keep the top k = int(r·(1/T)) singular triplets of each
+  τ_t (r = min(rows, cols); FusionBench's float rule, which is r // T except e.g. 49 // 49),
+  concatenate U's columns, σ's and Vᵀ's rows task by task, replace the two factors by their polar
+  factors (U Vᵀ of their own SVDs) and multiply back: τ = polar(Ū) diag(σ̄) polar(V̄ᵀ).
+* **Iso-C** (Marczak et al. 2025): Σ_t τ_t = U S Vᵀ, τ = mean(S) · U Vᵀ (a flat spectrum).
+* **Iso-CTS** (same paper): the top k_c = r − T·round((r − int(f·r))/T) directions of Σ_t τ_t
+  form the common space; each task adds the top (r − k_c)/T directions of τ_t with the common
+  left space projected out; task blocks then the common block are concatenated, both factors
+  replaced by polar factors, and every singular value by their mean.
+
+All three return base + alpha·τ (alpha applied after the SVD work). They apply to linear weights;
+other tensors get ``mean_task_vector`` = base + alpha·mean_t τ_t, FusionBench's rule for non-2-D
+keys (the plain mean of the experts at the default alpha = 1). Unlike FusionBench, embeddings /
+``lm_head`` also get that fallback (FusionBench's ``exclude_keys`` for them).
+
+Memory: experts are streamed (TSV-M and Iso-C read each once, Iso-CTS twice). They are read by
+index and never bound to a name, so the previous one is freed before the next is read (a loop
+variable, or enumerate's cached tuple, would keep it alive during the read). Besides one expert,
+a method holds the fp64 factors Ū (rows×r) and V̄ᵀ (r×cols), or the fp64 sum, and one SVD.
+
+Precision: task vectors are formed in the compute dtype (as FusionBench subtracts state dicts in
+the model dtype), then SVDs and products run in fp64 on every device by default. fp32 SVDs cannot
+be held to 1e-5: FusionBench's own fp32 result differs from its fp64 result by up to 3e-5 on
+random task vectors (T = 2–8, 40–256 wide), and by O(1) when a task vector is numerically
+rank-deficient (e.g. low-rank fine-tunes stored in fp32, whose tail spectrum is rounding noise).
+``precision: fp32`` (or ``auto``: fp32 on CUDA) trades that for speed; TF32 stays off for it
+unless ``tf32: true``. In fp64 the result does not depend on the TF32 switch.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+
+from raymerge.engine.errors import RecipeError
+from raymerge.engine.methods.registry import MergeArgs, MethodSpec, Param, Scope, register
+
+_F64 = 8  # bytes per fp64 element, for memory estimates
+
+
+def solve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype of SVDs and products: fp64 unless ``fp32``, or ``auto`` on an accelerator."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cpu"):
+        return torch.float32
+    return torch.float64
+
+
+@contextmanager
+def _tf32(enabled: bool) -> Iterator[None]:
+    # The switch is process-wide; set it only around our own matmuls and restore it after.
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+
+
+def _task_vector(x: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # Subtract in the compute dtype first: the very τ FusionBench forms from the checkpoints.
+    return (x - base).to(dtype)
+
+
+def _polar(a: torch.Tensor) -> torch.Tensor:
+    """The orthogonal polar factor U Vᵀ of ``a`` (closest matrix with orthonormal rows/columns)."""
+    u, _, vh = torch.linalg.svd(a, full_matrices=False)
+    return u @ vh
+
+
+def _finish(base: torch.Tensor, delta: torch.Tensor, alpha: float) -> torch.Tensor:
+    """base + alpha·delta, summed in the solve dtype and rounded once to the base dtype."""
+    return delta.mul_(alpha).add_(base).to(base.dtype)
+
+
+def tsv_rank(r: int, n_tasks: int) -> int:
+    """Components kept per task: FusionBench's ``int(r * (1 / T))`` (float rule, kept on purpose)."""
+    return int(r * (1 / n_tasks))
+
+
+def iso_cts_split(r: int, n_tasks: int, fraction: float) -> tuple[int, int]:
+    """(common dimensions, dimensions per task) for Iso-CTS, FusionBench's rounding rule.
+
+    The task-specific total is rounded (Python's round-half-even) to a multiple of T and the
+    common space takes the rest; if that rounding overshoots r (only for small fractions, where
+    FusionBench fails) one multiple of T less is used.
+    """
+    common = int(r * fraction)
+    specific = round((r - common) / n_tasks) * n_tasks
+    if specific > r:
+        specific -= n_tasks
+    return r - specific, specific // n_tasks
+
+
+def _opts(args: MergeArgs, base: torch.Tensor) -> tuple[torch.dtype, bool, float]:
+    dtype = solve_dtype(str(args.shared["precision"]), base.device)
+    return dtype, bool(args.shared["tf32"]), float(args.shared["alpha"])
+
+
+def tsv_m(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: MergeArgs) -> torch.Tensor:
+    """TSV-M: polar(Ū) diag(σ̄) polar(V̄ᵀ) of each task's top int(r/T) triplets, one expert at a time."""
+    assert base is not None
+    dtype, tf32, alpha = _opts(args, base)
+    rows, cols = base.shape
+    n_tasks = len(experts)
+    k = tsv_rank(min(rows, cols), n_tasks)
+    if k == 0:  # more tasks than rank: FusionBench's factors are all zero, so is its τ
+        return base.clone()
+    dev = base.device
+    u_cat = torch.empty(rows, n_tasks * k, dtype=dtype, device=dev)
+    s_cat = torch.empty(n_tasks * k, dtype=dtype, device=dev)
+    vh_cat = torch.empty(n_tasks * k, cols, dtype=dtype, device=dev)
+    with _tf32(tf32):
+        for i in range(n_tasks):
+            u, s, vh = torch.linalg.svd(_task_vector(experts[i], base, dtype), full_matrices=False)
+            u_cat[:, i * k : (i + 1) * k] = u[:, :k]
+            s_cat[i * k : (i + 1) * k] = s[:k]
+            vh_cat[i * k : (i + 1) * k] = vh[:k]
+            del u, s, vh
+        # FusionBench keeps zero columns/rows for the r − T·k unused slots; they meet zero σ's, so
+        # dropping them changes nothing (given full column rank of Ū, as for any generic input).
+        u_orth = _polar(u_cat).mul_(s_cat)
+        del u_cat
+        vh_orth = _polar(vh_cat)
+        del vh_cat
+        delta = u_orth @ vh_orth
+    return _finish(base, delta, alpha)
+
+
+def _sum_task_vectors(base: torch.Tensor, experts: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    total = torch.zeros(base.shape, dtype=dtype, device=base.device)
+    for i in range(len(experts)):
+        total.add_(experts[i] - base)
+    return total
+
+
+def iso_c(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: MergeArgs) -> torch.Tensor:
+    """Iso-C: Σ τ_t = U S Vᵀ → mean(S)·U Vᵀ; needs only the running sum of task vectors."""
+    assert base is not None
+    dtype, tf32, alpha = _opts(args, base)
+    total = _sum_task_vectors(base, experts, dtype)
+    with _tf32(tf32):
+        u, s, vh = torch.linalg.svd(total, full_matrices=False)
+        del total
+        delta = u @ vh
+    return _finish(base, delta.mul_(s.mean()), alpha)
+
+
+def iso_cts(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: MergeArgs) -> torch.Tensor:
+    """Iso-CTS: common space from Σ τ_t (pass 1), task-specific directions per expert (pass 2)."""
+    assert base is not None
+    dtype, tf32, alpha = _opts(args, base)
+    fraction = float(args.shared["common_space_fraction"])
+    if not 0.0 <= fraction <= 1.0:
+        raise RecipeError(
+            f"common_space_fraction must lie in [0, 1], got {fraction}", tensor=args.tensor_name,
+            hint="FusionBench's default is 0.8",
+        )  # fmt: skip
+    rows, cols = base.shape
+    r = min(rows, cols)
+    n_tasks = len(experts)
+    k_common, k_task = iso_cts_split(r, n_tasks, fraction)
+    start = n_tasks * k_task  # task blocks first, the common block last (FusionBench's order)
+    dev = base.device
+    u_cat = torch.empty(rows, r, dtype=dtype, device=dev)
+    s_cat = torch.empty(r, dtype=dtype, device=dev)
+    vh_cat = torch.empty(r, cols, dtype=dtype, device=dev)
+    with _tf32(tf32):
+        total = _sum_task_vectors(base, experts, dtype)
+        u, s, vh = torch.linalg.svd(total, full_matrices=False)
+        del total
+        u_cat[:, start:] = u[:, :k_common]
+        s_cat[start:] = s[:k_common]
+        vh_cat[start:] = vh[:k_common]
+        del u, s, vh
+        u_common = u_cat[:, start:]
+        for i in range(n_tasks if k_task else 0):
+            tau = _task_vector(experts[i], base, dtype)
+            tau.addmm_(u_common, u_common.T @ tau, alpha=-1.0)  # remove the common left space
+            u, s, vh = torch.linalg.svd(tau, full_matrices=False)
+            del tau
+            u_cat[:, i * k_task : (i + 1) * k_task] = u[:, :k_task]
+            s_cat[i * k_task : (i + 1) * k_task] = s[:k_task]
+            vh_cat[i * k_task : (i + 1) * k_task] = vh[:k_task]
+            del u, s, vh
+        del u_common
+        u_orth = _polar(u_cat)
+        del u_cat
+        vh_orth = _polar(vh_cat)
+        del vh_cat
+        delta = u_orth @ vh_orth
+    return _finish(base, delta.mul_(s_cat.mean()), alpha)
+
+
+def mean_task_vector(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: MergeArgs) -> torch.Tensor:
+    """base + alpha·mean_t τ_t: the spectral methods' rule for tensors they do not apply to."""
+    assert base is not None
+    total = torch.zeros_like(base)
+    n = len(experts)
+    for i in range(n):
+        total.add_(experts[i])
+    alpha = float(args.shared["alpha"])
+    if alpha == 1.0:  # bit-identical to the plain mean of the experts
+        return total.div_(n)
+    return total.div_(n).sub_(base).mul_(alpha).add_(base)
+
+
+# ---- estimates for the planner -------------------------------------------------------------------
+
+
+def _dims(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    rows, cols = (tuple(shape) + (1, 1))[:2]
+    return rows, cols, min(rows, cols)
+
+
+def _svd_bytes(rows: int, cols: int) -> int:
+    """Peak bytes of one thin fp64 SVD besides its input: LAPACK's copy, U, Vᵀ and workspace.
+
+    The 6·r² workspace term bounds the RSS growth measured for CPU ``torch.linalg.svd`` at
+    4096×2048, 3072×3072 and 8192×1024 (2.9–6.3 input sizes in all).
+    """
+    r = min(rows, cols)
+    return _F64 * (rows * cols + rows * r + r * cols + 6 * r * r)
+
+
+def _svd_flops(rows: int, cols: int) -> int:
+    r, big = min(rows, cols), max(rows, cols)
+    return 6 * big * r * r + 20 * r**3
+
+
+def _factor_bytes(shape: tuple[int, ...]) -> int:
+    """Concatenated factors Ū (rows×r), σ̄, V̄ᵀ (r×cols) in fp64."""
+    rows, cols, r = _dims(shape)
+    return _F64 * (rows * r + r + r * cols)
+
+
+def _finish_bytes(shape: tuple[int, ...]) -> int:
+    """Polar factors plus the dense fp64 product at the end."""
+    rows, cols, r = _dims(shape)
+    return _F64 * (rows * r + r * cols + rows * cols)
+
+
+def _tsv_extra(shape: tuple[int, ...], item: int) -> int:
+    rows, cols, r = _dims(shape)
+    per_task = _F64 * rows * cols + _svd_bytes(rows, cols)  # τ in fp64 and its SVD
+    polar = max(_svd_bytes(rows, r), _svd_bytes(r, cols)) + _F64 * max(rows, cols) * r
+    return _factor_bytes(shape) + max(per_task, polar, _finish_bytes(shape))
+
+
+def _iso_c_extra(shape: tuple[int, ...], item: int) -> int:
+    rows, cols, _ = _dims(shape)
+    return _F64 * rows * cols + max(_svd_bytes(rows, cols), _finish_bytes(shape))
+
+
+def _iso_cts_extra(shape: tuple[int, ...], item: int) -> int:
+    return _factor_bytes(shape) + _tsv_extra(shape, item)
+
+
+def _tsv_flops(shape: tuple[int, ...], n: int) -> int:
+    rows, cols, r = _dims(shape)
+    return n * _svd_flops(rows, cols) + _svd_flops(rows, r) + _svd_flops(r, cols) + 4 * rows * r * cols
+
+
+def _iso_c_flops(shape: tuple[int, ...], n: int) -> int:
+    rows, cols, r = _dims(shape)
+    return n * rows * cols + _svd_flops(rows, cols) + 2 * rows * r * cols
+
+
+def _iso_cts_flops(shape: tuple[int, ...], n: int) -> int:
+    rows, cols, r = _dims(shape)
+    return _iso_c_flops(shape, n) + n * (4 * rows * r * cols + _svd_flops(rows, cols)) + _tsv_flops(shape, 0)
+
+
+S = Scope.SHARED
+_ALPHA = Param("alpha", float, S, 1.0, "scale of the merged task vector, applied after the SVD work")
+_NUMERICS = (
+    Param("precision", str, S, "fp64", "SVD dtype: fp64 | fp32 | auto (fp32 on CUDA)", ("auto", "fp32", "fp64")),
+    Param("tf32", bool, S, False, "allow TF32 matmuls on CUDA when precision is fp32"),
+)
+_SPECTRAL = {
+    "applies_to": frozenset({"linear"}),
+    "fallback": "mean_task_vector",
+    "streams_experts": True,
+    "prefers_accelerator": True,
+    "work_buffers": lambda n: 2,  # τ_t in the compute dtype and the result
+}
+
+register(MethodSpec("mean_task_vector", mean_task_vector, (_ALPHA,), "base + alpha · mean task vector",
+                    row_separable=True, streams_experts=True, work_buffers=lambda n: 2))  # fmt: skip
+register(MethodSpec("tsv_m", tsv_m, (_ALPHA, *_NUMERICS), "https://arxiv.org/abs/2412.00081",
+                    extra_bytes=_tsv_extra, flops=_tsv_flops, **_SPECTRAL))  # fmt: skip
+register(MethodSpec("iso_c", iso_c, (_ALPHA, *_NUMERICS), "https://arxiv.org/abs/2502.04959",
+                    extra_bytes=_iso_c_extra, flops=_iso_c_flops, **_SPECTRAL))  # fmt: skip
+register(MethodSpec("iso_cts", iso_cts, (
+    _ALPHA, Param("common_space_fraction", float, S, 0.8, "share of the rank given to the common subspace"),
+    *_NUMERICS,
+), "https://arxiv.org/abs/2502.04959", extra_bytes=_iso_cts_extra, flops=_iso_cts_flops,
+    **_SPECTRAL))  # fmt: skip
