@@ -242,9 +242,21 @@ def _global_tf32(enabled):
 @pytest.mark.parametrize("n", TASKS)
 @pytest.mark.parametrize("method", ["tsv_m", "iso_c", "iso_cts"])
 def test_parity_with_fusion_bench_cuda(method, shape, n, tf32):
-    # Default precision is fp64 on CUDA too, so the process-wide TF32 switch must not matter.
+    # In fp64 the process-wide TF32 switch must not matter.
     with _global_tf32(tf32):
-        _check_parity(method, shape, n, "cuda")
+        _check_parity(method, shape, n, "cuda", precision="fp64")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("method", ["tsv_m", "iso_c", "iso_cts"])
+def test_auto_precision_on_cuda(method):
+    # auto is fp64 on full-rate-FP64 GPUs (A100/H100/H200/B200) and fp32 elsewhere.
+    from raymerge.engine.methods.spectral import solve_dtype
+
+    fp64 = solve_dtype("auto", torch.device("cuda")) == torch.float64
+    with _global_tf32(True):
+        _check_parity(method, (130, 70), 8, "cuda", bound=1e-5 if fp64 else 1e-4)
 
 
 @pytest.mark.gpu

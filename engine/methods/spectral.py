@@ -21,43 +21,28 @@ variable, or enumerate's cached tuple, would keep it alive during the read). Bes
 a method holds the fp64 factors Ū (rows×r) and V̄ᵀ (r×cols), or the fp64 sum, and one SVD.
 
 Precision: task vectors are formed in the compute dtype (as FusionBench subtracts state dicts in
-the model dtype), then SVDs and products run in fp64 on every device by default. fp32 SVDs cannot
+the model dtype), then SVDs and products run in the Gram methods' ``precision: auto`` dtype: fp64
+on CPU and on GPUs with full-rate FP64 (A100, H100/H200, B200), fp32 elsewhere. fp32 SVDs cannot
 be held to 1e-5: FusionBench's own fp32 result differs from its fp64 result by up to 3e-5 on
 random task vectors (T = 2–8, 40–256 wide), and by O(1) when a task vector is numerically
 rank-deficient (e.g. low-rank fine-tunes stored in fp32, whose tail spectrum is rounding noise).
-``precision: fp32`` (or ``auto``: fp32 on CUDA) trades that for speed; TF32 stays off for it
-unless ``tf32: true``. In fp64 the result does not depend on the TF32 switch.
+In fp32, TF32 matmuls stay off unless ``tf32: true``; in fp64 the TF32 switch is irrelevant.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import torch
 
 from raymerge.engine.errors import RecipeError
+
+# One meaning of ``precision: auto`` and ``tf32`` for every dense-linear-algebra method.
+from raymerge.engine.methods.gram import stats_dtype as solve_dtype
+from raymerge.engine.methods.gram import tf32 as _tf32
 from raymerge.engine.methods.registry import MergeArgs, MethodSpec, Param, Scope, register
 
 _F64 = 8  # bytes per fp64 element, for memory estimates
-
-
-def solve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """The dtype of SVDs and products: fp64 unless ``fp32``, or ``auto`` on an accelerator."""
-    if precision == "fp32" or (precision == "auto" and device.type != "cpu"):
-        return torch.float32
-    return torch.float64
-
-
-@contextmanager
-def _tf32(enabled: bool) -> Iterator[None]:
-    # The switch is process-wide; set it only around our own matmuls and restore it after.
-    prev = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev
 
 
 def _task_vector(x: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -277,7 +262,14 @@ def _iso_cts_flops(shape: tuple[int, ...], n: int) -> int:
 S = Scope.SHARED
 _ALPHA = Param("alpha", float, S, 1.0, "scale of the merged task vector, applied after the SVD work")
 _NUMERICS = (
-    Param("precision", str, S, "fp64", "SVD dtype: fp64 | fp32 | auto (fp32 on CUDA)", ("auto", "fp32", "fp64")),
+    Param(
+        "precision",
+        str,
+        S,
+        "auto",
+        "SVD dtype: auto (fp64 on CPU and fast-FP64 GPUs) | fp32 | fp64",
+        ("auto", "fp32", "fp64"),
+    ),
     Param("tf32", bool, S, False, "allow TF32 matmuls on CUDA when precision is fp32"),
 )
 _SPECTRAL = {
