@@ -26,12 +26,12 @@ runs in fp32, as in the reference implementation.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from raymerge.engine.methods.precision import stats_dtype, tf32
 from raymerge.engine.methods.registry import MergeArgs, MethodSpec, Param, Scope, register
 
 S_ = Scope.SHARED
@@ -46,42 +46,6 @@ class GramStats:
     delta_sum: torch.Tensor  # out × in, Σ Δ_t
     count: int
     sq_norms: list[float]
-
-
-# GPUs with full-rate FP64 (A100 sm80, H100/H200 sm90, B200 sm100); elsewhere FP64 is 1/32–1/64 rate.
-_FAST_FP64 = {(8, 0), (9, 0), (10, 0)}
-
-
-def stats_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """Statistics/solve dtype: ``auto`` is fp64 on CPU and on GPUs with fast FP64, else fp32.
-
-    S = Σ Δ_tᵀΔ_t is routinely ill-conditioned (task vectors are nearly low-rank), and its pseudo-
-    inverse amplifies rounding in S by the condition number: accumulating in fp32 gives relative
-    errors of 1e-4 to 1e-1 against an fp64 evaluation on ordinary inputs, fp64 about 1e-8.
-    """
-    if precision == "fp64":
-        return torch.float64
-    if precision == "fp32":
-        return torch.float32
-    if device.type == "cpu":
-        return torch.float64
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) in _FAST_FP64:
-        return torch.float64
-    return torch.float32
-
-
-@contextmanager
-def tf32(enabled: bool) -> Iterator[None]:
-    """Set CUDA TF32 matmul use for the duration of a solve, then restore it."""
-    prev_mm = torch.backends.cuda.matmul.allow_tf32
-    prev_cudnn = torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    torch.backends.cudnn.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev_mm
-        torch.backends.cudnn.allow_tf32 = prev_cudnn
 
 
 def gram_stats(base: torch.Tensor, experts: Sequence[torch.Tensor], weighting: str, dtype: torch.dtype) -> GramStats:

@@ -38,8 +38,8 @@ import torch
 from raymerge.engine.errors import RecipeError
 
 # One meaning of ``precision: auto`` and ``tf32`` for every dense-linear-algebra method.
-from raymerge.engine.methods.gram import stats_dtype as solve_dtype
-from raymerge.engine.methods.gram import tf32 as _tf32
+from raymerge.engine.methods.precision import stats_dtype as solve_dtype
+from raymerge.engine.methods.precision import tf32 as _tf32
 from raymerge.engine.methods.registry import MergeArgs, MethodSpec, Param, Scope, register
 
 _F64 = 8  # bytes per fp64 element, for memory estimates

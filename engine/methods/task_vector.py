@@ -31,12 +31,16 @@ def linear(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: Mer
 
 def mean(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: MergeArgs) -> torch.Tensor:
     """Plain average of the experts (= base + mean task vector); the fallback of Gram methods."""
-    it = iter(experts)
-    out = next(it).clone()
-    n = 1
-    for x in it:
-        out.add_(x)
+    out: torch.Tensor | None = None
+    n = 0
+    for x in experts:
+        if out is None:
+            out = x.clone()
+        else:
+            out.add_(x)
+        del x  # drop it before the next expert is read, so only one is ever held
         n += 1
+    assert out is not None
     return out.div_(n)
 
 
