@@ -83,6 +83,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    import os
+
+    from raymerge.cluster.submit import DEFAULT_DASHBOARD, submit_merge
+
+    run_args = [] if args.out_shard_size == DEFAULT_SHARD_BYTES else ["--out-shard-size", str(args.out_shard_size)]
+    if args.memory_budget:
+        run_args += ["--memory-budget", str(args.memory_budget)]
+    if args.workers:
+        run_args += ["--workers", str(args.workers)]
+    if args.device:
+        run_args += ["--device", args.device]
+    if args.overwrite:
+        run_args.append("--overwrite")
+    address = args.address or os.environ.get("RAY_API_SERVER_ADDRESS") or DEFAULT_DASHBOARD
+    return submit_merge(args.recipe, args.out, address=address, run_args=run_args, wait=not args.no_wait,
+                        job_id=args.job_id)  # fmt: skip
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from raymerge.engine.demo import run_demo
 
@@ -128,6 +147,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     sp.set_defaults(fn=cmd_run)
+
+    sp = sub.add_parser("submit", help="run a merge on a Ray cluster as a job (Ray Jobs API); streams its logs")
+    common(sp)
+    sp.add_argument("--out", required=True, help="output model directory, on storage every node mounts")
+    sp.add_argument(
+        "--address", default=None, help="Ray dashboard URL (default: $RAY_API_SERVER_ADDRESS or http://127.0.0.1:8265)"
+    )
+    sp.add_argument("--workers", type=int, default=None, help="concurrent tasks per node (default: min(4, cores))")
+    sp.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="compute device")
+    sp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    sp.add_argument("--job-id", default=None, help="submission id for the job (default: chosen by Ray)")
+    sp.add_argument("--no-wait", action="store_true", help="print the job id and return without streaming logs")
+    sp.set_defaults(fn=cmd_submit)
 
     sp = sub.add_parser("demo", help="build small checkpoints, merge them, print the figures")
     sp.add_argument("--workdir", default=None, help="where to build (default: a temp dir)")

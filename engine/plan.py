@@ -77,6 +77,7 @@ class TensorTask:
     seed: int
     compute_dtype: str
     output: OutputRef
+    chunk_rows: int
     est_host_bytes: int
     read_bytes: int
     write_bytes: int
@@ -291,7 +292,7 @@ def build_plan(recipe: Recipe, *, out_shard_bytes: int = DEFAULT_SHARD_BYTES) ->
             tasks.append(TensorTask(
                 id=name, tensor=name, tensor_class=cls, action="copy", method="copy", row_start=0,
                 row_end=e.shape[0] if e.shape else 0, inputs=refs, has_base=True, shared={}, per_model=(),
-                seed=0, compute_dtype=e.dtype, output=OutputRef(shard_name, out_off, e.nbytes, e.dtype, e.shape),
+                seed=0, compute_dtype=e.dtype, output=OutputRef(shard_name, out_off, e.nbytes, e.dtype, e.shape), chunk_rows=0,
                 est_host_bytes=2 * e.nbytes, read_bytes=e.nbytes, write_bytes=e.nbytes, flops=0,
             ))  # fmt: skip
             continue
@@ -304,25 +305,26 @@ def build_plan(recipe: Recipe, *, out_shard_bytes: int = DEFAULT_SHARD_BYTES) ->
         c_item = torch.empty((), dtype=compute).element_size()
         rows_total = e.shape[0] if e.shape else 1
         row_numel = e.numel // rows_total if rows_total else 0
-        if spec.row_separable and len(e.shape) >= 1 and row_numel:
-            per_chunk = max(1, recipe.raymerge.chunk_bytes // max(1, row_numel * c_item))
-        else:
-            per_chunk = max(1, rows_total)
+        chunk_rows = max(1, recipe.raymerge.chunk_bytes // max(1, row_numel * c_item)) if row_numel else 1
+        # Row-separable methods become one task per chunk; chunked methods iterate over the chunks
+        # inside one task (their statistics span the tensor); the rest take the whole tensor.
+        per_chunk = chunk_rows if spec.row_separable and len(e.shape) >= 1 and row_numel else max(1, rows_total)
         n_chunks = max(1, math.ceil(rows_total / per_chunk)) if rows_total else 1
         seed = _tensor_seed(recipe.raymerge.seed, name) if spec.random else 0
         for c in range(n_chunks):
             r0 = c * per_chunk
             r1 = min(rows_total, r0 + per_chunk) if e.shape else 0
             numel = (r1 - r0) * row_numel if e.shape else e.numel
+            work_numel = min(numel, chunk_rows * row_numel) if spec.chunked and e.shape else numel
             in_bytes = numel * e.itemsize * len(refs)
             out_bytes = numel * out_item
-            resident_in = numel * e.itemsize * (2 if spec.streams_experts else len(refs))
+            resident_in = work_numel * e.itemsize * (2 if spec.streams_experts else len(refs))
             chunk_shape = (r1 - r0, *e.shape[1:]) if e.shape else ()
             est = (
-                spec.work_buffers(n_exp) * numel * c_item
+                spec.work_buffers(n_exp) * work_numel * c_item
                 + spec.extra_bytes(chunk_shape, c_item)
                 + resident_in
-                + out_bytes
+                + (work_numel * out_item if spec.chunked else out_bytes)
             )
             tid = name if n_chunks == 1 else f"{name}@{r0}:{r1}"
             tasks.append(TensorTask(
@@ -330,6 +332,7 @@ def build_plan(recipe: Recipe, *, out_shard_bytes: int = DEFAULT_SHARD_BYTES) ->
                 row_end=r1, inputs=refs, has_base=has_base, shared=params.shared, per_model=params.per_model,
                 seed=seed, compute_dtype=TAG_OF_DTYPE[compute],
                 output=OutputRef(shard_name, out_off + r0 * row_numel * out_item, out_bytes, out_tag_t, e.shape),
+                chunk_rows=chunk_rows,
                 est_host_bytes=est, read_bytes=in_bytes, write_bytes=out_bytes,
                 flops=spec.flops(chunk_shape, n_exp) if spec.flops else 10 * numel * max(1, n_exp),
             ))  # fmt: skip

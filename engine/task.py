@@ -74,10 +74,12 @@ class ExpertStream(Sequence[torch.Tensor]):
         self.compute = DTYPES[task.compute_dtype][0]
         self.bytes_read = 0
 
-    def load(self, i: int) -> torch.Tensor:
-        """Input ``i`` of the task (0 = base when the task has one)."""
+    def load(self, i: int, r0: int | None = None, r1: int | None = None) -> torch.Tensor:
+        """Input ``i`` of the task (0 = base when the task has one), rows [r0, r1) if given."""
         ref = self.task.inputs[i]
-        view = self.readers[i].read_rows(ref.entry(self.task.tensor), self.task.row_start, self.task.row_end)
+        r0 = self.task.row_start if r0 is None else r0
+        r1 = self.task.row_end if r1 is None else r1
+        view = self.readers[i].read_rows(ref.entry(self.task.tensor), r0, r1)
         self.bytes_read += view.numel() * view.element_size()
         x = view.to(device=self.dev, dtype=self.compute)
         if not bool(torch.isfinite(x).all()):
@@ -106,6 +108,34 @@ class ExpertStream(Sequence[torch.Tensor]):
             yield self.load(self.first + i)
 
 
+class TaskChunks:
+    """A ``chunked.ChunkSource`` over a task's rows, ``chunk_rows`` at a time, read on demand.
+
+    Chunks are 2-D views (rows × the rest), so chunked methods see every tensor as a matrix.
+    """
+
+    def __init__(self, stream: ExpertStream, task: TensorTask) -> None:
+        self.stream = stream
+        self.scalar = not task.output.shape
+        start, end = (0, 1) if self.scalar else (task.row_start, task.row_end)
+        step = max(1, task.chunk_rows)
+        self.ranges = [(r, min(end, r + step)) for r in range(start, end, step)] or [(start, end)]
+        self.n_experts = len(stream)
+        self.vector = len(task.output.shape) <= 1
+
+    def _rows(self, i: int, r0: int, r1: int) -> torch.Tensor:
+        if self.scalar:
+            return self.stream.load(i).reshape(1, 1)
+        x = self.stream.load(i, r0, r1)
+        return x.reshape(r1 - r0, -1)
+
+    def base(self, r0: int, r1: int) -> torch.Tensor:
+        return self._rows(0, r0, r1)
+
+    def expert(self, t: int, r0: int, r1: int) -> torch.Tensor:
+        return self._rows(self.stream.first + t, r0, r1)
+
+
 def task_device(task: TensorTask, device: str) -> torch.device:
     """The device a task computes on: ``auto`` sends accelerator-friendly methods to CUDA."""
     if device != "auto":
@@ -122,27 +152,42 @@ def run_task(task: TensorTask, staging_dir: str, device: str = "cpu") -> Receipt
     readers = [open_shard(r.url) for r in task.inputs]
     entries = [r.entry(task.tensor) for r in task.inputs]
     try:
+        path = os.path.join(staging_dir, task.output.shard)
+        out_dtype = DTYPES[task.output.dtype][0]
+        method = get_method(task.method) if task.action == "merge" else None
+        if method is not None and method.chunked is not None:
+            stream = ExpertStream(task, readers, 1, dev)
+            args = MergeArgs(task.shared, task.per_model, None, task.tensor, task.seed)
+            crc, written = 0, 0
+            for piece in method.chunked(TaskChunks(stream, task), args):
+                data = tensor_bytes(piece.to(dtype=out_dtype).cpu())
+                crc = zlib.crc32(data, crc)
+                pwrite_all(path, data, task.output.offset + written)
+                written += len(data)
+            if written != task.output.nbytes:
+                raise TaskError(f"produced {written} bytes, plan expects {task.output.nbytes}", tensor=task.tensor)
+            return Receipt(task.id, task.tensor, crc, written, stream.bytes_read, time.perf_counter() - t0, str(dev))
         if task.action == "copy":
             out = readers[0].read_rows(entries[0], task.row_start, task.row_end)
             read_bytes = out.numel() * out.element_size()
         else:
-            method = get_method(task.method)
+            assert method is not None
             stream = ExpertStream(task, readers, 1 if task.has_base else 0, dev)
             base = stream.load(0) if task.has_base else None
             gen = torch.Generator().manual_seed(task.seed) if method.random else None
-            args = MergeArgs(task.shared, task.per_model, gen, task.tensor)
+            args = MergeArgs(task.shared, task.per_model, gen, task.tensor, task.seed)
             try:
                 merged = method.fn(base, stream, args)
             except torch.OutOfMemoryError as exc:
                 raise TaskError(f"out of memory on {dev}: {exc}", tensor=task.tensor) from None
             del base
-            out = merged.to(dtype=DTYPES[task.output.dtype][0]).cpu()
+            out = merged.to(dtype=out_dtype).cpu()
             read_bytes = stream.bytes_read
         data = tensor_bytes(out)
         if len(data) != task.output.nbytes:
             raise TaskError(f"produced {len(data)} bytes, plan expects {task.output.nbytes}", tensor=task.tensor)
         crc = zlib.crc32(data)
-        pwrite_all(os.path.join(staging_dir, task.output.shard), data, task.output.offset)
+        pwrite_all(path, data, task.output.offset)
         del out, data
     finally:
         for rd, e in zip(readers, entries, strict=True):

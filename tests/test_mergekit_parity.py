@@ -54,8 +54,24 @@ CASES = {
 }
 
 
+_MK_CACHE: dict[str, Path] = {}
+
+
+def _mergekit_output(text: str, tmp_path: Path) -> Path:
+    """Run mergekit-yaml once per distinct recipe (it does not know raymerge's keys)."""
+    if text not in _MK_CACHE:
+        recipe = tmp_path / "mergekit.yaml"
+        recipe.write_text(text)
+        out = tmp_path / "mergekit"
+        proc = subprocess.run([MERGEKIT, str(recipe), str(out), "--no-copy-tokenizer"], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        _MK_CACHE[text] = out
+    return _MK_CACHE[text]
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 2048], ids=["whole", "chunked"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_matches_mergekit(case, family, tmp_path):
+def test_matches_mergekit(case, chunk_bytes, family, tmp_path):
     method, use_base, params, per_model = CASES[case]
     base, experts = family
     models = experts[:1] if method == "slerp" else experts
@@ -63,12 +79,10 @@ def test_matches_mergekit(case, family, tmp_path):
         models = [base, *experts[:2]]
     text = recipe_text(method, base if use_base else None, [base, *models] if method == "slerp" else models,
                        params, ([{}] + per_model) if (method == "slerp" and per_model) else per_model,
-                       extra="dtype: float32")  # fmt: skip
+                       extra="dtype: float32" + (f"\nraymerge: {{chunk_bytes: {chunk_bytes}}}" if chunk_bytes else ""))  # fmt: skip
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(text)
-    mk_out, rm_out = tmp_path / "mergekit", tmp_path / "raymerge"
-    proc = subprocess.run([MERGEKIT, str(recipe), str(mk_out), "--no-copy-tokenizer"], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    mk_out, rm_out = _mergekit_output(text.split("raymerge:")[0], tmp_path), tmp_path / "raymerge"
     assert raymerge_main(["run", str(recipe), str(rm_out), "-q"]) == 0
     ref, got = load_dir(mk_out), load_dir(rm_out)
     assert set(ref) == set(got)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import torch
 
 from raymerge.engine.methods import METHODS, MergeArgs
-from raymerge.engine.methods.sparsify import magnitude, rank_window_mask
+from raymerge.engine.methods.chunked import CutMask, InMemorySource, rank_cut
 
 
-def _args(shared, per_model, seed=None):
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    return MergeArgs(shared, per_model, gen)
+def _args(shared, per_model, seed=0):
+    return MergeArgs(shared, per_model, None, "w", seed)
 
 
 def test_dare_keeps_density_fraction_and_rescales_l1():
@@ -61,18 +60,72 @@ def test_consensus_matches_fp64_reference():
     assert 0.05 < keep.double().mean() < 0.95  # the mask is doing something
 
 
-def test_magnitude_keeps_exactly_k_even_with_ties():
-    d = torch.tensor([1.0, -1.0, 1.0, 0.5, -1.0, 0.2, 1.0, 0.0])
-    out = magnitude(d, density=0.25)  # k = 2 of four tied 1.0 magnitudes
-    assert int((out != 0).sum()) == 2
-    assert torch.equal(out, magnitude(d, density=0.25))  # deterministic
+def _window(w, lo, hi, chunk):
+    """Elements of flat ``w`` with ascending rank in [lo, hi), computed chunk by chunk."""
+    parts = list(torch.split(w, chunk))
+    n = w.numel()
+    low, high = CutMask(rank_cut(lambda: iter(parts), n, lo)), CutMask(rank_cut(lambda: iter(parts), n, hi))
+    return torch.cat([low(p) & ~high(p) for p in parts])
 
 
-def test_rank_window_mask_against_sort():
+def test_rank_cut_against_sort_across_chunk_sizes():
     torch.manual_seed(2)
     w = torch.rand(1000)
-    order = torch.argsort(w)
-    for lo, hi in [(0, 10), (100, 900), (990, 1000), (0, 1000)]:
-        ref = torch.zeros(1000, dtype=torch.bool)
-        ref[order[lo:hi]] = True
-        assert torch.equal(rank_window_mask(w, lo, hi), ref)
+    order = torch.argsort(w, stable=True)
+    for chunk in (1000, 333, 7):
+        for lo, hi in [(0, 10), (100, 900), (990, 1000), (0, 1000), (500, 500)]:
+            ref = torch.zeros(1000, dtype=torch.bool)
+            ref[order[lo:hi]] = True
+            assert torch.equal(_window(w, lo, hi, chunk), ref), (chunk, lo, hi)
+
+
+def test_rank_cut_breaks_ties_by_position_exactly():
+    w = torch.tensor([1.0, 1.0, 0.5, 1.0, 0.0, 1.0, 0.2, 1.0])  # five tied 1.0 values
+    order = torch.argsort(w, stable=True)
+    for chunk in (8, 3, 1):
+        for lo in range(9):
+            ref = torch.zeros(8, dtype=torch.bool)
+            ref[order[lo:]] = True
+            assert torch.equal(_window(w, lo, 8, chunk), ref), (chunk, lo)
+
+
+def _merged(name, base, experts, shared, per_model, chunk_rows, seed=0):
+    src = InMemorySource(base, experts, chunk_rows)
+    return src.assemble(METHODS[name].chunked(src, MergeArgs(shared, per_model, None, "w", seed)))
+
+
+def test_chunked_methods_do_not_depend_on_chunk_size():
+    torch.manual_seed(4)
+    base = torch.randn(90, 40)
+    experts = [base + 0.05 * torch.randn(90, 40) for _ in range(3)]
+    gta = {"normalize": True, "rescale": False, "lambda": 0.8, "int8_mask": False}
+    cases = {
+        "ties": (
+            gta,
+            [{"weight": 1.0, "density": 0.3}, {"weight": 0.5, "density": 0.6}, {"weight": 0.7, "density": 0.1}],
+        ),
+        "breadcrumbs": ({**gta, "rescale": True}, [{"weight": 1.0, "density": 0.7, "gamma": 0.05}] * 3),
+        "model_stock": ({"filter_wise": False}, [{}] * 3),
+        "slerp": ({"t": 0.3}, [{}]),
+    }
+    for name, (shared, pm) in cases.items():
+        ex = experts[: len(pm)]
+        whole = _merged(name, base, ex, shared, pm, None)
+        for rows in (1, 7, 32):
+            assert torch.allclose(_merged(name, base, ex, shared, pm, rows), whole, atol=1e-6, rtol=0), (name, rows)
+    # DARE masks are drawn per chunk: deterministic for a given chunking and seed
+    shared = {**gta, "rescale": True}
+    pm = [{"weight": 1.0, "density": 0.5}] * 3
+    a = _merged("dare_ties", base, experts, shared, pm, 16, seed=5)
+    assert torch.equal(a, _merged("dare_ties", base, experts, shared, pm, 16, seed=5))
+    assert not torch.equal(a, _merged("dare_ties", base, experts, shared, pm, 16, seed=6))
+
+
+def test_ties_keeps_exactly_k_with_ties_in_magnitude():
+    base = torch.zeros(1, 8)
+    expert = torch.tensor([[1.0, -1.0, 1.0, 0.5, -1.0, 0.2, 1.0, 0.0]])
+    shared = {"normalize": False, "rescale": False, "lambda": 1.0, "int8_mask": False}
+    out = _merged("ties", base, [expert], shared, [{"weight": 1.0, "density": 0.25}], 1)
+    assert int((out != 0).sum()) == 2  # k = 2 of four tied magnitudes, chosen by position
+    # stable ascending rank: among equal magnitudes, later positions rank higher
+    assert torch.equal(out, torch.tensor([[0, 0, 0, 0, -1.0, 0, 1.0, 0]]))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from raymerge.engine.methods import interpolation, task_vector
+from raymerge.engine.methods import chunked, task_vector
 from raymerge.engine.methods.registry import (
     METHODS,
     REQUIRED,
@@ -30,6 +30,11 @@ def _gta(normalize: bool, rescale: bool, *extra: Param) -> tuple[Param, ...]:
     )
 
 
+def _chunked(name: str, fn: chunked.ChunkedFn, params: tuple[Param, ...], ref: str, **kw: object) -> MethodSpec:
+    """Register a method computed in row chunks (bounded memory) with its whole-tensor adapter."""
+    return register(MethodSpec(name, chunked.whole_tensor(fn), params, ref, chunked=fn, **kw))  # type: ignore[arg-type]
+
+
 _GAMMA = Param("gamma", float, M, 0.01, "fraction of largest-magnitude outliers dropped")
 
 register(MethodSpec(
@@ -37,18 +42,17 @@ register(MethodSpec(
     "https://arxiv.org/abs/2203.05482", needs_base=False, row_separable=True, includes_base_in_inputs=True,
     work_buffers=lambda n: 2,
 ))  # fmt: skip
-register(MethodSpec("task_arithmetic", task_vector.task_arithmetic, _gta(False, False),
-                    "https://arxiv.org/abs/2212.04089", row_separable=True, work_buffers=lambda n: n + 3))  # fmt: skip
-register(MethodSpec("ties", task_vector.ties, _gta(True, False), "https://arxiv.org/abs/2306.01708",
-                    work_buffers=lambda n: n + 6))  # fmt: skip
-register(MethodSpec("dare_linear", task_vector.dare_linear, _gta(False, True), "https://arxiv.org/abs/2311.03099",
-                    random=True, work_buffers=lambda n: n + 4))  # fmt: skip
-register(MethodSpec("dare_ties", task_vector.dare_ties, _gta(False, True), "https://arxiv.org/abs/2311.03099",
-                    random=True, work_buffers=lambda n: n + 6))  # fmt: skip
-register(MethodSpec("breadcrumbs", task_vector.breadcrumbs, _gta(False, False, _GAMMA),
-                    "https://arxiv.org/abs/2312.06795", work_buffers=lambda n: n + 6))  # fmt: skip
-register(MethodSpec("breadcrumbs_ties", task_vector.breadcrumbs_ties, _gta(False, False, _GAMMA),
-                    "https://arxiv.org/abs/2312.06795", work_buffers=lambda n: n + 7))  # fmt: skip
+_chunked("task_arithmetic", lambda src, a: chunked.gta(src, a, None, False), _gta(False, False),
+         "https://arxiv.org/abs/2212.04089", row_separable=True, work_buffers=lambda n: n + 3)  # fmt: skip
+_chunked("ties", chunked.ties, _gta(True, False), "https://arxiv.org/abs/2306.01708", work_buffers=lambda n: 2 * n + 8)
+_chunked("dare_linear", chunked.dare_linear, _gta(False, True), "https://arxiv.org/abs/2311.03099", random=True,
+         work_buffers=lambda n: n + 6)  # fmt: skip
+_chunked("dare_ties", chunked.dare_ties, _gta(False, True), "https://arxiv.org/abs/2311.03099", random=True,
+         work_buffers=lambda n: 2 * n + 8)  # fmt: skip
+_chunked("breadcrumbs", chunked.breadcrumbs, _gta(False, False, _GAMMA), "https://arxiv.org/abs/2312.06795",
+         work_buffers=lambda n: n + 8)  # fmt: skip
+_chunked("breadcrumbs_ties", chunked.breadcrumbs_ties, _gta(False, False, _GAMMA),
+         "https://arxiv.org/abs/2312.06795", work_buffers=lambda n: 2 * n + 8)  # fmt: skip
 register(MethodSpec(
     "consensus", task_vector.consensus,
     (Param("weight", float, M, 1.0), Param("k", int, S, 2, "masks that must agree to keep an entry"),
@@ -57,10 +61,10 @@ register(MethodSpec(
 ))  # fmt: skip
 register(MethodSpec("mean", task_vector.mean, (), "average of the experts", row_separable=True, streams_experts=True,
                     work_buffers=lambda n: 2))  # fmt: skip
-register(MethodSpec("slerp", interpolation.slerp, (Param("t", float, S, REQUIRED, "0 = base, 1 = other model"),),
-                    "https://en.wikipedia.org/wiki/Slerp", max_experts=1, work_buffers=lambda n: 4))  # fmt: skip
-register(MethodSpec("model_stock", interpolation.model_stock, (Param("filter_wise", bool, S, False),),
-                    "https://arxiv.org/abs/2403.19522", min_experts=2, work_buffers=lambda n: n + 4))  # fmt: skip
+_chunked("slerp", chunked.slerp, (Param("t", float, S, REQUIRED, "0 = base, 1 = other model"),),
+         "https://en.wikipedia.org/wiki/Slerp", max_experts=1, work_buffers=lambda n: 6)  # fmt: skip
+_chunked("model_stock", chunked.model_stock, (Param("filter_wise", bool, S, False),),
+         "https://arxiv.org/abs/2403.19522", min_experts=2, work_buffers=lambda n: 2 * n + 6)  # fmt: skip
 
 # Families that register themselves in their own modules (one function + one register line each).
 from raymerge.engine.methods import gram, spectral  # noqa: E402,F401

@@ -48,6 +48,7 @@ class MergeArgs:
     per_model: Sequence[Mapping[str, Any]]
     generator: torch.Generator | None = None
     tensor_name: str = ""
+    seed: int = 0
 
 
 MergeFn = Callable[[torch.Tensor | None, Sequence[torch.Tensor], MergeArgs], torch.Tensor]
@@ -72,6 +73,9 @@ class MethodSpec:
     ``prefers_accelerator``: runs on CUDA under ``device: auto`` (dense linear algebra).
     ``extra_bytes(shape, itemsize)``: peak bytes held besides the ``work_buffers`` full-size
     buffers (e.g. an in×in Gram matrix), for memory estimates.
+    ``chunked``: a ``chunked.ChunkedFn`` that computes the tensor in row chunks after statistics
+    passes; tasks then run it with bounded memory (``work_buffers`` counts chunk-size buffers),
+    and ``fn`` is its whole-tensor adapter.
     """
 
     name: str
@@ -91,6 +95,7 @@ class MethodSpec:
     prefers_accelerator: bool = False
     extra_bytes: Callable[[tuple[int, ...], int], int] = field(default=lambda shape, item: 0)
     flops: Callable[[tuple[int, ...], int], int] | None = None
+    chunked: Callable[..., Any] | None = None
 
     def param(self, name: str) -> Param | None:
         for p in self.params:

@@ -1,0 +1,376 @@
+"""Per-tensor methods computed in row chunks: exact tensor-level statistics, bounded memory.
+
+TIES, DARE, breadcrumbs, Model Stock and SLERP each need a statistic of the *whole* tensor (a
+magnitude rank threshold, an L1 norm, a cosine) before any element can be finalised. Here they
+run as passes over row chunks: statistics passes that keep only scalars (rank thresholds come from
+an exact two-level radix select on the float bit patterns, 2×65536 counters), then an apply pass
+that yields output chunks in row order. Peak memory is O(experts × chunk), whatever the tensor.
+
+A ``ChunkSource`` hands out rows of the base and of each expert on demand (the task reads them
+from the memory map); ``InMemorySource`` wraps plain tensors for direct calls and tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from raymerge.engine.methods.registry import MergeArgs
+
+
+class ChunkSource(Protocol):
+    """Row-chunked access to one tensor of the base and of every expert (compute dtype)."""
+
+    ranges: list[tuple[int, int]]
+    n_experts: int
+    vector: bool  # the tensor is 0-D or 1-D (its rows are single elements)
+
+    def base(self, r0: int, r1: int) -> torch.Tensor: ...
+    def expert(self, t: int, r0: int, r1: int) -> torch.Tensor: ...
+
+
+class InMemorySource:
+    """A ``ChunkSource`` over tensors already in memory, split into chunks of ``chunk_rows``."""
+
+    def __init__(self, base: torch.Tensor, experts: Sequence[torch.Tensor], chunk_rows: int | None = None) -> None:
+        self._shape = base.shape
+        self._base = base.reshape(base.shape[0], -1) if base.dim() >= 1 else base.reshape(1, 1)
+        self._experts = [e.reshape(self._base.shape) for e in experts]
+        rows = self._base.shape[0]
+        step = max(1, chunk_rows or rows)
+        self.ranges = [(r, min(rows, r + step)) for r in range(0, rows, step)] or [(0, 0)]
+        self.n_experts = len(self._experts)
+        self.vector = base.dim() <= 1
+
+    def base(self, r0: int, r1: int) -> torch.Tensor:
+        return self._base[r0:r1]
+
+    def expert(self, t: int, r0: int, r1: int) -> torch.Tensor:
+        return self._experts[t][r0:r1]
+
+    def assemble(self, chunks: Iterator[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([c.reshape(-1) for c in chunks]).reshape(self._shape)
+
+
+ChunkedFn = Callable[[ChunkSource, MergeArgs], Iterator[torch.Tensor]]
+
+
+def whole_tensor(fn: ChunkedFn) -> Callable[[torch.Tensor | None, Sequence[torch.Tensor], MergeArgs], torch.Tensor]:
+    """Adapt a chunked method to the plain ``fn(base, experts, args) -> Tensor`` signature."""
+
+    def call(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: MergeArgs) -> torch.Tensor:
+        assert base is not None
+        src = InMemorySource(base, list(experts))
+        return src.assemble(fn(src, args))
+
+    call.__doc__ = fn.__doc__
+    call.__name__ = getattr(fn, "__name__", "chunked")
+    return call
+
+
+# ---------------------------------------------------------------------------------------------
+# exact rank selection over chunks
+
+
+@dataclass(frozen=True)
+class RankCut:
+    """Which elements have ascending rank ≥ r (ties broken by flat index): all of those whose
+    value exceeds ``value``, plus those equal to it after the first ``skip`` equal ones."""
+
+    value: float
+    skip: int
+    everything: bool = False
+    nothing: bool = False
+
+
+def _bits(w: torch.Tensor) -> torch.Tensor:
+    # Non-negative float32 values order exactly like their int32 bit patterns.
+    return w.to(torch.float32).contiguous().view(torch.int32).reshape(-1)
+
+
+def rank_cut(chunks: Callable[[], Iterator[torch.Tensor]], n: int, r: int) -> RankCut:
+    """Exact cut at ascending rank ``r`` of non-negative values streamed by ``chunks()`` (two passes)."""
+    if r <= 0:
+        return RankCut(0.0, 0, everything=True)
+    if r >= n:
+        return RankCut(0.0, 0, nothing=True)
+    hi_counts = torch.zeros(1 << 15, dtype=torch.int64)
+    for c in chunks():
+        hi_counts += torch.bincount((_bits(c) >> 16).cpu(), minlength=1 << 15)[: 1 << 15]
+    cum = torch.cumsum(hi_counts, 0)
+    hi = int(torch.searchsorted(cum, torch.tensor(r, dtype=torch.int64), right=True))  # bucket holding rank r
+    below_hi = int(cum[hi - 1]) if hi > 0 else 0
+    lo_counts = torch.zeros(1 << 16, dtype=torch.int64)
+    for c in chunks():
+        b = _bits(c)
+        sel = b[(b >> 16) == hi]
+        if sel.numel():
+            lo_counts += torch.bincount((sel & 0xFFFF).cpu(), minlength=1 << 16)
+    cum_lo = torch.cumsum(lo_counts, 0)
+    lo = int(torch.searchsorted(cum_lo, torch.tensor(r - below_hi, dtype=torch.int64), right=True))
+    below = below_hi + (int(cum_lo[lo - 1]) if lo > 0 else 0)
+    value = torch.tensor([(hi << 16) | lo], dtype=torch.int32).view(torch.float32).item()
+    return RankCut(value, r - below)
+
+
+class CutMask:
+    """Applies a ``RankCut`` chunk by chunk in flat order, counting equal elements seen so far."""
+
+    def __init__(self, cut: RankCut) -> None:
+        self.cut = cut
+        self.equal_seen = 0
+
+    def __call__(self, w: torch.Tensor) -> torch.Tensor:
+        cut = self.cut
+        if cut.everything:
+            return torch.ones_like(w, dtype=torch.bool)
+        if cut.nothing:
+            return torch.zeros_like(w, dtype=torch.bool)
+        value = torch.tensor(cut.value, dtype=torch.float32, device=w.device)
+        w32 = w.to(torch.float32)
+        keep = w32 > value
+        equal = w32 == value
+        n_equal = int(equal.sum())
+        if n_equal:
+            position = self.equal_seen + torch.cumsum(equal.reshape(-1), 0, dtype=torch.int64).reshape(w.shape) - 1
+            keep |= equal & (position >= cut.skip)
+            self.equal_seen += n_equal
+        return keep
+
+
+# ---------------------------------------------------------------------------------------------
+# sparsifiers: a per-expert plan made in statistics passes, applied chunk by chunk
+
+
+def _delta_chunks(src: ChunkSource, t: int) -> Callable[[], Iterator[torch.Tensor]]:
+    def gen() -> Iterator[torch.Tensor]:
+        for r0, r1 in src.ranges:
+            yield (src.expert(t, r0, r1) - src.base(r0, r1)).abs()
+
+    return gen
+
+
+def _numel(src: ChunkSource) -> int:
+    return sum(src.base(r0, r1).numel() for r0, r1 in src.ranges)
+
+
+def _chunk_seed(seed: int, t: int, chunk: int) -> int:
+    digest = hashlib.sha256(f"{seed}:{t}:{chunk}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class Sparsifier:
+    """Sparsify expert ``t``'s task vector chunk by chunk; ``prepare`` runs the statistics passes."""
+
+    def __init__(self, kind: str | None, src: ChunkSource, t: int, p: dict[str, Any], args: MergeArgs) -> None:
+        self.kind = kind
+        self.density = float(p.get("density", 1.0))
+        self.rescale = bool(args.shared.get("rescale", False))
+        self.seed = args.seed
+        self.t = t
+        self.factor = 1.0
+        self.lower: CutMask | None = None
+        self.upper: CutMask | None = None
+        self.zero = False
+        if kind is None or self.density >= 1:
+            self.kind = None
+            return
+        n = _numel(src)
+        if kind == "magnitude":
+            if self.density <= 0 or n == 0:
+                self.zero = True
+                return
+            k = max(1, int(self.density * n))
+            self.lower = CutMask(rank_cut(_delta_chunks(src, t), n, n - k))
+        elif kind == "outliers":
+            target = int(self.density * n)
+            top = int(float(p["gamma"]) * n)
+            bottom = max(0, n - target - top)
+            self.lower = CutMask(rank_cut(_delta_chunks(src, t), n, bottom))
+            if bottom + target < n:
+                self.upper = CutMask(rank_cut(_delta_chunks(src, t), n, bottom + target))
+        if self.rescale:
+            before = after = 0.0
+            probe = self.fresh()
+            for i, (r0, r1) in enumerate(src.ranges):
+                d = src.expert(t, r0, r1) - src.base(r0, r1)
+                before += float(d.abs().sum(dtype=torch.float64))
+                after += float((d * probe._mask(d, i)).abs().sum(dtype=torch.float64))
+            if before >= 1e-7 and after >= 1e-7:
+                self.factor = before / after
+
+    def fresh(self) -> Sparsifier:
+        """A copy with the chunk counters reset (masks depend on the equal elements seen)."""
+        twin = object.__new__(Sparsifier)
+        twin.__dict__.update(self.__dict__)
+        twin.lower = CutMask(self.lower.cut) if self.lower else None
+        twin.upper = CutMask(self.upper.cut) if self.upper else None
+        return twin
+
+    def _mask(self, d: torch.Tensor, chunk: int) -> torch.Tensor:
+        if self.kind == "random":
+            g = torch.Generator().manual_seed(_chunk_seed(self.seed, self.t, chunk))
+            return (torch.rand(d.shape, generator=g, dtype=torch.float32) < self.density).to(d.device)
+        w = d.abs()
+        keep = self.lower(w) if self.lower else torch.ones_like(w, dtype=torch.bool)
+        if self.upper is not None:
+            keep &= ~self.upper(w)
+        return keep
+
+    def __call__(self, d: torch.Tensor, chunk: int) -> torch.Tensor:
+        if self.zero:
+            return torch.zeros_like(d)
+        if self.kind is None:
+            return d
+        kept = d * self._mask(d, chunk)
+        return kept * self.factor if self.factor != 1.0 else kept
+
+
+# ---------------------------------------------------------------------------------------------
+# the generalized task-arithmetic family (mergekit semantics), chunked
+
+
+def gta(src: ChunkSource, args: MergeArgs, sparsify: str | None, sign_consensus: bool) -> Iterator[torch.Tensor]:
+    """Sparsify each task vector, weight it, optionally keep sign-consensus entries, normalise, scale."""
+    weights = [float(p["weight"]) for p in args.per_model]
+    sparsifiers = [Sparsifier(sparsify, src, t, dict(p), args).fresh() for t, p in enumerate(args.per_model)]
+    normalize = bool(args.shared["normalize"])
+    lam = float(args.shared["lambda"])
+    total_w = sum(weights)
+    for i, (r0, r1) in enumerate(src.ranges):
+        base = src.base(r0, r1)
+        deltas = []
+        for t in range(src.n_experts):
+            d = sparsifiers[t](src.expert(t, r0, r1) - base, i)
+            deltas.append(d * weights[t])
+        if sign_consensus:
+            total = torch.stack(deltas).sum(0) if deltas else torch.zeros_like(base)
+            majority = torch.where(total >= 0, 1.0, -1.0).to(base.dtype)
+            mixed = torch.zeros_like(base)
+            divisor = torch.zeros_like(base)
+            for d, w in zip(deltas, weights, strict=True):
+                agree = d.sign() == majority  # trimmed zeros never agree
+                mixed.add_(d * agree)
+                divisor.add_(agree.to(base.dtype), alpha=w)
+            divisor[divisor == 0] = 1
+            if normalize:
+                mixed.div_(divisor)
+        else:
+            mixed = torch.zeros_like(base)
+            for d in deltas:
+                mixed.add_(d)
+            if normalize:
+                mixed.div_(1.0 if abs(total_w) < 1e-8 else total_w)
+        if lam != 1:
+            mixed.mul_(lam)
+        yield base + mixed
+
+
+def ties(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
+    """TIES (Yadav et al. 2023): magnitude trim to ``density``, sign election, disjoint mean."""
+    return gta(src, args, "magnitude", True)
+
+
+def dare_linear(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
+    """DARE (Yu et al. 2024): random drop with keep-probability ``density``, L1 rescale, then sum."""
+    return gta(src, args, "random", False)
+
+
+def dare_ties(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
+    """DARE drop-and-rescale followed by TIES sign consensus."""
+    return gta(src, args, "random", True)
+
+
+def breadcrumbs(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
+    """Model Breadcrumbs (Davari & Belilovsky 2023): drop the ``gamma`` top outliers and the smallest."""
+    return gta(src, args, "outliers", False)
+
+
+def breadcrumbs_ties(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
+    """Breadcrumbs sparsification followed by TIES sign consensus."""
+    return gta(src, args, "outliers", True)
+
+
+# ---------------------------------------------------------------------------------------------
+# geometric methods with whole-tensor statistics
+
+
+def slerp(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
+    """Spherical interpolation from the base (t=0) to the one expert (t=1) over the whole tensor.
+
+    The angle comes from the normalised flattened tensors; nearly collinear pairs (|cos| >
+    0.9995) fall back to linear interpolation. Coefficients apply to the raw tensors.
+    """
+    t = float(args.shared["t"])
+    eps = 1e-8
+    sa = sb = dot = 0.0
+    for r0, r1 in src.ranges:
+        a, b = src.base(r0, r1).double(), src.expert(0, r0, r1).double()
+        sa += float((a * a).sum())
+        sb += float((b * b).sum())
+        dot += float((a * b).sum())
+    na, nb = math.sqrt(sa), math.sqrt(sb)
+    na = na if na > eps else 1.0
+    nb = nb if nb > eps else 1.0
+    cos = max(-1.0, min(1.0, dot / (na * nb)))
+    if abs(cos) > 0.9995:
+        ca, cb = 1 - t, t
+    else:
+        theta = math.acos(cos)
+        s = math.sin(theta)
+        ca, cb = math.sin((1 - t) * theta) / s, math.sin(t * theta) / s
+    for r0, r1 in src.ranges:
+        yield ca * src.base(r0, r1) + cb * src.expert(0, r0, r1)
+
+
+def _stock_t(cos: torch.Tensor, k: int) -> torch.Tensor:
+    denom = 1 + (k - 1) * cos
+    singular = denom.abs() < 1e-6  # no finite estimate: keep the base there
+    return torch.where(singular, torch.zeros_like(cos), k * cos / torch.where(singular, torch.ones_like(denom), denom))
+
+
+def model_stock(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
+    """Model Stock (Jang et al. 2024): move from the base towards the experts' mean by
+    t = k·cosθ / (1 + (k−1)·cosθ), cosθ the mean pairwise cosine of task vectors over the whole
+    tensor, or per output row with ``filter_wise``."""
+    k = src.n_experts
+    pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
+    # A 1-D tensor is a single filter (mergekit unsqueezes it), so it takes the whole-tensor path.
+    filter_wise = bool(args.shared["filter_wise"]) and not src.vector
+
+    def cosines(dots: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros_like(dots[0])
+        for n, (i, j) in enumerate(pairs):
+            norm = (sq[i].sqrt() * sq[j].sqrt()).clamp(min=1e-6)
+            total += (dots[n] / norm).clamp(-1, 1)
+        return total / len(pairs)
+
+    scalar_t = None
+    if not filter_wise:
+        dots = torch.zeros(len(pairs), dtype=torch.float64)
+        sq = torch.zeros(k, dtype=torch.float64)
+        for r0, r1 in src.ranges:
+            base = src.base(r0, r1)
+            offs = [(src.expert(t, r0, r1) - base).double() for t in range(k)]
+            for n, (i, j) in enumerate(pairs):
+                dots[n] += (offs[i] * offs[j]).sum()
+            for i in range(k):
+                sq[i] += (offs[i] * offs[i]).sum()
+        scalar_t = _stock_t(cosines(dots, sq), k)
+    for r0, r1 in src.ranges:
+        base = src.base(r0, r1)
+        xs = [src.expert(t, r0, r1) for t in range(k)]
+        if scalar_t is None:
+            offs = [x - base for x in xs]
+            dots = torch.stack([(offs[i] * offs[j]).sum(-1) for i, j in pairs])
+            sq = torch.stack([(o * o).sum(-1) for o in offs])
+            t = _stock_t(cosines(dots, sq), k).unsqueeze(-1)
+        else:
+            t = scalar_t.to(base.dtype)
+        mean = torch.stack(xs).mean(0) if k else base
+        yield t * mean + (1 - t) * base
