@@ -73,6 +73,7 @@ class ExpertStream(Sequence[torch.Tensor]):
         self.dev = dev
         self.compute = DTYPES[task.compute_dtype][0]
         self.bytes_read = 0
+        self.checked: set[tuple[int, int, int]] = set()
 
     def load(self, i: int, r0: int | None = None, r1: int | None = None) -> torch.Tensor:
         """Input ``i`` of the task (0 = base when the task has one), rows [r0, r1) if given."""
@@ -82,11 +83,17 @@ class ExpertStream(Sequence[torch.Tensor]):
         view = self.readers[i].read_rows(ref.entry(self.task.tensor), r0, r1)
         self.bytes_read += view.numel() * view.element_size()
         x = view.to(device=self.dev, dtype=self.compute)
-        if not bool(torch.isfinite(x).all()):
+        if x.data_ptr() != view.data_ptr():
+            # x is a converted copy: hand the mapped pages back now rather than at task end, so a
+            # task's resident set is one chunk per input, not the whole tensor of every input.
+            self.readers[i].release(*row_span(ref.entry(self.task.tensor), r0, r1))
+        key = (i, r0, r1)
+        if key not in self.checked and not bool(torch.isfinite(x).all()):
             raise CheckpointError(
                 "input contains NaN or Inf", file=ref.url, tensor=self.task.tensor,
                 hint="fix the checkpoint, or exclude this tensor from the merge",
             )  # fmt: skip
+        self.checked.add(key)  # multi-pass methods re-read chunks; check each once
         return x
 
     def __len__(self) -> int:

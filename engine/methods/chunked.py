@@ -135,11 +135,12 @@ class CutMask:
         w32 = w.to(torch.float32)
         keep = w32 > value
         equal = w32 == value
-        n_equal = int(equal.sum())
-        if n_equal:
-            position = self.equal_seen + torch.cumsum(equal.reshape(-1), 0, dtype=torch.int64).reshape(w.shape) - 1
-            keep |= equal & (position >= cut.skip)
-            self.equal_seen += n_equal
+        where = equal.reshape(-1).nonzero().squeeze(1)
+        if where.numel():
+            # The equal elements of this chunk are number equal_seen, equal_seen+1, … in flat order.
+            first_kept = max(0, cut.skip - self.equal_seen)
+            keep.view(-1)[where[first_kept:]] = True
+            self.equal_seen += where.numel()
         return keep
 
 
