@@ -79,7 +79,7 @@ def run_ray(
         if conn.dashboard_url:
             print(f"raymerge: Ray dashboard at {conn.dashboard_url}", file=sys.stderr, flush=True)
         files = {local_path(r.url) for t in runnable for r in t.inputs if is_local(r.url)}
-        nodes = discover_nodes(staging_dir, files, workers)
+        nodes = discover_nodes(staging_dir, files, workers, budget)
         units = group_tasks(runnable, device, unit_bytes_target(sum(t.read_bytes for t in runnable),
                                                                 sum(n.slots for n in nodes)))  # fmt: skip
         log.info(

@@ -77,11 +77,13 @@ def alive_nodes() -> dict[str, dict[str, Any]]:
     return {n["NodeID"]: n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) >= 1}
 
 
-def discover_nodes(staging_dir: str, input_files: Iterable[str], workers: int) -> list[NodeState]:
+def discover_nodes(staging_dir: str, input_files: Iterable[str], workers: int, budget: int) -> list[NodeState]:
     """Probe every alive node; return those that see this merge's staging directory.
 
     ``workers`` caps concurrent units per node (as ``--workers`` does for the local executor);
-    each unit gets an equal share of the node's cores for its torch threads.
+    each unit gets an equal share of the node's cores for its torch threads. A node whose Ray
+    ``memory`` resource (what Ray thinks tasks may use there) is below ``budget`` bytes is used,
+    with a warning: the budget is per node, and such a node can run out of memory.
     """
     plan_file = os.path.join(staging_dir, ".raymerge", "plan.json")
     want = file_digest(plan_file)
@@ -115,6 +117,11 @@ def discover_nodes(staging_dir: str, input_files: Iterable[str], workers: int) -
             continue
         res = info["Resources"]
         cpus, gpus = int(res.get("CPU", 0)), int(res.get("GPU", 0))
+        if 0 < res.get("memory", 0) < budget:
+            log.warning(
+                "Ray node %s (%s) has %.1f GiB for tasks but --memory-budget is %.1f GiB per node; lower the budget",
+                info["NodeManagerAddress"], node_id[:8], res["memory"] / 2**30, budget / 2**30,
+            )  # fmt: skip
         slots = max(1, min(workers, cpus))
         states.append(
             NodeState(
