@@ -18,6 +18,7 @@ import torch
 
 from raymerge.engine.errors import CheckpointError, PlanError
 from raymerge.engine.methods import METHODS
+from raymerge.engine.methods.chunked import RESIDENT_SELECT_ELEMENTS
 from raymerge.engine.recipe import Recipe, layer_index, resolve_for_tensor
 from raymerge.engine.storage import DTYPES, TAG_OF_DTYPE, Checkpoint, TensorEntry, dtype_from_name, open_checkpoint
 
@@ -325,6 +326,7 @@ def build_plan(recipe: Recipe, *, out_shard_bytes: int = DEFAULT_SHARD_BYTES) ->
                 + spec.extra_bytes(chunk_shape, c_item)
                 + resident_in
                 + (work_numel * out_item if spec.chunked else out_bytes)
+                + (4 * numel if spec.chunked and numel <= RESIDENT_SELECT_ELEMENTS else 0)
             )
             tid = name if n_chunks == 1 else f"{name}@{r0}:{r1}"
             tasks.append(TensorTask(

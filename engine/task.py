@@ -129,6 +129,10 @@ class TaskChunks:
         self.ranges = [(r, min(end, r + step)) for r in range(start, end, step)] or [(start, end)]
         self.n_experts = len(stream)
         self.vector = len(task.output.shape) <= 1
+        row_numel = 1
+        for d in task.output.shape[1:]:
+            row_numel *= d
+        self.numel = 1 if self.scalar else (task.row_end - task.row_start) * row_numel
 
     def _rows(self, i: int, r0: int, r1: int) -> torch.Tensor:
         if self.scalar:

@@ -29,6 +29,7 @@ class ChunkSource(Protocol):
     ranges: list[tuple[int, int]]
     n_experts: int
     vector: bool  # the tensor is 0-D or 1-D (its rows are single elements)
+    numel: int  # elements covered by ``ranges``
 
     def base(self, r0: int, r1: int) -> torch.Tensor: ...
     def expert(self, t: int, r0: int, r1: int) -> torch.Tensor: ...
@@ -46,6 +47,7 @@ class InMemorySource:
         self.ranges = [(r, min(rows, r + step)) for r in range(0, rows, step)] or [(0, 0)]
         self.n_experts = len(self._experts)
         self.vector = base.dim() <= 1
+        self.numel = base.numel()
 
     def base(self, r0: int, r1: int) -> torch.Tensor:
         return self._base[r0:r1]
@@ -148,16 +150,20 @@ class CutMask:
 # sparsifiers: a per-expert plan made in statistics passes, applied chunk by chunk
 
 
+# Up to this many elements, |Δ| is kept in memory for the two selection passes instead of being
+# recomputed from the inputs (it costs 4 bytes per element, within a few chunks' worth).
+RESIDENT_SELECT_ELEMENTS = 1 << 24
+
+
 def _delta_chunks(src: ChunkSource, t: int) -> Callable[[], Iterator[torch.Tensor]]:
     def gen() -> Iterator[torch.Tensor]:
         for r0, r1 in src.ranges:
             yield (src.expert(t, r0, r1) - src.base(r0, r1)).abs()
 
+    if src.numel <= RESIDENT_SELECT_ELEMENTS:
+        cached = list(gen())
+        return lambda: iter(cached)
     return gen
-
-
-def _numel(src: ChunkSource) -> int:
-    return sum(src.base(r0, r1).numel() for r0, r1 in src.ranges)
 
 
 def _chunk_seed(seed: int, t: int, chunk: int) -> int:
@@ -181,7 +187,7 @@ class Sparsifier:
         if kind is None or self.density >= 1:
             self.kind = None
             return
-        n = _numel(src)
+        n = src.numel
         if kind == "magnitude":
             if self.density <= 0 or n == 0:
                 self.zero = True
@@ -192,9 +198,10 @@ class Sparsifier:
             target = int(self.density * n)
             top = int(float(p["gamma"]) * n)
             bottom = max(0, n - target - top)
-            self.lower = CutMask(rank_cut(_delta_chunks(src, t), n, bottom))
+            chunks = _delta_chunks(src, t)
+            self.lower = CutMask(rank_cut(chunks, n, bottom))
             if bottom + target < n:
-                self.upper = CutMask(rank_cut(_delta_chunks(src, t), n, bottom + target))
+                self.upper = CutMask(rank_cut(chunks, n, bottom + target))
         if self.rescale:
             before = after = 0.0
             probe = self.fresh()
