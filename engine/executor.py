@@ -67,8 +67,10 @@ def run_local(
     so the journal stays consistent for a resume.
     """
     gate = MemoryGate(budget)
-    # Split the cores between workers so concurrent tasks do not oversubscribe the CPU.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, workers)))
+    # Split the cores between workers so concurrent tasks do not oversubscribe the CPU. The thread
+    # count is per thread in torch, so it is set in each pool thread (and it fixes reduction
+    # order, which keeps BLAS-heavy methods bit-identical to the Ray executor's slots).
+    threads = max(1, (os.cpu_count() or 1) // max(1, workers))
     errors: list[BaseException] = []
 
     def job(task: TensorTask) -> tuple[TensorTask, Receipt]:
@@ -77,7 +79,9 @@ def run_local(
         finally:
             gate.release(task.est_host_bytes)
 
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="raymerge") as pool:
+    with ThreadPoolExecutor(
+        max_workers=workers, thread_name_prefix="raymerge", initializer=torch.set_num_threads, initargs=(threads,)
+    ) as pool:
         running: set[Future[tuple[TensorTask, Receipt]]] = set()
 
         def drain(block: bool) -> None:

@@ -381,29 +381,7 @@ def test_cluster_matches_local(case, cluster, family, tmp_path):
     assert len(node_rows(err)) == 3  # the units were spread over the head and both workers
 
 
-@pytest.fixture
-def pinned_pool_threads(monkeypatch):
-    """Give each of run_local's pool threads the torch thread count run_local chose.
-
-    run_local calls ``torch.set_num_threads`` in the calling thread only; OpenMP keeps that count
-    per thread, so BLAS/LAPACK calls in its pool threads use every core, and Gram and spectral
-    results then differ in the last bits from one-thread-per-slot Ray workers. Remove this
-    fixture once run_local sets the count in its pool threads (see the report on issue #4).
-    """
-    import concurrent.futures
-
-    import raymerge.engine.executor as local_executor
-
-    class PinnedPool(concurrent.futures.ThreadPoolExecutor):
-        def __init__(self, *args, **kwargs):
-            kwargs.setdefault("initializer", torch.set_num_threads)
-            kwargs.setdefault("initargs", (torch.get_num_threads(),))
-            super().__init__(*args, **kwargs)
-
-    monkeypatch.setattr(local_executor, "ThreadPoolExecutor", PinnedPool)
-
-
-def test_accelerator_pool_survives_actor_death(cluster, family, tmp_path, pinned_pool_threads):
+def test_accelerator_pool_survives_actor_death(cluster, family, tmp_path):
     """A method that prefers an accelerator runs on the actor pool (one actor per CPU slot without
     GPUs); killing an actor mid-unit sends its units to a fresh actor, with the same bytes."""
     base, experts = family
