@@ -20,7 +20,15 @@ from raymerge.engine.errors import CheckpointError, PlanError
 from raymerge.engine.methods import METHODS
 from raymerge.engine.methods.chunked import RESIDENT_SELECT_ELEMENTS
 from raymerge.engine.recipe import Recipe, layer_index, resolve_for_tensor
-from raymerge.engine.storage import DTYPES, TAG_OF_DTYPE, Checkpoint, TensorEntry, dtype_from_name, open_checkpoint
+from raymerge.engine.storage import (
+    DTYPES,
+    TAG_OF_DTYPE,
+    Checkpoint,
+    TensorEntry,
+    dtype_from_name,
+    open_checkpoint,
+    open_shard,
+)
 
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 _EMBED_HINTS = ("embed_tokens", "lm_head", "wte", "word_embeddings", "embed_out", "tok_embeddings", "output.weight")
@@ -83,6 +91,9 @@ class TensorTask:
     read_bytes: int
     write_bytes: int
     flops: int
+    # Per-expert auxiliary matrices (e.g. RegMean's input Grams): where they are and their names.
+    aux: tuple[TensorRef, ...] = ()
+    aux_names: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -92,6 +103,8 @@ class TensorTask:
         d = dict(d)
         d["inputs"] = tuple(TensorRef(**{**r, "shape": tuple(r["shape"])}) for r in d["inputs"])
         d["per_model"] = tuple(d["per_model"])
+        d["aux"] = tuple(TensorRef(**{**r, "shape": tuple(r["shape"])}) for r in d.get("aux", ()))
+        d["aux_names"] = tuple(d.get("aux_names", ()))
         o = d["output"]
         d["output"] = OutputRef(**{**o, "shape": tuple(o["shape"])})
         return cls(**d)
@@ -280,6 +293,7 @@ def build_plan(recipe: Recipe, *, out_shard_bytes: int = DEFAULT_SHARD_BYTES) ->
 
     # 2) tasks
     tasks: list[TensorTask] = []
+    aux_cache: dict[str, Checkpoint] = {}
     n_exp = len(expert_urls)
     for name in names:
         e = ref.entries[name]
@@ -301,6 +315,7 @@ def build_plan(recipe: Recipe, *, out_shard_bytes: int = DEFAULT_SHARD_BYTES) ->
         if cls not in method.applies_to or any(re.search(p, name) for p in recipe.raymerge.exclude):
             spec = METHODS[method.fallback or "mean"]
         params = resolve_for_tensor(recipe, name, num_layers, spec)
+        aux, aux_names = _aux_refs(spec, params.per_model, expert_urls, name, e, aux_cache)
         refs = tuple(TensorRef.of(ckpts[u].shard_of[name], ckpts[u].entries[name]) for u in input_urls)
         compute = cdt or (torch.float64 if e.dtype == "F64" else torch.float32)
         c_item = torch.empty((), dtype=compute).element_size()
@@ -317,7 +332,7 @@ def build_plan(recipe: Recipe, *, out_shard_bytes: int = DEFAULT_SHARD_BYTES) ->
             r1 = min(rows_total, r0 + per_chunk) if e.shape else 0
             numel = (r1 - r0) * row_numel if e.shape else e.numel
             work_numel = min(numel, chunk_rows * row_numel) if spec.chunked and e.shape else numel
-            in_bytes = numel * e.itemsize * len(refs)
+            in_bytes = numel * e.itemsize * len(refs) + sum(a.end - a.start for a in aux)
             out_bytes = numel * out_item
             resident_in = work_numel * e.itemsize * (2 if spec.streams_experts else len(refs))
             chunk_shape = (r1 - r0, *e.shape[1:]) if e.shape else ()
@@ -334,7 +349,7 @@ def build_plan(recipe: Recipe, *, out_shard_bytes: int = DEFAULT_SHARD_BYTES) ->
                 row_end=r1, inputs=refs, has_base=has_base, shared=params.shared, per_model=params.per_model,
                 seed=seed, compute_dtype=TAG_OF_DTYPE[compute],
                 output=OutputRef(shard_name, out_off + r0 * row_numel * out_item, out_bytes, out_tag_t, e.shape),
-                chunk_rows=chunk_rows,
+                chunk_rows=chunk_rows, aux=aux, aux_names=aux_names,
                 est_host_bytes=est, read_bytes=in_bytes, write_bytes=out_bytes,
                 flops=spec.flops(chunk_shape, n_exp) if spec.flops else 10 * numel * max(1, n_exp),
             ))  # fmt: skip
@@ -345,6 +360,55 @@ def build_plan(recipe: Recipe, *, out_shard_bytes: int = DEFAULT_SHARD_BYTES) ->
     if out_tag:
         out_dtype_name = str(DTYPES[out_tag][0]).replace("torch.", "")
     return MergePlan(recipe, tuple(urls), tuple(tasks), tuple(shards), config, out_dtype_name, tokenizer_from)
+
+
+def _aux_refs(
+    spec: Any,
+    per_model: tuple[dict[str, Any], ...],
+    experts: list[str],
+    name: str,
+    e: TensorEntry,
+    cache: dict[str, Checkpoint],
+) -> tuple[tuple[TensorRef, ...], tuple[str, ...]]:
+    """Locate each expert's auxiliary matrix for tensor ``name`` (headers only) and check its shape.
+
+    A method with ``aux_param`` (RegMean: ``grams``) names, per expert, a directory or safetensors
+    file holding one in×in matrix per linear layer, keyed by module name (``…mlp.up_proj``) or by
+    the weight's own name.
+    """
+    if not spec.aux_param:
+        return (), ()
+    refs, names = [], []
+    module = name[: -len(".weight")] if name.endswith(".weight") else name
+    for url, p in zip(experts, per_model, strict=True):
+        src = str(p[spec.aux_param])
+        if src not in cache:
+            cache[src] = open_aux(src)
+        ck = cache[src]
+        key = module if module in ck.entries else name
+        if key not in ck.entries:
+            raise CheckpointError(
+                f"no {spec.aux_param} matrix for this layer of model {url}", file=src, tensor=module,
+                hint="collect statistics for every linear layer, or exclude it with raymerge.exclude",
+            )  # fmt: skip
+        ae = ck.entries[key]
+        cols = e.shape[1] if len(e.shape) == 2 else -1
+        if ae.shape != (cols, cols) or not ae.is_float:
+            raise CheckpointError(
+                f"{spec.aux_param} matrix has shape {list(ae.shape)} ({ae.dtype}), expected [{cols}, {cols}] float",
+                file=ck.shard_of[key], tensor=key,
+            )  # fmt: skip
+        refs.append(TensorRef.of(ck.shard_of[key], ae))
+        names.append(key)
+    return tuple(refs), tuple(names)
+
+
+def open_aux(src: str) -> Checkpoint:
+    """Open a directory of statistics (HF layout) or a single ``.safetensors`` file, headers only."""
+    if src.endswith(".safetensors"):
+        reader = open_shard(src)
+        return Checkpoint(src, {}, {k: src for k in reader.entries}, dict(reader.entries))
+    return open_checkpoint(src)
 
 
 def _tensor_seed(seed: int, name: str) -> int:

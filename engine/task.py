@@ -115,6 +115,35 @@ class ExpertStream(Sequence[torch.Tensor]):
             yield self.load(self.first + i)
 
 
+class AuxStream(Sequence[torch.Tensor]):
+    """A task's per-expert auxiliary matrices, read on demand in the compute dtype and device."""
+
+    def __init__(self, task: TensorTask, dev: torch.device) -> None:
+        self.task = task
+        self.dev = dev
+
+    def __len__(self) -> int:
+        return len(self.task.aux)
+
+    @overload
+    def __getitem__(self, i: int) -> torch.Tensor: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[torch.Tensor]: ...
+    def __getitem__(self, i: int | slice) -> torch.Tensor | Sequence[torch.Tensor]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(len(self))[i]]
+        ref, name = self.task.aux[i], self.task.aux_names[i]
+        reader = open_shard(ref.url)
+        x = reader.read_rows(ref.entry(name)).to(device=self.dev, dtype=DTYPES[self.task.compute_dtype][0])
+        if not bool(torch.isfinite(x).all()):
+            raise CheckpointError("statistics contain NaN or Inf", file=ref.url, tensor=name)
+        return x
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for i in range(len(self)):
+            yield self[i]
+
+
 class TaskChunks:
     """A ``chunked.ChunkSource`` over a task's rows, ``chunk_rows`` at a time, read on demand.
 
@@ -186,7 +215,7 @@ def run_task(task: TensorTask, staging_dir: str, device: str = "cpu") -> Receipt
             stream = ExpertStream(task, readers, 1 if task.has_base else 0, dev)
             base = stream.load(0) if task.has_base else None
             gen = torch.Generator().manual_seed(task.seed) if method.random else None
-            args = MergeArgs(task.shared, task.per_model, gen, task.tensor, task.seed)
+            args = MergeArgs(task.shared, task.per_model, gen, task.tensor, task.seed, AuxStream(task, dev))
             try:
                 merged = method.fn(base, stream, args)
             except torch.OutOfMemoryError as exc:

@@ -11,6 +11,10 @@ so memory is O(in² + out·in) whatever the number of experts. Then:
   the data-free covariance estimate C_t ≈ Δ_tᵀΔ_t. S⁺ comes from ``eigh`` of the symmetric S with
   ``torch.linalg.pinv``'s default cut-off (max(dim)·eps·λ_max). ``merge_mode: weight`` gives
   W* = (Σ W_t C_t)(Σ C_t)⁺ = W₀·S S⁺ + Δ*.
+* **RegMean** (Jin et al., ICLR 2023), the data-based original: W* = (Σ_t W_t G̃_t)(Σ_t G̃_t)⁻¹
+  with each expert's input Gram G_t = XᵀX/N (given per expert by the ``grams`` parameter) and
+  G̃_t = G_t with off-diagonal entries × ``alpha``. Solved by Cholesky, falling back to the
+  ``eigh`` pseudo-inverse when Σ G̃_t is singular; never an explicit inverse.
 * **WUDI** (Cheng et al., ICML 2025): w_t = 1/‖Δ_t‖_F², minimising Σ_t ‖(M − Δ_t)Δ_tᵀ‖²/‖Δ_t‖².
   ``solver: adam`` reproduces the paper (M₀ = ΣΔ_t, ``steps`` Adam steps at ``lr`` in fp32) with
   the analytic gradient 2(M S − R): no T×out×out products, no autograd. ``solver: spectral``
@@ -32,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from raymerge.engine.methods.precision import stats_dtype, tf32
-from raymerge.engine.methods.registry import MergeArgs, MethodSpec, Param, Scope, register
+from raymerge.engine.methods.registry import REQUIRED, MergeArgs, MethodSpec, Param, Scope, register
 
 S_ = Scope.SHARED
 
@@ -167,6 +171,45 @@ def wudi(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: Merge
     return (base.to(dtype) + float(p["lambda"]) * merged).to(base.dtype)
 
 
+def shrink_off_diagonal(G: torch.Tensor, alpha: float) -> torch.Tensor:
+    """RegMean's G̃ = α·G + (1 − α)·diag(G): off-diagonal entries scaled by α, diagonal kept."""
+    if alpha == 1:
+        return G
+    out = G * alpha
+    out.diagonal().add_(G.diagonal(), alpha=1 - alpha)
+    return out
+
+
+def regmean(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: MergeArgs) -> torch.Tensor:
+    """RegMean: W* = (Σ W_t G̃_t)(Σ G̃_t)⁻¹ from per-expert input Grams, one expert at a time."""
+    p = args.shared
+    alpha = float(p["alpha"])
+    with tf32(bool(p["tf32"])):
+        A: torch.Tensor | None = None
+        B: torch.Tensor | None = None
+        out_dtype = None
+        for x, G in zip(experts, args.aux, strict=True):
+            dtype = stats_dtype(str(p["precision"]), x.device)
+            out_dtype = x.dtype
+            g = shrink_off_diagonal(G.to(dtype), alpha)
+            xb = x.to(dtype) @ g  # W_t G̃_t (G̃ is symmetric)
+            A = g.clone() if A is None else A.add_(g)
+            B = xb if B is None else B.add_(xb)
+            del x, G, g, xb
+        assert A is not None and B is not None and out_dtype is not None
+        A = (A + A.T) / 2
+        chol, info = torch.linalg.cholesky_ex(A)
+        # Cholesky can "succeed" on a numerically singular matrix; trust it only when the factor's
+        # diagonal shows a condition number the pinv cut-off would keep whole.
+        d = chol.diagonal()
+        cutoff = A.shape[0] * torch.finfo(A.dtype).eps
+        if int(info) == 0 and float((d.min() / d.max()) ** 2) > cutoff:
+            merged = torch.cholesky_solve(B.T, chol).T  # B A⁻¹ without forming A⁻¹
+        else:
+            merged, _ = pinv_apply(B, A)
+    return merged.to(out_dtype)
+
+
 def _gram_extra(shape: tuple[int, ...], item: int) -> int:
     cols = shape[1] if len(shape) == 2 else 0
     return 4 * cols * cols * 8  # S, one C_t, eigenvectors and a temporary, fp64 at worst
@@ -205,6 +248,11 @@ register(MethodSpec("actmat", actmat, (
     Param("ridge", float, S_, 0.0, "add ridge·mean(diag S) to S's diagonal before solving"),
     Param("rcond", float, S_, -1.0, "eigenvalue cut-off relative to λ_max (negative: pinv default)"),
 ), "https://arxiv.org/abs/2604.01329", **_GRAM))  # type: ignore[arg-type]  # fmt: skip
+register(MethodSpec("regmean", regmean, (
+    Param("grams", str, Scope.MODEL, REQUIRED, "directory or .safetensors file of this expert's input Grams"),
+    Param("alpha", float, S_, 0.95, "off-diagonal scale of the Grams (1 = exact RegMean)"),
+    *_COMMON[1:],
+), "https://arxiv.org/abs/2212.09849", **{**_GRAM, "aux_param": "grams", "needs_base": False}))  # type: ignore[arg-type]  # fmt: skip
 register(MethodSpec("wudi", wudi, (
     *_COMMON,
     Param("solver", str, S_, "adam", "adam | spectral | adaptive | closed_form",

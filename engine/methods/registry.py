@@ -49,6 +49,7 @@ class MergeArgs:
     generator: torch.Generator | None = None
     tensor_name: str = ""
     seed: int = 0
+    aux: Sequence[torch.Tensor] = ()
 
 
 MergeFn = Callable[[torch.Tensor | None, Sequence[torch.Tensor], MergeArgs], torch.Tensor]
@@ -76,6 +77,8 @@ class MethodSpec:
     ``chunked``: a ``chunked.ChunkedFn`` that computes the tensor in row chunks after statistics
     passes; tasks then run it with bounded memory (``work_buffers`` counts chunk-size buffers),
     and ``fn`` is its whole-tensor adapter.
+    ``aux_param``: a per-model parameter naming where each expert's auxiliary in×in matrices live
+    (RegMean's Grams); the method then receives them lazily as ``args.aux``.
     """
 
     name: str
@@ -96,6 +99,7 @@ class MethodSpec:
     extra_bytes: Callable[[tuple[int, ...], int], int] = field(default=lambda shape, item: 0)
     flops: Callable[[tuple[int, ...], int], int] | None = None
     chunked: Callable[..., Any] | None = None
+    aux_param: str | None = None
 
     def param(self, name: str) -> Param | None:
         for p in self.params:
