@@ -69,6 +69,8 @@ def model_card(plan: MergePlan, figures: RunFigures) -> str:
     if recipe.base_model:
         lines.append(f"- base: `{recipe.base_model}`")
     lines += [f"- `{u}`" for u in recipe.expert_urls()]
+    fused = "split into blocks (q/k/v, gate/up)" if recipe.raymerge.split_fused else "merged as stored"
+    lines += ["", f"Packed projections (qkv_proj, gate_up_proj): {fused}."]
     lines += ["", "## Recipe", "", "```yaml", (recipe.source or "").rstrip(), "```", "", "## Run", ""]
     lines += ["| figure | value |", "|---|---|"]
     for k, v in figures.to_json().items():

@@ -8,8 +8,8 @@ bytes in place from any process or node, in any order, any number of times.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
-import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -324,12 +324,19 @@ def build_plan(recipe: Recipe, *, out_shard_bytes: int = DEFAULT_SHARD_BYTES) ->
         chunk_rows = max(1, recipe.raymerge.chunk_bytes // max(1, row_numel * c_item)) if row_numel else 1
         # Row-separable methods become one task per chunk; chunked methods iterate over the chunks
         # inside one task (their statistics span the tensor); the rest take the whole tensor.
-        per_chunk = chunk_rows if spec.row_separable and len(e.shape) >= 1 and row_numel else max(1, rows_total)
-        n_chunks = max(1, math.ceil(rows_total / per_chunk)) if rows_total else 1
+        # With ``split_fused``, a packed projection is merged block by block (q, k, v / gate, up) as
+        # if the blocks were separate tensors, so per-tensor statistics are per block.
+        spans: list[tuple[int, int]]
+        if spec.row_separable and len(e.shape) >= 1 and row_numel:
+            spans = [(r, min(rows_total, r + chunk_rows)) for r in range(0, rows_total, chunk_rows)] or [(0, 0)]
+        elif recipe.raymerge.split_fused and (blocks := fused_blocks(name, e, config)):
+            edges = [0, *itertools.accumulate(blocks)]
+            spans = list(itertools.pairwise(edges))
+        else:
+            spans = [(0, rows_total if e.shape else 0)]
+        n_chunks = len(spans)
         seed = _tensor_seed(recipe.raymerge.seed, name) if spec.random else 0
-        for c in range(n_chunks):
-            r0 = c * per_chunk
-            r1 = min(rows_total, r0 + per_chunk) if e.shape else 0
+        for r0, r1 in spans:
             numel = (r1 - r0) * row_numel if e.shape else e.numel
             work_numel = min(numel, chunk_rows * row_numel) if spec.chunked and e.shape else numel
             in_bytes = numel * e.itemsize * len(refs) + sum(a.end - a.start for a in aux)
@@ -360,6 +367,35 @@ def build_plan(recipe: Recipe, *, out_shard_bytes: int = DEFAULT_SHARD_BYTES) ->
     if out_tag:
         out_dtype_name = str(DTYPES[out_tag][0]).replace("torch.", "")
     return MergePlan(recipe, tuple(urls), tuple(tasks), tuple(shards), config, out_dtype_name, tokenizer_from)
+
+
+def fused_blocks(name: str, e: TensorEntry, config: dict[str, Any]) -> list[int] | None:
+    """Row sizes of the blocks of a packed projection, from the model config; None if not packed.
+
+    Known layouts: ``qkv_proj`` = [q; k; v] with heads·head_dim and kv_heads·head_dim rows
+    (Phi-3 style), ``gate_up_proj`` = [gate; up] with equal halves.
+    """
+    if len(e.shape) != 2:
+        return None
+    rows = e.shape[0]
+    if name.endswith("qkv_proj.weight"):
+        heads = config.get("num_attention_heads")
+        kv = config.get("num_key_value_heads") or heads
+        hidden = config.get("hidden_size")
+        if not (isinstance(heads, int) and isinstance(kv, int) and isinstance(hidden, int)):
+            raise PlanError("split_fused needs num_attention_heads and hidden_size in config.json", tensor=name)
+        hd = config.get("head_dim") or hidden // heads
+        blocks = [heads * hd, kv * hd, kv * hd]
+    elif name.endswith("gate_up_proj.weight"):
+        blocks = [rows // 2, rows - rows // 2]
+    else:
+        return None
+    if sum(blocks) != rows:
+        raise PlanError(
+            f"packed projection has {rows} rows but the config implies blocks {blocks}", tensor=name,
+            hint="set raymerge.split_fused: false to merge it as stored",
+        )  # fmt: skip
+    return blocks
 
 
 def _aux_refs(

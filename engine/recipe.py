@@ -56,6 +56,9 @@ class RaymergeOptions(BaseModel):
     )
     device: str = Field("auto", description="auto | cpu | cuda")
     compute_dtype: str | None = Field(None, description="override the compute dtype (default float32)")
+    split_fused: bool = Field(
+        False, description="merge packed projections (qkv_proj, gate_up_proj) block by block instead of as stored"
+    )
     exclude: list[str] = Field(
         default_factory=list, description="regexes of tensor names merged with the method's fallback (mean) instead"
     )
