@@ -52,7 +52,7 @@ class RaymergeOptions(BaseModel):
 
     seed: int = Field(0, description="seed for random methods (DARE); the merge is deterministic given it")
     chunk_bytes: int = Field(
-        16 << 20, gt=0, description="bytes of one compute-dtype input chunk (row-chunked methods and tasks)"
+        4 << 20, gt=0, description="bytes of one compute-dtype input chunk (row-chunked methods and tasks)"
     )
     device: str = Field("auto", description="auto | cpu | cuda")
     compute_dtype: str | None = Field(None, description="override the compute dtype (default float32)")
