@@ -513,3 +513,37 @@ def test_submit_failing_job_exits_nonzero(cluster, family, tmp_path):
     stdout, stderr = proc.communicate(timeout=180)
     assert proc.returncode != 0
     assert "already exists" in stdout and "failed" in stderr
+
+
+EVERY_OTHER_METHOD = {
+    "dare_linear": ({"density": 0.5}, [{"weight": 1.0}] * 3),
+    "breadcrumbs": ({"density": 0.8, "gamma": 0.02}, [{"weight": 1.0}] * 3),
+    "breadcrumbs_ties": ({"density": 0.8, "gamma": 0.02}, [{"weight": 1.0}] * 3),
+    "consensus": ({"k": 2}, None),
+    "actmat": (None, None),
+    "wudi": ({"steps": 50}, None),
+    "tsv_m": (None, None),
+    "iso_c": ({"alpha": 1.5}, None),
+    "iso_cts": (None, None),
+}
+
+
+def test_every_method_matches_local_on_ray(family, tmp_path):
+    """The methods the cluster tests above do not cover, on one embedded Ray session."""
+    import ray
+
+    from raymerge.engine.methods import METHODS
+
+    base, experts = family
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        for method, (params, per_model) in EVERY_OTHER_METHOD.items():
+            text = recipe_text(method, base, experts, params, per_model, extra="raymerge:\n  seed: 1")
+            want = local_reference(text, tmp_path / f"{method}-local")
+            merge(parse_recipe(text), tmp_path / f"{method}-ray", progress=False, workers=2,
+                  out_shard_bytes=150_000, executor="ray")  # fmt: skip
+            assert digests(tmp_path / f"{method}-ray") == want, method
+    finally:
+        ray.shutdown()
+    covered = set(EVERY_OTHER_METHOD) | {c[0] for c in CASES.values()} | {"regmean", "mean", "mean_task_vector"}
+    assert covered >= set(METHODS), set(METHODS) - covered
