@@ -69,7 +69,8 @@ def gram_stats(base: torch.Tensor, experts: Sequence[torch.Tensor], weighting: s
         w = 1.0 if weighting == "none" else (1.0 / sq if sq > 0 else 0.0)
         c = d.T @ d
         S.add_(c, alpha=w)
-        R.add_(d @ c, alpha=w)
+        # Δ(ΔᵀΔ) = (ΔΔᵀ)Δ: for wide matrices (out < in) the out×out product is the cheaper one.
+        R.add_((d @ d.T) @ d if rows < cols else d @ c, alpha=w)
         total.add_(d)
         del c, d
         n += 1
