@@ -69,7 +69,9 @@ def _family_files(root: Path) -> dict[str, int]:
     return out
 
 
-def build_family(root: Path, size: str, n_experts: int, shard_bytes: int, rebuild: bool) -> tuple[Path, list[Path], bool]:
+def build_family(
+    root: Path, size: str, n_experts: int, shard_bytes: int, rebuild: bool
+) -> tuple[Path, list[Path], bool]:
     """Return (base, experts, reused); rebuild unless a matching marker lists files that all still exist."""
     import torch
 
@@ -96,7 +98,10 @@ def build_family(root: Path, size: str, n_experts: int, shard_bytes: int, rebuil
             shutil.rmtree(d)
     root.mkdir(parents=True, exist_ok=True)
     shape = SHAPES[size]
-    print(f"building base + {n_experts} experts, {size} ({shape.params / 1e6:,.1f}M params each, bf16) in {root}", flush=True)
+    print(
+        f"building base + {n_experts} experts, {size} ({shape.params / 1e6:,.1f}M params each, bf16) in {root}",
+        flush=True,
+    )
     t0 = time.perf_counter()
     base, experts = make_family(root, size, n_experts, dtype=torch.bfloat16, shard_bytes=shard_bytes)
     print(f"  built in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -252,10 +257,37 @@ class TreeSampler:
             self._stop.wait(self.interval)
 
 
+def _busy_cpu_s() -> tuple[float, float]:
+    """System-wide CPU seconds spent busy (all cores, idle and iowait excluded) and stolen so far."""
+    t = psutil.cpu_times()
+    busy = sum(t) - t.idle - getattr(t, "iowait", 0.0)
+    return busy, getattr(t, "steal", 0.0)
+
+
+def wait_quiet(max_wait: float, threshold: float = 0.25, window: float = 5.0) -> dict[str, Any]:
+    """Wait (at most ``max_wait`` s) until the machine's busy CPU over ``window`` is below ``threshold`` cores.
+
+    Other people's processes on a small machine distort wall times; this records how long we waited
+    and the load we finally started under, so a contended run is visible in the results.
+    """
+    t0 = time.perf_counter()
+    while True:
+        b0, _ = _busy_cpu_s()
+        time.sleep(window)
+        load = (_busy_cpu_s()[0] - b0) / window
+        waited = time.perf_counter() - t0
+        if load < threshold or waited >= max_wait:
+            quiet = load < threshold
+            if not quiet:
+                print(f"  machine still busy ({load:.2f} cores) after {waited:.0f} s; measuring anyway", flush=True)
+            return {"waited_s": round(waited, 1), "busy_cores_at_start": round(load, 3), "quiet": quiet}
+
+
 def run_measured(cmd: list[str], log: Path, interval: float, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``cmd`` with stdout+stderr to ``log``; wall time, tree peak RSS, CPU time, exit code."""
     print("$ " + " ".join(cmd), flush=True)
     with open(log, "wb") as logf:
+        busy0, steal0 = _busy_cpu_s()
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env)
         sampler = TreeSampler(proc.pid, interval)
@@ -264,7 +296,9 @@ def run_measured(cmd: list[str], log: Path, interval: float, env: dict[str, str]
         wall = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
         sampler.stop()
+        busy1, steal1 = _busy_cpu_s()
     cpu = usage.ru_utime + usage.ru_stime
+    other_cpu = max(0.0, busy1 - busy0 - cpu)
     timeline = sampler.timeline
     step = max(1, len(timeline) // 400)
     result = {
@@ -282,6 +316,9 @@ def run_measured(cmd: list[str], log: Path, interval: float, env: dict[str, str]
         "cpu_utilisation": round(cpu / wall, 3) if wall else None,
         "major_faults": usage.ru_majflt,
         "minor_faults": usage.ru_minflt,
+        "other_processes_cpu_s": round(other_cpu, 3),
+        "other_processes_mean_cores": round(other_cpu / wall, 3) if wall else None,
+        "steal_cpu_s": round(steal1 - steal0, 3),
         "peak_threads": sampler.peak_threads,
         "peak_processes": sampler.peak_processes,
         "rss_samples": sampler.samples,
@@ -422,6 +459,30 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def engine_state() -> dict[str, Any]:
+    """Which raymerge code a run used: git HEAD, uncommitted engine/cluster files, a hash of their sources."""
+    import hashlib
+
+    def git(*a: str) -> str | None:
+        try:
+            return subprocess.run(["git", *a], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    h = hashlib.sha256()
+    for d in ("engine", "cluster"):
+        for f in sorted((REPO_ROOT / d).rglob("*.py")):
+            h.update(str(f.relative_to(REPO_ROOT)).encode())
+            h.update(f.read_bytes())
+    head = git("rev-parse", "HEAD")
+    dirty = git("status", "--porcelain", "--", "engine", "cluster")
+    return {
+        "git_head": head.strip() if head else None,
+        "uncommitted": [line[3:] for line in dirty.splitlines()] if dirty else [],
+        "sources_sha256": h.hexdigest()[:16],
+    }
+
+
 def figures_line(log: Path) -> str | None:
     """raymerge's own ``format_figures`` line from its output, if the run got that far."""
     for line in log.read_text(errors="replace").splitlines():
@@ -434,6 +495,12 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 4) if a is not None and b else None
 
 
+def _color(name: str) -> str:
+    if name == "mergekit":
+        return "#d95f02"
+    return "#2b7bba" if name == "raymerge" else "#7fb2dc"
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
     """Bar charts of wall time and peak RSS (plus the RSS timelines) with the 0.2× targets."""
     import matplotlib
@@ -442,35 +509,37 @@ def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     runs = results["runs"]
-    names = [n for n in ("raymerge", "mergekit") if n in runs]
-    colors = {"raymerge": "#2b7bba", "mergekit": "#d95f02"}
+    names = list(runs)
     target = REFERENCE["target_ratio"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), gridspec_kw={"width_ratios": [1, 1, 1.6]})
+    mk = runs.get("mergekit") if runs.get("mergekit", {}).get("returncode") == 0 else None
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), gridspec_kw={"width_ratios": [1, 1, 1.5]})
+
+    def bars(ax: Any, values: list[float], fmt: str) -> None:
+        drawn = ax.bar(names, values, color=[_color(n) for n in names])
+        for b, v, n in zip(drawn, values, names, strict=True):
+            label = fmt.format(v) if runs[n]["returncode"] == 0 else f"failed (exit {runs[n]['returncode']})"
+            ax.annotate(label, (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
+        ax.tick_params(axis="x", labelsize=8)
 
     ax = axes[0]
-    walls = [runs[n]["wall_s"] for n in names]
-    bars = ax.bar(names, walls, color=[colors[n] for n in names])
-    for b, v, n in zip(bars, walls, names, strict=True):
-        ax.annotate(f"{v:.1f} s" + ("" if runs[n]["returncode"] == 0 else " (failed)"),
-                    (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=9)  # fmt: skip
+    bars(ax, [runs[n]["wall_s"] for n in names], "{:.1f} s")
     floor = results["io_floor"]["floor_s"]
     ax.axhline(floor, color="gray", ls=":", lw=1.2, label=f"I/O floor {floor:.1f} s")
-    if "mergekit" in runs:
-        ax.axhline(target * runs["mergekit"]["wall_s"], color="green", ls="--", lw=1.2, label=f"target {target}× mergekit")
+    if mk is not None:
+        ax.axhline(target * mk["wall_s"], color="green", ls="--", lw=1.2, label=f"target {target}× mergekit")
     ax.set_ylabel("wall time (s)")
     ax.set_title("wall time")
     ax.legend(fontsize=8)
 
     ax = axes[1]
-    rss = [runs[n]["peak_rss_bytes"] / GIB for n in names]
-    bars = ax.bar(names, rss, color=[colors[n] for n in names])
-    for b, v in zip(bars, rss, strict=True):
-        ax.annotate(f"{v:.2f} GiB", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=9)
-    if "mergekit" in runs:
-        ax.axhline(target * rss[names.index("mergekit")], color="green", ls="--", lw=1.2, label=f"target {target}× mergekit")
+    bars(ax, [runs[n]["peak_rss_bytes"] / GIB for n in names], "{:.2f} GiB")
+    if mk is not None:
+        ax.axhline(
+            target * mk["peak_rss_bytes"] / GIB, color="green", ls="--", lw=1.2, label=f"target {target}× mergekit"
+        )
     budget = results["config"].get("memory_budget_bytes")
     if budget:
-        ax.axhline(budget / GIB, color="purple", ls=":", lw=1.2, label=f"raymerge budget {budget / GIB:.2f} GiB")
+        ax.axhline(budget / GIB, color="purple", ls=":", lw=1.2, label=f"--memory-budget {budget / GIB:.2f} GiB")
     ax.set_ylabel("peak RSS of process tree (GiB)")
     ax.set_title("peak RSS")
     ax.legend(fontsize=8)
@@ -479,7 +548,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     for n in names:
         tl = runs[n]["rss_timeline_s_bytes"]
         if tl:
-            ax.plot([t for t, _ in tl], [r / GIB for _, r in tl], color=colors[n], label=n)
+            ax.plot([t for t, _ in tl], [r / GIB for _, r in tl], color=_color(n), label=n)
     ax.set_xlabel("time since start (s)")
     ax.set_ylabel("RSS (GiB)")
     ax.set_title("process-tree RSS over time")
@@ -487,8 +556,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     cfg = results["config"]
     fig.suptitle(
-        f"TIES, base + {cfg['experts']} experts, {cfg['size']} Llama ({cfg['params_per_model'] / 1e6:,.1f}M params, bf16) — "
-        f"{results['machine']['logical_cores']} cores, {results['machine']['ram_total_bytes'] / GIB:.0f} GiB RAM",
+        f"TIES, base + {cfg['experts']} experts, {cfg['size']} Llama ({cfg['params_per_model'] / 1e6:,.1f}M params, "
+        f"bf16) — {results['machine']['logical_cores']} cores, {results['machine']['ram_total_bytes'] / GIB:.0f} GiB "
+        f"RAM, warm page cache",
         fontsize=11,
     )
     fig.tight_layout()
@@ -507,13 +577,42 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Benchmark raymerge vs mergekit-yaml on a TIES merge of synthetic Llama checkpoints.",
     )
     p.add_argument("--size", default="1b", choices=["tiny", "small", "1b"], help="synthetic Llama shape (default 1b)")
-    p.add_argument("--workdir", type=Path, default=Path("/tmp/raymerge-bench"), help="checkpoints, recipe and outputs (default /tmp/raymerge-bench)")
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("/tmp/raymerge-bench"),
+        help="checkpoints, recipe and outputs (default /tmp/raymerge-bench)",
+    )
     p.add_argument("--experts", type=int, default=3, help="number of experts (default 3)")
     p.add_argument("--density", type=float, default=0.2, help="TIES density per expert (default 0.2)")
     p.add_argument("--shard-bytes", type=int, default=1 << 30, help="input shard size in bytes (default 1 GiB)")
     p.add_argument("--memory-budget", default="1.5GiB", help="raymerge --memory-budget (default 1.5GiB)")
+    p.add_argument(
+        "--extra-budget",
+        action="append",
+        default=[],
+        metavar="SIZE",
+        help="also run raymerge with this --memory-budget (repeatable); reported as raymerge@SIZE",
+    )
     p.add_argument("--workers", type=int, default=None, help="raymerge --workers (default: raymerge's own)")
     p.add_argument("--sample-interval", type=float, default=0.05, help="RSS sampling period in seconds (default 0.05)")
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="before each measurement wait up to this long for other processes to go idle (default 300; 0: never)",
+    )
+    p.add_argument(
+        "--max-contention",
+        type=float,
+        default=0.25,
+        metavar="CORES",
+        help="repeat a measurement during which other processes used more than this many cores on average (default 0.25)",
+    )
+    p.add_argument(
+        "--attempts", type=int, default=3, help="most measurements per tool; the least contended is kept (default 3)"
+    )
     p.add_argument("--rebuild", action="store_true", help="rebuild the checkpoints even if complete ones exist")
     p.add_argument("--skip-mergekit", action="store_true", help="run raymerge only (no ratios)")
     p.add_argument("--keep-outputs", action="store_true", help="keep the merged models after comparing them")
@@ -524,10 +623,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
     try:
         args.memory_budget_bytes = parse_size(args.memory_budget)
+        for b in args.extra_budget:
+            parse_size(b)
     except argparse.ArgumentTypeError as exc:
         p.error(str(exc))
     if not 0.0 < args.sample_interval <= 1.0:
         p.error("--sample-interval must be in (0, 1] seconds")
+    if args.experts < 1:
+        p.error("--experts must be at least 1")
     return args
 
 
@@ -540,6 +643,23 @@ def _tool(name: str) -> str:
     if found is None:
         raise SystemExit(f"{name} not found next to {sys.executable} or on PATH")
     return found
+
+
+def ratios_for(run: dict[str, Any], mk: dict[str, Any] | None, floor_s: float) -> dict[str, Any]:
+    """Ratios of one raymerge run to mergekit and to the I/O floor (``None`` where a run failed)."""
+    ok = run["returncode"] == 0
+    out: dict[str, Any] = {"wall_over_io_floor": _ratio(run["wall_s"], floor_s) if ok else None}
+    if mk is None:
+        return out
+    both = ok and mk["returncode"] == 0
+    t = REFERENCE["target_ratio"]
+    out["wall_over_mergekit"] = _ratio(run["wall_s"], mk["wall_s"]) if both else None
+    out["peak_rss_over_mergekit"] = _ratio(run["peak_rss_bytes"], mk["peak_rss_bytes"]) if both else None
+    out["meets_wall_target"] = both and out["wall_over_mergekit"] <= t
+    out["meets_rss_target"] = both and out["peak_rss_over_mergekit"] <= t
+    if not both:
+        out["note"] = "no ratio: " + ("raymerge" if not ok else "mergekit") + " failed"
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -557,61 +677,100 @@ def main(argv: Sequence[str] | None = None) -> int:
     base_bytes = sum(f.stat().st_size for f in shard_files(base))
     recipe = root / "ties.yaml"
     recipe_text = write_recipe(recipe, base, experts, args.density)
-    print(f"inputs: {len(inputs)} shards, {input_bytes / GIB:.2f} GiB ({'reused' if reused else 'built'}); recipe {recipe}", flush=True)
+    state = "reused" if reused else "built"
+    print(f"inputs: {len(inputs)} shards, {input_bytes / GIB:.2f} GiB ({state}); recipe {recipe}", flush=True)
 
-    warm_floor = warm_inputs(inputs)
+    quiet: dict[str, Any] = {}
+    warm_s: dict[str, float] = {}
+
+    def prepare(label: str) -> None:
+        """Same starting state for every measurement: idle machine (if we can get it), warm inputs."""
+        if args.wait_quiet > 0:
+            quiet[label] = wait_quiet(args.wait_quiet)
+        warm_s[label] = round(warm_inputs(inputs), 3)
+
+    prepare("io_floor")
     floor = io_floor(inputs, base_bytes, root / "io-floor.scratch")
-    print(f"I/O floor: read {floor['read_s']:.1f} s + write {floor['write_s']:.1f} s + fsync {floor['fsync_s']:.1f} s = {floor['floor_s']:.1f} s", flush=True)
+    print(
+        f"I/O floor: read {floor['read_s']:.1f} s + write {floor['write_s']:.1f} s + fsync {floor['fsync_s']:.1f} s"
+        f" = {floor['floor_s']:.1f} s",
+        flush=True,
+    )
 
-    outs = {"raymerge": root / "out-raymerge", "mergekit": root / "out-mergekit"}
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
+    budgets = [("raymerge", args.memory_budget)] + [(f"raymerge@{b}", b) for b in args.extra_budget]
+    outs = {name: root / ("out-" + re.sub(r"[^A-Za-z0-9.]+", "-", name)) for name, _ in budgets}
+    if not args.skip_mergekit:
+        outs["mergekit"] = root / "out-mergekit"
     for d in outs.values():
         shutil.rmtree(d, ignore_errors=True)
         shutil.rmtree(d.with_name(d.name + ".raymerge-staging"), ignore_errors=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
+
+    def measure(name: str, cmd: list[str]) -> dict[str, Any]:
+        """Run ``cmd`` until one measurement is uncontended (at most ``--attempts``); keep the least contended."""
+        log = root / (outs[name].name.replace("out-", "") + ".log")
+        tried: list[dict[str, Any]] = []
+        for attempt in range(max(1, args.attempts)):
+            shutil.rmtree(outs[name], ignore_errors=True)
+            prepare(f"{name}#{attempt + 1}")
+            state = engine_state()
+            r = run_measured(cmd, log, args.sample_interval, env)
+            r["engine"] = state
+            r["figures_line"] = figures_line(log) if name != "mergekit" else None
+            tried.append(r)
+            other = r["other_processes_mean_cores"] or 0.0
+            if r["returncode"] != 0 or other <= args.max_contention:
+                break
+            print(f"  other processes used {other:.2f} cores during the run; measuring again", flush=True)
+        best = min(tried, key=lambda t: (t["returncode"] != 0, t["other_processes_mean_cores"] or 0.0))
+        best["attempts"] = [
+            {k: t[k] for k in ("wall_s", "peak_rss_bytes", "other_processes_mean_cores", "returncode")} for t in tried
+        ]
+        best["contended"] = (best["other_processes_mean_cores"] or 0.0) > args.max_contention
+        if best is not tried[-1] and best["returncode"] == 0:
+            # the kept attempt's output was replaced by a later attempt; the bytes are identical run to run
+            best["note"] = "output compared is from the last attempt"
+        return best
 
     runs: dict[str, dict[str, Any]] = {}
-    warm_s: dict[str, float] = {"io_floor": round(warm_floor, 3)}
-
-    rm_cmd = [_tool("raymerge"), "run", str(recipe), str(outs["raymerge"]), "--overwrite", "-q",
-              "--memory-budget", args.memory_budget]  # fmt: skip
-    if args.workers:
-        rm_cmd += ["--workers", str(args.workers)]
-    warm_s["raymerge"] = round(warm_inputs(inputs), 3)
-    runs["raymerge"] = run_measured(rm_cmd, root / "raymerge.log", args.sample_interval, env)
-    runs["raymerge"]["figures_line"] = figures_line(root / "raymerge.log")
-
+    for name, budget in budgets:
+        cmd = [_tool("raymerge"), "run", str(recipe), str(outs[name]), "--overwrite", "-q", "--memory-budget", budget]
+        if args.workers:
+            cmd += ["--workers", str(args.workers)]
+        runs[name] = measure(name, cmd)
+        runs[name]["memory_budget"] = budget
     if not args.skip_mergekit:
-        mk_cmd = [_tool("mergekit-yaml"), str(recipe), str(outs["mergekit"]), "--no-copy-tokenizer"]
-        warm_s["mergekit"] = round(warm_inputs(inputs), 3)
-        runs["mergekit"] = run_measured(mk_cmd, root / "mergekit.log", args.sample_interval, env)
+        cmd = [_tool("mergekit-yaml"), str(recipe), str(outs["mergekit"]), "--no-copy-tokenizer"]
+        runs["mergekit"] = measure("mergekit", cmd)
 
+    mk = runs.get("mergekit")
     comparison: dict[str, Any] | None = None
-    if "mergekit" in runs and all(runs[n]["returncode"] == 0 for n in runs):
-        print("comparing outputs ...", flush=True)
-        comparison = compare_outputs(outs["raymerge"], outs["mergekit"], base)
+    ok_rm = [name for name, _ in budgets if runs[name]["returncode"] == 0]
+    if mk is not None and mk["returncode"] == 0 and ok_rm:
+        print(f"comparing outputs of {ok_rm[0]} and mergekit ...", flush=True)
+        comparison = {"raymerge_run": ok_rm[0], **compare_outputs(outs[ok_rm[0]], outs["mergekit"], base)}
         for cls, c in comparison["by_class"].items():
-            print(f"  {cls:<10} max|Δ| {c['max_abs_diff']:.3g}  mean|Δ| {c['mean_abs_diff']:.3g}  "
-                  f"differing {c['fraction_differing']:.2%}  ({c['tensors']} tensors)", flush=True)  # fmt: skip
+            print(
+                f"  {cls:<10} max|Δ| {c['max_abs_diff']:.3g}  mean|Δ| {c['mean_abs_diff']:.3g}  "
+                f"differing {c['fraction_differing']:.2%}  ({c['tensors']} tensors)",
+                flush=True,
+            )
     out_sizes = {n: sum(f.stat().st_size for f in shard_files(d)) for n, d in outs.items() if d.exists()}
     if not args.keep_outputs:
         for d in outs.values():
             shutil.rmtree(d, ignore_errors=True)
 
-    rm, mk = runs["raymerge"], runs.get("mergekit")
-    ratios: dict[str, Any] = {
-        "raymerge_wall_over_io_floor": _ratio(rm["wall_s"], floor["floor_s"]),
-    }
-    if mk is not None:
-        ratios["mergekit_wall_over_io_floor"] = _ratio(mk["wall_s"], floor["floor_s"])
-        ratios["wall_raymerge_over_mergekit"] = _ratio(rm["wall_s"], mk["wall_s"])
-        ratios["peak_rss_raymerge_over_mergekit"] = _ratio(rm["peak_rss_bytes"], mk["peak_rss_bytes"])
-        ok = rm["returncode"] == 0 and mk["returncode"] == 0
-        t = REFERENCE["target_ratio"]
-        ratios["meets_wall_target"] = ok and ratios["wall_raymerge_over_mergekit"] <= t
-        ratios["meets_rss_target"] = ok and ratios["peak_rss_raymerge_over_mergekit"] <= t
+    ratios = {name: ratios_for(runs[name], mk, floor["floor_s"]) for name, _ in budgets}
+    if mk is not None and mk["returncode"] == 0:
+        ratios["mergekit"] = {"wall_over_io_floor": _ratio(mk["wall_s"], floor["floor_s"])}
 
+    states = {json.dumps(r["engine"], sort_keys=True) for n, r in runs.items() if n != "mergekit"}
+    if len(states) > 1:
+        print("warning: the raymerge sources changed between runs (see runs.*.engine)", flush=True)
     results: dict[str, Any] = {
         "benchmark": "core_ties_1b",
+        "engine": engine_state(),
+        "engine_changed_during_benchmark": len(states) > 1,
         "started_utc": started,
         "machine": machine,
         "config": {
@@ -628,6 +787,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "output_bytes": out_sizes,
             "memory_budget": args.memory_budget,
             "memory_budget_bytes": args.memory_budget_bytes,
+            "extra_budgets": args.extra_budget,
             "workers": args.workers,
             "workdir": str(root),
             "checkpoints_reused": reused,
@@ -639,8 +799,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             "rss": f"max over time of summed VmRSS of the child and all descendants, sampled every "
             f"{args.sample_interval} s (psutil + /proc/<pid>/status); anon/file split from RssAnon and RssFile+RssShmem",
             "wall": "wall clock from spawn to exit of the tool's process (includes interpreter start-up and imports)",
-            "order": "io_floor, raymerge, mergekit",
+            "contention": "other_processes_cpu_s = machine-wide busy CPU during the run minus the tool's own CPU "
+            "(includes this harness's sampler); quiet_wait = idle check before each measurement; a measurement "
+            f"during which others used > {args.max_contention} cores is repeated (at most {args.attempts} times) "
+            "and the least contended attempt kept ('contended' says whether even that one was)",
+            "order": "io_floor, " + ", ".join(runs),
         },
+        "quiet_wait": quiet,
         "warmup_read_s": warm_s,
         "io_floor": floor,
         "runs": runs,
@@ -652,10 +817,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     json_path, png_path = args.results_dir / f"{stem}.json", args.results_dir / f"{stem}.png"
     json_path.write_text(json.dumps(results, indent=1) + "\n")
     plot(results, png_path)
-    print(f"raymerge figures: {rm['figures_line']}")
-    if mk is not None:
-        print(f"ratios raymerge/mergekit: wall {ratios['wall_raymerge_over_mergekit']}, peak RSS {ratios['peak_rss_raymerge_over_mergekit']} "
-              f"(target ≤ {REFERENCE['target_ratio']}); raymerge/I-O floor {ratios['raymerge_wall_over_io_floor']}")  # fmt: skip
+    for name, _ in budgets:
+        r = ratios[name]
+        print(f"{name}: {runs[name]['figures_line'] or 'no figures (failed)'}")
+        if r.get("wall_over_mergekit") is not None:
+            print(
+                f"  /mergekit: wall {r['wall_over_mergekit']}, peak RSS {r['peak_rss_over_mergekit']} "
+                f"(target ≤ {REFERENCE['target_ratio']}); wall / I/O floor {r['wall_over_io_floor']}"
+            )
     print(f"wrote {json_path} and {png_path}")
     return 0 if all(r["returncode"] == 0 for r in runs.values()) else 1
 
