@@ -613,6 +613,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--attempts", type=int, default=3, help="most measurements per tool; the least contended is kept (default 3)"
     )
+    p.add_argument(
+        "--ray-budget",
+        action="append",
+        default=[],
+        metavar="SIZE",
+        help="also run raymerge with --executor ray (embedded Ray) at this --memory-budget (repeatable);"
+        " reported as raymerge-ray@SIZE, its RSS including every Ray process it starts",
+    )
     p.add_argument("--rebuild", action="store_true", help="rebuild the checkpoints even if complete ones exist")
     p.add_argument("--skip-mergekit", action="store_true", help="run raymerge only (no ratios)")
     p.add_argument("--keep-outputs", action="store_true", help="keep the merged models after comparing them")
@@ -623,7 +631,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
     try:
         args.memory_budget_bytes = parse_size(args.memory_budget)
-        for b in args.extra_budget:
+        for b in [*args.extra_budget, *args.ray_budget]:
             parse_size(b)
     except argparse.ArgumentTypeError as exc:
         p.error(str(exc))
@@ -698,7 +706,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
-    budgets = [("raymerge", args.memory_budget)] + [(f"raymerge@{b}", b) for b in args.extra_budget]
+    budgets = (
+        [("raymerge", args.memory_budget)]
+        + [(f"raymerge@{b}", b) for b in args.extra_budget]
+        + [(f"raymerge-ray@{b}", b) for b in args.ray_budget]
+    )
     outs = {name: root / ("out-" + re.sub(r"[^A-Za-z0-9.]+", "-", name)) for name, _ in budgets}
     if not args.skip_mergekit:
         outs["mergekit"] = root / "out-mergekit"
@@ -737,6 +749,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cmd = [_tool("raymerge"), "run", str(recipe), str(outs[name]), "--overwrite", "-q", "--memory-budget", budget]
         if args.workers:
             cmd += ["--workers", str(args.workers)]
+        if name.startswith("raymerge-ray@"):
+            cmd += ["--executor", "ray"]
         runs[name] = measure(name, cmd)
         runs[name]["memory_budget"] = budget
     if not args.skip_mergekit:
@@ -763,6 +777,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ratios = {name: ratios_for(runs[name], mk, floor["floor_s"]) for name, _ in budgets}
     if mk is not None and mk["returncode"] == 0:
         ratios["mergekit"] = {"wall_over_io_floor": _ratio(mk["wall_s"], floor["floor_s"])}
+    local = runs["raymerge"]
+    for name, budget in budgets:
+        if name.startswith("raymerge-ray@") and runs[name]["returncode"] == 0 and local["returncode"] == 0:
+            # Ray's fixed overhead is what the tree holds beyond the budget: raylet, GCS, workers.
+            ratios[name]["wall_over_local_executor"] = _ratio(runs[name]["wall_s"], local["wall_s"])
+            from raymerge.engine.cli import parse_size
+
+            ratios[name]["peak_rss_minus_budget_bytes"] = runs[name]["peak_rss_bytes"] - parse_size(budget)
 
     states = {json.dumps(r["engine"], sort_keys=True) for n, r in runs.items() if n != "mergekit"}
     if len(states) > 1:
