@@ -102,6 +102,17 @@ def cmd_submit(args: argparse.Namespace) -> int:
                         job_id=args.job_id)  # fmt: skip
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from raymerge.engine.verify import verify_model
+
+    rep = verify_model(args.model)
+    print(
+        f"ok: {rep.tensors} tensors in {rep.shards} shard(s); {rep.tasks_checked} task checksums "
+        f"over {_fmt_bytes(rep.bytes_checked)} match; all floating-point values finite"
+    )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from raymerge.engine.demo import run_demo
 
@@ -160,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--job-id", default=None, help="submission id for the job (default: chosen by Ray)")
     sp.add_argument("--no-wait", action="store_true", help="print the job id and return without streaming logs")
     sp.set_defaults(fn=cmd_submit)
+
+    sp = sub.add_parser("verify", help="recheck a merged model: index, headers, receipts' checksums, finiteness")
+    sp.add_argument("model", help="model directory written by raymerge run")
+    sp.set_defaults(fn=cmd_verify)
 
     sp = sub.add_parser("demo", help="build small checkpoints, merge them, print the figures")
     sp.add_argument("--workdir", default=None, help="where to build (default: a temp dir)")

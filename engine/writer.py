@@ -169,7 +169,8 @@ class Staging:
         if plan.tokenizer_from:
             self._copy_tokenizer(plan.tokenizer_from)
         (self.dir / "README.md").write_text(card, encoding="utf-8")
-        ordered = [receipts[t.id].to_json() for t in plan.tasks]
+        # Where each task's bytes are, so `raymerge verify` can recompute every checksum later.
+        ordered = [{**receipts[t.id].to_json(), "shard": t.output.shard, "offset": t.output.offset} for t in plan.tasks]
         (self.meta / "receipts.json").write_text(json.dumps(ordered))
         for p in self.dir.iterdir():
             if p.is_file():

@@ -124,3 +124,25 @@ def test_transformers_loads_output_and_logits_match(family, tmp_path):
         got = model(ids).logits
         want = ref_model(ids).logits
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+def test_verify_accepts_a_merge_and_names_a_corrupted_tensor(family, tmp_path):
+    import subprocess
+    import sys
+
+    recipe = _ties(family)
+    out = tmp_path / "out"
+    merge(recipe, out, progress=False, out_shard_bytes=100_000)
+    cli = [sys.executable, "-m", "raymerge.engine.cli", "verify", str(out)]
+    ok = subprocess.run(cli, capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout.startswith("ok: 21 tensors"), ok.stderr
+    receipts = json.loads((out / ".raymerge" / "receipts.json").read_text())
+    victim = receipts[5]
+    shard = out / victim["shard"]
+    raw = bytearray(shard.read_bytes())
+    raw[victim["offset"] + 1] ^= 0x10
+    shard.write_bytes(bytes(raw))
+    bad = subprocess.run(cli, capture_output=True, text=True)
+    assert bad.returncode != 0
+    line = bad.stderr.strip()
+    assert line.startswith("raymerge: error: checksum") and victim["tensor"] in line and victim["shard"] in line
