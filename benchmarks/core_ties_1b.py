@@ -28,6 +28,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import importlib.metadata
 import json
@@ -205,6 +206,9 @@ class TreeSampler:
     peak_processes: int = 0
     samples: int = 0
     timeline: list[tuple[float, int]] = field(default_factory=list)
+    # Last CPU time seen per descendant: processes the child never reaps (Ray's raylet, GCS and
+    # workers) are missing from wait4's rusage, so their CPU is added from here.
+    cpu_by_pid: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._stop = threading.Event()
@@ -218,15 +222,24 @@ class TreeSampler:
         self._stop.set()
         self._thread.join()
 
+    root_cpu: float = 0.0
+
     def _sample(self) -> None:
         try:
             root = psutil.Process(self.pid)
+            with contextlib.suppress(psutil.Error):
+                t = root.cpu_times()
+                self.root_cpu = t.user + t.system
             procs = [root, *root.children(recursive=True)]
         except psutil.Error:
             return
         rss = anon = filed = threads = 0
         alive = 0
         for p in procs:
+            if p.pid != self.pid:
+                with contextlib.suppress(psutil.Error):
+                    t = p.cpu_times()
+                    self.cpu_by_pid[p.pid] = t.user + t.system
             st = _proc_status_kib(p.pid)
             if st is not None and "VmRSS" in st:
                 rss += st["VmRSS"] << 10
@@ -297,7 +310,7 @@ def run_measured(cmd: list[str], log: Path, interval: float, env: dict[str, str]
         proc.returncode = os.waitstatus_to_exitcode(status)
         sampler.stop()
         busy1, steal1 = _busy_cpu_s()
-    cpu = usage.ru_utime + usage.ru_stime
+    cpu = max(usage.ru_utime + usage.ru_stime, sampler.root_cpu + sum(sampler.cpu_by_pid.values()))
     other_cpu = max(0.0, busy1 - busy0 - cpu)
     timeline = sampler.timeline
     step = max(1, len(timeline) // 400)
