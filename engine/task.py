@@ -61,7 +61,29 @@ def pwrite_all(path: str, data: memoryview, offset: int) -> None:
         os.close(fd)
 
 
-class ExpertStream(Sequence[torch.Tensor]):
+class LazyTensors(Sequence[torch.Tensor]):
+    """A sequence whose tensors are read when accessed (``_item``) and never cached."""
+
+    def _item(self, i: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    @overload
+    def __getitem__(self, i: int) -> torch.Tensor: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[torch.Tensor]: ...
+    def __getitem__(self, i: int | slice) -> torch.Tensor | Sequence[torch.Tensor]:
+        if isinstance(i, slice):
+            return [self._item(j) for j in range(len(self))[i]]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        return self._item(i % len(self))
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for i in range(len(self)):
+            yield self._item(i)
+
+
+class ExpertStream(LazyTensors):
     """The experts of a task as a lazy sequence: each access reads that expert's rows afresh
     (zero-copy from the mapping, then cast to the compute dtype on the compute device), so a
     method that iterates holds one expert at a time and can iterate more than once."""
@@ -99,23 +121,11 @@ class ExpertStream(Sequence[torch.Tensor]):
     def __len__(self) -> int:
         return len(self.readers) - self.first
 
-    @overload
-    def __getitem__(self, i: int) -> torch.Tensor: ...
-    @overload
-    def __getitem__(self, i: slice) -> Sequence[torch.Tensor]: ...
-    def __getitem__(self, i: int | slice) -> torch.Tensor | Sequence[torch.Tensor]:
-        if isinstance(i, slice):
-            return [self[j] for j in range(len(self))[i]]
-        if not -len(self) <= i < len(self):
-            raise IndexError(i)
-        return self.load(self.first + (i % len(self)))
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        for i in range(len(self)):
-            yield self.load(self.first + i)
+    def _item(self, i: int) -> torch.Tensor:
+        return self.load(self.first + i)
 
 
-class AuxStream(Sequence[torch.Tensor]):
+class AuxStream(LazyTensors):
     """A task's per-expert auxiliary matrices, read on demand in the compute dtype and device."""
 
     def __init__(self, task: TensorTask, dev: torch.device) -> None:
@@ -125,23 +135,13 @@ class AuxStream(Sequence[torch.Tensor]):
     def __len__(self) -> int:
         return len(self.task.aux)
 
-    @overload
-    def __getitem__(self, i: int) -> torch.Tensor: ...
-    @overload
-    def __getitem__(self, i: slice) -> Sequence[torch.Tensor]: ...
-    def __getitem__(self, i: int | slice) -> torch.Tensor | Sequence[torch.Tensor]:
-        if isinstance(i, slice):
-            return [self[j] for j in range(len(self))[i]]
+    def _item(self, i: int) -> torch.Tensor:
         ref, name = self.task.aux[i], self.task.aux_names[i]
         reader = open_shard(ref.url)
         x = reader.read_rows(ref.entry(name)).to(device=self.dev, dtype=DTYPES[self.task.compute_dtype][0])
         if not bool(torch.isfinite(x).all()):
             raise CheckpointError("statistics contain NaN or Inf", file=ref.url, tensor=name)
         return x
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        for i in range(len(self)):
-            yield self[i]
 
 
 class TaskChunks:
