@@ -33,12 +33,13 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from raymerge.engine.merge import merge
 from raymerge.engine.recipe import parse_recipe
 from raymerge.engine.synth import LlamaShape, make_family
 
-from conftest import recipe_text
+from conftest import load_dir, recipe_text
 
 pytestmark = pytest.mark.ray
 
@@ -535,9 +536,22 @@ def test_every_method_matches_local_on_ray(family, tmp_path):
     from raymerge.engine.methods import METHODS
 
     base, experts = family
+    # RegMean reads per-expert Gram files: one in×in matrix per linear layer, keyed by module name.
+    grams = []
+    for i in range(len(experts)):
+        g = torch.Generator().manual_seed(i)
+        mats = {}
+        for name, w in load_dir(base).items():
+            if w.dim() == 2 and "embed" not in name and "lm_head" not in name:
+                x = torch.randn(4 * w.shape[1], w.shape[1], generator=g)
+                mats[name.removesuffix(".weight")] = x.T @ x / x.shape[0]
+        path = tmp_path / f"grams{i}.safetensors"
+        save_file(mats, str(path))
+        grams.append({"grams": str(path)})
+    cases = {**EVERY_OTHER_METHOD, "regmean": ({"alpha": 0.9}, grams)}
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        for method, (params, per_model) in EVERY_OTHER_METHOD.items():
+        for method, (params, per_model) in cases.items():
             text = recipe_text(method, base, experts, params, per_model, extra="raymerge:\n  seed: 1")
             want = local_reference(text, tmp_path / f"{method}-local")
             merge(parse_recipe(text), tmp_path / f"{method}-ray", progress=False, workers=2,
@@ -545,5 +559,5 @@ def test_every_method_matches_local_on_ray(family, tmp_path):
             assert digests(tmp_path / f"{method}-ray") == want, method
     finally:
         ray.shutdown()
-    covered = set(EVERY_OTHER_METHOD) | {c[0] for c in CASES.values()} | {"regmean", "mean", "mean_task_vector"}
+    covered = set(cases) | {c[0] for c in CASES.values()} | {"mean", "mean_task_vector"}  # the last two: fallbacks
     assert covered >= set(METHODS), set(METHODS) - covered
