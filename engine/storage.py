@@ -10,17 +10,23 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import mmap
 import os
 import posixpath
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import fsspec
 import torch
 
 from raymerge.engine.errors import CheckpointError, HeaderError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # safetensors dtype tag -> (torch dtype, bytes per element)
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
@@ -221,12 +227,8 @@ class ShardReader:
                 os.close(fd)
         else:
             self._fs, self._path = _split_url(url)
-            try:
-                self.size = int(self._fs.size(self._path))
-            except FileNotFoundError:
-                raise CheckpointError("shard not found", file=url) from None
-            except Exception as exc:  # noqa: BLE001 - fsspec backends raise many types
-                raise CheckpointError(f"cannot stat shard: {exc}", file=url) from None
+            fs, path = self._fs, self._path
+            self.size = int(with_retries(lambda: fs.size(path), url, "stat"))
         if self.size < 8:
             raise HeaderError(f"file is {self.size} bytes, too short for a safetensors header", file=url)
         (hlen,) = _u64(self.read_bytes(0, 8))
@@ -241,11 +243,10 @@ class ShardReader:
         """Read ``[start, end)`` as bytes (a copy); used for headers and remote data."""
         if self._mm is not None:
             return self._mm[start:end]
-        assert self._fs is not None
-        try:
-            data = self._fs.cat_file(self._path, start=start, end=end)
-        except Exception as exc:  # noqa: BLE001
-            raise CheckpointError(f"range read [{start}, {end}) failed: {exc}", file=self.url) from None
+        fs = self._fs
+        assert fs is not None
+        path = self._path
+        data = with_retries(lambda: fs.cat_file(path, start=start, end=end), self.url, f"range read [{start}, {end})")
         if len(data) != end - start:
             raise CheckpointError(f"short read: wanted {end - start} bytes, got {len(data)}", file=self.url)
         READ_STATS.add(len(data))
@@ -301,6 +302,32 @@ def row_span(entry: TensorEntry, row_start: int = 0, row_end: int | None = None)
 
 def _u64(b: bytes) -> tuple[int]:
     return (int.from_bytes(b, "little"),)
+
+
+# Remote reads that fail transiently (5xx, resets, timeouts) are retried with exponential backoff;
+# a missing file is not retried. Module-level so tests and deployments can tune them.
+RETRIES = 4
+BACKOFF_S = 0.25
+
+
+def with_retries(fn: Callable[[], T], url: str, what: str) -> T:
+    """Call ``fn``, retrying transient failures ``RETRIES`` times with exponential backoff."""
+    delay = BACKOFF_S
+    for attempt in range(RETRIES + 1):
+        try:
+            return fn()
+        except FileNotFoundError:
+            raise CheckpointError(f"{what}: not found", file=url) from None
+        except Exception as exc:  # noqa: BLE001 - fsspec backends raise many types
+            if attempt == RETRIES:
+                raise CheckpointError(
+                    f"{what} failed after {RETRIES + 1} attempts: {exc}".replace("\n", " "), file=url,
+                    hint="check the storage endpoint; rerun to resume",
+                ) from None  # fmt: skip
+            log.warning("%s of %s failed (%s); retrying in %.2f s", what, url, exc, delay)
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
 
 
 _READERS: dict[str, ShardReader] = {}

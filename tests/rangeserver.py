@@ -16,6 +16,8 @@ class RangeServer:
         self.root = Path(root)
         self.bytes_sent = 0
         self.requests: list[tuple[str, str, str | None]] = []
+        self.fail_ranged = 0  # answer this many ranged GETs with 503 (then recover)
+        self.fail_always = False  # answer every ranged GET with 503
         self._lock = threading.Lock()
         server = self
 
@@ -50,6 +52,14 @@ class RangeServer:
                 if p is None:
                     self.send_error(404)
                     return
+                if rng:
+                    with server._lock:
+                        fail = server.fail_always or server.fail_ranged > 0
+                        if server.fail_ranged > 0:
+                            server.fail_ranged -= 1
+                    if fail:
+                        self.send_error(503)
+                        return
                 size = p.stat().st_size
                 start, end = 0, size - 1
                 status = 200

@@ -3,6 +3,7 @@ valid parse — never another exception, a hang, or an allocation larger than th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 from pathlib import Path
@@ -57,10 +58,8 @@ def test_arbitrary_bytes_as_header(blob):
 def test_arbitrary_files(tmp_path, blob, length):
     f = tmp_path / "x.safetensors"
     f.write_bytes(struct.pack("<Q", length) + blob)
-    try:
+    with contextlib.suppress(CheckpointError):
         ShardReader(str(f))
-    except CheckpointError:
-        pass
 
 
 @pytest.mark.parametrize("case", sorted(CORPUS.glob("*.bin")), ids=lambda p: p.name)

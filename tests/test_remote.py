@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from raymerge.engine.merge import merge
@@ -53,3 +54,29 @@ def test_http_reads_one_tensor_rows_only(family):
     local = ShardReader(str(Path(base) / Path(ck.shard_of[name]).name))
     assert torch.equal(rows, local.read_rows(local.entries[name], 10, 20))
     assert got == 10 * entry.row_bytes()
+
+
+def test_transient_5xx_are_retried_and_permanent_ones_fail_clearly(tmp_path, family, monkeypatch):
+    import raymerge.engine.storage as storage
+    from raymerge.engine.errors import CheckpointError
+
+    monkeypatch.setattr(storage, "BACKOFF_S", 0.01)
+    base, experts = family
+    with RangeServer(base.parent) as srv:
+        text = recipe_text(
+            "task_arithmetic", f"{srv.url}/{base.name}", [f"{srv.url}/{e.name}" for e in experts],
+            None, [{"weight": 1.0}] * 3,
+        )  # fmt: skip
+        srv.fail_ranged = 3  # three failures in a row, then the server recovers
+        merge(parse_recipe(text), tmp_path / "flaky", progress=False, workers=1)
+        assert srv.fail_ranged == 0
+        local = recipe_text("task_arithmetic", base, experts, None, [{"weight": 1.0}] * 3)
+        merge(parse_recipe(local), tmp_path / "local", progress=False)
+        a, b = load_dir(tmp_path / "local"), load_dir(tmp_path / "flaky")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        storage.clear_shard_cache()
+        srv.fail_always = True
+        with pytest.raises(CheckpointError, match="failed after 5 attempts") as exc:
+            merge(parse_recipe(text), tmp_path / "dead", progress=False)
+        assert srv.url in str(exc.value)
+        assert not (tmp_path / "dead").exists()
