@@ -149,11 +149,24 @@ class Staging:
             self._journal = None
 
     def commit(self, receipts: dict[str, Receipt], card: str) -> Path:
-        """Verify coverage, write metadata files, fsync, and publish atomically. Returns the path."""
+        """Verify coverage, write metadata files, fsync, and publish atomically. Returns the path.
+
+        Any I/O failure here (a full disk, say) leaves the staging area as it is, so running the
+        same merge again resumes straight to this step.
+        """
         missing = [t.id for t in self.plan.tasks if t.id not in receipts]
         if missing:
             raise OutputError(f"{len(missing)} task(s) have no receipt; not publishing", tensor=missing[0])
         self.close()
+        try:
+            return self._publish(receipts, card)
+        except OSError as exc:
+            raise OutputError(
+                f"cannot publish the merged model: {exc.strerror or exc}", file=str(self.dir),
+                hint="free space (or fix permissions) and run the same command again to resume",
+            ) from None  # fmt: skip
+
+    def _publish(self, receipts: dict[str, Receipt], card: str) -> Path:
         plan = self.plan
         weight_map = {name: s.name for s in plan.shards for name in s.tensors}
         total = sum(t.output.nbytes for t in plan.tasks)

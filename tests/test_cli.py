@@ -119,3 +119,29 @@ def test_budget_too_small_is_refused_by_plan(family, tmp_path):
     r.write_text(recipe_text("ties", base, experts, None, [{"weight": 1}] * 3))
     out = tmp_path / "out"
     _assert_clean_failure(_run("run", str(r), str(out), "--memory-budget", "10KB"), out, "memory budget", "embed")
+
+
+def test_vocabulary_mismatch_names_tensor_and_remedy(family_single, tmp_path):
+    base, experts = family_single
+    bad = _clone(experts[0], tmp_path / "bad")
+    t = load_file(bad / "model.safetensors")
+    t["model.embed_tokens.weight"] = torch.zeros(520, 64)  # 8 added tokens
+    save_file(t, bad / "model.safetensors")
+    r = tmp_path / "r.yaml"
+    r.write_text(recipe_text("ties", base, [bad, experts[1]], None, [{"weight": 1}] * 2))
+    out = tmp_path / "out"
+    _assert_clean_failure(_run("run", str(r), str(out)), out, "model.embed_tokens.weight", "vocabulary sizes differ")
+
+
+def test_absolute_shard_name_in_index_is_refused(family, tmp_path):
+    base, experts = family
+    bad = tmp_path / "bad"
+    shutil.copytree(base, bad)
+    idx = json.loads((bad / "model.safetensors.index.json").read_text())
+    name = next(iter(idx["weight_map"]))
+    idx["weight_map"][name] = "/etc/passwd"
+    (bad / "model.safetensors.index.json").write_text(json.dumps(idx))
+    r = tmp_path / "r.yaml"
+    r.write_text(recipe_text("ties", bad, experts, None, [{"weight": 1}] * 3))
+    out = tmp_path / "out"
+    _assert_clean_failure(_run("run", str(r), str(out)), out, "not a plain file name", "model.safetensors.index.json")

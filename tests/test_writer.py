@@ -146,3 +146,57 @@ def test_verify_accepts_a_merge_and_names_a_corrupted_tensor(family, tmp_path):
     assert bad.returncode != 0
     line = bad.stderr.strip()
     assert line.startswith("raymerge: error: checksum") and victim["tensor"] in line and victim["shard"] in line
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 1 MiB tmpfs made for the test (needs mount rights; skipped without them)."""
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_output_larger_than_the_disk_fails_before_compute(family, small_fs):
+    base, experts = family
+    recipe = parse_recipe(recipe_text("task_arithmetic", base, experts, None, [{"weight": 1.0}] * 3,
+                                      extra="out_dtype: float64"))  # fmt: skip
+    big = small_fs / "big"
+    with pytest.raises(OutputError, match="not enough disk space"):
+        merge(recipe, big, progress=False)  # ~1.3 MB of float64 on a 1 MiB disk
+    assert not big.exists()
+
+
+def test_disk_full_at_publish_keeps_staging_and_resumes(family, small_fs, monkeypatch):
+    from raymerge.engine.writer import Staging
+
+    recipe = _ties(family)
+    out = small_fs / "out"
+    real = Staging._publish
+    filler = small_fs / "filler"
+
+    def fill_then_publish(self, receipts, card):
+        with open(filler, "wb") as f:  # take every remaining byte of the disk
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        return real(self, receipts, card)
+
+    monkeypatch.setattr(Staging, "_publish", fill_then_publish)
+    with pytest.raises(OutputError, match="cannot publish"):
+        merge(recipe, out, progress=False)
+    assert not out.exists() and (small_fs / "out.raymerge-staging").exists()
+    monkeypatch.setattr(Staging, "_publish", real)
+    filler.unlink()
+    figures = merge(recipe, out, progress=False)
+    assert figures.tasks_resumed == figures.tasks
+    ref = small_fs.parent / "ref"
+    merge(recipe, ref, progress=False)
+    assert _digest(out) == _digest(ref)
