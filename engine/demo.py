@@ -42,4 +42,14 @@ def run_demo(workdir: Path, size: str = "small", n_experts: int = 3) -> int:
     print(format_figures(figures))
     files = sorted(p.name for p in out.iterdir())
     print(f"merged model: {out}  ({', '.join(files)})")
+    # The same experts through the data-free interference-minimising methods.
+    for method, extra in (("actmat", ""), ("wudi", "parameters:\n  solver: spectral\n")):
+        other = (
+            f"merge_method: {method}\nbase_model: {base}\nmodels:\n"
+            + "".join(f"  - model: {e}\n" for e in experts)
+            + extra
+            + "out_dtype: bfloat16\n"
+        )
+        f = merge(parse_recipe(other, method), workdir / f"merged-{method}", overwrite=True, progress=False)
+        print(format_figures(f))
     return 0

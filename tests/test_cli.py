@@ -145,3 +145,14 @@ def test_absolute_shard_name_in_index_is_refused(family, tmp_path):
     r.write_text(recipe_text("ties", bad, experts, None, [{"weight": 1}] * 3))
     out = tmp_path / "out"
     _assert_clean_failure(_run("run", str(r), str(out)), out, "not a plain file name", "model.safetensors.index.json")
+
+
+def test_demo_builds_merges_and_reports(tmp_path, capsys):
+    from raymerge.engine.demo import run_demo
+
+    assert run_demo(tmp_path, size="tiny") == 0
+    out = capsys.readouterr().out
+    for method in ("ties:", "actmat:", "wudi:"):
+        assert method in out
+    for d in ("merged", "merged-actmat", "merged-wudi"):
+        assert (tmp_path / d / "model.safetensors.index.json").exists()
