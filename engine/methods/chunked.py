@@ -213,7 +213,8 @@ class Sparsifier:
                 self.factor = before / after
 
     def fresh(self) -> Sparsifier:
-        """A copy with the chunk counters reset (masks depend on the equal elements seen)."""
+        """A copy with the chunk counters reset (masks depend on the equal elements seen); the
+        rescale probe walks the chunks on a copy so this instance starts the apply pass unused."""
         twin = object.__new__(Sparsifier)
         twin.__dict__.update(self.__dict__)
         twin.lower = CutMask(self.lower.cut) if self.lower else None
@@ -246,7 +247,7 @@ class Sparsifier:
 def gta(src: ChunkSource, args: MergeArgs, sparsify: str | None, sign_consensus: bool) -> Iterator[torch.Tensor]:
     """Sparsify each task vector, weight it, optionally keep sign-consensus entries, normalise, scale."""
     weights = [float(p["weight"]) for p in args.per_model]
-    sparsifiers = [Sparsifier(sparsify, src, t, dict(p), args).fresh() for t, p in enumerate(args.per_model)]
+    sparsifiers = [Sparsifier(sparsify, src, t, dict(p), args) for t, p in enumerate(args.per_model)]
     normalize = bool(args.shared["normalize"])
     lam = float(args.shared["lambda"])
     total_w = sum(weights)
