@@ -200,3 +200,21 @@ def test_disk_full_at_publish_keeps_staging_and_resumes(family, small_fs, monkey
     ref = small_fs.parent / "ref"
     merge(recipe, ref, progress=False)
     assert _digest(out) == _digest(ref)
+
+
+def test_tasks_round_trip_through_json(family, tmp_path):
+    """A task is a self-contained serialisable spec: JSON out and back gives the same task."""
+    from raymerge.engine.plan import TensorTask, build_plan
+
+    base, experts = family
+    files = []
+    for i in range(3):  # include auxiliary inputs (RegMean's Grams) in the round trip
+        from safetensors.torch import save_file
+
+        mats = {k.removesuffix(".weight"): torch.eye(v.shape[1]) for k, v in load_dir(base).items()
+                if v.dim() == 2 and "embed" not in k and "lm_head" not in k}  # fmt: skip
+        save_file(mats, str(tmp_path / f"g{i}.safetensors"))
+        files.append({"grams": str(tmp_path / f"g{i}.safetensors")})
+    for recipe in (_ties(family), parse_recipe(recipe_text("regmean", None, experts, None, files))):
+        for task in build_plan(recipe).tasks:
+            assert TensorTask.from_json(json.loads(json.dumps(task.to_json()))) == task
