@@ -120,6 +120,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(workdir, size=args.size)
 
 
+def _also_pair(text: str) -> tuple[str, str]:
+    """``EXPERT_DIR:OUT_DIR`` → the pair; split at the last colon so URLs (``s3://…``) work as EXPERT_DIR."""
+    src, sep, dst = text.rpartition(":")
+    if not sep or not src or not dst:
+        raise argparse.ArgumentTypeError(f"expected EXPERT_DIR:OUT_DIR, got {text!r}")
+    return src, dst
+
+
+def cmd_align(args: argparse.Namespace) -> int:
+    from raymerge.engine.align import align_checkpoints
+
+    rep = align_checkpoints(
+        args.reference, args.model, args.out, also=args.also, heads=not args.no_heads, max_iter=args.max_iter,
+        seed=args.seed, overwrite=args.overwrite, progress=not args.quiet,
+    )  # fmt: skip
+    drop = 100 * (1 - rep.distance_after / rep.distance_before) if rep.distance_before else 0.0
+    print(
+        f"aligned {args.model} to {args.reference}: {rep.permutations} permutations, {rep.moved_units} of "
+        f"{rep.units} units moved; weight distance {rep.distance_before:.6g} -> {rep.distance_after:.6g} "
+        f"({drop:.1f}% lower) in {rep.seconds:.1f} s"
+    )
+    for out in rep.outputs:
+        print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raymerge", description="Out-of-core merging of fine-tuned models.")
     p.add_argument("--version", action="version", version=f"raymerge {__version__}")
@@ -180,6 +206,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--workdir", default=None, help="where to build (default: a temp dir)")
     sp.add_argument("--size", default="small", choices=["tiny", "small", "1b"], help="synthetic model size")
     sp.set_defaults(fn=cmd_demo)
+
+    sp = sub.add_parser("align", help="permute MODEL's hidden units into REFERENCE's basis (weight matching)")
+    sp.add_argument("--reference", required=True, help="model A, whose unit order is kept")
+    sp.add_argument("--model", required=True, help="model B, permuted to match A (its function is unchanged)")
+    sp.add_argument("--out", required=True, help="output directory for the permuted model B")
+    sp.add_argument(
+        "--also", action="append", type=_also_pair, default=[], metavar="EXPERT_DIR:OUT_DIR",
+        help="an expert fine-tuned from MODEL, written with the same permutation (repeatable)",
+    )  # fmt: skip
+    sp.add_argument("--no-heads", action="store_true", help="permute MLP hidden units only, not attention heads")
+    sp.add_argument("--max-iter", type=int, default=100, help="coordinate-descent passes at most (default 100)")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the order permutations are visited in")
+    sp.add_argument("--overwrite", action="store_true", help="replace existing output directories")
+    sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    sp.set_defaults(fn=cmd_align)
     return p
 
 

@@ -58,3 +58,7 @@ class OutputError(RaymergeError):
 
 class TaskError(RaymergeError):
     """A tensor task failed while reading, computing or writing."""
+
+
+class AlignmentError(RaymergeError):
+    """Two models cannot be permutation-aligned: unsupported architecture, or a spec that does not fit."""
