@@ -16,6 +16,8 @@ from pathlib import Path
 from raymerge.engine import __version__
 from raymerge.engine.errors import RaymergeError
 from raymerge.engine.plan import DEFAULT_SHARD_BYTES, build_plan, check_budget
+from raymerge.engine.recipe import Recipe
+from raymerge.engine.storage import is_local
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
           "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}  # fmt: skip
@@ -37,11 +39,21 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def cmd_plan(args: argparse.Namespace) -> int:
-    from raymerge.engine.executor import default_memory_budget
+def _load(args: argparse.Namespace) -> Recipe:
+    """The recipe file with command-line opt-ins applied (``--allow-pickle``)."""
     from raymerge.engine.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
+    if args.allow_pickle and not recipe.raymerge.allow_pickle_bin:
+        options = recipe.raymerge.model_copy(update={"allow_pickle_bin": True})
+        recipe = recipe.model_copy(update={"raymerge": options})
+    return recipe
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from raymerge.engine.executor import default_memory_budget
+
+    recipe = _load(args)
     plan = build_plan(recipe, out_shard_bytes=args.out_shard_size)
     budget = args.memory_budget or default_memory_budget()
     summary = plan.summary()
@@ -70,16 +82,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from raymerge.engine.merge import format_figures, merge
-    from raymerge.engine.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe)
+    recipe = _load(args)
     figures = merge(
         recipe, args.out, memory_budget=args.memory_budget, workers=args.workers,
         out_shard_bytes=args.out_shard_size, overwrite=args.overwrite, progress=not args.quiet, device=args.device,
         executor=args.executor, address=args.address,
     )  # fmt: skip
     print(format_figures(figures))
-    print(f"wrote {Path(args.out).absolute()}")
+    print(f"wrote {Path(args.out).absolute() if is_local(args.out) else args.out}")
     return 0
 
 
@@ -97,6 +108,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         run_args += ["--device", args.device]
     if args.overwrite:
         run_args.append("--overwrite")
+    if args.allow_pickle:
+        run_args.append("--allow-pickle")
     address = args.address or os.environ.get("RAY_API_SERVER_ADDRESS") or DEFAULT_DASHBOARD
     return submit_merge(args.recipe, args.out, address=address, run_args=run_args, wait=not args.no_wait,
                         job_id=args.job_id)  # fmt: skip
@@ -165,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
             type=parse_size,
             default=None,
             help="host memory for running tasks (default: half the available RAM)",
+        )
+        sp.add_argument(
+            "--allow-pickle",
+            action="store_true",
+            help="read pytorch_model*.bin checkpoints with torch.load(weights_only=True) "
+            "(same as `allow_pickle_bin: true` under `raymerge:`)",
         )
 
     sp = sub.add_parser("plan", help="validate a recipe against checkpoint headers and print the plan")

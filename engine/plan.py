@@ -240,7 +240,7 @@ def build_plan(recipe: Recipe, *, out_shard_bytes: int = DEFAULT_SHARD_BYTES) ->
     """Open every checkpoint's headers, validate them and lay out tasks and output shards."""
     method = recipe.method
     urls = recipe.model_urls()
-    ckpts = {u: open_checkpoint(u) for u in urls}
+    ckpts = {u: open_checkpoint(u, allow_pickle=recipe.raymerge.allow_pickle_bin) for u in urls}
     expert_urls = recipe.expert_urls()
     base_url = recipe.base_model if recipe.base_model else expert_urls[0]
     ref = ckpts[base_url]

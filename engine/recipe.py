@@ -62,6 +62,11 @@ class RaymergeOptions(BaseModel):
     exclude: list[str] = Field(
         default_factory=list, description="regexes of tensor names merged with the method's fallback (mean) instead"
     )
+    allow_pickle_bin: bool = Field(
+        False,
+        description="read pytorch_model*.bin checkpoints (torch.load with weights_only=True) when a model has no "
+        "safetensors; refused by default",
+    )
 
     @field_validator("device")
     @classmethod

@@ -4,26 +4,35 @@ Local shards are memory-mapped (copy-on-write, so ``torch.frombuffer`` gets a wr
 without copying) and only the pages a task touches are faulted in; remote shards are read with
 HTTP/S3 range requests for exactly the rows a task needs. ``safetensors.safe_open`` is not used
 here: it is local-only and loads whole tensors.
+
+Pickle checkpoints (``pytorch_model*.bin``) are refused unless the recipe opts in. With the
+opt-in, their tensor table comes from ``torch.load(weights_only=True, map_location="meta")``,
+which unpickles nothing but tensors and containers and reads no tensor data; each tensor's bytes
+are an uncompressed record of the zip archive, so from then on a ``.bin`` shard is read exactly
+like a safetensors one (mmap locally, range reads remotely).
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import logging
 import mmap
 import os
 import posixpath
+import re
 import threading
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import fsspec
 import torch
 
-from raymerge.engine.errors import CheckpointError, HeaderError
+from raymerge.engine.errors import CheckpointError, HeaderError, RaymergeError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -229,6 +238,11 @@ class ShardReader:
             self._fs, self._path = _split_url(url)
             fs, path = self._fs, self._path
             self.size = int(with_retries(lambda: fs.size(path), url, "stat"))
+        if is_pickle_shard(url):
+            self.entries = torch_zip_entries(url, self.size, self._open)
+            self.metadata: dict[str, str] = {}
+            self.data_start = 0
+            return
         if self.size < 8:
             raise HeaderError(f"file is {self.size} bytes, too short for a safetensors header", file=url)
         (hlen,) = _u64(self.read_bytes(0, 8))
@@ -238,6 +252,13 @@ class ShardReader:
                 hint="the file is truncated or not safetensors",
             )  # fmt: skip
         self.entries, self.metadata, self.data_start = parse_header(self.read_bytes(8, 8 + hlen), self.size, url)
+
+    def _open(self) -> IO[bytes]:
+        """A seekable binary file object (for the zip directory of a ``.bin``; small blocks remotely)."""
+        if self._fs is None:
+            return open(local_path(self.url), "rb")
+        fs, path = self._fs, self._path
+        return with_retries(lambda: fs.open(path, "rb", block_size=1 << 20), self.url, "open")  # type: ignore[no-any-return]
 
     def read_bytes(self, start: int, end: int) -> bytes:
         """Read ``[start, end)`` as bytes (a copy); used for headers and remote data."""
@@ -291,6 +312,106 @@ class ShardReader:
                 self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+PICKLE_SINGLE = "pytorch_model.bin"
+PICKLE_OPT_IN = (
+    "raymerge never unpickles by default; to load it with torch.load(weights_only=True), "
+    "set `allow_pickle_bin: true` under `raymerge:` in the recipe or pass --allow-pickle "
+    "(or convert the checkpoint to safetensors)"
+)
+
+
+def is_pickle_shard(url: str) -> bool:
+    """A ``.bin`` shard: torch's zip serialization of a state dict (read only after the opt-in)."""
+    return url.endswith(".bin")
+
+
+def _unpickle_refusal(exc: Exception) -> str:
+    """One line out of torch's multi-paragraph weights_only error: the global it refused."""
+    m = re.search(r"(?:unsupported GLOBAL|Unsupported global: GLOBAL) ([\w.]+)", str(exc))
+    what = f"refers to {m.group(1)}" if m else "holds objects other than tensors"
+    return f"the pickle {what}, which weights_only loading refuses; nothing was executed"
+
+
+def torch_zip_entries(url: str, size: int, opener: Callable[[], IO[bytes]]) -> dict[str, TensorEntry]:
+    """The tensors of a torch zip checkpoint as absolute byte ranges in the file, reading no tensor data.
+
+    ``torch.load(weights_only=True, map_location="meta")`` unpickles the state dict with torch's
+    restricted unpickler (tensors, containers, primitive types; any other global is refused before
+    it is called) and tells, per storage, the file offset of its zip record. Each range is then
+    checked against the zip directory: inside one uncompressed ``data/`` record, inside the file,
+    little-endian, contiguous. ``opener`` gives a seekable file object (remote: small blocks).
+    """
+    import pickle
+
+    local = is_local(url)
+    try:
+        if local:  # a path lets torch memory-map instead of reading
+            state = torch.load(local_path(url), map_location="meta", weights_only=True, mmap=True)
+        else:
+            with opener() as f:
+                state = torch.load(f, map_location="meta", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            _unpickle_refusal(exc), file=url, hint="get a safetensors copy of this model from a source you trust"
+        ) from None
+    except RaymergeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError/ValueError/... for bad archives
+        raise CheckpointError(
+            f"not a torch zip checkpoint: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+            file=url, hint="re-save it with torch.save (torch >= 1.6) or convert it to safetensors",
+        ) from None  # fmt: skip
+    if not isinstance(state, dict):
+        raise CheckpointError(f"holds a {type(state).__name__}, not a state dict of tensors", file=url)
+    try:
+        with opener() as f:
+            archive = zipfile.ZipFile(f)
+            infos = archive.infolist()
+            order = [i for i in infos if i.filename.endswith("/byteorder")]
+            byteorder = archive.read(order[0]).decode() if order else "little"
+    except (zipfile.BadZipFile, OSError, UnicodeDecodeError, EOFError) as exc:
+        raise CheckpointError(f"cannot read the zip directory: {exc}", file=url) from None
+    if byteorder != "little":
+        raise CheckpointError(f"{byteorder}-endian checkpoint", file=url, hint="re-save it on a little-endian machine")
+    records = sorted((i for i in infos if "/data/" in i.filename), key=lambda i: i.header_offset)
+    starts = [i.header_offset for i in records]
+    entries: dict[str, TensorEntry] = {}
+    for name, t in state.items():
+        if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+            raise CheckpointError(f"entry {name!r} is a {type(t).__name__}, not a tensor", file=url)
+        tag = TAG_OF_DTYPE.get(t.dtype)
+        if tag is None:
+            raise CheckpointError(f"unsupported dtype {t.dtype}", file=url, tensor=name)
+        if not t.is_contiguous():
+            raise CheckpointError(
+                "tensor is stored as a strided view", file=url, tensor=name,
+                hint="re-save the state dict with contiguous tensors, or convert it to safetensors",
+            )  # fmt: skip
+        offset = getattr(t.untyped_storage(), "_checkpoint_offset", None)
+        item = DTYPES[tag][1]
+        start = (offset if isinstance(offset, int) else 0) + int(t.storage_offset()) * item
+        end = start + int(t.numel()) * item
+        # The record holding this storage: the last one whose local header starts before it.
+        k = bisect.bisect_left(starts, offset) - 1 if isinstance(offset, int) else -1
+        rec = records[k] if k >= 0 else None
+        if (
+            offset is None
+            or rec is None
+            or rec.compress_type != zipfile.ZIP_STORED
+            or offset <= rec.header_offset
+            or offset - rec.header_offset > 30 + len(rec.filename.encode()) + 0xFFFF  # local header + extra
+            or end > offset + rec.file_size
+            or end > size
+        ):
+            raise CheckpointError(
+                "tensor bytes are not an uncompressed record of the archive", file=url, tensor=name,
+                hint="re-save it with torch.save or convert it to safetensors",
+            )  # fmt: skip
+        entries[name] = TensorEntry(name, tag, tuple(t.shape), start, end)
+    return entries
+
+
 def row_span(entry: TensorEntry, row_start: int = 0, row_end: int | None = None) -> tuple[int, int]:
     """Absolute byte range of rows ``[row_start, row_end)`` of a tensor (all of it if 0-D)."""
     if not entry.shape:
@@ -310,17 +431,33 @@ RETRIES = 4
 BACKOFF_S = 0.25
 
 
-def with_retries(fn: Callable[[], T], url: str, what: str) -> T:
-    """Call ``fn``, retrying transient failures ``RETRIES`` times with exponential backoff."""
+def with_retries(
+    fn: Callable[[], T],
+    url: str,
+    what: str,
+    *,
+    missing_ok: bool = False,
+    error: type[RaymergeError] = CheckpointError,
+) -> T:
+    """Call ``fn``, retrying transient failures ``RETRIES`` times with exponential backoff.
+
+    A missing file is not transient: it raises ``error`` at once, or ``FileNotFoundError`` to the
+    caller with ``missing_ok``. After the last attempt the failure becomes ``error`` (one line
+    naming ``url``).
+    """
     delay = BACKOFF_S
     for attempt in range(RETRIES + 1):
         try:
             return fn()
         except FileNotFoundError:
-            raise CheckpointError(f"{what}: not found", file=url) from None
+            if missing_ok:
+                raise
+            raise error(f"{what}: not found", file=url) from None
+        except RaymergeError:
+            raise
         except Exception as exc:  # noqa: BLE001 - fsspec backends raise many types
             if attempt == RETRIES:
-                raise CheckpointError(
+                raise error(
                     f"{what} failed after {RETRIES + 1} attempts: {exc}".replace("\n", " "), file=url,
                     hint="check the storage endpoint; rerun to resume",
                 ) from None  # fmt: skip
@@ -351,29 +488,45 @@ def clear_shard_cache() -> None:
         _READERS.clear()
 
 
-def read_text(url: str) -> str | None:
-    """Read a small text file (config, index) or return None if it does not exist."""
+def read_blob(url: str) -> bytes | None:
+    """Read a small whole file (config, index, tokenizer) or return None if it does not exist.
+
+    Remote reads are retried like range reads: a transient error must not look like a missing file.
+    """
     if is_local(url):
         try:
-            with open(local_path(url), encoding="utf-8") as f:
+            with open(local_path(url), "rb") as f:
                 return f.read()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
     fs, path = _split_url(url)
     try:
-        return fs.cat_file(path).decode("utf-8")
+        return bytes(with_retries(lambda: fs.cat_file(path), url, "read", missing_ok=True))
     except FileNotFoundError:
         return None
 
 
+def read_text(url: str) -> str | None:
+    """Read a small UTF-8 text file (config, index) or return None if it does not exist."""
+    raw = read_blob(url)
+    if raw is None:
+        return None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"not UTF-8 text: {exc}", file=url) from None
+
+
 def exists(url: str) -> bool:
+    """Whether a file exists; remote lookups are retried so a 5xx is not taken for "missing"."""
     if is_local(url):
         return os.path.exists(local_path(url))
     fs, path = _split_url(url)
     try:
-        return bool(fs.exists(path))
-    except Exception:  # noqa: BLE001
+        with_retries(lambda: fs.info(path), url, "stat", missing_ok=True)
+    except FileNotFoundError:
         return False
+    return True
 
 
 def list_dir(url: str) -> list[str]:
@@ -421,8 +574,24 @@ def _safe_shard_name(name: Any, index_url: str) -> str:
     return name
 
 
-def open_checkpoint(url: str) -> Checkpoint:
-    """Open a checkpoint directory (local or URL) reading headers only, never tensor data."""
+def _read_index(index_url: str, text: str) -> dict[str, str]:
+    """An index's weight_map (tensor name -> shard file name), shard names checked."""
+    try:
+        index = json.loads(text)
+        weight_map = index["weight_map"]
+        assert isinstance(weight_map, dict)
+    except (json.JSONDecodeError, KeyError, AssertionError, TypeError):
+        raise CheckpointError("index is not valid JSON with a weight_map object", file=index_url) from None
+    return {tname: _safe_shard_name(shard, index_url) for tname, shard in weight_map.items()}
+
+
+def open_checkpoint(url: str, *, allow_pickle: bool = False) -> Checkpoint:
+    """Open a checkpoint directory (local or URL) reading headers only, never tensor data.
+
+    safetensors wins when both formats are present. Pickle weights (``pytorch_model.bin`` or
+    ``pytorch_model-*.bin`` + ``pytorch_model.bin.index.json``) are used only with
+    ``allow_pickle``, and then only through ``torch_zip_entries`` (weights_only unpickling).
+    """
     url = url.rstrip("/") if not is_local(url) else url
     cfg_url = join_url(url, "config.json")
     cfg_text = read_text(cfg_url)
@@ -436,30 +605,41 @@ def open_checkpoint(url: str) -> Checkpoint:
     index_text = read_text(index_url)
     shard_names: dict[str, str] = {}
     if index_text is not None:
-        try:
-            index = json.loads(index_text)
-            weight_map = index["weight_map"]
-            assert isinstance(weight_map, dict)
-        except (json.JSONDecodeError, KeyError, AssertionError, TypeError):
-            raise CheckpointError("index is not valid JSON with a weight_map object", file=index_url) from None
-        for tname, shard in weight_map.items():
-            shard_names[tname] = _safe_shard_name(shard, index_url)
+        shard_names = _read_index(index_url, index_text)
         files = sorted(set(shard_names.values()))
+    elif exists(join_url(url, "model.safetensors")):
+        files = ["model.safetensors"]
     else:
-        single = join_url(url, "model.safetensors")
-        if exists(single):
-            files = ["model.safetensors"]
+        index_url = join_url(url, PICKLE_INDEX)
+        index_text = read_text(index_url)
+        if index_text is not None:
+            pickled = index_url
+        elif exists(join_url(url, PICKLE_SINGLE)):
+            pickled = join_url(url, PICKLE_SINGLE)
         else:
-            names = list_dir(url)
-            if any(n.endswith(".bin") or n.endswith(".pt") for n in names):
+            others = [n for n in list_dir(url) if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+            if others:
                 raise CheckpointError(
-                    "only pickle (.bin/.pt) weights found", file=url,
+                    "only pickle weights found, and not in Hugging Face layout", file=join_url(url, others[0]),
                     hint="convert the checkpoint to safetensors; raymerge never unpickles by default",
                 )  # fmt: skip
             raise CheckpointError(
                 "no model.safetensors or model.safetensors.index.json", file=url,
                 hint="point the recipe at a Hugging Face model directory",
             )  # fmt: skip
+        if not allow_pickle:
+            raise CheckpointError("checkpoint has only pickle weights", file=pickled, hint=PICKLE_OPT_IN)
+        if index_text is not None:
+            shard_names = _read_index(index_url, index_text)
+            files = sorted(set(shard_names.values()))
+            bad = [f for f in files if not is_pickle_shard(f)]
+            if bad:
+                raise CheckpointError(f"index names shard {bad[0]!r}, which is not a .bin file", file=index_url)
+        else:
+            files = [PICKLE_SINGLE]
+    pickles = [f for f in files if is_pickle_shard(f)]
+    if pickles and not allow_pickle:  # e.g. a safetensors index that points at a .bin shard
+        raise CheckpointError("checkpoint has pickle weights", file=join_url(url, pickles[0]), hint=PICKLE_OPT_IN)
     shard_of: dict[str, str] = {}
     entries: dict[str, TensorEntry] = {}
     for fname in files:
