@@ -97,6 +97,9 @@ class PermutationSpec:
             if p.size < 1:
                 raise AlignmentError(f"permutation {p.name} has size {p.size}")
             for ax in p.axes:
+                if ax.axis < 0 or ax.block < 1:
+                    raise AlignmentError(f"axis {ax.axis} / block {ax.block} of permutation {p.name}", tensor=ax.tensor,
+                                         hint="axes count from 0 and blocks hold at least one entry")  # fmt: skip
                 for q, other in axes_of.get(ax.tensor, []):
                     if q == p.name or other.axis == ax.axis:
                         raise AlignmentError(
@@ -150,7 +153,7 @@ class PermutationSpec:
                         hint="the weights do not match the architecture in config.json",
                     )  # fmt: skip
                 shape = tuple(shapes[ax.tensor])
-                if not -len(shape) <= ax.axis < len(shape) or shape[ax.axis] != p.size * ax.block:
+                if ax.axis >= len(shape) or shape[ax.axis] != p.size * ax.block:
                     raise AlignmentError(
                         f"shape {list(shape)} in model {label} has no axis {ax.axis} of {p.size} × {ax.block} "
                         f"entries for permutation {p.name}", file=label, tensor=ax.tensor,
@@ -194,7 +197,10 @@ def _blocks(names: Iterable[str], pattern: str) -> list[str]:
     return [prefix for _, _, prefix in sorted(found)]
 
 
-def _with_biases(axes: list[PermutedAxis], biases: list[tuple[str, int]], names: Collection[str]) -> tuple:
+def _with_biases(
+    axes: list[PermutedAxis], biases: list[tuple[str, int]], names: Collection[str]
+) -> tuple[PermutedAxis, ...]:
+    """``axes`` plus the bias axes (name, block) that exist in ``names``."""
     return tuple(axes + [PermutedAxis(t, 0, block) for t, block in biases if t in names])
 
 
@@ -372,8 +378,10 @@ def match_weights(
 
     Starts at the identity; each pass visits the permutations in a seeded random order and replaces
     each by the linear assignment that is optimal with the others fixed, so the objective never
-    decreases. Stops after a pass with no gain above ``tol`` (relative) or after ``max_iter`` passes.
-    Similarities are fp64 on the tensors' device; only the spec's tensors are read. Minimising
+    decreases. A permutation is solved again only after one it shares a tensor with has changed, so
+    uncoupled permutations (every one in a transformer spec) cost one assignment each. Stops when
+    no step gains more than ``tol`` (relative) or after ``max_iter`` passes. Similarities are fp64
+    on the tensors' device, assignments on the CPU; only the spec's tensors are read. Minimising
     ‖A − P(B)‖² over the spec's tensors is the same problem, since ‖P(B)‖ = ‖B‖.
     """
     _check_pair(spec, shapes_of({t: ref[t] for t in spec.tensors if t in ref}),
@@ -385,16 +393,24 @@ def match_weights(
             if not torch.isfinite(x).all():
                 raise AlignmentError(f"non-finite values in the {label}", tensor=t, hint="cannot match NaN/Inf weights")
     device = a[spec.tensors[0]].device if spec.tensors else torch.device("cpu")
+    coupled: dict[str, set[str]] = {p.name: set() for p in spec.perms}
+    for t in spec.tensors:
+        names = {q for q, _ in spec.axes_of(t)}
+        for q in names:
+            coupled[q] |= names - {q}
     perms = {p.name: torch.arange(p.size, device=device) for p in spec.perms}
+    stale = set(perms)  # permutations whose assignment may no longer be optimal
     objective = sum(float((a[t] * b[t]).sum()) for t in spec.tensors)
     trace = [objective]
     order_gen = torch.Generator().manual_seed(seed)
-    converged = False
     passes = 0
-    for passes in range(1, max_iter + 1):  # noqa: B007 - the count is reported
-        improved = False
+    while stale and passes < max_iter:
+        passes += 1
         for k in torch.randperm(len(spec.perms), generator=order_gen).tolist():
             p = spec.perms[k]
+            if p.name not in stale:
+                continue
+            stale.discard(p.name)
             sim = _similarity(a, b, spec, perms, p).cpu().numpy()
             old = float(sim[np.arange(p.size), perms[p.name].cpu().numpy()].sum())
             rows, cols = linear_sum_assignment(sim, maximize=True)
@@ -402,11 +418,9 @@ def match_weights(
             if new - old > tol * max(1.0, abs(objective)):
                 perms[p.name] = torch.as_tensor(np.asarray(cols), dtype=torch.int64, device=device)
                 objective += new - old
-                improved = True
+                stale |= coupled[p.name]
             trace.append(objective)
-        if not improved:
-            converged = True
-            break
+    converged = not stale
     log.debug("weight matching: %d permutations, %d passes, objective %.6g -> %.6g", len(spec.perms), passes,
               trace[0], trace[-1])  # fmt: skip
     return Matching(perms={k: v.cpu() for k, v in perms.items()}, objective=tuple(trace), passes=passes,
