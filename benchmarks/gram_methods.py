@@ -32,6 +32,13 @@ BERT_BLOCK = {
     "ffn_out_768x3072": ((768, 3072), 1),
 }
 QUICK_BLOCK = {"attn_128x128": ((128, 128), 4), "ffn_in_512x128": ((512, 128), 1), "ffn_out_128x512": ((128, 512), 1)}
+# One Llama-2-7B decoder layer: q/k/v/o 4096×4096 (32 KV heads), gate/up 11008×4096, down 4096×11008.
+LLAMA7B_BLOCK = {
+    "attn_4096x4096": ((4096, 4096), 4),
+    "mlp_in_11008x4096": ((11008, 4096), 2),
+    "mlp_out_4096x11008": ((4096, 11008), 1),
+}
+BLOCKS = {"bert": (BERT_BLOCK, 12, "12 BERT-base blocks"), "llama7b": (LLAMA7B_BLOCK, 32, "32 Llama-2-7B layers")}
 
 
 def _defaults(name: str, **over: object) -> dict[str, object]:
@@ -40,21 +47,31 @@ def _defaults(name: str, **over: object) -> dict[str, object]:
     return shared
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def ours(method: str, deltas: list[torch.Tensor], **params: object) -> tuple[torch.Tensor, float]:
-    """Run a raymerge method on task vectors (base = 0); return (merged task vector, seconds)."""
+    """Run a raymerge method on task vectors (base = 0) where they live; return (merged task vector, seconds)."""
     zero = torch.zeros_like(deltas[0])
+    _sync(zero.device)
     t0 = time.perf_counter()
     out = METHODS[method].fn(zero, deltas, MergeArgs(_defaults(method, **params), [{}] * len(deltas)))
+    _sync(zero.device)
     return out, time.perf_counter() - t0
 
 
 def fusion_bench(deltas: list[torch.Tensor], steps: int) -> tuple[torch.Tensor, float]:
-    """FusionBench's own ``wudi_merging`` on one key; returns (merged task vector, seconds)."""
+    """FusionBench's own ``wudi_merging`` on one key, on the deltas' device; returns (merged task vector, seconds)."""
     from fusion_bench.method.wudi.wudi import wudi_merging
 
+    device = deltas[0].device
     tvs = [{"w": d.clone()} for d in deltas]
+    _sync(device)
     t0 = time.perf_counter()
-    out = wudi_merging(tvs, accelerator="cpu", iter_num=steps)["w"].detach()
+    out = wudi_merging(tvs, accelerator=str(device), iter_num=steps)["w"].detach()
+    _sync(device)
     return out, time.perf_counter() - t0
 
 
@@ -62,13 +79,19 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-def run(quick: bool, experts: int, fb_steps: int, precision: str) -> dict[str, object]:
-    block = QUICK_BLOCK if quick else BERT_BLOCK
+def run(
+    quick: bool, experts: int, fb_steps: int, precision: str, block_name: str = "bert", device: str = "cpu"
+) -> dict[str, object]:
+    block, n_blocks, model_name = BLOCKS[block_name]
+    if quick:
+        block, n_blocks = QUICK_BLOCK, 12
+    dev = torch.device(device)
     steps = 30 if quick else 300
     rows: dict[str, dict[str, float]] = {}
     check: dict[str, float] = {}
     for label, (shape, _count) in block.items():
-        deltas = [task_vector(label, shape, e, seed=0, scale=0.01) for e in range(experts)]
+        deltas = [task_vector(label, shape, e, seed=0, scale=0.01).to(dev) for e in range(experts)]
+        ours("actmat", deltas, precision=precision)  # warm-up: CUDA context, cuBLAS/cuSOLVER handles
         r: dict[str, float] = {}
         adam, r["wudi_adam_s"] = ours("wudi", deltas, steps=steps, precision=precision)
         _, r["wudi_spectral_s"] = ours("wudi", deltas, solver="spectral", precision=precision)
@@ -83,11 +106,11 @@ def run(quick: bool, experts: int, fb_steps: int, precision: str) -> dict[str, o
         rows[label] = r
         if label == next(iter(block)):
             fb_full, t_full = fusion_bench(deltas, steps)
-            check = {"shape": list(shape), "steps": steps, "rel_err_wudi_adam_vs_fb": rel(adam, fb_full),
+            check = {"shape": list(shape), "steps": steps, "rel_err_wudi_adam_vs_fb": rel(adam.cpu(), fb_full.cpu()),
                      "fusion_bench_full_s": t_full, "fusion_bench_extrapolated_s": r["fusion_bench_s"]}  # fmt: skip
         print(label, {k: round(v, 3) for k, v in r.items()}, flush=True)
     per_block = {k: sum(rows[lbl][k] * cnt for lbl, (_, cnt) in block.items()) for k in next(iter(rows.values()))}
-    model = {k: v * 12 for k, v in per_block.items() if k.endswith("_s")}
+    model = {k: v * n_blocks for k, v in per_block.items() if k.endswith("_s")}
     speedup = {k.removesuffix("_s"): model["fusion_bench_s"] / v for k, v in model.items() if k != "fusion_bench_s"}
     return {
         "benchmark": "gram_methods",
@@ -95,14 +118,15 @@ def run(quick: bool, experts: int, fb_steps: int, precision: str) -> dict[str, o
             "cpu": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
-            "device": "cpu",
+            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         },  # fmt: skip
         "config": {
             "experts": experts,
             "adam_steps": steps,
             "precision": precision,
             "quick": quick,
-            "model": "12 BERT-base blocks (embeddings excluded: both fall back to the mean there)",
+            "model": f"{model_name} (embeddings excluded: both fall back to the mean there)",
+            "block": block_name,
         },  # fmt: skip
         "per_shape": rows,
         "whole_model_s": model,
@@ -124,10 +148,13 @@ def plot(result: dict[str, object], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.barh(names, [model[n] for n in names], color=["#4c72b0" if "fusion" not in n else "#c44e52" for n in names])
     ax.set_xscale("log")
-    ax.set_xlabel("seconds for 12 BERT-base blocks, 8 experts (log)")
+    cfg = result["config"]
+    machine = result["machine"]
+    assert isinstance(cfg, dict) and isinstance(machine, dict)
+    ax.set_xlabel(f"seconds for {cfg['model'].split(' (')[0]}, {cfg['experts']} experts (log)")
     for i, n in enumerate(names):
         ax.text(model[n], i, f" {model[n]:.1f}s", va="center")
-    ax.set_title("WUDI / ACTMat: raymerge vs FusionBench (CPU)")
+    ax.set_title(f"WUDI / ACTMat: raymerge vs FusionBench ({machine['device']})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -138,9 +165,20 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--fb-steps", type=int, default=10, help="FusionBench steps actually timed per shape")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp64"], help="raymerge statistics dtype")
-    ap.add_argument("--out", type=Path, default=RESULTS / "gram_methods.json")
+    ap.add_argument("--block", default="bert", choices=sorted(BLOCKS), help="layer shapes (default bert)")
+    ap.add_argument("--device", default="cpu", help="torch device for both tools, e.g. cuda (default cpu)")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="JSON path (default results/gram_methods[_<block>_<device>].json)"
+    )
     args = ap.parse_args()
-    result = run(args.quick, args.experts, args.fb_steps, args.precision)
+    if args.out is None:
+        stem = (
+            "gram_methods"
+            if (args.block, args.device) == ("bert", "cpu")
+            else f"gram_methods_{args.block}_{args.device}"
+        )
+        args.out = RESULTS / f"{stem}.json"
+    result = run(args.quick, args.experts, args.fb_steps, args.precision, args.block, args.device)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     plot(result, args.out.with_suffix(".png"))

@@ -84,6 +84,9 @@ SHAPES: dict[str, LlamaShape] = {
     "small": LlamaShape(vocab=4096, hidden=256, layers=4, intermediate=688, heads=8, kv_heads=4),
     "1b": LlamaShape(vocab=32000, hidden=2048, layers=16, intermediate=5632, heads=16, kv_heads=4),
     "7b": LlamaShape(vocab=32000, hidden=4096, layers=32, intermediate=11008, heads=32, kv_heads=32),
+    # Benchmarked as layer subsets (dataclasses.replace(shape, layers=n)): same widths, fewer layers.
+    "70b": LlamaShape(vocab=32000, hidden=8192, layers=80, intermediate=28672, heads=64, kv_heads=8),
+    "405b": LlamaShape(vocab=128256, hidden=16384, layers=126, intermediate=53248, heads=128, kv_heads=8),
 }
 
 
@@ -93,24 +96,31 @@ def _seed(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
 
 
-def base_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """Base weights: norms near 1, matrices ~ N(0, 0.02²)."""
-    g = torch.Generator().manual_seed(_seed("base", seed, name))
+def base_tensor(name: str, shape: tuple[int, ...], seed: int, device: str = "cpu") -> torch.Tensor:
+    """Base weights: norms near 1, matrices ~ N(0, 0.02²).
+
+    Values depend on ``device`` (each device has its own generator), but are deterministic on each.
+    """
+    g = torch.Generator(device).manual_seed(_seed("base", seed, name))
     if len(shape) == 1:
-        return 1.0 + 0.05 * torch.randn(shape, generator=g)
-    return 0.02 * torch.randn(shape, generator=g)
+        return 1.0 + 0.05 * torch.randn(shape, generator=g, device=device)
+    return 0.02 * torch.randn(shape, generator=g, device=device)
 
 
-def task_vector(name: str, shape: tuple[int, ...], expert: int, seed: int, scale: float = 0.004) -> torch.Tensor:
+def task_vector(
+    name: str, shape: tuple[int, ...], expert: int, seed: int, scale: float = 0.004, device: str = "cpu"
+) -> torch.Tensor:
     """A structured task vector: rank-4 plus 1 % sparse spikes (vectors: dense small noise)."""
-    g = torch.Generator().manual_seed(_seed("expert", seed, expert, name))
+    g = torch.Generator(device).manual_seed(_seed("expert", seed, expert, name))
     if len(shape) == 1:
-        return scale * torch.randn(shape, generator=g)
+        return scale * torch.randn(shape, generator=g, device=device)
     rows, cols = shape[0], int(torch.tensor(shape[1:]).prod())
     r = 4
-    low = (torch.randn(rows, r, generator=g) @ torch.randn(r, cols, generator=g)) * (scale / r**0.5)
-    spikes = torch.rand(rows, cols, generator=g) < 0.01
-    low += spikes * torch.randn(rows, cols, generator=g) * (4 * scale)
+    low = (torch.randn(rows, r, generator=g, device=device) @ torch.randn(r, cols, generator=g, device=device)) * (
+        scale / r**0.5
+    )
+    spikes = torch.rand(rows, cols, generator=g, device=device) < 0.01
+    low += spikes * torch.randn(rows, cols, generator=g, device=device) * (4 * scale)
     return low.reshape(shape)
 
 
@@ -177,8 +187,13 @@ def make_family(
     seed: int = 0,
     shard_bytes: int | None = None,
     scale: float = 0.004,
+    device: str = "cpu",
 ) -> tuple[Path, list[Path]]:
-    """Write a base checkpoint and ``n_experts`` fine-tuned-like experts under ``root``."""
+    """Write a base checkpoint and ``n_experts`` fine-tuned-like experts under ``root``.
+
+    ``device="cuda"`` draws the random tensors on the GPU (much faster for 7B+ shapes; different,
+    equally deterministic values).
+    """
     shp = SHAPES[shape] if isinstance(shape, str) else shape
     root = Path(root)
     specs = shp.tensors()
@@ -186,10 +201,10 @@ def make_family(
 
     def stream(expert: int | None) -> Iterator[tuple[str, torch.Tensor]]:
         for name, s in specs:
-            t = base_tensor(name, s, seed)
+            t = base_tensor(name, s, seed, device)
             if expert is not None:
-                t += task_vector(name, s, expert, seed, scale)
-            yield name, t
+                t += task_vector(name, s, expert, seed, scale, device)
+            yield name, t.cpu()
 
     base = write_checkpoint(root / "base", stream(None), specs, dtype, cfg, shard_bytes)
     experts = [

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The GPU benchmark, end to end, in one `device` call (or any CUDA machine without Ray installed).
+#
+#   bash benchmarks/gpu.sh [STAGE ...]        stages: tests gram matrix growth (default: all)
+#
+# Needs, in the repo root: .whl/ (pydantic, fusion-bench, mergekit and their missing deps as wheels)
+# and .raybundle/ (built by ../shared/tools/ray-bundle); see README "Figures" for how to make both.
+# Everything it writes goes to $OUT (default /tmp/raymerge-gpu): test log, JSON and PNG per stage.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/raymerge-gpu}
+SITE=${TMPDIR:-/tmp}/raymerge-site
+WORK=${RAYMERGE_BENCH_DIR:-${TMPDIR:-/tmp}/raymerge-bench}
+mkdir -p "$OUT" "$SITE" "$WORK"
+STAGES=${*:-tests gram matrix growth}
+export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+
+if [ ! -e "$SITE/.done" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" .whl/*.whl || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target "$SITE" . || exit 1
+  touch "$SITE/.done"
+fi
+# shellcheck disable=SC1091
+source .raybundle/activate
+export PYTHONPATH=$SITE:$PYTHONPATH PATH=$SITE/bin:$PATH
+GPU=$(python3 -c "import torch; print(torch.cuda.get_device_name(0).split()[1].lower())" 2>/dev/null || echo cpu)
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, ray, raymerge.engine, raymerge.cluster, fusion_bench, mergekit; print('torch', torch.__version__, 'ray', ray.__version__, 'cuda', torch.cuda.is_available())" || exit 1
+rc=0
+for stage in $STAGES; do
+  echo "=== $stage ($(date +%T)) ==="
+  case $stage in
+    tests)  # every gpu-marked test: CUDA paths of ACTMat / WUDI / TSV-M / Iso against fp64 and FusionBench
+      python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gram.py tests/test_spectral.py 2>&1 | tail -15 || rc=1 ;;
+    gram)   # ACTMat / WUDI solvers on the 32 layers of Llama-2-7B, 8 experts, versus FusionBench's wudi_merging
+      python3 -m benchmarks.gram_methods --block llama7b --device cuda --experts 8 \
+        --out "$OUT/gram_methods_llama7b_$GPU.json" 2>&1 | tail -25 || rc=1 ;;
+    matrix) # every method × {local, Ray (GPU actor pool for Gram/spectral)} with mergekit / FusionBench alongside
+      python3 -m benchmarks.throughput --size "${MATRIX_SIZE:-7b:2}" --experts 3 \
+        --methods task_arithmetic,ties,dare_ties,actmat,wudi,tsv_m,iso_c --executors local,ray \
+        --workers "${WORKERS:-1,4,8,16}" --growth "" --memory-budget 24GiB --workdir "$WORK" \
+        --results-dir "$OUT" --stem "throughput_$(echo ${MATRIX_SIZE:-7b:2} | tr : -)L_$GPU" 2>&1 | grep -v '^\$ ' | tail -40 || rc=1 ;;
+    growth) # TIES peak memory from tiny to a 70B layer subset, same budget: must stay flat
+      python3 -m benchmarks.throughput --size tiny --methods "" --workers "" --peers none \
+        --growth "${GROWTH:-tiny,1b,7b:2,70b:1}" --clean-growth --memory-budget 8GiB --workdir "$WORK" \
+        --results-dir "$OUT" --stem "growth_$GPU" 2>&1 | tail -8 || rc=1 ;;
+  esac
+done
+exit $rc
