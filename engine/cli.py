@@ -12,12 +12,16 @@ import re
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from raymerge.engine import __version__
 from raymerge.engine.errors import RaymergeError
 from raymerge.engine.plan import DEFAULT_SHARD_BYTES, build_plan, check_budget
 from raymerge.engine.recipe import Recipe
 from raymerge.engine.storage import is_local
+
+if TYPE_CHECKING:
+    from raymerge.engine.stats import DataSpec, StatsBackend
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
           "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}  # fmt: skip
@@ -159,6 +163,95 @@ def cmd_align(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------
+# Data-based merging: `raymerge stats` (engine/stats.py) and `raymerge tact` (engine/tact.py).
+
+
+def _data_spec(args: argparse.Namespace) -> DataSpec:
+    from raymerge.engine.stats import DataSpec
+
+    return DataSpec(
+        files=tuple(args.data), tokenizer=args.tokenizer, text_field=args.text_field, batch_size=args.batch_size,
+        max_length=args.max_length, max_examples=args.max_examples,
+    )  # fmt: skip
+
+
+def _stats_backend(args: argparse.Namespace, model_dir: str, work_dir: str) -> StatsBackend:
+    """The local backend, or Ray actors for ``--executor ray`` (raymerge.cluster)."""
+    from raymerge.engine.stats import LocalStatsBackend
+
+    if args.executor == "ray":
+        from raymerge.cluster.stats import RayStatsBackend
+
+        return RayStatsBackend(
+            model_dir, _data_spec(args), work_dir=work_dir, actors=args.actors, device=args.device,
+            memory_budget=args.memory_budget, offload=args.offload or None, address=args.address,
+        )  # fmt: skip
+    return LocalStatsBackend(
+        model_dir, _data_spec(args), device=args.device, memory_budget=args.memory_budget,
+        offload=args.offload or None, progress=not args.quiet,
+    )  # fmt: skip
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    import torch
+
+    from raymerge.engine.stats import collect_stats
+
+    backend = _stats_backend(args, args.model, args.out)
+    try:
+        res = collect_stats(
+            args.model, _data_spec(args), args.out, points=args.points, grams=not args.no_grams,
+            gram_layers=args.gram_layers, gram_dtype=getattr(torch, args.gram_dtype), backend=backend,
+        )  # fmt: skip
+    finally:
+        backend.close()
+    print(f"{res.batches} batches, {res.tokens} tokens, {res.passes} pass(es) in {res.seconds:.1f} s")
+    if res.grams_path:
+        print(f"grams    {res.grams_path}  ({len(res.gram_rows)} linear layers; regmean parameter `grams:`)")
+    if res.points:
+        print(f"moments  {Path(args.out) / 'moments.safetensors'}  ({len(res.points)} points)")
+    return 0
+
+
+def _add_data_options(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--data", action="append", required=True, metavar="FILE",
+                    help="unlabelled data: .jsonl/.json/.txt text, or .pt/.safetensors tensors (repeatable)")  # fmt: skip
+    sp.add_argument("--tokenizer", default=None, help="tokenizer directory for text data (default: the model's)")
+    sp.add_argument("--text-field", default="text", help="JSON key holding the text (default: text)")
+    sp.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default 8)")
+    sp.add_argument("--max-length", type=int, default=512, help="truncate text to this many tokens (default 512)")
+    sp.add_argument("--max-examples", type=int, default=None, help="use at most this many examples")
+    sp.add_argument("--points", nargs="+", default=["default"], metavar="MODULE",
+                    help="module names or glob patterns for per-channel statistics; 'default' = attention "
+                         "output, MLP pre-activation and output of every block; 'none'")  # fmt: skip
+    sp.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where forward passes run")
+    sp.add_argument("--memory-budget", type=parse_size, default=None,
+                    help="host memory for weights and statistics; larger models are offloaded to disk")  # fmt: skip
+    sp.add_argument("--offload", action="store_true", help="always load through accelerate with disk offload")
+    sp.add_argument("--executor", choices=["local", "ray"], default="local", help="where forward passes run")
+    sp.add_argument("--actors", type=int, default=2, help="Ray actors, each with a shard of the data (default 2)")
+    sp.add_argument("--address", default=None, help="Ray cluster to join (auto | HOST:PORT); default: embedded")
+    sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def add_data_commands(sub: Any) -> None:
+    """``stats`` and ``tact`` subcommands."""
+    sp = sub.add_parser("stats", help="collect input Grams (for regmean) and activation moments from data")
+    sp.add_argument("model", help="Hugging Face model directory")
+    sp.add_argument("--out", required=True, help="output directory: grams.safetensors, moments.safetensors, stats.json")
+    _add_data_options(sp)
+    sp.add_argument("--no-grams", action="store_true", help="moments only")
+    sp.add_argument("--gram-layers", nargs="+", default=None, metavar="PATTERN",
+                    help="glob patterns of nn.Linear modules to collect Grams for (default: all)")  # fmt: skip
+    sp.add_argument("--gram-dtype", choices=["float32", "float64"], default="float32",
+                    help="dtype of the stored Grams (accumulation is fp64 on CPU)")  # fmt: skip
+    sp.set_defaults(fn=cmd_stats)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raymerge", description="Out-of-core merging of fine-tuned models.")
     p.add_argument("--version", action="version", version=f"raymerge {__version__}")
@@ -240,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--overwrite", action="store_true", help="replace existing output directories")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     sp.set_defaults(fn=cmd_align)
+    add_data_commands(sub)
     return p
 
 
