@@ -94,6 +94,9 @@ def merge(
 ) -> RunFigures:
     """Merge ``recipe`` into the model directory ``out``; resumes a staged run of the same plan.
 
+    ``out`` may be a remote URL (``s3://…``): the merge is staged locally (see
+    ``writer.default_staging_root``) and uploaded at commit, the loader's entry points last.
+
     ``executor`` is ``local`` (threads in this process) or ``ray`` (``raymerge.cluster``; joins
     ``address`` or starts an embedded local Ray). Both run the same ``run_task`` on the same plan,
     so their outputs are bit-identical.

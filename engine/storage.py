@@ -254,11 +254,17 @@ class ShardReader:
         self.entries, self.metadata, self.data_start = parse_header(self.read_bytes(8, 8 + hlen), self.size, url)
 
     def _open(self) -> IO[bytes]:
-        """A seekable binary file object (for the zip directory of a ``.bin``; small blocks remotely)."""
+        """A seekable binary file object, for the zip directory and pickle of a ``.bin``.
+
+        Remote files are read in cached 64 KiB blocks: the directory and pickle are tens of KiB at the
+        two ends of the file, and a larger block would fetch tensor data nobody asked for.
+        """
         if self._fs is None:
             return open(local_path(self.url), "rb")
         fs, path = self._fs, self._path
-        return with_retries(lambda: fs.open(path, "rb", block_size=1 << 20), self.url, "open")  # type: ignore[no-any-return]
+        return with_retries(  # type: ignore[no-any-return]
+            lambda: fs.open(path, "rb", block_size=1 << 16, cache_type="blockcache"), self.url, "open"
+        )
 
     def read_bytes(self, start: int, end: int) -> bytes:
         """Read ``[start, end)`` as bytes (a copy); used for headers and remote data."""
@@ -345,33 +351,32 @@ def torch_zip_entries(url: str, size: int, opener: Callable[[], IO[bytes]]) -> d
     import pickle
 
     local = is_local(url)
-    try:
-        if local:  # a path lets torch memory-map instead of reading
-            state = torch.load(local_path(url), map_location="meta", weights_only=True, mmap=True)
-        else:
-            with opener() as f:
-                state = torch.load(f, map_location="meta", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            _unpickle_refusal(exc), file=url, hint="get a safetensors copy of this model from a source you trust"
-        ) from None
-    except RaymergeError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError/ValueError/... for bad archives
-        raise CheckpointError(
-            f"not a torch zip checkpoint: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
-            file=url, hint="re-save it with torch.save (torch >= 1.6) or convert it to safetensors",
-        ) from None  # fmt: skip
-    if not isinstance(state, dict):
-        raise CheckpointError(f"holds a {type(state).__name__}, not a state dict of tensors", file=url)
-    try:
-        with opener() as f:
+    with opener() as f:
+        try:
+            # A local path lets torch memory-map instead of reading; remote, it reads through ``f``.
+            source: str | IO[bytes] = local_path(url) if local else f
+            state = torch.load(source, map_location="meta", weights_only=True, mmap=local)
+        except pickle.UnpicklingError as exc:
+            raise CheckpointError(
+                _unpickle_refusal(exc), file=url, hint="get a safetensors copy of this model from a source you trust"
+            ) from None
+        except RaymergeError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError/ValueError/... for bad archives
+            raise CheckpointError(
+                f"not a torch zip checkpoint: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+                file=url, hint="re-save it with torch.save (torch >= 1.6) or convert it to safetensors",
+            ) from None  # fmt: skip
+        if not isinstance(state, dict):
+            raise CheckpointError(f"holds a {type(state).__name__}, not a state dict of tensors", file=url)
+        try:
+            f.seek(0)
             archive = zipfile.ZipFile(f)
             infos = archive.infolist()
             order = [i for i in infos if i.filename.endswith("/byteorder")]
             byteorder = archive.read(order[0]).decode() if order else "little"
-    except (zipfile.BadZipFile, OSError, UnicodeDecodeError, EOFError) as exc:
-        raise CheckpointError(f"cannot read the zip directory: {exc}", file=url) from None
+        except (zipfile.BadZipFile, OSError, UnicodeDecodeError, EOFError) as exc:
+            raise CheckpointError(f"cannot read the zip directory: {exc}", file=url) from None
     if byteorder != "little":
         raise CheckpointError(f"{byteorder}-endian checkpoint", file=url, hint="re-save it on a little-endian machine")
     records = sorted((i for i in infos if "/data/" in i.filename), key=lambda i: i.header_offset)

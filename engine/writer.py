@@ -10,14 +10,21 @@ Layout while a merge runs (``OUT`` is the requested output directory)::
 ``commit`` checks that every task has a receipt, writes the index, config, tokenizer files and
 model card, fsyncs, and renames the staging directory to ``OUT`` in one step. Nothing at ``OUT``
 looks like a model before that rename.
+
+A remote ``OUT`` (``s3://…``, any writable fsspec URL) is staged locally under
+``$RAYMERGE_STAGING_ROOT`` (default ``~/.cache/raymerge/staging``), one directory per output URL,
+with the same journal and resume; ``commit`` then uploads it (``RemoteOutput``) and removes the
+local copy only once the upload is complete.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -25,9 +32,11 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import fsspec
+
 from raymerge.engine.errors import OutputError
 from raymerge.engine.plan import MergePlan, OutputShard
-from raymerge.engine.storage import exists, is_local, join_url, list_dir, local_path, read_text
+from raymerge.engine.storage import exists, is_local, join_url, list_dir, local_path, read_blob, with_retries
 from raymerge.engine.task import Receipt
 
 log = logging.getLogger(__name__)
@@ -37,6 +46,128 @@ TOKENIZER_FILES = (
     "merges.txt", "vocab.txt", "added_tokens.json", "spiece.model", "chat_template.jinja", "generation_config.json",
 )  # fmt: skip
 META = ".raymerge"
+INDEX = "model.safetensors.index.json"
+UPLOADS = f"{META}/uploads.json"  # local bookkeeping of a remote publish; never uploaded
+
+
+def default_staging_root() -> Path:
+    """Where remote outputs are staged: ``$RAYMERGE_STAGING_ROOT``, else ``~/.cache/raymerge/staging``.
+
+    With ``--executor ray`` every node that should take work must see this directory (a shared
+    mount); nodes that do not are left out by the node probe.
+    """
+    root = os.environ.get("RAYMERGE_STAGING_ROOT")
+    return Path(root) if root else Path.home() / ".cache" / "raymerge" / "staging"
+
+
+class RemoteOutput:
+    """A model directory at an fsspec URL prefix, written by uploading a finished staging directory.
+
+    Object stores have no rename, so a prefix cannot appear in one step. Instead the objects a
+    loader opens first go last: every other file (config, tokenizer files, card, ``.raymerge/``,
+    numbered shards ``model-XXXXX-of-YYYYY.safetensors``, which loaders reach only through the
+    index) goes up before ``model.safetensors`` (single-shard outputs) and the index. Each PUT is
+    atomic (an object appears whole or not at all), so an entry point appears only after
+    everything it refers to is there: a failed or interrupted upload leaves no loadable model.
+    Uploading to a temporary prefix and copying would not be atomic either (copies are per object
+    too) and would move every byte twice. Each upload is retried with backoff; a local
+    ``.raymerge/uploads.json`` records what landed, so a rerun after a failed upload sends only
+    what is missing or changed.
+    """
+
+    ENTRY_POINTS = ("model.safetensors", INDEX)  # in upload order: these go after everything else
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        fs, self.path = fsspec.core.url_to_fs(self.url)
+        self.fs: fsspec.AbstractFileSystem = fs
+
+    def _url(self, rel: str) -> str:
+        return f"{self.url}/{rel}"
+
+    def _remote(self, rel: str) -> str:
+        return f"{self.path.rstrip('/')}/{rel}"
+
+    def holds_model(self) -> bool:
+        """Whether a loader would find a model here now (either entry point exists)."""
+        return any(exists(self._url(n)) for n in self.ENTRY_POINTS)
+
+    def check_writable(self) -> None:
+        """Write and delete a small object now, so bad credentials or a missing bucket fail before compute."""
+        rel = f"{META}/write-probe"
+        fs, remote = self.fs, self._remote(rel)
+        with_retries(lambda: fs.pipe_file(remote, b"raymerge"), self._url(rel), "test write", error=OutputError)
+        self._delete(rel)
+
+    def _delete(self, rel: str) -> None:
+        fs, remote = self.fs, self._remote(rel)
+        with contextlib.suppress(FileNotFoundError):
+            with_retries(lambda: fs.rm_file(remote), self._url(rel), "delete", missing_ok=True, error=OutputError)
+
+    def _size(self, rel: str) -> int | None:
+        fs, remote = self.fs, self._remote(rel)
+        try:
+            info = with_retries(lambda: fs.info(remote), self._url(rel), "stat", missing_ok=True, error=OutputError)
+        except FileNotFoundError:
+            return None
+        return int(info.get("size") or 0)
+
+    def upload(self, local: Path, *, overwrite: bool) -> int:
+        """Upload every file under ``local`` (entry points last); return the bytes sent.
+
+        With ``overwrite``, an existing model's entry points are deleted first (so it stops being
+        loadable before any of its files change), and objects the new model does not have are
+        deleted before the new entry points go up.
+        """
+        record = local / UPLOADS
+        tmp = record.with_suffix(".tmp")
+        names = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file() and p not in (record, tmp)}
+        done: dict[str, list[int]] = {}
+        with contextlib.suppress(OSError, ValueError):
+            done = json.loads(record.read_text())
+        if overwrite:
+            for rel in self.ENTRY_POINTS:
+                self._delete(rel)
+        sent = 0
+
+        def put(rel: str) -> None:
+            nonlocal sent
+            st = (local / rel).stat()
+            key = [st.st_size, st.st_mtime_ns]
+            if done.get(rel) == key and self._size(rel) == st.st_size:
+                return  # landed in an earlier attempt and unchanged since
+            src, fs, remote = str(local / rel), self.fs, self._remote(rel)
+            with_retries(lambda: fs.put_file(src, remote), self._url(rel), "upload", error=OutputError)
+            sent += st.st_size
+            done[rel] = key
+            tmp.write_text(json.dumps(done))
+            os.replace(tmp, record)
+
+        for rel in sorted(names - set(self.ENTRY_POINTS)):
+            put(rel)
+        if overwrite:
+            self._delete_stale(names)
+        for rel in self.ENTRY_POINTS:
+            if rel in names:
+                put(rel)
+        return sent
+
+    def _delete_stale(self, keep: set[str]) -> None:
+        fs, root = self.fs, self.path.rstrip("/")
+        try:
+            found = with_retries(lambda: fs.find(root), self.url, "list", missing_ok=True, error=OutputError)
+        except FileNotFoundError:
+            return
+        for path in found:
+            rel = str(path)[len(root) + 1 :] if str(path).startswith(root + "/") else None
+            if rel and rel not in keep:
+                self._delete(rel)
+
+
+def _slug(url: str) -> str:
+    """A readable file-system-safe name for a staging directory of ``url``."""
+    tail = re.sub(r"[^A-Za-z0-9._-]+", "_", url.rstrip("/").rsplit("/", 1)[-1])[:40] or "out"
+    return f"{tail}-{hashlib.sha256(url.rstrip('/').encode()).hexdigest()[:12]}"
 
 
 def _fsync_path(path: Path) -> None:
@@ -50,13 +181,18 @@ def _fsync_path(path: Path) -> None:
 class Staging:
     """The staging area of one merge: pre-allocated shards plus the journal of receipts."""
 
-    def __init__(self, out_dir: str | Path, plan: MergePlan, *, overwrite: bool = False) -> None:
-        if not is_local(str(out_dir)):
-            raise OutputError(
-                "remote output paths are not supported yet", file=str(out_dir), hint="write locally, then upload"
-            )
-        self.final = Path(local_path(str(out_dir))).absolute()
-        self.dir = self.final.with_name(self.final.name + ".raymerge-staging")
+    def __init__(
+        self, out_dir: str | Path, plan: MergePlan, *, overwrite: bool = False, staging_root: str | Path | None = None
+    ) -> None:
+        out = str(out_dir)
+        self.remote = None if is_local(out) else RemoteOutput(out)
+        if self.remote is None:
+            self.final = Path(local_path(out)).absolute()
+            self.dir = self.final.with_name(self.final.name + ".raymerge-staging")
+        else:
+            root = Path(staging_root) if staging_root is not None else default_staging_root()
+            self.dir = root.absolute() / f"{_slug(out)}.raymerge-staging"
+            self.final = self.dir  # never renamed: commit uploads it, then removes it
         self.plan = plan
         self.overwrite = overwrite
         self._journal_lock = threading.Lock()
@@ -69,9 +205,15 @@ class Staging:
 
     def prepare(self) -> dict[str, Receipt]:
         """Create or reopen the staging area; return receipts of tasks already done and verified."""
-        if self.final.exists() and not self.overwrite:
+        if self.remote is not None:
+            if not self.overwrite and self.remote.holds_model():
+                raise OutputError("output already holds a model", file=self.remote.url,
+                                  hint="pass --overwrite to replace it")  # fmt: skip
+            self.remote.check_writable()
+            self.dir.parent.mkdir(parents=True, exist_ok=True)
+        elif self.final.exists() and not self.overwrite:
             raise OutputError("output path already exists", file=str(self.final), hint="pass --overwrite to replace it")
-        if not self.final.parent.exists():
+        elif not self.final.parent.exists():
             raise OutputError("parent directory of the output does not exist", file=str(self.final))
         fingerprint = self.plan.fingerprint()
         done: dict[str, Receipt] = {}
@@ -148,11 +290,11 @@ class Staging:
             self._journal.close()
             self._journal = None
 
-    def commit(self, receipts: dict[str, Receipt], card: str) -> Path:
-        """Verify coverage, write metadata files, fsync, and publish atomically. Returns the path.
+    def commit(self, receipts: dict[str, Receipt], card: str) -> str:
+        """Verify coverage, write metadata files, fsync, and publish. Returns the output path or URL.
 
-        Any I/O failure here (a full disk, say) leaves the staging area as it is, so running the
-        same merge again resumes straight to this step.
+        Any I/O failure here (a full disk, an upload that keeps failing) leaves the staging area
+        as it is, so running the same merge again resumes straight to this step.
         """
         missing = [t.id for t in self.plan.tasks if t.id not in receipts]
         if missing:
@@ -166,7 +308,27 @@ class Staging:
                 hint="free space (or fix permissions) and run the same command again to resume",
             ) from None  # fmt: skip
 
-    def _publish(self, receipts: dict[str, Receipt], card: str) -> Path:
+    def _publish(self, receipts: dict[str, Receipt], card: str) -> str:
+        self._write_metadata(receipts, card)
+        if self.remote is not None:
+            sent = self.remote.upload(self.dir, overwrite=self.overwrite)
+            log.info("uploaded %d bytes to %s", sent, self.remote.url)
+            shutil.rmtree(self.dir, ignore_errors=True)
+            return self.remote.url
+        old = None
+        if self.final.exists():
+            old = self.final.with_name(self.final.name + ".raymerge-old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.rename(self.final, old)
+        os.rename(self.dir, self.final)
+        _fsync_path(self.final.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return str(self.final)
+
+    def _write_metadata(self, receipts: dict[str, Receipt], card: str) -> None:
+        """Index, config, tokenizer files, card and receipts into the staging directory, fsynced."""
         plan = self.plan
         weight_map = {name: s.name for s in plan.shards for name in s.tensors}
         total = sum(t.output.nbytes for t in plan.tasks)
@@ -189,17 +351,6 @@ class Staging:
             if p.is_file():
                 _fsync_path(p)
         _fsync_path(self.dir)
-        old = None
-        if self.final.exists():
-            old = self.final.with_name(self.final.name + ".raymerge-old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.rename(self.final, old)
-        os.rename(self.dir, self.final)
-        _fsync_path(self.final.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return self.final
 
     def _copy_tokenizer(self, src: str) -> None:
         names = set(list_dir(src)) if is_local(src) else set()
@@ -208,7 +359,7 @@ class Staging:
             if is_local(src):
                 if fname in names:
                     shutil.copyfile(local_path(url), self.dir / fname)
-            elif exists(url):
-                text = read_text(url)
-                if text is not None:
-                    (self.dir / fname).write_text(text, encoding="utf-8")
+            else:
+                data = read_blob(url)  # bytes: tokenizer.model and spiece.model are binary
+                if data is not None:
+                    (self.dir / fname).write_bytes(data)

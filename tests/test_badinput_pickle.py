@@ -104,7 +104,9 @@ def test_cli_allow_pickle_flag(family, tmp_path):
     line = refused.stderr.strip()
     assert line.startswith("raymerge: error: checkpoint has only pickle weights") and "\n" not in line
     assert str(bins[0] / "pytorch_model.bin.index.json") in line and "--allow-pickle" in line
-    ok = subprocess.run([RAYMERGE, "run", str(recipe), str(out), "-q", "--allow-pickle"], capture_output=True, text=True)
+    ok = subprocess.run(
+        [RAYMERGE, "run", str(recipe), str(out), "-q", "--allow-pickle"], capture_output=True, text=True
+    )
     assert ok.returncode == 0, ok.stderr
     st = tmp_path / "st.yaml"
     st.write_text(recipe_text("task_arithmetic", base, [experts[0]], None, [{"weight": 0.5}]))
