@@ -6,6 +6,7 @@ Every ``RaymergeError`` becomes one readable line on stderr and a non-zero exit 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import re
@@ -214,6 +215,57 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tact_compute(args: argparse.Namespace) -> int:
+    from raymerge.engine.tact import compute_corrections, fold_corrections
+
+    task = args.task or Path(args.expert).name
+    out = Path(args.out)
+    if args.fold and (out / task).exists() and not args.overwrite:
+        raise RaymergeError("output directory exists", file=str(out / task), hint="pass --overwrite to replace it")
+    args.tokenizer = args.tokenizer or args.expert  # both models read the text with the expert's tokenizer
+
+    def backend(model: str, data: Any) -> StatsBackend:
+        return _stats_backend(args, model, str(out))
+
+    with contextlib.ExitStack() as stack:
+        if args.executor == "ray":
+            from raymerge.cluster.connect import RayConnection
+
+            stack.enter_context(RayConnection(args.address))  # one Ray session for both models' actors
+        corr = compute_corrections(
+            args.expert, args.merged, _data_spec(args), args.points, task=task, eps=args.eps, backend=backend,
+            require_foldable=args.fold,
+        )  # fmt: skip
+    path = corr.save(out / "corrections" / f"{task}.safetensors")
+    _print_collapse(corr)
+    print(f"corrections  {path}  ({len(corr.points)} points, {corr.tokens} tokens)")
+    if args.fold:
+        print(f"folded model {fold_corrections(args.merged, corr, out / task, overwrite=args.overwrite)}")
+    return 0
+
+
+def _print_collapse(corr: Any) -> None:
+    print(f"{'point':<56} σ_merged/σ_expert (mean over channels)")
+    for point, ratio in corr.collapse().items():
+        print(f"{point:<56} {ratio:.3f}")
+
+
+def cmd_tact_fold(args: argparse.Namespace) -> int:
+    from raymerge.engine.tact import fold_corrections
+
+    print(f"folded model {fold_corrections(args.merged, args.corrections, args.out, overwrite=args.overwrite)}")
+    return 0
+
+
+def cmd_tact_show(args: argparse.Namespace) -> int:
+    from raymerge.engine.tact import Corrections
+
+    corr = Corrections.load(args.corrections)
+    print(f"task {corr.task}: {len(corr.points)} points, eps {corr.eps:g}, {corr.tokens} tokens")
+    _print_collapse(corr)
+    return 0
+
+
 def _add_data_options(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--data", action="append", required=True, metavar="FILE",
                     help="unlabelled data: .jsonl/.json/.txt text, or .pt/.safetensors tensors (repeatable)")  # fmt: skip
@@ -236,7 +288,7 @@ def _add_data_options(sp: argparse.ArgumentParser) -> None:
 
 
 def add_data_commands(sub: Any) -> None:
-    """``stats`` and ``tact`` subcommands."""
+    """``stats`` and ``tact compute|fold|show``."""
     sp = sub.add_parser("stats", help="collect input Grams (for regmean) and activation moments from data")
     sp.add_argument("model", help="Hugging Face model directory")
     sp.add_argument("--out", required=True, help="output directory: grams.safetensors, moments.safetensors, stats.json")
@@ -247,6 +299,29 @@ def add_data_commands(sub: Any) -> None:
     sp.add_argument("--gram-dtype", choices=["float32", "float64"], default="float32",
                     help="dtype of the stored Grams (accumulation is fp64 on CPU)")  # fmt: skip
     sp.set_defaults(fn=cmd_stats)
+
+    tact = sub.add_parser("tact", help="TACT: per-task activation corrections of a merged model")
+    tsub = tact.add_subparsers(dest="tact_cmd", required=True)
+    sp = tsub.add_parser("compute", help="corrections of MERGED towards EXPERT on the task's data")
+    sp.add_argument("--expert", required=True, help="the task's expert (model directory)")
+    sp.add_argument("--merged", required=True, help="the merged model directory")
+    sp.add_argument("--task", default=None, help="task name (default: the expert directory's name)")
+    sp.add_argument("--out", required=True, help="writes OUT/corrections/TASK.safetensors (and OUT/TASK/ with --fold)")
+    sp.add_argument("--eps", type=float, default=1e-6, help="added to the merged variance (default 1e-6)")
+    sp.add_argument("--fold", action="store_true",
+                    help="also write OUT/TASK/, the merged model with the corrections folded into its weights")  # fmt: skip
+    sp.add_argument("--overwrite", action="store_true", help="replace an existing OUT/TASK/")
+    _add_data_options(sp)
+    sp.set_defaults(fn=cmd_tact_compute)
+    sp = tsub.add_parser("fold", help="write a per-task model directory with the corrections folded in")
+    sp.add_argument("--merged", required=True, help="the merged model directory the corrections were computed for")
+    sp.add_argument("--corrections", required=True, help="a corrections/TASK.safetensors file")
+    sp.add_argument("--out", required=True, help="output model directory")
+    sp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    sp.set_defaults(fn=cmd_tact_fold)
+    sp = tsub.add_parser("show", help="print a corrections file: points and variance collapse")
+    sp.add_argument("corrections", help="a corrections/TASK.safetensors file")
+    sp.set_defaults(fn=cmd_tact_show)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -739,7 +739,7 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
-def _model_class(model_dir: str) -> tuple[Any, Any]:
+def model_class(model_dir: str) -> tuple[Any, Any]:
     try:
         import transformers
         from transformers import AutoConfig
@@ -792,7 +792,7 @@ def load_model(
     """
     model_dir = str(model_dir)
     dev = resolve_device(device)
-    cls, config = _model_class(model_dir)
+    cls, config = model_class(model_dir)
     weight_bytes, _, dtype = checkpoint_bytes(model_dir)
     host_share = None if memory_budget is None else max(1, memory_budget // 2)
     gpu_free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else 0
@@ -946,7 +946,7 @@ class LocalStatsBackend:
             if isinstance(model, nn.Module):
                 main = str(getattr(model, "main_input_name", "input_ids"))
             else:
-                main = str(getattr(_model_class(str(model))[0], "main_input_name", "input_ids"))
+                main = str(getattr(model_class(str(model))[0], "main_input_name", "input_ids"))
             batches = load_batches(data.with_tokenizer(None if isinstance(model, nn.Module) else str(model)),
                                    main_input=main)  # fmt: skip
         else:

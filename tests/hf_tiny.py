@@ -53,12 +53,7 @@ def tiny_bert(path: Path, seed: int = 0, layers: int = 2) -> Path:
 
 def perturbed(src: Path, dst: Path, seed: int, scale: float = 0.05) -> Path:
     """A fine-tuned-like copy of ``src``: every parameter plus N(0, scale²·mean|p|²) noise."""
-    from transformers import AutoModel, LlamaForCausalLM
-
-    cls = (
-        LlamaForCausalLM if "Llama" in json.loads((src / "config.json").read_text())["architectures"][0] else AutoModel
-    )
-    model = cls.from_pretrained(str(src)).eval()
+    model = load(src)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -74,3 +69,26 @@ def write_jsonl(path: Path, n: int, seed: int, lo: int = 3, hi: int = 12) -> Pat
     lines = [json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))}) for _ in range(n)]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _model_cls(path: Path):
+    from transformers import AutoModel, LlamaForCausalLM
+
+    return (
+        LlamaForCausalLM if "Llama" in json.loads((path / "config.json").read_text())["architectures"][0] else AutoModel
+    )
+
+
+def load(path: Path):
+    """The model in ``path`` (LlamaForCausalLM or AutoModel), in eval mode."""
+    return _model_cls(path).from_pretrained(str(path)).eval()
+
+
+def average(dirs: list[Path], dst: Path) -> Path:
+    """The plain weight average of ``dirs`` (no alignment: a non-local merge when their bases differ)."""
+    models = [load(d) for d in dirs]
+    sd = {k: sum(m.state_dict()[k] for m in models) / len(models) for k in models[0].state_dict()}
+    models[0].load_state_dict(sd)
+    models[0].save_pretrained(str(dst))
+    write_tokenizer(dst)
+    return dst
