@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from raymerge.engine.errors import RaymergeError
-from raymerge.engine.methods.precision import stats_dtype
+from raymerge.engine.methods.precision import stats_dtype, tf32
 from raymerge.engine.storage import DTYPES, TAG_OF_DTYPE
 
 log = logging.getLogger(__name__)
@@ -490,7 +490,8 @@ def run_pass(
                 rows = mask.rows(x.detach())
                 dt = stats_dtype("auto", rows.device)
                 r = rows.to(dt)
-                prod, n = r.T @ r, int(r.shape[0])
+                with tf32(False):  # fp32 Grams on consumer GPUs: full fp32 products, never TF32
+                    prod, n = r.T @ r, int(r.shape[0])
                 last["x"], last["prod"] = x, (prod, n)
             if acc.total is None:
                 acc.total = torch.zeros_like(prod)
