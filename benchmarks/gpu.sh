@@ -38,7 +38,7 @@ for stage in $STAGES; do
     matrix) # every method × {local, Ray (GPU actor pool for Gram/spectral)} with mergekit / FusionBench alongside
       python3 -m benchmarks.throughput --size "${MATRIX_SIZE:-7b:2}" --experts 3 \
         --methods task_arithmetic,ties,dare_ties,actmat,wudi,tsv_m,iso_c --executors local,ray \
-        --workers "${WORKERS:-1,4,8,16}" --growth "" --memory-budget 24GiB --workdir "$WORK" \
+        --peer-methods task_arithmetic,ties,dare_ties,tsv_m,iso_c --workers "${WORKERS:-1,4,16}" --growth "" --memory-budget 24GiB --workdir "$WORK" \
         --results-dir "$OUT" --stem "throughput_$(echo ${MATRIX_SIZE:-7b:2} | tr : -)L_$GPU" 2>&1 | grep -v '^\$ ' | tail -40 || rc=1 ;;
     growth) # TIES peak memory from tiny to a 70B layer subset, same budget: must stay flat
       python3 -m benchmarks.throughput --size tiny --methods "" --workers "" --peers none \

@@ -91,9 +91,14 @@ def run(
     check: dict[str, float] = {}
     for label, (shape, _count) in block.items():
         deltas = [task_vector(label, shape, e, seed=0, scale=0.01).to(dev) for e in range(experts)]
-        ours("actmat", deltas, precision=precision)  # warm-up: CUDA context, cuBLAS/cuSOLVER handles
+        # warm-up of both code paths (fp64 eigh, fp32 Adam): CUDA context, cuBLAS/cuSOLVER handles
+        ours("actmat", deltas, precision=precision)
+        ours("wudi", deltas, steps=2, precision=precision)
         r: dict[str, float] = {}
         adam, r["wudi_adam_s"] = ours("wudi", deltas, steps=steps, precision=precision)
+        if dev.type == "cuda":  # TF32 only inside the Adam loop (statistics stay full precision)
+            adam_tf32, r["wudi_adam_tf32_s"] = ours("wudi", deltas, steps=steps, precision=precision, tf32=True)
+            r["wudi_adam_tf32_rel_err_vs_fp32"] = rel(adam_tf32.cpu(), adam.cpu())
         _, r["wudi_spectral_s"] = ours("wudi", deltas, solver="spectral", precision=precision)
         _, r["wudi_adaptive_s"] = ours("wudi", deltas, solver="adaptive", precision=precision)
         _, r["actmat_s"] = ours("actmat", deltas, precision=precision)

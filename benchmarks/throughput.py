@@ -169,7 +169,8 @@ def device_for(method: str, device: str) -> str:
     return "cuda" if torch.cuda.is_available() and get_method(method).prefers_accelerator else "cpu"
 
 
-def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
+def run_matrix(args: argparse.Namespace, checkpoint: Path | None = None) -> dict[str, Any]:
+    """The method × executor matrix and the scaling sweep; ``checkpoint`` gets the runs so far after each one."""
     name, layers = parse_size(args.size)
     root = args.workdir / size_label(name, layers)
     base, experts, reused = build_family(root, name, args.experts, args.shard_bytes, args.rebuild, layers)
@@ -179,6 +180,12 @@ def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
     print(f"I/O floor: {floor['floor_s']:.2f} s ({floor['read_gbps']} GB/s read)", flush=True)
     runs: list[dict[str, Any]] = []
     comparisons: dict[str, Any] = {}
+    scaling: list[dict[str, Any]] = []
+
+    def save() -> None:
+        if checkpoint is not None:
+            checkpoint.write_text(json.dumps({"partial": True, "io_floor": floor, "runs": runs, "scaling": scaling}))
+
     for method in args.methods:
         device = device_for(method, args.device)
         ours: dict[str, Any] | None = None
@@ -186,11 +193,13 @@ def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
             r = m.raymerge(method, executor, None, device)
             r["wall_over_io_floor"] = ratio(r["wall_s"], floor["floor_s"]) if r["returncode"] == 0 else None
             runs.append(r)
+            save()
             ours = ours or (r if r["returncode"] == 0 else None)
-        peer = m.peer(method, device)
+        peer = m.peer(method, device) if method in args.peer_methods or not args.peer_methods else None
         if peer is not None:
             peer["wall_over_io_floor"] = ratio(peer["wall_s"], floor["floor_s"]) if peer["returncode"] == 0 else None
             runs.append(peer)
+            save()
             if ours is not None:
                 comparisons[method] = {"peer": peer["tool"], **(m.compare(ours, peer) or {})}
                 ours["wall_over_peer"] = ratio(ours["wall_s"], peer["wall_s"]) if peer["returncode"] == 0 else None
@@ -201,13 +210,13 @@ def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
             for r in runs:
                 if r["method"] == method:
                     shutil.rmtree(r["out"], ignore_errors=True)
-    scaling: list[dict[str, Any]] = []
     for executor in args.executors:
         for w in args.workers:
             r = m.raymerge(args.scaling_method, executor, w, device_for(args.scaling_method, args.device))
             shutil.rmtree(r["out"], ignore_errors=True)
             scaling.append({k: r.get(k) for k in ("executor", "workers", "wall_s", "read_gbps", "peak_rss_bytes",
                                                   "returncode", "device")})  # fmt: skip
+            save()
     return {
         "size": size_label(name, layers),
         "params_per_model": _params(name, layers),
@@ -338,6 +347,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--executors", type=csv, default=["local", "ray"], help="raymerge executors to run each method on")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: Gram/spectral on CUDA")
     p.add_argument("--peers", type=csv, default=["mergekit", "fusionbench"], help="peers to run alongside (or none)")
+    p.add_argument("--peer-methods", type=csv, default=[], help="only these methods get a peer run (default: all)")
     p.add_argument("--workers", type=lambda s: [int(x) for x in s.split(",") if x], default=[1, 2],
                    help="worker counts for the scaling sweep")  # fmt: skip
     p.add_argument("--scaling-method", default="ties")
@@ -363,10 +373,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if torch.cuda.is_available():
         machine["gpu"] = torch.cuda.get_device_name(0)
     started = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
-    matrix = run_matrix(args)
-    growth = run_growth(args)
     gpu_tag = re.sub(r"[^a-z0-9]+", "-", machine.get("gpu", "").lower()).strip("-")
-    stem = args.stem or f"throughput_{matrix['size']}" + (f"_{gpu_tag}" if gpu_tag else "")
+    stem = args.stem or f"throughput_{size_label(*parse_size(args.size))}" + (f"_{gpu_tag}" if gpu_tag else "")
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    partial = args.results_dir / f"{stem}.partial.json"
+    matrix = run_matrix(args, partial)
+    growth = run_growth(args)
     results = {
         "benchmark": "throughput",
         "started_utc": started,
@@ -384,8 +396,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "matrix": matrix,
         "growth": growth,
     }
-    args.results_dir.mkdir(parents=True, exist_ok=True)
     json_path = args.results_dir / f"{stem}.json"
+    partial.unlink(missing_ok=True)
     json_path.write_text(json.dumps(results, indent=1) + "\n")
     plot(results, json_path.with_suffix(".png"))
     print(summary_table(results))

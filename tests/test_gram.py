@@ -181,14 +181,24 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 @pytest.mark.parametrize("tf32", [False, True])
 @pytest.mark.parametrize("precision", ["auto", "fp32"])
 def test_gram_methods_on_cuda(tf32, precision):
-    """ACTMat and WUDI on CUDA against the fp64 CPU references; the bound depends on the precision."""
+    """ACTMat and WUDI on CUDA against the fp64 CPU references; the bound depends on the precision.
+
+    ``tf32`` is also the process-wide switch during ACTMat: it must not leak into the statistics
+    (with TF32 in S, the pseudo-inverse gave 105 % relative error on an H100).
+    """
     deltas = _task_vectors((96, 96), 8, seed=8)
     zero = torch.zeros(96, 96, device="cuda")
     dev = [d.cuda() for d in deltas]
-    args = MergeArgs(_defaults("actmat", precision=precision, tf32=tf32), [{}] * 8)
-    out = METHODS["actmat"].fn(zero, dev, args).cpu()
+    args = MergeArgs(_defaults("actmat", precision=precision), [{}] * 8)
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        out = METHODS["actmat"].fn(zero, dev, args).cpu()
+        assert torch.backends.cuda.matmul.allow_tf32 == tf32  # restored afterwards
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
     ref = actmat_reference(deltas)
     fp64 = precision == "auto" and torch.cuda.get_device_capability() in {(8, 0), (9, 0), (10, 0)}
-    assert _rel(out, ref) <= (1e-6 if fp64 else 5e-2)
+    assert _rel(out, ref) <= (1e-6 if fp64 else 1e-2)
     w = METHODS["wudi"].fn(zero, dev, MergeArgs(_defaults("wudi", precision=precision, tf32=tf32), [{}] * 8)).cpu()
     assert _rel(w, _fb_wudi(deltas, 300)) <= (1e-4 if not tf32 else 1e-2)
