@@ -114,14 +114,14 @@ def test_chan_merge_equals_whole():
 
 
 def test_accelerate_offload_gives_the_plain_statistics(llama, tmp_path):
-    """Tensor data (.pt input ids); a budget far below the model forces disk offload and several
-    Gram passes; the statistics must not change."""
+    """Tensor data (.pt input ids); on CPU a host budget far below the model forces disk offload and
+    several Gram passes; the statistics must not change."""
     model_dir, _ = llama
     g = torch.Generator().manual_seed(3)
     torch.save({"input_ids": torch.randint(3, 40, (12, 9), generator=g)}, tmp_path / "ids.pt")
     spec = DataSpec((str(tmp_path / "ids.pt"),), batch_size=4)
-    plain = collect_stats(model_dir, spec, tmp_path / "plain", points="default")
-    off = collect_stats(model_dir, spec, tmp_path / "off", points="default", memory_budget=80_000)
+    plain = collect_stats(model_dir, spec, tmp_path / "plain", points="default", device="cpu")
+    off = collect_stats(model_dir, spec, tmp_path / "off", points="default", device="cpu", memory_budget=80_000)
     assert plain.passes == 1 and off.passes > 2  # the offloaded run splits the Grams into several passes
     assert plain.tokens == off.tokens == 12 * 9
     a, b = _grams(tmp_path / "plain" / "grams.safetensors"), _grams(tmp_path / "off" / "grams.safetensors")
