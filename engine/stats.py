@@ -146,6 +146,7 @@ def _tokenizer(directory: str | None, file: str) -> Any:
             f"text data needs a tokenizer, and {directory or 'no directory'} has none", file=file,
             hint="put tokenizer files in the model directory, pass --tokenizer DIR, or give tensor files (.pt/.safetensors) of input ids",
         )  # fmt: skip
+    _require_transformers()
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(directory)
@@ -429,6 +430,7 @@ class _Hooks:
 
 
 def module_map(model: nn.Module) -> dict[str, nn.Module]:
+    """Module name → module (``named_modules``)."""
     return dict(model.named_modules())
 
 
@@ -740,12 +742,22 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
-def model_class(model_dir: str) -> tuple[Any, Any]:
+def _require_transformers() -> None:
     try:
-        import transformers
-        from transformers import AutoConfig
+        import transformers  # noqa: F401
     except ImportError:
-        raise StatsError("loading models needs the transformers package", hint="pip install transformers") from None
+        raise StatsError(
+            "data-based merging loads models and tokenizers with the transformers package, which is not installed",
+            hint="pip install 'transformers>=4.45'",
+        ) from None
+
+
+def model_class(model_dir: str) -> tuple[Any, Any]:
+    """The transformers class named by ``config.json``'s ``architectures`` (else ``AutoModel``) and the config."""
+    _require_transformers()
+    import transformers
+    from transformers import AutoConfig
+
     try:
         config = AutoConfig.from_pretrained(model_dir)
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds for a bad config
