@@ -8,6 +8,8 @@ test can "stop a node" by killing its session and teardown removes exactly this 
 processes (``ray stop --force`` would also kill every other Ray instance on the machine).
 Failures are injected from outside only; tasks are slowed for the fault tests through Ray's
 own ``RAY_RUNTIME_ENV_HOOK`` and a worker setup hook written below, not through raymerge code.
+Faults: a SIGKILLed worker, accelerator actor, raylet and driver, a node stopped mid-merge, and
+a node whose tiny object store is held over-full (spilling) by another driver during a merge.
 """
 
 from __future__ import annotations
@@ -106,6 +108,15 @@ def session_procs(sid: int) -> list[psutil.Process]:
     return out
 
 
+def raylets(sid: int) -> list[psutil.Process]:
+    found = []
+    for p in session_procs(sid):
+        with contextlib.suppress(psutil.Error):
+            if p.name() == "raylet":
+                found.append(p)
+    return found
+
+
 def kill_session(sid: int) -> None:
     for p in session_procs(sid):
         with contextlib.suppress(psutil.Error):
@@ -196,11 +207,18 @@ class RayTestCluster:
         ])  # fmt: skip
         assert proc.wait(timeout=120) == 0, (self.root / "rm_head.log").read_text()[-3000:]
 
-    def add_workers(self, *names: str) -> None:
+    def add_workers(self, *names: str, args: tuple[str, ...] = ()) -> None:
         for n in names:  # one at a time: nodes started together can race for the same free port
-            p = self._start(n, [f"--address={self.address}"])
+            p = self._start(n, [f"--address={self.address}", *args])
             assert p.wait(timeout=120) == 0, (self.root / f"{n}.log").read_text()[-3000:]
         wait_for(lambda: set(names) <= self.node_names(), 60, f"nodes {names} to register")
+
+    def ensure_worker(self, name: str, args: tuple[str, ...] = ()) -> int:
+        """Start worker node ``name`` unless it is already up (tests may share it); its session id."""
+        sid = self.sessions.get(name)
+        if sid is None or not raylets(sid):
+            self.add_workers(name, args=args)
+        return self.sessions[name]
 
     def node_names(self) -> set[str]:
         out = subprocess.run(
@@ -272,8 +290,10 @@ def slow_case(slow_family, tmp_path_factory) -> tuple[Path, dict[str, str]]:
     return recipe, local_reference(text, root / "local")
 
 
-def run_cli(cluster: RayTestCluster, *args: str, slow: bool = False, **kw) -> subprocess.Popen:
-    env = dict(cluster.env)
+def run_cli(
+    cluster: RayTestCluster, *args: str, slow: bool = False, extra_env: dict[str, str] | None = None, **kw
+) -> subprocess.Popen:
+    env = {**cluster.env, **(extra_env or {})}
     if slow:
         env["PYTHONPATH"] = str(cluster.root)
         env["RAY_RUNTIME_ENV_HOOK"] = "raymerge_slow_hook.runtime_env_hook"
@@ -358,11 +378,17 @@ def test_embedded_ray_matches_local(family, tmp_path, capfd):
 
 
 def run_on_cluster(
-    cluster: RayTestCluster, recipe: Path, out: Path, *extra: str, slow: bool = False
+    cluster: RayTestCluster,
+    recipe: Path,
+    out: Path | str,
+    *extra: str,
+    slow: bool = False,
+    extra_env: dict[str, str] | None = None,
 ) -> subprocess.Popen:
     """``raymerge run`` as a subprocess driver joining the test cluster."""
     return run_cli(cluster, "run", str(recipe), str(out), "--executor", "ray", "--address", cluster.address,
-                   "--workers", "2", "--out-shard-size", "150000", "-q", *extra, slow=slow)  # fmt: skip
+                   "--workers", "2", "--out-shard-size", "150000", "-q", *extra, slow=slow,
+                   extra_env=extra_env)  # fmt: skip
 
 
 def node_rows(stderr: str) -> dict[str, list[str]]:
@@ -474,6 +500,134 @@ def test_driver_killed_then_resumed(cluster, slow_case, tmp_path):
     resumed = int(re.search(r"\((\d+) resumed\)", stdout).group(1))  # type: ignore[union-attr]
     assert 0 < resumed <= done_before
     assert f"| tasks_resumed | {resumed} |" in (out / "README.md").read_text()
+    assert digests(out) == want
+
+
+def test_cluster_writes_to_s3(cluster, slow_case, tmp_path):
+    """Remote output with the Ray executor: workers fill the local staging directory (here every
+    node sees ``RAYMERGE_STAGING_ROOT``: one machine), the driver uploads it at commit."""
+    moto_server = pytest.importorskip("moto.server")
+    s3fs = pytest.importorskip("s3fs")
+    recipe, want = slow_case
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        endpoint = "http://{}:{}".format(*server.get_host_and_port())
+        fs = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=endpoint)
+        fs.mkdir("merged")
+        aws = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+               "AWS_ENDPOINT_URL": endpoint, "RAYMERGE_STAGING_ROOT": str(tmp_path / "staging")}  # fmt: skip
+        _, err = finish(run_on_cluster(cluster, recipe, "s3://merged/ties", extra_env=aws))
+        fs.invalidate_cache()
+        got = {
+            p.rsplit("/", 1)[-1]: hashlib.sha256(fs.cat_file(p)).hexdigest()
+            for p in fs.find("merged/ties")
+            if p.endswith(".safetensors")
+        }
+        assert got == want
+        assert len(node_rows(err)) >= 2, err  # more than one node wrote into the staging directory
+        assert not list((tmp_path / "staging").iterdir()), "the staging copy is removed after the upload"
+    finally:
+        server.stop()
+
+
+# A worker node with Ray's smallest object store (75 MiB minimum), shared by the two tests below.
+SMALL_STORE_NODE = "rm_node_e"
+SMALL_STORE_ARGS = (f"--object-store-memory={80 << 20}",)
+
+FILLER = """
+import os, sys, time
+import numpy as np
+import ray
+
+ray.init(address=sys.argv[1], log_to_driver=False)
+node = sys.argv[2]
+stop = sys.argv[3]
+chunk = 4 << 20
+
+
+@ray.remote(num_cpus=0, resources={node: 0.001})
+class Filler:
+    # Holds ray.put objects on its node's object store: more than fits, so Ray must spill.
+    def __init__(self):
+        self.refs = []
+
+    def node_id(self):
+        return ray.get_runtime_context().get_node_id()
+
+    def fill(self, nbytes):
+        while len(self.refs) * chunk < nbytes:
+            self.refs.append(ray.put(np.full(chunk, len(self.refs) % 251, dtype=np.uint8)))
+        return len(self.refs) * chunk
+
+    def churn(self, k):
+        # Free the oldest objects and put new ones: the store keeps evicting and spilling.
+        for _ in range(k):
+            self.refs.pop(0)
+            self.refs.append(ray.put(np.zeros(chunk, dtype=np.uint8)))
+        first = ray.get(self.refs[0])
+        return int(first.size)
+
+
+f = Filler.remote()
+node_id = ray.get(f.node_id.remote())
+cap = next(n["Resources"]["object_store_memory"] for n in ray.nodes() if n["NodeID"] == node_id)
+held = ray.get(f.fill.remote(int(2 * cap)))
+print("FILLED", node_id, int(cap), held, flush=True)
+rounds = 0
+while not os.path.exists(stop):
+    assert ray.get(f.churn.remote(4)) == chunk
+    rounds += 1
+    time.sleep(0.05)  # keep the store churning without starving the merge of this machine's CPUs
+print("CHURNED", rounds, flush=True)
+"""
+
+
+def test_object_store_pressure(cluster, slow_case, tmp_path):
+    """A node whose object store is over-full (twice its capacity held, objects churning and
+    spilling throughout) still takes units: tensors never go through the object store, so the
+    merge's output is the same bytes."""
+    recipe, want = slow_case
+    cluster.ensure_worker(SMALL_STORE_NODE, SMALL_STORE_ARGS)
+    stop = tmp_path / "stop"
+    filler = subprocess.Popen(
+        [sys.executable, "-c", FILLER, cluster.address, SMALL_STORE_NODE, str(stop)],
+        env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        line = filler.stdout.readline()  # type: ignore[union-attr]
+        assert line.startswith("FILLED"), line + filler.stderr.read()  # type: ignore[union-attr]
+        _, node_id, cap, held = line.split()
+        assert int(cap) <= 80 << 20 and int(held) >= 2 * int(cap)
+        _, err = finish(run_on_cluster(cluster, recipe, tmp_path / "out"))
+    finally:
+        stop.touch()
+        out, ferr = filler.communicate(timeout=60)
+    assert filler.returncode == 0 and int(out.split()[-1]) > 0, ferr[-3000:]  # it churned during the merge
+    assert digests(tmp_path / "out") == want
+    rows = node_rows(err)
+    pressured = [cols for label, cols in rows.items() if label.endswith(node_id[:8])]
+    assert pressured and int(pressured[0][0]) >= 1, err  # the full node ran units
+
+
+def test_raylet_killed_mid_merge(cluster, slow_case, tmp_path):
+    """SIGKILL of a worker node's raylet: its workers die with it and Ray declares the node dead;
+    the driver places the node's units elsewhere and the output is the same bytes."""
+    recipe, want = slow_case
+    sid = cluster.ensure_worker(SMALL_STORE_NODE, SMALL_STORE_ARGS)
+    out = tmp_path / "out"
+    driver = run_on_cluster(cluster, recipe, out, slow=True)
+    wait_for(lambda: ray_task_procs("run_unit", {sid}), 120, "the node to run a unit")
+    victim = raylets(sid)
+    assert len(victim) == 1
+    victim[0].send_signal(signal.SIGKILL)
+    try:
+        _, err = finish(driver)
+    finally:
+        cluster.kill_node(SMALL_STORE_NODE)  # its agents outlive the raylet
+    assert "left the cluster" in err, err[-3000:]
+    rows = node_rows(err)
+    assert sum(int(cols[-1]) for cols in rows.values()) >= 1, err  # units requeued
     assert digests(out) == want
 
 
