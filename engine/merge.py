@@ -109,7 +109,7 @@ def merge(
     dev = device or recipe.raymerge.device
     plan = build_plan(recipe, out_shard_bytes=out_shard_bytes)
     check_budget(plan, budget)
-    staging = Staging(out, plan, overwrite=overwrite)
+    staging = Staging(out, plan, overwrite=overwrite, progress=progress)
     receipts = staging.prepare()
     resumed = len(receipts)
     todo: list[TensorTask] = [t for t in plan.tasks if t.id not in receipts]

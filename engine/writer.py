@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import threading
 import time
 import zlib
@@ -33,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+from fsspec.callbacks import Callback
+from tqdm import tqdm
 
 from raymerge.engine.errors import OutputError
 from raymerge.engine.plan import MergePlan, OutputShard
@@ -48,6 +51,23 @@ TOKENIZER_FILES = (
 META = ".raymerge"
 INDEX = "model.safetensors.index.json"
 UPLOADS = f"{META}/uploads.json"  # local bookkeeping of a remote publish; never uploaded
+
+
+class _BarCallback(Callback):
+    """Byte progress of one upload attempt on a shared bar; a retry first takes its bytes back."""
+
+    def __init__(self, bar: tqdm) -> None:
+        super().__init__()
+        self.bar = bar
+        self.reported = 0
+
+    def relative_update(self, inc: int = 1) -> None:
+        self.reported += inc
+        self.bar.update(inc)
+
+    def restart(self) -> None:
+        self.bar.update(-self.reported)
+        self.reported = 0
 
 
 def default_staging_root() -> Path:
@@ -97,7 +117,10 @@ class RemoteOutput:
         rel = f"{META}/write-probe"
         fs, remote = self.fs, self._remote(rel)
         with_retries(lambda: fs.pipe_file(remote, b"raymerge"), self._url(rel), "test write", error=OutputError)
-        self._delete(rel)
+        try:
+            self._delete(rel)
+        except OutputError as exc:  # write-only credentials: a stray probe under .raymerge/ is harmless
+            log.warning("could not delete the write probe: %s", exc)
 
     def _delete(self, rel: str) -> None:
         fs, remote = self.fs, self._remote(rel)
@@ -112,12 +135,12 @@ class RemoteOutput:
             return None
         return int(info.get("size") or 0)
 
-    def upload(self, local: Path, *, overwrite: bool) -> int:
+    def upload(self, local: Path, *, overwrite: bool, progress: bool = False) -> int:
         """Upload every file under ``local`` (entry points last); return the bytes sent.
 
         With ``overwrite``, an existing model's entry points are deleted first (so it stops being
         loadable before any of its files change), and objects the new model does not have are
-        deleted before the new entry points go up.
+        deleted before the new entry points go up. ``progress`` shows a byte progress bar.
         """
         record = local / UPLOADS
         tmp = record.with_suffix(".tmp")
@@ -129,27 +152,39 @@ class RemoteOutput:
             for rel in self.ENTRY_POINTS:
                 self._delete(rel)
         sent = 0
+        bar = tqdm(
+            total=sum((local / n).stat().st_size for n in names), unit="B", unit_scale=True, unit_divisor=1024,
+            desc=f"upload {self.url}", disable=not progress, file=sys.stderr, dynamic_ncols=True,
+        )  # fmt: skip
 
         def put(rel: str) -> None:
             nonlocal sent
             st = (local / rel).stat()
             key = [st.st_size, st.st_mtime_ns]
             if done.get(rel) == key and self._size(rel) == st.st_size:
+                bar.update(st.st_size)
                 return  # landed in an earlier attempt and unchanged since
-            src, fs, remote = str(local / rel), self.fs, self._remote(rel)
-            with_retries(lambda: fs.put_file(src, remote), self._url(rel), "upload", error=OutputError)
+            src, fs, remote, cb = str(local / rel), self.fs, self._remote(rel), _BarCallback(bar)
+
+            def attempt() -> None:
+                cb.restart()
+                fs.put_file(src, remote, callback=cb)
+                cb.relative_update(st.st_size - cb.reported)  # backends that report nothing
+
+            with_retries(attempt, self._url(rel), "upload", error=OutputError)
             sent += st.st_size
             done[rel] = key
             tmp.write_text(json.dumps(done))
             os.replace(tmp, record)
 
-        for rel in sorted(names - set(self.ENTRY_POINTS)):
-            put(rel)
-        if overwrite:
-            self._delete_stale(names)
-        for rel in self.ENTRY_POINTS:
-            if rel in names:
+        with bar:
+            for rel in sorted(names - set(self.ENTRY_POINTS)):
                 put(rel)
+            if overwrite:
+                self._delete_stale(names)
+            for rel in self.ENTRY_POINTS:
+                if rel in names:
+                    put(rel)
         return sent
 
     def _delete_stale(self, keep: set[str]) -> None:
@@ -182,7 +217,13 @@ class Staging:
     """The staging area of one merge: pre-allocated shards plus the journal of receipts."""
 
     def __init__(
-        self, out_dir: str | Path, plan: MergePlan, *, overwrite: bool = False, staging_root: str | Path | None = None
+        self,
+        out_dir: str | Path,
+        plan: MergePlan,
+        *,
+        overwrite: bool = False,
+        staging_root: str | Path | None = None,
+        progress: bool = False,
     ) -> None:
         out = str(out_dir)
         self.remote = None if is_local(out) else RemoteOutput(out)
@@ -195,6 +236,7 @@ class Staging:
             self.final = self.dir  # never renamed: commit uploads it, then removes it
         self.plan = plan
         self.overwrite = overwrite
+        self.progress = progress
         self._journal_lock = threading.Lock()
         self._journal: Any = None
         self._last_sync = 0.0
@@ -311,7 +353,7 @@ class Staging:
     def _publish(self, receipts: dict[str, Receipt], card: str) -> str:
         self._write_metadata(receipts, card)
         if self.remote is not None:
-            sent = self.remote.upload(self.dir, overwrite=self.overwrite)
+            sent = self.remote.upload(self.dir, overwrite=self.overwrite, progress=self.progress)
             log.info("uploaded %d bytes to %s", sent, self.remote.url)
             shutil.rmtree(self.dir, ignore_errors=True)
             return self.remote.url

@@ -376,15 +376,20 @@ def test_s3_failed_upload_never_looks_like_a_model_and_resumes(s3, family, tmp_p
     assert sum(e.sent for e in s3.proxy.exchanges("GET", r"^models/.*\.safetensors$")) <= headers, "no task ran"
 
 
-def test_s3_overwrite_replaces_the_model_and_removes_stale_objects(s3, family, tmp_path):
+def test_s3_overwrite_replaces_the_model_and_removes_stale_objects(s3, family, tmp_path, capsys):
     method, params, per_model = TA
     recipe = parse_recipe(recipe_text(method, s3.base, s3.experts, params, per_model))
     merge(recipe, "s3://out/ow", progress=False, out_shard_bytes=150_000)
     before = remote_files(s3, "s3://out/ow")
     assert sum(n.startswith("model-") for n in before) > 1
     s3.proxy.reset()
-    merge(recipe, "s3://out/ow", progress=False, overwrite=True)  # one shard now
+    capsys.readouterr()
+    merge(recipe, "s3://out/ow", progress=True, overwrite=True)  # one shard now
     after = remote_files(s3, "s3://out/ow")
+    bar = capsys.readouterr().err
+    total = sum(len(b) for b in after.values())
+    assert "upload s3://out/ow" in bar and "100%" in bar, bar[-2000:]
+    assert s3.proxy.exchanges("PUT") and sum(e.received for e in s3.proxy.exchanges("PUT", "^out/ow/")) >= total
     assert "model.safetensors" in after and not any(n.startswith("model-") for n in after)
     ops = [(e.method, e.path.removeprefix("out/ow/")) for e in s3.proxy.log
            if e.method in ("PUT", "DELETE") and e.path.startswith("out/ow/") and "write-probe" not in e.path]  # fmt: skip
