@@ -16,8 +16,9 @@ STAGES=${*:-tests gram matrix growth}
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 
 if [ ! -e "$SITE/.done" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" .whl/*.whl || exit 1
-  python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target "$SITE" . || exit 1
+  # one install for all: a second --target install would replace the first one's bin/ (console scripts)
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade --target "$SITE" \
+    .whl/*.whl . || exit 1
   touch "$SITE/.done"
 fi
 # shellcheck disable=SC1091
@@ -36,7 +37,7 @@ for stage in $STAGES; do
       python3 -m benchmarks.gram_methods --block llama7b --device cuda --experts 8 \
         --out "$OUT/gram_methods_llama7b_$GPU.json" 2>&1 | tail -25 || rc=1 ;;
     matrix) # every method × {local, Ray (GPU actor pool for Gram/spectral)} with mergekit / FusionBench alongside
-      python3 -m benchmarks.throughput --size "${MATRIX_SIZE:-7b:2}" --experts 3 \
+      timeout "${MATRIX_TIMEOUT:-3000}" python3 -m benchmarks.throughput --size "${MATRIX_SIZE:-7b:2}" --experts 3 \
         --methods task_arithmetic,ties,dare_ties,actmat,wudi,tsv_m,iso_c --executors local,ray \
         --peer-methods task_arithmetic,ties,dare_ties,tsv_m,iso_c --workers "${WORKERS:-1,4,16}" --growth "" --memory-budget 24GiB --workdir "$WORK" \
         --results-dir "$OUT" --stem "throughput_$(echo ${MATRIX_SIZE:-7b:2} | tr : -)L_$GPU" 2>&1 | grep -v '^\$ ' | tail -40 || rc=1 ;;

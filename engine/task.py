@@ -17,6 +17,7 @@ import torch
 
 from raymerge.engine.errors import CheckpointError, OutputError, TaskError
 from raymerge.engine.methods import MergeArgs, get_method
+from raymerge.engine.methods.precision import prepare_device
 from raymerge.engine.plan import TensorTask
 from raymerge.engine.storage import DTYPES, ShardReader, open_shard, row_span
 
@@ -189,6 +190,7 @@ def run_task(task: TensorTask, staging_dir: str, device: str = "cpu") -> Receipt
     """Execute ``task`` and write its output bytes into ``staging_dir/<shard>`` at its offset."""
     t0 = time.perf_counter()
     dev = task_device(task, device)
+    prepare_device(dev)
     readers = [open_shard(r.url) for r in task.inputs]
     entries = [r.entry(task.tensor) for r in task.inputs]
     try:

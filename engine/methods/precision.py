@@ -6,6 +6,7 @@ whichever method it names.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -45,3 +46,28 @@ def tf32(enabled: bool) -> Iterator[None]:
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev_mm
         torch.backends.cudnn.allow_tf32 = prev_cudnn
+
+
+_READY: set[torch.device] = set()
+_READY_LOCK = threading.Lock()
+
+
+def prepare_device(device: torch.device) -> None:
+    """Initialise torch's CUDA linear-algebra back-ends once per process, before threads race for them.
+
+    torch loads cuSOLVER/MAGMA lazily on the first ``torch.linalg`` call; when several executor
+    threads make that first call at once, all but one fail with "lazy wrapper should be called at
+    most once" (seen on an H100 with ACTMat under the local executor). One tiny eigh, Cholesky and
+    SVD under a lock settles it; later calls are a set lookup.
+    """
+    if device.type != "cuda" or device in _READY:
+        return
+    with _READY_LOCK:
+        if device in _READY:
+            return
+        eye = torch.eye(2, device=device, dtype=torch.float64)
+        torch.linalg.eigh(eye)
+        torch.linalg.cholesky_ex(eye)
+        torch.linalg.svd(eye.float())
+        torch.cuda.synchronize(device)
+        _READY.add(device)
