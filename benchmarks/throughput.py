@@ -327,10 +327,11 @@ def summary_table(results: dict[str, Any]) -> str:
         if r["returncode"] != 0:
             rows.append(f"| {r['method']} | {r['tool']} | {r['executor']} | {r['device']} | failed | | | | | |")
             continue
+        vs_wall, vs_rss = r.get("wall_over_peer"), r.get("peak_rss_over_peer")
         rows.append(
-            f"| {r['method']} | {r['tool']} | {r['executor']} | {r['device']} | {r['wall_s']:.1f} | {r['read_gbps']}"
-            f" | {r['wall_over_io_floor']} | {r['peak_rss_bytes'] / GIB:.2f} | {r.get('wall_over_peer') or ''}"
-            f" | {r.get('peak_rss_over_peer') or ''} |"
+            f"| {r['method']} | {r['tool']} | {r['executor']} | {r['device']} | {r['wall_s']:.1f} | {r['read_gbps']:.2f}"
+            f" | {r['wall_over_io_floor']:.1f} | {r['peak_rss_bytes'] / GIB:.2f}"
+            f" | {f'**{vs_wall:.2f}**' if vs_wall else ''} | {f'**{vs_rss:.2f}**' if vs_rss else ''} |"
         )
     return "\n".join(rows)
 
