@@ -48,3 +48,12 @@ def test_gradient_filter_and_precedence():
     assert q.per_model[0]["density"] == 0.9 and q.per_model[1]["weight"] == 1.0
     e = resolve_for_tensor(r, "model.embed_tokens.weight", num_layers=5)
     assert e.per_model[1]["weight"] == 0.0  # non-layer tensors sit at t = 0, as in mergekit
+
+
+def test_yaml_tags_that_build_python_objects_are_refused(tmp_path):
+    """Recipes are safe-loaded: a python/object tag is an error, and nothing runs."""
+    marker = tmp_path / "pwned"
+    text = BASE + f"raymerge: !!python/object/apply:os.system ['touch {marker}']\n"
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        parse_recipe(text)
+    assert not marker.exists()
