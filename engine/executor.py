@@ -115,7 +115,20 @@ def run_local(
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set of this process so far (ru_maxrss), in bytes."""
+    """Peak resident set of this process so far, in bytes.
+
+    Linux's ``ru_maxrss`` survives fork + exec, so a merge started from a large parent (a
+    notebook, a benchmark harness) would report the parent's peak; ``VmHWM`` belongs to this
+    process's own address space. ``ru_maxrss`` is the fallback where /proc is missing.
+    """
+    import re
     import resource
 
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            m = re.search(r"^VmHWM:\s+(\d+)\s+kB", f.read(), re.MULTILINE)
+        if m:
+            return int(m.group(1)) * 1024
+    except OSError:
+        pass
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

@@ -45,3 +45,22 @@ def test_running_tasks_stay_under_budget(family, tmp_path, monkeypatch):
     merge(recipe, tmp_path / "ref", progress=False, workers=1)
     a, b = load_dir(tmp_path / "out"), load_dir(tmp_path / "ref")
     assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_peak_rss_is_this_process_not_an_inherited_parent_peak():
+    """ru_maxrss survives fork + exec on Linux; the figure raymerge reports must not."""
+    import subprocess
+    import sys
+
+    code = (
+        "from raymerge.engine.executor import peak_rss_bytes;"
+        "import resource; print(peak_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+    )
+    ballast = bytearray(600 << 20)
+    ballast[:: 4096] = b"\1" * len(ballast[:: 4096])  # touch every page: the parent's peak is now > 600 MiB
+    ours, inherited = map(int, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                              check=True).stdout.split())  # fmt: skip
+    del ballast
+    if sys.platform.startswith("linux"):
+        assert inherited > 600 << 20  # the kernel behaviour this guards against
+        assert ours < 400 << 20
