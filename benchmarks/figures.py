@@ -65,10 +65,14 @@ def throughput_table(res: dict[str, Any]) -> str:
 def _renderer(stem: str) -> Callable[[dict[str, Any]], str]:
     if stem.startswith("gram_methods"):
         return gram_table
+    if stem.startswith("throughput_scaling"):
+        from benchmarks.throughput import scaling_growth_table
+
+        return scaling_growth_table
     if stem.startswith("throughput"):
         return throughput_table
     if stem.startswith("quality"):
-        quality = importlib.import_module("benchmarks.quality")
+        quality = importlib.import_module("benchmarks.quality_nonlocal" if stem.startswith("quality_nonlocal") else "benchmarks.quality")
         render: Callable[[dict[str, Any]], str] = quality.markdown_table
         return render
     raise SystemExit(f"no renderer for figures block {stem!r}")

@@ -215,7 +215,7 @@ def run_matrix(args: argparse.Namespace, checkpoint: Path | None = None) -> dict
             r = m.raymerge(args.scaling_method, executor, w, device_for(args.scaling_method, args.device))
             shutil.rmtree(r["out"], ignore_errors=True)
             scaling.append({k: r.get(k) for k in ("executor", "workers", "wall_s", "read_gbps", "peak_rss_bytes",
-                                                  "returncode", "device")})  # fmt: skip
+                                                  "returncode", "device", "other_processes_mean_cores")})  # fmt: skip
             save()
     return {
         "size": size_label(name, layers),
@@ -264,12 +264,14 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     mx = results["matrix"]
     runs = [r for r in mx["runs"] if r["returncode"] == 0]
-    fig, axes = plt.subplots(1, 4, figsize=(22, 5))
+    # Without a method matrix (a scaling/growth-only run) only the last two panels are drawn.
+    fig, drawn = plt.subplots(1, 4 if runs else 2, figsize=(22 if runs else 11, 5))
+    axes = list(drawn) if runs else [None, None, *drawn]
     columns = sorted({(r["tool"], r["executor"]) for r in runs}, key=lambda c: (c[0] != "raymerge", c))
     methods = list(dict.fromkeys(r["method"] for r in runs))
     colors = {"raymerge": ["#2b7bba", "#7fb2dc", "#b3d3ee"], "mergekit": ["#d95f02"], "fusionbench": ["#c44e52"]}
     width = 0.8 / max(1, len(columns))
-    for panel, key, scale, unit in ((0, "wall_s", 1.0, "s"), (1, "peak_rss_bytes", GIB, "GiB")):
+    for panel, key, scale, unit in ((0, "wall_s", 1.0, "s"), (1, "peak_rss_bytes", GIB, "GiB")) if runs else ():
         ax = axes[panel]
         for i, (tool, executor) in enumerate(columns):
             xs, ys = [], []
@@ -333,6 +335,23 @@ def summary_table(results: dict[str, Any]) -> str:
             f" | {r['wall_over_io_floor']:.1f} | {r['peak_rss_bytes'] / GIB:.2f}"
             f" | {f'**{vs_wall:.2f}**' if vs_wall else ''} | {f'**{vs_rss:.2f}**' if vs_rss else ''} |"
         )
+    return "\n".join(rows)
+
+
+def scaling_growth_table(results: dict[str, Any]) -> str:
+    """Markdown tables of the scaling sweep (GB/s vs workers) and the growth sweep (peak RSS vs size)."""
+    mx = results["matrix"]
+    rows = ["| executor | workers | wall s | input GB/s | peak RSS GiB |", "|---|---|---|---|---|"]
+    for s in mx["scaling"]:
+        if s["returncode"] != 0:
+            continue
+        rows.append(f"| {s['executor']} | {s['workers']} | {s['wall_s']:.1f} | {s['read_gbps']:.3f} | "
+                    f"{s['peak_rss_bytes'] / GIB:.2f} |")  # fmt: skip
+    rows += ["", "| size | params per model | input GiB | TIES wall s | peak RSS GiB |", "|---|---|---|---|---|"]
+    for g in results["growth"]:
+        if g["returncode"] == 0:
+            rows.append(f"| {g['size']} | {g['params_per_model'] / 1e6:,.0f}M | {g['input_bytes'] / GIB:.2f} | "
+                        f"{g['wall_s']:.1f} | {g['peak_rss_bytes'] / GIB:.2f} |")  # fmt: skip
     return "\n".join(rows)
 
 
