@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-VOCAB = 64
+VOCAB = 60  # not a layer width: raymerge treats 2-D tensors with vocab_size rows as embeddings
 PAD, MASK = 0, 1
 FIRST_CONTENT = 2
 SEQ_LEN = 32
