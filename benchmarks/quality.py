@@ -584,9 +584,23 @@ def _fmt(acc: dict[str, float]) -> str:
 # ------------------------------------------------------------------------------------------ reporting
 
 
-def markdown_table(result: dict[str, Any], section: str = "rows") -> str:
-    """A README table: normalized accuracy (%) per task and mean, plus mean raw accuracy, for the
-    main ``rows`` (with the experts' own accuracy as the last line) or the ``sensitivity`` rows."""
+def markdown_table(result: dict[str, Any]) -> str:
+    """The README block: the main table, then the sensitivity rows (when the run has them).
+
+    Cells are normalized accuracy (% of the task's expert) per task and their mean, plus the mean
+    raw accuracy; the main table ends with the experts' own accuracy.
+    """
+    text = rows_table(result, "rows")
+    if result.get("sensitivity"):
+        text += (
+            "\n\nSensitivity (same experts; not in the chart): the settings behind the rows that differ most "
+            "from their papers' ranking.\n\n" + rows_table(result, "sensitivity")
+        )
+    return text
+
+
+def rows_table(result: dict[str, Any], section: str) -> str:
+    """One markdown table of ``result[section]`` (``rows`` or ``sensitivity``)."""
     tasks = list(result["tasks"])
     head = "| method | " + " | ".join(t.replace("_", " ") for t in tasks) + " | **mean norm.** | mean acc. |"
     lines = [head, "|---" * (len(tasks) + 3) + "|"]
@@ -597,11 +611,10 @@ def markdown_table(result: dict[str, Any], section: str = "rows") -> str:
         cells = [f"{100 * r['normalized'][t]:.1f}" for t in tasks]
         lines.append(f"| {r['label']} | " + " | ".join(cells)
                      + f" | **{100 * r['mean_normalized']:.1f}** | {100 * r['mean_accuracy']:.1f} |")  # fmt: skip
-    if section != "rows":
-        return "\n".join(lines)
-    expert = next(r for r in result["rows"] if r["label"].startswith("Experts"))
-    lines.append("| *expert accuracy* | " + " | ".join(f"*{100 * expert['accuracy'][t]:.1f}*" for t in tasks)
-                 + f" | | *{100 * expert['mean_accuracy']:.1f}* |")  # fmt: skip
+    if section == "rows":
+        expert = next(r for r in result["rows"] if r["label"].startswith("Experts"))
+        lines.append("| *expert accuracy* | " + " | ".join(f"*{100 * expert['accuracy'][t]:.1f}*" for t in tasks)
+                     + f" | | *{100 * expert['mean_accuracy']:.1f}* |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -617,12 +630,22 @@ def plot(result: dict[str, Any], path: Path) -> None:
     groups = [*tasks, "mean"]
     width = 0.85 / len(rows)
     fig, ax = plt.subplots(figsize=(max(10, 1.6 * len(groups)), 4.8))
-    cmap = plt.get_cmap("tab20")
+    # One colour family per kind of method, shades within it; data-based rows hatched.
+    family = {"mean": "Blues", "task_arithmetic": "Blues", "ties": "Blues", "dare_ties": "Blues",
+              "consensus": "Blues", "tsv_m": "Greens", "iso_c": "Greens", "iso_cts": "Greens",
+              "actmat": "Oranges", "wudi": "Oranges", "regmean": "Purples", "tact": "Purples"}  # fmt: skip
+    members: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        members.setdefault(family.get(r.get("method", ""), "Greys"), []).append(i)
     for i, r in enumerate(rows):
         vals = [r["normalized"][t] for t in tasks] + [r["mean_normalized"]]
         xs = [g + (i - (len(rows) - 1) / 2) * width for g in range(len(groups))]
-        color = "#999999" if r["kind"] == "reference" else cmap(i % 20)
-        ax.bar(xs, [100 * v for v in vals], width, label=r["label"], color=color)
+        fam = family.get(r.get("method", ""), "Greys")
+        idx, n = members[fam].index(i), len(members[fam])
+        color = "#9a9a9a" if r["kind"] == "reference" else plt.get_cmap(fam)(0.4 + 0.5 * idx / max(1, n - 1))
+        ax.bar(xs, [100 * v for v in vals], width, label=r["label"], color=color, edgecolor="white", linewidth=0.3,
+               hatch="//" if r["kind"] == "data-based" else None)  # fmt: skip
+    ax.axvline(len(tasks) - 0.5, color="#bbbbbb", lw=0.8)
     ax.axhline(100, color="black", lw=0.8, ls="--")
     ax.set_xticks(range(len(groups)), [g.replace("_", "\n") for g in groups], fontsize=8)
     ax.set_ylabel("normalized accuracy (% of expert)")
@@ -663,10 +686,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.table is not None:
-        shown = json.loads(args.table.read_text())
-        print(markdown_table(shown))
-        if shown.get("sensitivity"):
-            print("\n" + markdown_table(shown, "sensitivity"))
+        print(markdown_table(json.loads(args.table.read_text())))
         return 0
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s",
                         stream=sys.stderr)  # fmt: skip
@@ -693,8 +713,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     plot(result, out.with_suffix(".png"))
     print(markdown_table(result))
-    if result["sensitivity"]:
-        print("\nsensitivity (not in the main table):\n" + markdown_table(result, "sensitivity"))
     print(f"wrote {out} and {out.with_suffix('.png').name} in {result['wall_seconds']['total']:.0f} s")
     return 0
 
