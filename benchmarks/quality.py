@@ -18,8 +18,12 @@ What one run does (deterministic given ``--seed`` and the thread count):
    ``<results-dir>/quality.json`` and ``quality.png``; ``markdown_table`` renders the README table
    from the JSON.
 
-    python -m benchmarks.quality                 # full suite (about 15 minutes on 2 idle cores)
-    python -m benchmarks.quality --smoke --results-dir /tmp/q   # 2 tasks, 3 methods, < 60 s
+    python -m benchmarks.quality                 # full suite: 13 minutes from scratch on 2 shared cores
+    python -m benchmarks.quality --smoke --results-dir /tmp/q   # 2 tasks, 3 methods + RegMean, < 60 s
+    python -m benchmarks.quality --table benchmarks/results/quality.json   # the README block only
+
+TACT corrects the data-free merge with the best mean in this run's table (chosen on the same
+held-out data it is scored on); the row's label names it.
 """
 
 from __future__ import annotations
