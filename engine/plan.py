@@ -174,12 +174,16 @@ class MergePlan:
 
 def classify(name: str, entry: TensorEntry, vocab_size: int | None) -> str:
     """Tensor class: ``buffer`` (non-float), ``embedding`` (token embeddings / LM head),
-    ``linear`` (other 2-D weights), ``vector`` (≤1-D) or ``other`` (≥3-D, e.g. convolutions)."""
+    ``linear`` (other 2-D weights), ``vector`` (≤1-D) or ``other`` (≥3-D, e.g. convolutions).
+
+    A 2-D tensor is an embedding by name, or by a first dimension equal to the vocabulary size —
+    but only outside numbered blocks: inside a block that shape is a projection whose width
+    happens to equal the vocabulary (small models), and treating it as an embedding would give it
+    the fallback merge instead of the method's."""
     if not entry.is_float:
         return "buffer"
-    if len(entry.shape) == 2 and (
-        any(h in name for h in _EMBED_HINTS) or (vocab_size is not None and entry.shape[0] == vocab_size)
-    ):
+    vocab_shaped = vocab_size is not None and entry.shape[0] == vocab_size and layer_index(name) is None
+    if len(entry.shape) == 2 and (any(h in name for h in _EMBED_HINTS) or vocab_shaped):
         return "embedding"
     if len(entry.shape) == 2:
         return "linear"

@@ -129,3 +129,19 @@ def test_ties_keeps_exactly_k_with_ties_in_magnitude():
     assert int((out != 0).sum()) == 2  # k = 2 of four tied magnitudes, chosen by position
     # stable ascending rank: among equal magnitudes, later positions rank higher
     assert torch.equal(out, torch.tensor([[0, 0, 0, 0, -1.0, 0, 1.0, 0]]))
+
+
+def test_block_projection_as_wide_as_the_vocabulary_is_linear_not_embedding():
+    """A small model whose hidden size equals its vocabulary must still merge its block weights
+    with the method (found by the quality suite: BERT hidden 64, vocab 64 averaged every layer)."""
+    from raymerge.engine.plan import classify
+    from raymerge.engine.storage import TensorEntry
+
+    def entry(name, shape):
+        return TensorEntry(name, "F32", shape, 0, 4 * shape[0] * shape[1])
+
+    assert classify("encoder.layer.0.attention.self.query.weight", entry("q", (32, 32)), 32) == "linear"
+    assert classify("model.layers.3.mlp.down_proj.weight", entry("d", (32, 48)), 32) == "linear"
+    assert classify("embeddings.word_embeddings.weight", entry("e", (32, 32)), 32) == "embedding"
+    assert classify("output.dense_out.weight", entry("o", (32, 16)), 32) == "embedding"  # vocab rows, no block
+    assert classify("model.norm.weight", TensorEntry("n", "F32", (32,), 0, 128), 32) == "vector"
