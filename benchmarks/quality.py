@@ -180,6 +180,14 @@ METHOD_ROWS = (
         {"weight": 1.0},
         note="TALL λ = 0.6, k = 2, applied to TA with TA's λ = 0.3",
     ),
+    MethodRow(
+        "Breadcrumbs",
+        "breadcrumbs",
+        {"lambda": 0.3},
+        {"weight": 1.0, "density": 0.9, "gamma": 0.01},
+        note="drop the top 1 % and bottom 10 % of |Δ| per tensor, then TA with λ = 0.3",
+    ),
+    MethodRow("Model Stock", "model_stock", {}, note="per-tensor interpolation ratio from the experts' angle"),
     MethodRow("TSV-M", "tsv_m", {"alpha": 1.0}, exclude=EMBEDDINGS, note="α = 1"),
     MethodRow("Iso-C", "iso_c", {"alpha": 1.0}, exclude=EMBEDDINGS, note="α = 1 (FusionBench config)"),
     MethodRow(
