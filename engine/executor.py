@@ -7,6 +7,7 @@ admitted only while the declared peak bytes of running tasks plus its own stay u
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -78,9 +79,12 @@ def run_local(
         finally:
             gate.release(task.est_host_bytes)
 
-    with ThreadPoolExecutor(
+    # Some torch builds apply set_num_threads process-wide: give a library caller its count back.
+    prev_threads = torch.get_num_threads()
+    with contextlib.ExitStack() as restore, ThreadPoolExecutor(
         max_workers=workers, thread_name_prefix="raymerge", initializer=torch.set_num_threads, initargs=(threads,)
     ) as pool:
+        restore.callback(torch.set_num_threads, prev_threads)
         running: set[Future[tuple[TensorTask, Receipt]]] = set()
 
         def drain(block: bool) -> None:

@@ -64,3 +64,22 @@ def test_peak_rss_is_this_process_not_an_inherited_parent_peak():
     if sys.platform.startswith("linux"):
         assert inherited > 600 << 20  # the kernel behaviour this guards against
         assert ours < 400 << 20
+
+
+def test_local_executor_gives_the_caller_its_torch_thread_count_back(family, tmp_path):
+    import torch
+
+    from raymerge.engine.merge import merge
+    from raymerge.engine.recipe import parse_recipe
+
+    from conftest import recipe_text
+
+    base, experts = family
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # differs from the pool's cpu_count // workers on any multi-core box
+        merge(parse_recipe(recipe_text("task_arithmetic", base, experts, {"lambda": 0.5})), tmp_path / "o",
+              progress=False, workers=1)  # fmt: skip
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(prev)
