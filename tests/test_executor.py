@@ -78,7 +78,7 @@ def test_local_executor_gives_the_caller_its_torch_thread_count_back(family, tmp
     prev = torch.get_num_threads()
     try:
         torch.set_num_threads(1)  # differs from the pool's cpu_count // workers on any multi-core box
-        merge(parse_recipe(recipe_text("task_arithmetic", base, experts, {"lambda": 0.5})), tmp_path / "o",
+        merge(parse_recipe(recipe_text("task_arithmetic", base, experts, {"weight": 0.5})), tmp_path / "o",
               progress=False, workers=1)  # fmt: skip
         assert torch.get_num_threads() == 1
     finally:
