@@ -72,7 +72,8 @@ def _renderer(stem: str) -> Callable[[dict[str, Any]], str]:
     if stem.startswith("throughput"):
         return throughput_table
     if stem.startswith("quality"):
-        quality = importlib.import_module("benchmarks.quality_nonlocal" if stem.startswith("quality_nonlocal") else "benchmarks.quality")
+        module = "benchmarks.quality_nonlocal" if stem.startswith("quality_nonlocal") else "benchmarks.quality"
+        quality = importlib.import_module(module)
         render: Callable[[dict[str, Any]], str] = quality.markdown_table
         return render
     raise SystemExit(f"no renderer for figures block {stem!r}")
