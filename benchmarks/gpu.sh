@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU benchmark, end to end, in one `device` call (or any CUDA machine without Ray installed).
 #
-#   bash benchmarks/gpu.sh [STAGE ...]        stages: tests gram matrix growth (default: all)
+#   bash benchmarks/gpu.sh [STAGE ...]        stages: tests gram svd matrix growth (default: all)
+#
+# matrix overrides: MATRIX_SIZE, MATRIX_METHODS, MATRIX_EXECUTORS, PEER_METHODS, WORKERS, MATRIX_TIMEOUT
 #
 # Needs, in the repo root: .whl/ (pydantic, fusion-bench, mergekit and their missing deps as wheels)
 # and .raybundle/ (built by ../shared/tools/ray-bundle); see README "Figures" for how to make both.
@@ -12,7 +14,7 @@ OUT=${OUT:-/tmp/raymerge-gpu}
 SITE=${TMPDIR:-/tmp}/raymerge-site
 WORK=${RAYMERGE_BENCH_DIR:-${TMPDIR:-/tmp}/raymerge-bench}
 mkdir -p "$OUT" "$SITE" "$WORK"
-STAGES=${*:-tests gram matrix growth}
+STAGES=${*:-tests gram svd matrix growth}
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 
 if [ ! -e "$SITE/.done" ]; then
@@ -36,10 +38,14 @@ for stage in $STAGES; do
     gram)   # ACTMat / WUDI solvers on the 32 layers of Llama-2-7B, 8 experts, versus FusionBench's wudi_merging
       python3 -m benchmarks.gram_methods --block llama7b --device cuda --experts 8 \
         --out "$OUT/gram_methods_llama7b_$GPU.json" 2>&1 | tail -25 || rc=1 ;;
+    svd)    # spectral merges on one Llama-2-7B layer: exact SVDs against the eigh-of-Gram path
+      python3 -m benchmarks.svd_paths --block llama7b --device cuda \
+        --out "$OUT/svd_paths_llama7b_$GPU.json" 2>&1 | tail -12 || rc=1 ;;
     matrix) # every method × {local, Ray (GPU actor pool for Gram/spectral)} with mergekit / FusionBench alongside
       timeout "${MATRIX_TIMEOUT:-3000}" python3 -m benchmarks.throughput --size "${MATRIX_SIZE:-7b:2}" --experts 3 \
-        --methods task_arithmetic,ties,dare_ties,actmat,wudi,tsv_m,iso_c --executors local,ray \
-        --peer-methods task_arithmetic,ties,dare_ties,tsv_m,iso_c --workers "${WORKERS:-1,4,16}" --growth "" --memory-budget 24GiB --workdir "$WORK" \
+        --methods "${MATRIX_METHODS:-task_arithmetic,ties,dare_ties,actmat,wudi,tsv_m,iso_c}" \
+        --executors "${MATRIX_EXECUTORS:-local,ray}" --peer-methods "${PEER_METHODS:-task_arithmetic,ties,dare_ties,tsv_m,iso_c}" \
+        --workers "${WORKERS-1,4,16}" --growth "" --memory-budget 24GiB --workdir "$WORK" \
         --results-dir "$OUT" --stem "throughput_$(echo ${MATRIX_SIZE:-7b:2} | tr : -)L_$GPU" 2>&1 | grep -v '^\$ ' | tail -40 || rc=1 ;;
     growth) # TIES peak memory from tiny to a 70B layer subset, same budget: must stay flat
       python3 -m benchmarks.throughput --size tiny --methods "" --workers "" --peers none \

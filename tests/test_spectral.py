@@ -135,6 +135,58 @@ def test_bad_common_fraction_is_refused():
         METHODS["iso_cts"].fn(base, experts, _args("iso_cts", 2, common_space_fraction=1.5))
 
 
+def _count_svds(monkeypatch):
+    calls = []
+    real = torch.linalg.svd
+
+    def counting(*a, **k):
+        calls.append(tuple(a[0].shape))
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch.linalg, "svd", counting)
+    return calls
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("method", ["tsv_m", "iso_c", "iso_cts"])
+def test_gram_path_matches_exact_svd(method, shape, monkeypatch):
+    # Well-conditioned inputs: `svd: auto` (fp64) takes the eigh-of-Gram path end to end, no SVD at
+    # all, and lands within 1e-9 of the exact SVD path and within 1e-5 of FusionBench.
+    base, experts = _problem(shape, 3, seed=11)
+    exact = METHODS[method].fn(base.double(), [x.double() for x in experts], _args(method, 3, svd="exact"))
+    calls = _count_svds(monkeypatch)
+    fast = METHODS[method].fn(base.double(), [x.double() for x in experts], _args(method, 3))
+    assert calls == []
+    assert _rel(fast - base.double(), exact - base.double()) <= 1e-9
+    _check_parity(method, shape, 3, "cpu")
+
+
+@pytest.mark.parametrize("method", ["tsv_m", "iso_c", "iso_cts"])
+def test_gram_path_falls_back_to_the_svd_on_rank_deficient_inputs(method, monkeypatch):
+    # Rank-2 task vectors (a LoRA-style fine-tune stored in fp64): the Gram matrices are singular,
+    # so every step that would need their tiny eigenvalues hands over to the exact SVD and the
+    # result stays where the exact path puts it.
+    g = torch.Generator().manual_seed(4)
+    rows, cols, n = 48, 40, 3
+    base = 0.02 * torch.randn(rows, cols, generator=g, dtype=torch.float64)
+    experts = [base + torch.randn(rows, 2, generator=g, dtype=torch.float64)
+               @ torch.randn(2, cols, generator=g, dtype=torch.float64) * 1e-2 for _ in range(n)]  # fmt: skip
+    exact = METHODS[method].fn(base, experts, _args(method, n, svd="exact"))
+    calls = _count_svds(monkeypatch)
+    fast = METHODS[method].fn(base, experts, _args(method, n))
+    assert calls, "rank-deficient input must reach the exact SVD"
+    assert torch.isfinite(fast).all()
+    assert _rel(fast - base, exact - base) <= 1e-6
+
+
+@pytest.mark.parametrize("method", ["tsv_m", "iso_c", "iso_cts"])
+def test_fp32_never_takes_the_gram_path(method, monkeypatch):
+    base, experts = _problem((64, 48), 3, seed=2)
+    calls = _count_svds(monkeypatch)
+    METHODS[method].fn(base, experts, _args(method, 3, precision="fp32"))
+    assert calls  # squaring the condition number in fp32 is not safe: the exact SVD runs
+
+
 class _Tracked:
     """A lazy expert sequence (like ``ExpertStream``) that records, at every read, how many of the
     tensors it handed out earlier are still alive, and how many reads there were."""

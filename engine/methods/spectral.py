@@ -27,6 +27,12 @@ be held to 1e-5: FusionBench's own fp32 result differs from its fp64 result by u
 random task vectors (T = 2–8, 40–256 wide), and by O(1) when a task vector is numerically
 rank-deficient (e.g. low-rank fine-tunes stored in fp32, whose tail spectrum is rounding noise).
 In fp32, TF32 matmuls stay off unless ``tf32: true``; in fp64 the TF32 switch is irrelevant.
+
+Solver (``svd: auto``, the default): in fp64 each SVD step first tries ``eigh`` of the smaller
+Gram matrix (``Solver``), which is several times faster than the thin SVD on CPUs and GPUs alike,
+and hands over to the exact SVD whenever the eigenvalues it needs span more than
+``GRAM_MAX_COND`` (rank-deficient or nearly so), so its answers stay within ~1e-8 of the exact
+path; fp32 always uses the exact SVD. ``svd: exact`` skips the Gram path.
 """
 
 from __future__ import annotations
@@ -50,10 +56,77 @@ def _task_vector(x: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) -> tor
     return (x - base).to(dtype)
 
 
-def _polar(a: torch.Tensor) -> torch.Tensor:
-    """The orthogonal polar factor U Vᵀ of ``a`` (closest matrix with orthonormal rows/columns)."""
-    u, _, vh = torch.linalg.svd(a, full_matrices=False)
-    return u @ vh
+# The Gram path accepts a Gram matrix whose eigenvalues span at most this ratio: in fp64 its
+# results then carry a relative error of about 1e-16 · 1e8 = 1e-8 (σ_min/σ_max ≥ 1e-4).
+GRAM_MAX_COND = 1e8
+
+
+class Solver:
+    """How one tensor's SVD work is done: exact ``torch.linalg.svd``, or the Gram path first.
+
+    The Gram path replaces an SVD of an m×n matrix A by ``eigh`` of the r×r Gram (r = min(m, n)):
+    AAᵀ = U Λ Uᵀ gives U, σ = √λ and Vᵀ = Σ⁻¹UᵀA (the other side for tall A). It squares the
+    condition number, so it runs only in fp64 and only when the eigenvalues it uses stay within
+    ``GRAM_MAX_COND`` of the largest; otherwise (rank-deficient or nearly so) the exact SVD runs
+    instead. ``eigh`` of the smaller Gram is 2–6× faster than the thin SVD on CPU (1024×2752: 0.37
+    vs 2.3 s) and on GPUs, whose SVD is the slow cuSOLVER routine. ``fallbacks`` counts the exact
+    runs the Gram path handed over.
+    """
+
+    def __init__(self, mode: str, dtype: torch.dtype) -> None:
+        self.gram = mode == "auto" and dtype == torch.float64
+        self.fallbacks = 0
+
+    def top(self, a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The k largest singular triplets (U_k, σ_k, V_kᵀ) of ``a``, σ descending."""
+        if self.gram:
+            out = _top_svd_gram(a, k)
+            if out is not None:
+                return out
+            self.fallbacks += 1
+        u, s, vh = torch.linalg.svd(a, full_matrices=False)
+        return u[:, :k], s[:k], vh[:k]
+
+    def polar(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U Vᵀ, σ) of ``a``: its orthogonal polar factor (closest matrix with orthonormal rows or
+        columns) and its singular values (descending for the SVD, ascending for the Gram path)."""
+        if self.gram:
+            out = _polar_gram(a)
+            if out is not None:
+                return out
+            self.fallbacks += 1
+        u, s, vh = torch.linalg.svd(a, full_matrices=False)
+        return u @ vh, s
+
+
+def _gram_eigh(a: torch.Tensor) -> tuple[bool, torch.Tensor, torch.Tensor]:
+    """(tall, λ ascending, Q) of the smaller Gram of ``a``: AᵀA if tall, else AAᵀ."""
+    tall = a.shape[0] > a.shape[1]
+    lam, q = torch.linalg.eigh(a.T @ a if tall else a @ a.T)
+    return tall, lam, q
+
+
+def _top_svd_gram(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    tall, lam, q = _gram_eigh(a)
+    lam_k = lam.flip(0)[:k]
+    top, low = (float(x) for x in torch.stack([lam_k[0], lam_k[-1]]).cpu())
+    if not top > 0 or low < top / GRAM_MAX_COND:
+        return None
+    q_k = q.flip(1)[:, :k]
+    s = lam_k.sqrt()
+    if tall:  # q holds right singular vectors
+        return (a @ q_k).div_(s), s, q_k.T.contiguous()
+    return q_k.contiguous(), s, (q_k.T @ a).div_(s[:, None])
+
+
+def _polar_gram(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    tall, lam, q = _gram_eigh(a)
+    low, top = (float(x) for x in torch.stack([lam[0], lam[-1]]).cpu())
+    if not top > 0 or low < top / GRAM_MAX_COND:
+        return None
+    s = lam.sqrt()
+    inv_sqrt = (q / s) @ q.T  # (AᵀA)^(-1/2) or (AAᵀ)^(-1/2)
+    return (a @ inv_sqrt if tall else inv_sqrt @ a), s
 
 
 def _finish(base: torch.Tensor, delta: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -80,15 +153,15 @@ def iso_cts_split(r: int, n_tasks: int, fraction: float) -> tuple[int, int]:
     return r - specific, specific // n_tasks
 
 
-def _opts(args: MergeArgs, base: torch.Tensor) -> tuple[torch.dtype, bool, float]:
+def _opts(args: MergeArgs, base: torch.Tensor) -> tuple[torch.dtype, bool, float, Solver]:
     dtype = solve_dtype(str(args.shared["precision"]), base.device)
-    return dtype, bool(args.shared["tf32"]), float(args.shared["alpha"])
+    return dtype, bool(args.shared["tf32"]), float(args.shared["alpha"]), Solver(str(args.shared["svd"]), dtype)
 
 
 def tsv_m(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: MergeArgs) -> torch.Tensor:
     """TSV-M: polar(Ū) diag(σ̄) polar(V̄ᵀ) of each task's top int(r/T) triplets, one expert at a time."""
     assert base is not None
-    dtype, tf32, alpha = _opts(args, base)
+    dtype, tf32, alpha, solver = _opts(args, base)
     rows, cols = base.shape
     n_tasks = len(experts)
     k = tsv_rank(min(rows, cols), n_tasks)
@@ -100,16 +173,16 @@ def tsv_m(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: Merg
     vh_cat = torch.empty(n_tasks * k, cols, dtype=dtype, device=dev)
     with _tf32(tf32):
         for i in range(n_tasks):
-            u, s, vh = torch.linalg.svd(_task_vector(experts[i], base, dtype), full_matrices=False)
-            u_cat[:, i * k : (i + 1) * k] = u[:, :k]
-            s_cat[i * k : (i + 1) * k] = s[:k]
-            vh_cat[i * k : (i + 1) * k] = vh[:k]
+            u, s, vh = solver.top(_task_vector(experts[i], base, dtype), k)
+            u_cat[:, i * k : (i + 1) * k] = u
+            s_cat[i * k : (i + 1) * k] = s
+            vh_cat[i * k : (i + 1) * k] = vh
             del u, s, vh
         # FusionBench keeps zero columns/rows for the r − T·k unused slots; they meet zero σ's, so
         # dropping them changes nothing (given full column rank of Ū, as for any generic input).
-        u_orth = _polar(u_cat).mul_(s_cat)
+        u_orth = solver.polar(u_cat)[0].mul_(s_cat)
         del u_cat
-        vh_orth = _polar(vh_cat)
+        vh_orth = solver.polar(vh_cat)[0]
         del vh_cat
         delta = u_orth @ vh_orth
     return _finish(base, delta, alpha)
@@ -125,19 +198,18 @@ def _sum_task_vectors(base: torch.Tensor, experts: Sequence[torch.Tensor], dtype
 def iso_c(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: MergeArgs) -> torch.Tensor:
     """Iso-C: Σ τ_t = U S Vᵀ → mean(S)·U Vᵀ; needs only the running sum of task vectors."""
     assert base is not None
-    dtype, tf32, alpha = _opts(args, base)
+    dtype, tf32, alpha, solver = _opts(args, base)
     total = _sum_task_vectors(base, experts, dtype)
     with _tf32(tf32):
-        u, s, vh = torch.linalg.svd(total, full_matrices=False)
+        delta, s = solver.polar(total)
         del total
-        delta = u @ vh
     return _finish(base, delta.mul_(s.mean()), alpha)
 
 
 def iso_cts(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: MergeArgs) -> torch.Tensor:
     """Iso-CTS: common space from Σ τ_t (pass 1), task-specific directions per expert (pass 2)."""
     assert base is not None
-    dtype, tf32, alpha = _opts(args, base)
+    dtype, tf32, alpha, solver = _opts(args, base)
     fraction = float(args.shared["common_space_fraction"])
     if not 0.0 <= fraction <= 1.0:
         raise RecipeError(
@@ -155,26 +227,26 @@ def iso_cts(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: Me
     vh_cat = torch.empty(r, cols, dtype=dtype, device=dev)
     with _tf32(tf32):
         total = _sum_task_vectors(base, experts, dtype)
-        u, s, vh = torch.linalg.svd(total, full_matrices=False)
+        u, s, vh = solver.top(total, k_common)
         del total
-        u_cat[:, start:] = u[:, :k_common]
-        s_cat[start:] = s[:k_common]
-        vh_cat[start:] = vh[:k_common]
+        u_cat[:, start:] = u
+        s_cat[start:] = s
+        vh_cat[start:] = vh
         del u, s, vh
         u_common = u_cat[:, start:]
         for i in range(n_tasks if k_task else 0):
             tau = _task_vector(experts[i], base, dtype)
             tau.addmm_(u_common, u_common.T @ tau, alpha=-1.0)  # remove the common left space
-            u, s, vh = torch.linalg.svd(tau, full_matrices=False)
+            u, s, vh = solver.top(tau, k_task)
             del tau
-            u_cat[:, i * k_task : (i + 1) * k_task] = u[:, :k_task]
-            s_cat[i * k_task : (i + 1) * k_task] = s[:k_task]
-            vh_cat[i * k_task : (i + 1) * k_task] = vh[:k_task]
+            u_cat[:, i * k_task : (i + 1) * k_task] = u
+            s_cat[i * k_task : (i + 1) * k_task] = s
+            vh_cat[i * k_task : (i + 1) * k_task] = vh
             del u, s, vh
         del u_common
-        u_orth = _polar(u_cat)
+        u_orth = solver.polar(u_cat)[0]
         del u_cat
-        vh_orth = _polar(vh_cat)
+        vh_orth = solver.polar(vh_cat)[0]
         del vh_cat
         delta = u_orth @ vh_orth
     return _finish(base, delta.mul_(s_cat.mean()), alpha)
@@ -271,6 +343,15 @@ _NUMERICS = (
         ("auto", "fp32", "fp64"),
     ),
     Param("tf32", bool, S, False, "allow TF32 matmuls on CUDA when precision is fp32"),
+    Param(
+        "svd",
+        str,
+        S,
+        "auto",
+        "auto: in fp64, eigh of the smaller Gram matrix where it is well conditioned, else the exact "
+        "SVD | exact: always torch.linalg.svd",
+        ("auto", "exact"),
+    ),
 )
 _SPECTRAL = {
     "applies_to": frozenset({"linear"}),
