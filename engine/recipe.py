@@ -149,6 +149,15 @@ def _validate_setting(value: Any, where: str) -> None:
     raise RecipeError(f"{where}: expected a number, a list of numbers or [{{filter, value}}, …], got {value!r}")
 
 
+def _setting_values(value: Any) -> list[Any]:
+    """Every scalar a (validated) setting can take: the points of a gradient, each conditional's."""
+    if isinstance(value, dict):
+        return _setting_values(value["value"])
+    if isinstance(value, list):
+        return [v for item in value for v in _setting_values(item)]
+    return [value]
+
+
 def _check_params(params: dict[str, Any], method: MethodSpec, scope_ok: set[Scope], where: str) -> None:
     names = [p.name for p in method.params]
     for key, value in params.items():
@@ -158,6 +167,10 @@ def _check_params(params: dict[str, Any], method: MethodSpec, scope_ok: set[Scop
         if spec.scope not in scope_ok:
             raise RecipeError(f"{where}: {key!r} is a shared parameter; set it under the top-level `parameters`")
         _validate_setting(value, f"{where}.{key}")
+        # Gradients interpolate between their points and ranges are intervals, so checking every
+        # point here covers every value a tensor can resolve to: a bad value fails before planning.
+        for v in _setting_values(value):
+            _coerce(v, spec, where, method.name)
 
 
 def parse_recipe(text: str, origin: str = "<recipe>") -> Recipe:
@@ -184,7 +197,7 @@ def parse_recipe(text: str, origin: str = "<recipe>") -> Recipe:
         if not isinstance(m, dict) or "model" not in m:
             raise RecipeError(f"models[{i}] must be a mapping with a `model` key", file=origin)
         _check_keys(m, {"model", "parameters"}, f"{origin}: models[{i}]")
-        _check_params(m.get("parameters") or {}, method, {Scope.MODEL}, f"models[{i}].parameters")
+        _check_params(m.get("parameters") or {}, method, {Scope.MODEL}, f"models[{i}] ({m['model']}).parameters")
     _check_params(raw.get("parameters") or {}, method, {Scope.MODEL, Scope.SHARED}, "parameters")
     if isinstance(raw.get("raymerge"), dict):
         _check_keys(raw["raymerge"], set(RaymergeOptions.model_fields), f"{origin}: raymerge")
@@ -257,8 +270,10 @@ def load_recipe(path: str | Path) -> Recipe:
 _NOT_FOUND = object()
 
 
-def _coerce(value: Any, param: Param, where: str) -> Any:
+def _coerce(value: Any, param: Param, where: str, method: str = "") -> Any:
+    """``value`` as the parameter's type, checked against its choices and range."""
     kind = param.kind
+    owner = f"parameter {param.name!r}" + (f" of method {method!r}" if method else "")
     try:
         if kind is bool:
             if isinstance(value, str):
@@ -271,15 +286,19 @@ def _coerce(value: Any, param: Param, where: str) -> Any:
         if kind is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
-            return int(value)
-        if param.choices is not None and str(value) not in param.choices:
+            out = int(value)
+        elif param.choices is not None and str(value) not in param.choices:
             raise RecipeError(
-                f"{where}: parameter {param.name!r} must be one of {', '.join(param.choices)}, got {value!r}",
+                f"{where}: {owner} must be one of {', '.join(param.choices)}, got {value!r}",
                 hint=suggest(str(value), param.choices),
             )
-        return kind(value)
-    except (TypeError, ValueError):
-        raise RecipeError(f"{where}: parameter {param.name!r} expects {kind.__name__}, got {value!r}") from None
+        else:
+            out = kind(value)
+    except (TypeError, ValueError, OverflowError):
+        raise RecipeError(f"{where}: {owner} expects {kind.__name__}, got {value!r}") from None
+    if not param.accepts(out):
+        raise RecipeError(f"{where}: {owner} must be {param.allowed()}, got {value!r}")
+    return out
 
 
 def evaluate_setting(setting: Any, tensor_name: str, t: float, param: Param, where: str) -> Any:

@@ -250,12 +250,13 @@ _GRAM = {
 register(MethodSpec("actmat", actmat, (
     *_COMMON,
     Param("merge_mode", str, S_, "delta", "delta: W₀ + R S⁺ | weight: (Σ W_t C_t)(Σ C_t)⁺", ("delta", "weight")),
-    Param("ridge", float, S_, 0.0, "add ridge·mean(diag S) to S's diagonal before solving"),
+    Param("ridge", float, S_, 0.0, "add ridge·mean(diag S) to S's diagonal before solving", low=0.0),
     Param("rcond", float, S_, -1.0, "eigenvalue cut-off relative to λ_max (negative: pinv default)"),
 ), "https://arxiv.org/abs/2604.01329", **_GRAM))  # type: ignore[arg-type]  # fmt: skip
 register(MethodSpec("regmean", regmean, (
     Param("grams", str, Scope.MODEL, REQUIRED, "directory or .safetensors file of this expert's input Grams"),
-    Param("alpha", float, S_, 0.95, "off-diagonal scale of the Grams (1 = exact RegMean)"),
+    Param("alpha", float, S_, 0.95, "off-diagonal scale of the Grams (1 = exact RegMean, 0 = diagonal only)",
+          low=0.0, high=1.0),
     _COMMON[1],
 ), "https://arxiv.org/abs/2212.09849", **{**_GRAM, "aux_param": "grams", "needs_base": False}))  # type: ignore[arg-type]  # fmt: skip
 register(MethodSpec("wudi", wudi, (
@@ -263,8 +264,9 @@ register(MethodSpec("wudi", wudi, (
     _TF32,
     Param("solver", str, S_, "adam", "adam | spectral | adaptive | closed_form",
           ("adam", "spectral", "adaptive", "closed_form")),
-    Param("steps", int, S_, 300, "Adam steps"),
-    Param("lr", float, S_, 1e-5, "Adam learning rate"),
-    Param("t", float, S_, 300.0, "spectral filter time f = 1 − exp(−λt)"),
-    Param("keep_fraction", float, S_, 1.0, "spectral: keep only this fraction of top eigendirections"),
+    Param("steps", int, S_, 300, "Adam steps", low=1),
+    Param("lr", float, S_, 1e-5, "Adam learning rate", low=0.0, low_open=True),
+    Param("t", float, S_, 300.0, "spectral filter time f = 1 − exp(−λt)", low=0.0, low_open=True),
+    Param("keep_fraction", float, S_, 1.0, "spectral: keep only this fraction of top eigendirections",
+          low=0.0, high=1.0, low_open=True),
 ), "https://arxiv.org/abs/2503.08099", **_GRAM))  # type: ignore[arg-type]  # fmt: skip

@@ -8,6 +8,8 @@ files or knows about tasks.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -26,7 +28,12 @@ REQUIRED: Any = object()
 
 @dataclass(frozen=True)
 class Param:
-    """A method parameter: its name, Python type, scope and default (``REQUIRED`` if none)."""
+    """A method parameter: its name, Python type, scope and default (``REQUIRED`` if none).
+
+    Numeric parameters may bound their values: ``low``/``high`` (inclusive unless ``low_open``/
+    ``high_open``). Float values must also be finite, bounded or not. The recipe layer checks
+    every value a recipe gives (each point of a gradient, each conditional) before planning.
+    """
 
     name: str
     kind: type
@@ -34,10 +41,40 @@ class Param:
     default: Any = REQUIRED
     help: str = ""
     choices: tuple[str, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
 
     @property
     def required(self) -> bool:
         return self.default is REQUIRED
+
+    @property
+    def bounded(self) -> bool:
+        return self.low is not None or self.high is not None
+
+    def allowed(self) -> str:
+        """The allowed values in words, e.g. ``a finite number in [0, 1]`` or ``an integer >= 1``."""
+        what = "an integer" if self.kind is int else "a finite number"
+        lo, hi = self.low, self.high
+        if lo is not None and hi is not None:
+            return f"{what} in {'(' if self.low_open else '['}{lo:g}, {hi:g}{')' if self.high_open else ']'}"
+        if lo is not None:
+            return f"{what} {'>' if self.low_open else '>='} {lo:g}"
+        if hi is not None:
+            return f"{what} {'<' if self.high_open else '<='} {hi:g}"
+        return what
+
+    def accepts(self, value: Any) -> bool:
+        """Whether a coerced ``value`` lies in the allowed range (non-numeric kinds always do)."""
+        if self.kind not in (int, float) or isinstance(value, bool):
+            return True
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
 
 
 @dataclass(frozen=True)
@@ -110,10 +147,26 @@ class MethodSpec:
 
 METHODS: dict[str, MethodSpec] = {}
 
+# mergekit's parameter names that mean the same in every method that takes them (a kept fraction
+# of the task vector, a dropped fraction of outliers). A parameter with one of these names and no
+# bounds of its own gets them at registration; anything method-specific is declared on the Param.
+MERGEKIT_FRACTIONS: dict[str, tuple[float, float]] = {"density": (0.0, 1.0), "gamma": (0.0, 1.0)}
+
+
+def _standard_bounds(p: Param) -> Param:
+    if p.bounded or p.kind is not float or p.name not in MERGEKIT_FRACTIONS:
+        return p
+    low, high = MERGEKIT_FRACTIONS[p.name]
+    return dataclasses.replace(p, low=low, high=high)
+
 
 def register(spec: MethodSpec) -> MethodSpec:
     if spec.name in METHODS:
         raise ValueError(f"method {spec.name!r} registered twice")
+    spec = dataclasses.replace(spec, params=tuple(_standard_bounds(p) for p in spec.params))
+    for p in spec.params:
+        if p.default is not REQUIRED and not p.accepts(p.default):
+            raise ValueError(f"method {spec.name!r}: default {p.default!r} of {p.name!r} is not {p.allowed()}")
     METHODS[spec.name] = spec
     return spec
 
