@@ -5,6 +5,8 @@ magnitude rank threshold, an L1 norm, a cosine) before any element can be finali
 run as passes over row chunks: statistics passes that keep only scalars (rank thresholds come from
 an exact two-level radix select on the float bit patterns, 2×65536 counters), then an apply pass
 that yields output chunks in row order. Peak memory is O(experts × chunk), whatever the tensor.
+DARE's random masks hash (seed, tensor, expert, flat element index), so the chunking never
+changes the result.
 
 A ``ChunkSource`` hands out rows of the base and of each expert on demand (the task reads them
 from the memory map); ``InMemorySource`` wraps plain tensors for direct calls and tests.
@@ -147,6 +149,65 @@ class CutMask:
 
 
 # ---------------------------------------------------------------------------------------------
+# random masks: a counter-based hash of (seed, tensor, expert, flat element index)
+
+_U64 = (1 << 64) - 1
+
+
+def _as_int64(x: int) -> int:
+    """The signed int64 with the bit pattern of ``x`` mod 2⁶⁴ (torch has no uint64 arithmetic)."""
+    x &= _U64
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+_GOLDEN = _as_int64(0x9E3779B97F4A7C15)
+_MIX = ((30, _as_int64(0xBF58476D1CE4E5B9)), (27, _as_int64(0x94D049BB133111EB)), (31, None))
+# Elements hashed per step: bounds the two int64 temporaries at 16 MiB whatever the chunk size.
+MASK_SLICE = 1 << 20
+
+
+def mask_key(seed: int, tensor_name: str, expert: int) -> int:
+    """The 64-bit key of expert ``expert``'s random mask over tensor ``tensor_name`` (int64 pattern)."""
+    digest = hashlib.sha256(f"{seed}:{tensor_name}:{expert}".encode()).digest()
+    return _as_int64(int.from_bytes(digest[:8], "little"))
+
+
+def _splitmix64_(z: torch.Tensor, tmp: torch.Tensor) -> None:
+    """SplitMix64's finaliser in place on int64 ``z``; logical shifts are emulated by masking the
+    arithmetic ones, and multiplication wraps mod 2⁶⁴ as the unsigned original does."""
+    for shift, mult in _MIX:
+        torch.bitwise_right_shift(z, shift, out=tmp)
+        tmp.bitwise_and_((1 << (64 - shift)) - 1)
+        z.bitwise_xor_(tmp)
+        if mult is not None:
+            z.mul_(mult)
+
+
+def bernoulli_mask(key: int, start: int, shape: torch.Size, density: float, device: torch.device) -> torch.Tensor:
+    """Keep-mask of the elements with flat indices ``start … start + numel(shape) − 1`` of a tensor.
+
+    Element i is kept iff the top 53 bits of SplitMix64(key + i·φ) fall below ⌊density·2⁵³⌋, so
+    P(keep) = density to double precision, and the mask is a pure function of (key, i): the same
+    whatever the row chunking, the memory budget, the device or the order tasks run in.
+    """
+    n = math.prod(shape)
+    out = torch.empty(n, dtype=torch.bool, device=device)
+    threshold = int(density * 2.0**53)
+    z = torch.empty(min(n, MASK_SLICE), dtype=torch.int64, device=device)
+    tmp = torch.empty_like(z)
+    for lo in range(0, n, MASK_SLICE):
+        hi = min(n, lo + MASK_SLICE)
+        zs, ts = z[: hi - lo], tmp[: hi - lo]
+        torch.arange(start + lo, start + hi, dtype=torch.int64, device=device, out=zs)
+        zs.mul_(_GOLDEN).add_(key)
+        _splitmix64_(zs, ts)
+        torch.bitwise_right_shift(zs, 11, out=ts)
+        ts.bitwise_and_((1 << 53) - 1)
+        torch.lt(ts, threshold, out=out[lo:hi])
+    return out.reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------
 # sparsifiers: a per-expert plan made in statistics passes, applied chunk by chunk
 
 
@@ -166,11 +227,6 @@ def _delta_chunks(src: ChunkSource, t: int) -> Callable[[], Iterator[torch.Tenso
     return gen
 
 
-def _chunk_seed(seed: int, t: int, chunk: int) -> int:
-    digest = hashlib.sha256(f"{seed}:{t}:{chunk}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 class Sparsifier:
     """Sparsify expert ``t``'s task vector chunk by chunk; ``prepare`` runs the statistics passes."""
 
@@ -178,8 +234,7 @@ class Sparsifier:
         self.kind = kind
         self.density = float(p.get("density", 1.0))
         self.rescale = bool(args.shared.get("rescale", False))
-        self.seed = args.seed
-        self.t = t
+        self.key = mask_key(args.seed, args.tensor_name, t) if kind == "random" else 0
         self.factor = 1.0
         self.lower: CutMask | None = None
         self.upper: CutMask | None = None
@@ -205,10 +260,10 @@ class Sparsifier:
         if self.rescale:
             before = after = 0.0
             probe = self.fresh()
-            for i, (r0, r1) in enumerate(src.ranges):
+            for r0, r1 in src.ranges:
                 d = src.expert(t, r0, r1) - src.base(r0, r1)
                 before += float(d.abs().sum(dtype=torch.float64))
-                after += float((d * probe._mask(d, i)).abs().sum(dtype=torch.float64))
+                after += float((d * probe._mask(d, r0)).abs().sum(dtype=torch.float64))
             if before >= 1e-7 and after >= 1e-7:
                 self.factor = before / after
 
@@ -221,22 +276,24 @@ class Sparsifier:
         twin.upper = CutMask(self.upper.cut) if self.upper else None
         return twin
 
-    def _mask(self, d: torch.Tensor, chunk: int) -> torch.Tensor:
+    def _mask(self, d: torch.Tensor, r0: int) -> torch.Tensor:
         if self.kind == "random":
-            g = torch.Generator().manual_seed(_chunk_seed(self.seed, self.t, chunk))
-            return (torch.rand(d.shape, generator=g, dtype=torch.float32) < self.density).to(d.device)
+            # Chunks are rows × the rest of the tensor: row r0 starts at flat index r0 · row length.
+            row = d[0].numel() if d.dim() >= 1 and d.shape[0] else 0
+            return bernoulli_mask(self.key, r0 * row, d.shape, self.density, d.device)
         w = d.abs()
         keep = self.lower(w) if self.lower else torch.ones_like(w, dtype=torch.bool)
         if self.upper is not None:
             keep &= ~self.upper(w)
         return keep
 
-    def __call__(self, d: torch.Tensor, chunk: int) -> torch.Tensor:
+    def __call__(self, d: torch.Tensor, r0: int) -> torch.Tensor:
+        """Sparsified (and rescaled) task-vector chunk ``d`` holding rows ``r0 …`` of the tensor."""
         if self.zero:
             return torch.zeros_like(d)
         if self.kind is None:
             return d
-        kept = d * self._mask(d, chunk)
+        kept = d * self._mask(d, r0)
         return kept * self.factor if self.factor != 1.0 else kept
 
 
@@ -251,11 +308,11 @@ def gta(src: ChunkSource, args: MergeArgs, sparsify: str | None, sign_consensus:
     normalize = bool(args.shared["normalize"])
     lam = float(args.shared["lambda"])
     total_w = sum(weights)
-    for i, (r0, r1) in enumerate(src.ranges):
+    for r0, r1 in src.ranges:
         base = src.base(r0, r1)
         deltas = []
         for t in range(src.n_experts):
-            d = sparsifiers[t](src.expert(t, r0, r1) - base, i)
+            d = sparsifiers[t](src.expert(t, r0, r1) - base, r0)
             deltas.append(d * weights[t])
         if sign_consensus:
             total = torch.stack(deltas).sum(0) if deltas else torch.zeros_like(base)
