@@ -113,7 +113,7 @@ def test_chunked_methods_do_not_depend_on_chunk_size():
         whole = _merged(name, base, ex, shared, pm, None)
         for rows in (1, 7, 32):
             assert torch.allclose(_merged(name, base, ex, shared, pm, rows), whole, atol=1e-6, rtol=0), (name, rows)
-    # DARE masks are drawn per chunk: deterministic for a given chunking and seed
+    # DARE masks are a function of the seed (and tensor, expert, element): same seed, same merge
     shared = {**gta, "rescale": True}
     pm = [{"weight": 1.0, "density": 0.5}] * 3
     a = _merged("dare_ties", base, experts, shared, pm, 16, seed=5)

@@ -21,12 +21,13 @@ def _gta(normalize: bool, rescale: bool, *extra: Param) -> tuple[Param, ...]:
     """mergekit's generalized-task-arithmetic parameter set with per-method defaults."""
     return (
         Param("weight", float, M, REQUIRED, "scale of this expert's task vector"),
-        Param("density", float, M, 1.0, "fraction of task-vector entries kept"),
+        Param("density", float, M, 1.0, "fraction of task-vector entries kept", low=0.0, high=1.0),
         *extra,
         Param("normalize", bool, S, normalize, "divide by the summed weights of kept entries"),
         Param("rescale", bool, S, rescale, "L1-rescale sparsified task vectors"),
         Param("lambda", float, S, 1.0, "scale of the merged task vector"),
-        Param("int8_mask", bool, S, False, "accepted for mergekit compatibility; no effect"),
+        Param("int8_mask", bool, S, False, "accepted for mergekit compatibility (int8 masks save memory there; "
+                                              "raymerge's masks are bool): no effect on results"),
     )
 
 
@@ -35,7 +36,7 @@ def _chunked(name: str, fn: chunked.ChunkedFn, params: tuple[Param, ...], ref: s
     return register(MethodSpec(name, chunked.whole_tensor(fn), params, ref, chunked=fn, **kw))  # type: ignore[arg-type]
 
 
-_GAMMA = Param("gamma", float, M, 0.01, "fraction of largest-magnitude outliers dropped")
+_GAMMA = Param("gamma", float, M, 0.01, "fraction of largest-magnitude outliers dropped", low=0.0, high=1.0)
 
 register(MethodSpec(
     "linear", task_vector.linear, (Param("weight", float, M, REQUIRED), Param("normalize", bool, S, True)),
@@ -55,13 +56,13 @@ _chunked("breadcrumbs_ties", chunked.breadcrumbs_ties, _gta(False, False, _GAMMA
          "https://arxiv.org/abs/2312.06795", work_buffers=lambda n: 2 * n + 8)  # fmt: skip
 register(MethodSpec(
     "consensus", task_vector.consensus,
-    (Param("weight", float, M, 1.0), Param("k", int, S, 2, "masks that must agree to keep an entry"),
-     Param("tall_lambda", float, S, 0.6, "TALL mask threshold λ"), Param("lambda", float, S, 1.0)),
+    (Param("weight", float, M, 1.0), Param("k", int, S, 2, "masks that must agree to keep an entry", low=0),
+     Param("tall_lambda", float, S, 0.6, "TALL mask threshold λ", low=0.0), Param("lambda", float, S, 1.0)),
     "https://arxiv.org/abs/2405.07813", min_experts=2, row_separable=True, work_buffers=lambda n: n + 4,
 ))  # fmt: skip
 register(MethodSpec("mean", task_vector.mean, (), "average of the experts", row_separable=True, streams_experts=True,
                     work_buffers=lambda n: 2))  # fmt: skip
-_chunked("slerp", chunked.slerp, (Param("t", float, S, REQUIRED, "0 = base, 1 = other model"),),
+_chunked("slerp", chunked.slerp, (Param("t", float, S, REQUIRED, "0 = base, 1 = other model", low=0.0, high=1.0),),
          "https://en.wikipedia.org/wiki/Slerp", max_experts=1, work_buffers=lambda n: 6)  # fmt: skip
 _chunked("model_stock", chunked.model_stock, (Param("filter_wise", bool, S, False),),
          "https://arxiv.org/abs/2403.19522", min_experts=2, work_buffers=lambda n: 2 * n + 6)  # fmt: skip

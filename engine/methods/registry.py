@@ -8,7 +8,6 @@ files or knows about tasks.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -147,23 +146,9 @@ class MethodSpec:
 
 METHODS: dict[str, MethodSpec] = {}
 
-# mergekit's parameter names that mean the same in every method that takes them (a kept fraction
-# of the task vector, a dropped fraction of outliers). A parameter with one of these names and no
-# bounds of its own gets them at registration; anything method-specific is declared on the Param.
-MERGEKIT_FRACTIONS: dict[str, tuple[float, float]] = {"density": (0.0, 1.0), "gamma": (0.0, 1.0)}
-
-
-def _standard_bounds(p: Param) -> Param:
-    if p.bounded or p.kind is not float or p.name not in MERGEKIT_FRACTIONS:
-        return p
-    low, high = MERGEKIT_FRACTIONS[p.name]
-    return dataclasses.replace(p, low=low, high=high)
-
-
 def register(spec: MethodSpec) -> MethodSpec:
     if spec.name in METHODS:
         raise ValueError(f"method {spec.name!r} registered twice")
-    spec = dataclasses.replace(spec, params=tuple(_standard_bounds(p) for p in spec.params))
     for p in spec.params:
         if p.default is not REQUIRED and not p.accepts(p.default):
             raise ValueError(f"method {spec.name!r}: default {p.default!r} of {p.name!r} is not {p.allowed()}")

@@ -368,7 +368,8 @@ register(MethodSpec("tsv_m", tsv_m, (_ALPHA, *_NUMERICS), "https://arxiv.org/abs
 register(MethodSpec("iso_c", iso_c, (_ALPHA, *_NUMERICS), "https://arxiv.org/abs/2502.04959",
                     extra_bytes=_iso_c_extra, flops=_iso_c_flops, **_SPECTRAL))  # fmt: skip
 register(MethodSpec("iso_cts", iso_cts, (
-    _ALPHA, Param("common_space_fraction", float, S, 0.8, "share of the rank given to the common subspace"),
+    _ALPHA, Param("common_space_fraction", float, S, 0.8, "share of the rank given to the common subspace", low=0.0,
+          high=1.0),
     *_NUMERICS,
 ), "https://arxiv.org/abs/2502.04959", extra_bytes=_iso_cts_extra, flops=_iso_cts_flops,
     **_SPECTRAL))  # fmt: skip
