@@ -72,7 +72,9 @@ def _renderer(stem: str) -> Callable[[dict[str, Any]], str]:
     if stem.startswith("throughput"):
         return throughput_table
     if stem.startswith("quality"):
-        module = "benchmarks.quality_nonlocal" if stem.startswith("quality_nonlocal") else "benchmarks.quality"
+        # the longest module name that prefixes the stem renders it (quality_nonlocal_mlp before quality_nonlocal)
+        modules = ("quality_nonlocal_mlp", "quality_nonlocal", "quality")
+        module = "benchmarks." + next(m for m in modules if stem.startswith(m))
         quality = importlib.import_module(module)
         render: Callable[[dict[str, Any]], str] = quality.markdown_table
         return render
