@@ -158,6 +158,17 @@ def _setting_values(value: Any) -> list[Any]:
     return [value]
 
 
+def _is_gradient(value: Any) -> bool:
+    """Whether a (validated) setting interpolates anywhere: a list of two or more numbers."""
+    if isinstance(value, dict):
+        return _is_gradient(value["value"])
+    if isinstance(value, list):
+        if all(isinstance(v, dict) for v in value):
+            return any(_is_gradient(v) for v in value)
+        return len(value) > 1
+    return False
+
+
 def _check_params(params: dict[str, Any], method: MethodSpec, scope_ok: set[Scope], where: str) -> None:
     names = [p.name for p in method.params]
     for key, value in params.items():
@@ -167,6 +178,12 @@ def _check_params(params: dict[str, Any], method: MethodSpec, scope_ok: set[Scop
         if spec.scope not in scope_ok:
             raise RecipeError(f"{where}: {key!r} is a shared parameter; set it under the top-level `parameters`")
         _validate_setting(value, f"{where}.{key}")
+        if spec.kind is not float and _is_gradient(value):
+            raise RecipeError(
+                f"{where}.{key}: a gradient interpolates between its points, but {method.name!r} takes "
+                f"{key!r} as {spec.kind.__name__}, not a real number",
+                hint="give one value, or one value per filter",
+            )
         # Gradients interpolate between their points and ranges are intervals, so checking every
         # point here covers every value a tensor can resolve to: a bad value fails before planning.
         for v in _setting_values(value):

@@ -114,6 +114,26 @@ def test_edge_values_are_accepted(method, expert, shared):
     resolve_for_tensor(r, "model.layers.0.mlp.up_proj.weight", 2)
 
 
+@pytest.mark.parametrize(
+    "method,shared",
+    [
+        ("wudi", "steps: [100, 300]"),
+        ("consensus", "k: [{filter: mlp, value: [1, 3]}, {value: 2}]"),
+        ("ties", "normalize: [true, false]"),
+    ],
+)
+def test_gradient_on_a_non_float_parameter_is_refused_when_read(method, shared):
+    # A gradient interpolates; an int or bool parameter cannot take the values in between.
+    with pytest.raises(RecipeError, match="gradient interpolates") as exc:
+        parse_recipe(_recipe(method, "", shared))
+    assert shared.split(":")[0] in str(exc.value)
+
+
+def test_one_point_lists_and_conditionals_stay_valid_for_int_parameters():
+    r = parse_recipe(_recipe("wudi", "", "steps: [{filter: mlp, value: 100}, {value: 300}], lr: [1e-5, 2e-5]"))
+    resolve_for_tensor(r, "model.layers.0.mlp.up_proj.weight", 2)
+
+
 def test_every_default_lies_in_its_own_range():
     for spec in METHODS.values():
         for p in spec.params:
