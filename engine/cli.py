@@ -386,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_submit)
 
     sp = sub.add_parser("verify", help="recheck a merged model: index, headers, receipts' checksums, finiteness")
-    sp.add_argument("model", help="model directory written by raymerge run")
+    sp.add_argument("model", help="model directory or URL (s3://, gs://, https://, …) written by raymerge run")
     sp.set_defaults(fn=cmd_verify)
 
     sp = sub.add_parser("demo", help="build small checkpoints, merge them, print the figures")

@@ -1,8 +1,9 @@
-"""``raymerge verify DIR``: check a published model against its own receipts, offline.
+"""``raymerge verify DIR|URL``: check a published model against its own receipts.
 
 Re-parses the index and every shard header with the strict parser, checks that the index and the
 shards agree, recomputes the CRC32 of every task's bytes from ``.raymerge/receipts.json`` and
-checks that every floating-point tensor is finite. Reads each byte once, in file order.
+checks that every floating-point tensor is finite. Works on a local directory (memory-mapped) or
+any fsspec URL (range reads, retried like the merge's own reads).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 from raymerge.engine.errors import CheckpointError
-from raymerge.engine.storage import ShardReader
+from raymerge.engine.storage import ShardReader, join_url, read_text
 
 _CHUNK = 64 << 20
 
@@ -30,50 +31,54 @@ class VerifyReport:
 
 def verify_model(path: str | Path) -> VerifyReport:
     """Raise ``CheckpointError`` naming the file and tensor at the first problem found."""
-    root = Path(path)
-    index_file = root / "model.safetensors.index.json"
-    receipts_file = root / ".raymerge" / "receipts.json"
-    if not index_file.exists():
-        raise CheckpointError("no model.safetensors.index.json", file=str(root), hint="is this a raymerge output?")
+    root = str(path)
+    index_file = join_url(root, "model.safetensors.index.json")
+    receipts_file = join_url(join_url(root, ".raymerge"), "receipts.json")
+    index_text = read_text(index_file)
+    if index_text is None:
+        raise CheckpointError("no model.safetensors.index.json", file=root, hint="is this a raymerge output?")
     try:
-        weight_map: dict[str, str] = json.loads(index_file.read_text())["weight_map"]
-    except (ValueError, KeyError) as exc:
-        raise CheckpointError(f"index is not valid: {exc}", file=str(index_file)) from None
+        weight_map: dict[str, str] = json.loads(index_text)["weight_map"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"index is not valid: {exc}", file=index_file) from None
     readers: dict[str, ShardReader] = {}
     for shard in sorted(set(weight_map.values())):
-        readers[shard] = ShardReader(str(root / shard))
+        if not isinstance(shard, str) or "/" in shard or "\\" in shard or shard in ("", ".", ".."):
+            raise CheckpointError(f"index names a shard outside the model directory: {shard!r}", file=index_file)
+        readers[shard] = ShardReader(join_url(root, shard))
     stored = {name: shard for shard, r in readers.items() for name in r.entries}
     for name, shard in weight_map.items():
         if stored.get(name) != shard:
             raise CheckpointError(
-                f"index places this tensor in {shard} but it is not there", file=str(index_file), tensor=name
+                f"index places this tensor in {shard} but it is not there", file=index_file, tensor=name
             )
     extra = sorted(set(stored) - set(weight_map))
     if extra:
         raise CheckpointError(
-            "shard holds a tensor the index does not list", file=str(root / stored[extra[0]]), tensor=extra[0]
+            "shard holds a tensor the index does not list", file=join_url(root, stored[extra[0]]), tensor=extra[0]
         )
     checked = nbytes = 0
-    if receipts_file.exists():
-        receipts = json.loads(receipts_file.read_text())
-        for r in receipts:
-            f = root / r["shard"]
-            with open(f, "rb") as fh:
-                fh.seek(int(r["offset"]))
-                crc = 0
-                left = int(r["nbytes"])
-                while left:
-                    block = fh.read(min(left, _CHUNK))
-                    if not block:
-                        break
-                    crc = zlib.crc32(block, crc)
-                    left -= len(block)
-            if left or crc != int(r["crc32"]):
-                raise CheckpointError("checksum does not match the merge's receipt", file=str(f), tensor=r["tensor"],
+    receipts_text = read_text(receipts_file)
+    if receipts_text is not None:
+        for r in json.loads(receipts_text):
+            shard = str(r["shard"])
+            reader = readers.get(shard)
+            if reader is None:
+                raise CheckpointError("receipt names a shard the index does not list", file=receipts_file,
+                                      tensor=r.get("tensor"))  # fmt: skip
+            start, end = int(r["offset"]), int(r["offset"]) + int(r["nbytes"])
+            crc = 0
+            if end > reader.size:
+                crc = -1  # the shard is shorter than the receipt: truncated after the merge
+            else:
+                for lo in range(start, end, _CHUNK):
+                    crc = zlib.crc32(reader.read_bytes(lo, min(end, lo + _CHUNK)), crc)
+            if crc != int(r["crc32"]):
+                raise CheckpointError("checksum does not match the merge's receipt", file=reader.url, tensor=r["tensor"],
                                       hint="the file was modified or corrupted after the merge")  # fmt: skip
             checked += 1
-            nbytes += int(r["nbytes"])
-    for shard, reader in readers.items():
+            nbytes += end - start
+    for reader in readers.values():
         for name, entry in reader.entries.items():
             if not entry.is_float or not entry.shape:
                 continue
@@ -82,5 +87,5 @@ def verify_model(path: str | Path) -> VerifyReport:
             for r0 in range(0, rows, step):
                 x = reader.read_rows(entry, r0, min(rows, r0 + step))
                 if not bool(torch.isfinite(x).all()):
-                    raise CheckpointError("tensor contains NaN or Inf", file=str(root / shard), tensor=name)
+                    raise CheckpointError("tensor contains NaN or Inf", file=reader.url, tensor=name)
     return VerifyReport(len(weight_map), len(readers), nbytes, checked)
