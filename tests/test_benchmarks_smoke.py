@@ -46,3 +46,26 @@ def test_quality_smoke(tmp_path: Path) -> None:
     table = markdown_table(result)
     assert len(table.splitlines()) == len(result["rows"]) + 3
     assert proc.stdout.startswith(table.splitlines()[0])
+
+
+def test_svd_paths_smoke(tmp_path: Path) -> None:
+    # Both spectral solver paths on small shapes: same merge (≤ 1e-8), the Gram path runs no exact
+    # SVD on these well-conditioned rectangular matrices, and the per-block totals add up.
+    out = tmp_path / "svd.json"
+    cmd = [sys.executable, "-m", "benchmarks.svd_paths", "--block", "quick", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert out.with_suffix(".png").stat().st_size > 1000
+    assert {(r["shape"], r["method"]) for r in res["rows"]} == {
+        (s, m) for s in ("attn_256x256", "mlp_in_688x256", "mlp_out_256x688") for m in ("tsv_m", "iso_c", "iso_cts")
+    }
+    for r in res["rows"]:
+        assert r["rel_diff"] <= 1e-8, r
+        assert r["exact_svds"] > 0
+        if r["shape"] != "attn_256x256":
+            assert r["auto_exact_svds"] == 0, r
+    counts = {"attn_256x256": 4, "mlp_in_688x256": 2, "mlp_out_256x688": 1}
+    for m, tot in res["per_block"].items():
+        want = sum(r["exact_s"] * counts[r["shape"]] for r in res["rows"] if r["method"] == m)
+        assert abs(tot["exact_s"] - want) < 2e-3, (m, tot, want)

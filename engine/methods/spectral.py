@@ -87,10 +87,11 @@ class Solver:
         u, s, vh = torch.linalg.svd(a, full_matrices=False)
         return u[:, :k], s[:k], vh[:k]
 
-    def polar(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def polar(self, a: torch.Tensor, try_gram: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(U Vᵀ, σ) of ``a``: its orthogonal polar factor (closest matrix with orthonormal rows or
-        columns) and its singular values (descending for the SVD, ascending for the Gram path)."""
-        if self.gram:
+        columns) and its singular values (descending for the SVD, ascending for the Gram path).
+        ``try_gram=False`` goes straight to the SVD where the Gram path is known to fail."""
+        if self.gram and try_gram:
             out = _polar_gram(a)
             if out is not None:
                 return out
@@ -201,7 +202,10 @@ def iso_c(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: Merg
     dtype, tf32, alpha, solver = _opts(args, base)
     total = _sum_task_vectors(base, experts, dtype)
     with _tf32(tf32):
-        delta, s = solver.polar(total)
+        # A square sum of task vectors is nearly singular, like a square random matrix (σ_min of
+        # order σ_max/n), so the Gram path would only fail its condition test there (measured on
+        # 768×768: every time, 0.7× the SVD's speed with the failed attempt); rectangular ones pass.
+        delta, s = solver.polar(total, try_gram=total.shape[0] != total.shape[1])
         del total
     return _finish(base, delta.mul_(s.mean()), alpha)
 
