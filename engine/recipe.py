@@ -190,12 +190,41 @@ def _check_params(params: dict[str, Any], method: MethodSpec, scope_ok: set[Scop
             _coerce(v, spec, where, method.name)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """The safe loader, refusing a mapping that repeats a key (YAML's spec forbids it; PyYAML would
+    silently keep the last value, so `merge_method` given twice would run the second method)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            try:
+                hash(key)
+            except TypeError:
+                continue  # the base constructor reports unhashable keys
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"duplicate key {key!r} (first given on line {seen[key] + 1})", key_node.start_mark,
+                )  # fmt: skip
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML through the safe loader with duplicate keys refused."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_recipe(text: str, origin: str = "<recipe>") -> Recipe:
     """Parse and validate recipe YAML (safe loader only)."""
     try:
-        raw = yaml.safe_load(text)
+        raw = load_yaml(text)
     except yaml.YAMLError as exc:
-        raise RecipeError(f"recipe is not valid YAML: {exc}".replace("\n", " "), file=origin) from None
+        problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        what = f"{problem}{where}" if problem else " ".join(str(exc).split())
+        raise RecipeError(f"recipe is not valid YAML: {what}", file=origin) from None
     if not isinstance(raw, dict):
         raise RecipeError("recipe must be a YAML mapping", file=origin)
     _check_keys(raw, RECIPE_KEYS, origin)

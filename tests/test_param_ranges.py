@@ -30,7 +30,9 @@ _EXPERT_PARAMS = {
 
 def _recipe(method: str, expert: str = "", shared: str = "") -> str:
     first = _EXPERT_PARAMS.get(method, "weight: 1.0")
-    second = ", ".join(x for x in (first, expert) if x)
+    # The parameter under test replaces a default of the same name (YAML refuses repeated keys).
+    kept = [item for item in first.split(", ") if item and f"{item.split(':')[0]}:" not in expert]
+    second = ", ".join(x for x in (*kept, expert) if x)
     return (
         f"merge_method: {method}\nbase_model: b\nmodels:\n"
         f"  - model: e1\n    parameters: {{{first}}}\n"

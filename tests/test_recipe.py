@@ -57,3 +57,18 @@ def test_yaml_tags_that_build_python_objects_are_refused(tmp_path):
     with pytest.raises(RecipeError, match="not valid YAML"):
         parse_recipe(text)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "text,key",
+    [
+        ("merge_method: ties\nmerge_method: linear\nbase_model: b\nmodels: [{model: e}]\n", "merge_method"),
+        ("merge_method: ties\nbase_model: b\nmodels:\n  - model: e\n    parameters: {weight: 1, weight: 2}\n", "weight"),
+        ("merge_method: ties\nbase_model: b\nmodels: [{model: e, model: f}]\n", "model"),
+    ],
+)
+def test_duplicate_yaml_keys_are_refused(text, key):
+    # PyYAML keeps the last of two equal keys; a recipe that says two things must not run one.
+    with pytest.raises(RecipeError, match=f"duplicate key '{key}'") as exc:
+        parse_recipe(text, "dup.yaml")
+    assert "dup.yaml" in str(exc.value)
