@@ -39,7 +39,16 @@ from scipy.optimize import linear_sum_assignment
 from tqdm import tqdm
 
 from raymerge.engine.errors import AlignmentError
-from raymerge.engine.storage import Checkpoint, exists, is_local, join_url, local_path, open_checkpoint, open_shard
+from raymerge.engine.storage import (
+    Checkpoint,
+    exists,
+    is_local,
+    join_url,
+    local_path,
+    open_checkpoint,
+    open_shard,
+    output_overlap,
+)
 
 log = logging.getLogger(__name__)
 
@@ -547,10 +556,12 @@ def align_checkpoints(
     outs = [str(dst.absolute()) for _, dst in jobs]
     if len(set(outs)) != len(outs):
         raise AlignmentError("two outputs share one directory", hint="give every --also its own OUT_DIR")
-    inputs = {c.url for c, _ in jobs} | {ref_ckpt.url}
+    inputs = sorted({c.url for c, _ in jobs} | {ref_ckpt.url})
     for o in outs:
-        if any(is_local(u) and os.path.abspath(local_path(u)) == o for u in inputs):
-            raise AlignmentError("an output directory is also an input", file=o, hint="write to a new directory")
+        hit = output_overlap(o, inputs)
+        if hit is not None:
+            raise AlignmentError(f"the output directory {hit[1]} the input model {hit[0]}", file=o,
+                                 hint="write to a new directory")  # fmt: skip
     for _, dst in jobs:
         if dst.exists() and not overwrite:
             raise AlignmentError("output directory exists", file=str(dst), hint="pass --overwrite to replace it")

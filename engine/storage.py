@@ -25,7 +25,7 @@ import re
 import threading
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, TypeVar
 
@@ -191,6 +191,24 @@ def join_url(base: str, name: str) -> str:
     if is_local(base):
         return os.path.join(local_path(base), name)
     return base.rstrip("/") + "/" + name
+
+
+def output_overlap(out: str, inputs: Sequence[str]) -> tuple[str, str] | None:
+    """``(input, "is" | "contains")`` for the first input whose directory the output ``out`` is,
+    or lies under; ``None`` if none. Replacing such an output would delete the inputs it reads.
+    Local paths are compared after resolving symlinks and ``..``; URLs as normalised strings."""
+    if is_local(out):
+        target, sep = os.path.realpath(local_path(out)), os.sep
+        pairs = [(m, os.path.realpath(local_path(m))) for m in inputs if is_local(m)]
+    else:
+        target, sep = out.rstrip("/"), "/"
+        pairs = [(m, m.rstrip("/")) for m in inputs if not is_local(m)]
+    for model, path in pairs:
+        if path == target:
+            return model, "is"
+        if path.startswith(target.rstrip(sep) + sep):
+            return model, "contains"
+    return None
 
 
 @dataclass

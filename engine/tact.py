@@ -50,6 +50,7 @@ from raymerge.engine.stats import (
     model_class,
     module_map,
 )
+from raymerge.engine.storage import output_overlap
 
 log = logging.getLogger(__name__)
 
@@ -337,6 +338,10 @@ def fold_corrections(merged_dir: str | Path, corrections: Corrections | str | Pa
 
     corr = corrections if isinstance(corrections, Corrections) else Corrections.load(corrections)
     src, out = Path(merged_dir), Path(out_dir)
+    hit = output_overlap(str(out), [str(src)])
+    if hit is not None:
+        raise TactError(f"the output directory {hit[1]} the merged model {hit[0]}", file=str(out),
+                        hint="write the folded model to a new directory")  # fmt: skip
     if out.exists() and not overwrite:
         raise TactError("output directory exists", file=str(out), hint="pass --overwrite to replace it")
     folds = _compose(corr)

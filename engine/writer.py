@@ -39,7 +39,16 @@ from tqdm import tqdm
 
 from raymerge.engine.errors import OutputError
 from raymerge.engine.plan import MergePlan, OutputShard
-from raymerge.engine.storage import exists, is_local, join_url, list_dir, local_path, read_blob, with_retries
+from raymerge.engine.storage import (
+    exists,
+    is_local,
+    join_url,
+    list_dir,
+    local_path,
+    output_overlap,
+    read_blob,
+    with_retries,
+)
 from raymerge.engine.task import Receipt
 
 log = logging.getLogger(__name__)
@@ -245,8 +254,17 @@ class Staging:
     def meta(self) -> Path:
         return self.dir / META
 
+    def _refuse_input_overlap(self) -> None:
+        """Replacing an output that is (or holds) an input model would delete the files it reads."""
+        out = str(self.final) if self.remote is None else self.remote.url
+        hit = output_overlap(out, self.plan.models)
+        if hit is not None:
+            raise OutputError(f"the output {hit[1]} the input model {hit[0]}", file=out,
+                              hint="write the merge to a new directory")  # fmt: skip
+
     def prepare(self) -> dict[str, Receipt]:
         """Create or reopen the staging area; return receipts of tasks already done and verified."""
+        self._refuse_input_overlap()
         if self.remote is not None:
             if not self.overwrite and self.remote.holds_model():
                 raise OutputError("output already holds a model", file=self.remote.url,

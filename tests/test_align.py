@@ -19,6 +19,7 @@ from raymerge.engine.align import (
     Permutation,
     PermutationSpec,
     PermutedAxis,
+    align_checkpoints,
     apply_permutation,
     match_weights,
     permutation_spec_for,
@@ -335,6 +336,10 @@ def test_align_cli_writes_permuted_model_and_expert(tmp_path, capsys) -> None:
     out_b, out_eb = tmp_path / "b-aligned", tmp_path / "eb-aligned"
     argv = ["align", "--reference", str(dirs["a"]), "--model", str(dirs["b"]), "--out", str(out_b),
             "--also", f"{dirs['eb']}:{out_eb}", "-q"]  # fmt: skip
+    # An output that is an input (or the folder holding it) is refused even with --overwrite.
+    for bad in (dirs["b"], dirs["a"], tmp_path):
+        with pytest.raises(AlignmentError, match="the input model"):
+            align_checkpoints(str(dirs["a"]), str(dirs["b"]), bad, overwrite=True)
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "4 permutations" in printed and f"wrote {out_eb}" in printed

@@ -107,3 +107,21 @@ def test_sharded_and_single_layouts_read_the_same(family):
     for name, entry in ck.entries.items():
         got = open_shard(ck.shard_of[name]).read_rows(entry)
         assert torch.equal(got, ref[name]), name
+
+
+def test_output_overlap_catches_an_output_that_is_or_holds_an_input(tmp_path):
+    from raymerge.engine.storage import output_overlap
+
+    (tmp_path / "models" / "base").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "models")
+    inputs = [str(tmp_path / "models" / "base"), "s3://bucket/models/expert"]
+    assert output_overlap(str(tmp_path / "models" / "base"), inputs) == (inputs[0], "is")
+    assert output_overlap(str(tmp_path / "models" / "base") + "/", inputs) == (inputs[0], "is")
+    assert output_overlap(str(tmp_path / "models"), inputs) == (inputs[0], "contains")
+    assert output_overlap(str(tmp_path / "link"), inputs) == (inputs[0], "contains")  # through a symlink
+    assert output_overlap(f"file://{tmp_path}/models/x/../base", inputs) == (inputs[0], "is")
+    assert output_overlap(str(tmp_path / "models" / "base2"), inputs) is None  # a sibling, not a prefix
+    assert output_overlap(str(tmp_path / "models" / "base" / "merged"), inputs) is None  # inside: fine
+    assert output_overlap("s3://bucket/models/", inputs) == (inputs[1], "contains")
+    assert output_overlap("s3://bucket/models/expert", inputs) == (inputs[1], "is")
+    assert output_overlap("s3://bucket/model", inputs) is None

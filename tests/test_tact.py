@@ -92,6 +92,8 @@ def test_corrected_model_matches_expert_at_every_point(case, request):
 def test_folded_model_equals_hooked_model(case, points, request, tmp_path):
     kind, expert, merged, data = request.getfixturevalue(case)
     corr = compute_corrections(expert, merged, data, points, task="t", require_foldable=True)
+    with pytest.raises(TactError, match="is the merged model"):  # --overwrite would delete the input
+        fold_corrections(merged, corr, merged, overwrite=True)
     out = fold_corrections(merged, corr, tmp_path / "folded")
     info = json.loads((out / "tact.json").read_text())
     if kind == "llama":  # Llama has no o_proj/gate_proj bias: the fold switches the config flags on

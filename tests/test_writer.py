@@ -218,3 +218,23 @@ def test_tasks_round_trip_through_json(family, tmp_path):
     for recipe in (_ties(family), parse_recipe(recipe_text("regmean", None, experts, None, files))):
         for task in build_plan(recipe).tasks:
             assert TensorTask.from_json(json.loads(json.dumps(task.to_json()))) == task
+
+
+def test_output_that_is_or_contains_an_input_is_refused_even_with_overwrite(family, tmp_path):
+    # --overwrite replaces the output directory: pointed at an input model (or a folder holding
+    # one) it would delete the files the merge reads. Refused up front; the inputs stay intact.
+    import shutil
+
+    base, experts = family
+    root = tmp_path / "models"
+    shutil.copytree(base.parent, root)
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    recipe = parse_recipe(recipe_text("task_arithmetic", root / base.name, [root / e.name for e in experts],
+                                      None, [{"weight": 1.0}] * 3))  # fmt: skip
+    for out, what in ((root / experts[1].name, "is the input"), (root, "contains the input"),
+                      (root / ".." / root.name / base.name, "is the input")):  # fmt: skip
+        with pytest.raises(OutputError, match=what):
+            merge(recipe, out, overwrite=True, progress=False)
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
+    assert not list(root.parent.glob("*.raymerge-staging"))
+    merge(recipe, root / "merged", overwrite=True, progress=False)  # inside the folder, a new name: fine
