@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from raymerge.engine import __version__
 from raymerge.engine.errors import RaymergeError
-from raymerge.engine.plan import DEFAULT_SHARD_BYTES, build_plan, check_budget
+from raymerge.engine.plan import DEFAULT_SHARD_BYTES, build_plan, check_budget, fmt_bytes
 from raymerge.engine.recipe import Recipe
 from raymerge.engine.storage import is_local
 
@@ -34,14 +34,6 @@ def parse_size(text: str) -> int:
     if not m or m.group(2).lower() not in _UNITS:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 500MB, 2GiB, 1073741824)")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _load(args: argparse.Namespace) -> Recipe:
@@ -73,14 +65,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         print(f"method      {summary['method']}  ({len(plan.models)} models)")
         print(f"tensors     {summary['tensors']}  in {summary['tasks']} tasks  {summary['tasks_by_class']}")
-        print(f"read        {_fmt_bytes(summary['read_bytes'])}")
-        print(f"write       {_fmt_bytes(summary['write_bytes'])}  in {len(plan.shards)} shard(s)")
-        print(f"peak task   {_fmt_bytes(summary['peak_task_host_bytes'])} host  (budget {_fmt_bytes(budget)})")
+        print(f"read        {fmt_bytes(summary['read_bytes'])}")
+        print(f"write       {fmt_bytes(summary['write_bytes'])}  in {len(plan.shards)} shard(s)")
+        print(f"peak task   {fmt_bytes(summary['peak_task_host_bytes'])} host  (budget {fmt_bytes(budget)})")
         print(f"flops       {summary['flops']:.3g}")
         biggest = sorted(plan.tasks, key=lambda t: -t.est_host_bytes)[:5]
         print("largest tasks:")
         for t in biggest:
-            print(f"  {t.id:<60} {_fmt_bytes(t.est_host_bytes):>12}")
+            print(f"  {t.id:<60} {fmt_bytes(t.est_host_bytes):>12}")
     check_budget(plan, budget)
     return 0
 
@@ -126,7 +118,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     rep = verify_model(args.model)
     print(
         f"ok: {rep.tensors} tensors in {rep.shards} shard(s); {rep.tasks_checked} task checksums "
-        f"over {_fmt_bytes(rep.bytes_checked)} match; all floating-point values finite"
+        f"over {fmt_bytes(rep.bytes_checked)} match; all floating-point values finite"
     )
     return 0
 

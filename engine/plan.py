@@ -456,12 +456,21 @@ def _tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def fmt_bytes(n: float) -> str:
+    """``n`` bytes in the largest binary unit that keeps it at or above 1 (``512.0 MiB``)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
 def check_budget(plan: MergePlan, budget: int) -> None:
     """Refuse a plan whose biggest task cannot fit the memory budget, naming the tensor."""
     for t in plan.tasks:
         if t.est_host_bytes > budget:
             raise PlanError(
-                f"task needs about {t.est_host_bytes / 2**30:.2f} GiB but the memory budget is {budget / 2**30:.2f} GiB",
+                f"task needs about {fmt_bytes(t.est_host_bytes)} but the memory budget is {fmt_bytes(budget)}",
                 tensor=t.tensor,
                 hint="raise --memory-budget, or choose a method that can be row-chunked",
             )
