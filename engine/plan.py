@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from raymerge.engine.errors import CheckpointError, PlanError
+from raymerge.engine.errors import CheckpointError, PlanError, RecipeError
 from raymerge.engine.methods import METHODS
 from raymerge.engine.methods.chunked import RESIDENT_SELECT_ELEMENTS
 from raymerge.engine.recipe import Recipe, layer_index, resolve_for_tensor
@@ -319,6 +319,9 @@ def build_plan(recipe: Recipe, *, out_shard_bytes: int = DEFAULT_SHARD_BYTES) ->
         if cls not in method.applies_to or any(re.search(p, name) for p in recipe.raymerge.exclude):
             spec = METHODS[method.fallback or "mean"]
         params = resolve_for_tensor(recipe, name, num_layers, spec)
+        problem = spec.check(params.shared, params.per_model) if spec.check else None
+        if problem:
+            raise RecipeError(f"method {spec.name!r}: {problem}", tensor=name)
         aux, aux_names = _aux_refs(spec, params.per_model, expert_urls, name, e, aux_cache)
         refs = tuple(TensorRef.of(ckpts[u].shard_of[name], ckpts[u].entries[name]) for u in input_urls)
         compute = cdt or (torch.float64 if e.dtype == "F64" else torch.float32)

@@ -48,6 +48,15 @@ CASES = {
             {"weight": 0.4, "density": 0.9, "gamma": 0.05},
         ],
     ),
+    # DELLA's drop is random (checked against mergekit's probabilities in test_della.py); at density
+    # 1 nothing is dropped and the rest of the method (sign election, disjoint mean, λ) must match.
+    "della_undropped": (
+        "della",
+        True,
+        {"lambda": 0.9},
+        [{"weight": 1.0, "density": 1.0}, {"weight": 0.7, "density": 1.0}, {"weight": "[0.3, 0.9]", "density": 1.0}],
+    ),
+    "della_linear_undropped": ("della_linear", True, None, [{"weight": 0.6, "density": 1.0}] * 3),
     "model_stock": ("model_stock", True, None, None),
     "model_stock_filter_wise": ("model_stock", True, {"filter_wise": "true"}, None),
     "slerp": ("slerp", True, {"t": "[0.1, 0.9]"}, None),

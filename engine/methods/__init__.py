@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 from raymerge.engine.methods import chunked, task_vector
 from raymerge.engine.methods.registry import (
     METHODS,
@@ -50,6 +53,22 @@ _chunked("dare_linear", chunked.dare_linear, _gta(False, True), "https://arxiv.o
          work_buffers=lambda n: n + 6)  # fmt: skip
 _chunked("dare_ties", chunked.dare_ties, _gta(False, True), "https://arxiv.org/abs/2311.03099", random=True,
          work_buffers=lambda n: 2 * n + 8)  # fmt: skip
+_EPSILON = Param("epsilon", float, M, 0.15, "half-width of DELLA's keep-probability range around density", low=0.0)
+
+
+def _della_check(shared: Mapping[str, Any], per_model: Sequence[Mapping[str, Any]]) -> str | None:
+    """mergekit's rule: with 0 < density < 1, density ± epsilon must stay inside (0, 1)."""
+    for i, p in enumerate(per_model):
+        d, e = float(p["density"]), float(p["epsilon"])
+        if 0 < d < 1 and not (d - e > 0 and d + e < 1):
+            return f"model {i}: density ± epsilon must lie inside (0, 1), got density {d:g}, epsilon {e:g}"
+    return None
+
+
+_chunked("della", chunked.della, _gta(True, True, _EPSILON), "https://arxiv.org/abs/2406.11617",
+         random=True, check=_della_check, work_buffers=lambda n: 2 * n + 10)  # fmt: skip
+_chunked("della_linear", chunked.della_linear, _gta(False, True, _EPSILON), "https://arxiv.org/abs/2406.11617",
+         random=True, check=_della_check, work_buffers=lambda n: n + 8)  # fmt: skip
 _chunked("breadcrumbs", chunked.breadcrumbs, _gta(False, False, _GAMMA), "https://arxiv.org/abs/2312.06795",
          work_buffers=lambda n: n + 8)  # fmt: skip
 _chunked("breadcrumbs_ties", chunked.breadcrumbs_ties, _gta(False, False, _GAMMA),

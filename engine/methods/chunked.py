@@ -207,6 +207,43 @@ def bernoulli_mask(key: int, start: int, shape: torch.Size, density: float, devi
     return out.reshape(shape)
 
 
+def _hash_bits53(key: int, start: int, n: int, device: torch.device) -> torch.Tensor:
+    """The top 53 bits of SplitMix64(key + i·φ) for i = start … start + n − 1 (int64), as in
+    ``bernoulli_mask``; callers keep ``n`` at ``MASK_SLICE`` or below."""
+    z = torch.arange(start, start + n, dtype=torch.int64, device=device)
+    tmp = torch.empty_like(z)
+    z.mul_(_GOLDEN).add_(key)
+    _splitmix64_(z, tmp)
+    torch.bitwise_right_shift(z, 11, out=tmp)
+    return tmp.bitwise_and_((1 << 53) - 1)
+
+
+def magprune_probs(w: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA's MAGPRUNE keep-probabilities (fp64) for magnitudes ``w`` (rows × cols), ranked within
+    each row: the smallest entry of a row gets density − ε, the largest density + ε, linear in the
+    rank between (mergekit's rule; equal magnitudes are ranked by position, so the result is
+    deterministic). A one-column row has no ranks to spread: every entry gets ``density``."""
+    cols = w.shape[1]
+    if cols <= 1:
+        return torch.full(w.shape, density, dtype=torch.float64, device=w.device)
+    order = torch.argsort(w, dim=1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(cols, device=w.device).expand_as(order))
+    return ranks.to(torch.float64).mul_(2 * epsilon / (cols - 1)).add_(density - epsilon)
+
+
+def ranked_mask(key: int, start: int, probs: torch.Tensor) -> torch.Tensor:
+    """Keep-mask with element-wise probabilities ``probs`` (flat indices from ``start``): element i
+    is kept iff its 53 hashed bits, read as a fraction of 2⁵³, fall below probs[i]."""
+    flat = probs.reshape(-1)
+    out = torch.empty(flat.shape, dtype=torch.bool, device=probs.device)
+    for lo in range(0, flat.numel(), MASK_SLICE):
+        hi = min(flat.numel(), lo + MASK_SLICE)
+        u = _hash_bits53(key, start + lo, hi - lo, probs.device).to(torch.float64).mul_(2.0**-53)
+        torch.lt(u, flat[lo:hi], out=out[lo:hi])
+    return out.reshape(probs.shape)
+
+
 # ---------------------------------------------------------------------------------------------
 # sparsifiers: a per-expert plan made in statistics passes, applied chunk by chunk
 
@@ -234,7 +271,9 @@ class Sparsifier:
         self.kind = kind
         self.density = float(p.get("density", 1.0))
         self.rescale = bool(args.shared.get("rescale", False))
-        self.key = mask_key(args.seed, args.tensor_name, t) if kind == "random" else 0
+        self.key = mask_key(args.seed, args.tensor_name, t) if kind in ("random", "magprune") else 0
+        self.epsilon = float(p.get("epsilon", 0.0))
+        self.vector_probs: torch.Tensor | None = None
         self.factor = 1.0
         self.lower: CutMask | None = None
         self.upper: CutMask | None = None
@@ -249,6 +288,13 @@ class Sparsifier:
                 return
             k = max(1, int(self.density * n))
             self.lower = CutMask(rank_cut(_delta_chunks(src, t), n, n - k))
+        elif kind == "magprune":
+            if self.density <= 0 or n == 0:
+                self.zero = True
+                return
+            if src.vector:  # a 1-D tensor is one row (mergekit's unsqueeze): rank it whole, once
+                w = torch.cat(list(_delta_chunks(src, t)())).reshape(1, -1)
+                self.vector_probs = magprune_probs(w, self.density, self.epsilon).reshape(-1)
         elif kind == "outliers":
             target = int(self.density * n)
             top = int(float(p["gamma"]) * n)
@@ -277,6 +323,21 @@ class Sparsifier:
         return twin
 
     def _mask(self, d: torch.Tensor, r0: int) -> torch.Tensor:
+        if self.kind == "magprune":
+            row = d[0].numel() if d.dim() >= 1 and d.shape[0] else 0
+            if self.vector_probs is not None:
+                probs = self.vector_probs[r0 : r0 + d.shape[0]].to(d.device).reshape(d.shape)
+                return ranked_mask(self.key, r0 * row, probs)
+            # Rows are complete in every chunk, so each row's ranks are local; a slice of rows at a
+            # time bounds the int64/fp64 temporaries near MASK_SLICE elements whatever the chunk.
+            flat = d.reshape(d.shape[0], -1) if d.dim() != 1 else d.reshape(1, -1)
+            out = torch.empty(flat.shape, dtype=torch.bool, device=d.device)
+            step = max(1, MASK_SLICE // max(1, flat.shape[1]))
+            for a in range(0, flat.shape[0], step):
+                b = min(flat.shape[0], a + step)
+                probs = magprune_probs(flat[a:b].abs(), self.density, self.epsilon)
+                out[a:b] = ranked_mask(self.key, (r0 + a) * row, probs)
+            return out.reshape(d.shape)
         if self.kind == "random":
             # Chunks are rows × the rest of the tensor: row r0 starts at flat index r0 · row length.
             row = d[0].numel() if d.dim() >= 1 and d.shape[0] else 0
@@ -350,6 +411,17 @@ def dare_linear(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
 def dare_ties(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
     """DARE drop-and-rescale followed by TIES sign consensus."""
     return gta(src, args, "random", True)
+
+
+def della(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
+    """DELLA (Deep et al. 2024): MAGPRUNE drop (keep-probability density ± ε by magnitude rank
+    within each row), L1 rescale, then TIES sign consensus and disjoint mean (mergekit's della)."""
+    return gta(src, args, "magprune", True)
+
+
+def della_linear(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
+    """DELLA's MAGPRUNE drop and L1 rescale, then a weighted sum (mergekit's della_linear)."""
+    return gta(src, args, "magprune", False)
 
 
 def breadcrumbs(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:

@@ -115,6 +115,8 @@ class MethodSpec:
     and ``fn`` is its whole-tensor adapter.
     ``aux_param``: a per-model parameter naming where each expert's auxiliary in×in matrices live
     (RegMean's Grams); the method then receives them lazily as ``args.aux``.
+    ``check(shared, per_model)``: a rule across parameters (e.g. DELLA's density ± ε inside (0, 1))
+    run on each tensor's resolved values while planning; it returns what is wrong, or None.
     """
 
     name: str
@@ -136,6 +138,7 @@ class MethodSpec:
     flops: Callable[[tuple[int, ...], int], int] | None = None
     chunked: Callable[..., Any] | None = None
     aux_param: str | None = None
+    check: Callable[[Mapping[str, Any], Sequence[Mapping[str, Any]]], str | None] | None = None
 
     def param(self, name: str) -> Param | None:
         for p in self.params:
