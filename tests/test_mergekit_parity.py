@@ -57,6 +57,8 @@ CASES = {
         [{"weight": 1.0, "density": 1.0}, {"weight": 0.7, "density": 1.0}, {"weight": "[0.3, 0.9]", "density": 1.0}],
     ),
     "della_linear_undropped": ("della_linear", True, None, [{"weight": 0.6, "density": 1.0}] * 3),
+    "sce": ("sce", True, {"select_topk": 0.3}, None),
+    "sce_all": ("sce", True, None, None),
     "model_stock": ("model_stock", True, None, None),
     "model_stock_filter_wise": ("model_stock", True, {"filter_wise": "true"}, None),
     "slerp": ("slerp", True, {"t": "[0.1, 0.9]"}, None),

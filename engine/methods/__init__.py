@@ -69,6 +69,11 @@ _chunked("della", chunked.della, _gta(True, True, _EPSILON), "https://arxiv.org/
          random=True, check=_della_check, work_buffers=lambda n: 2 * n + 10)  # fmt: skip
 _chunked("della_linear", chunked.della_linear, _gta(False, True, _EPSILON), "https://arxiv.org/abs/2406.11617",
          random=True, check=_della_check, work_buffers=lambda n: n + 8)  # fmt: skip
+_chunked("sce", chunked.sce, (
+    Param("select_topk", float, S, 1.0, "share of the entries (by variance across task vectors) kept", low=0.0,
+          high=1.0),
+    Param("int8_mask", bool, S, False, "accepted for mergekit compatibility: no effect on results"),
+), "https://arxiv.org/abs/2408.07990", work_buffers=lambda n: 3 * n + 6)  # fmt: skip
 _chunked("breadcrumbs", chunked.breadcrumbs, _gta(False, False, _GAMMA), "https://arxiv.org/abs/2312.06795",
          work_buffers=lambda n: n + 8)  # fmt: skip
 _chunked("breadcrumbs_ties", chunked.breadcrumbs_ties, _gta(False, False, _GAMMA),

@@ -434,6 +434,52 @@ def breadcrumbs_ties(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor
     return gta(src, args, "outliers", True)
 
 
+def sce(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
+    """SCE (Wan et al. 2024, mergekit's ``sce``): *select* the ``select_topk`` share of the entries
+    with the largest variance across the task vectors (of those with non-zero variance), weight
+    each task vector by its mean square over the tensor (normalised to sum 1), *erase* entries
+    whose sign disagrees with the sign of the sum, and take the weighted mean of the rest.
+
+    Three passes over the chunks: variances (twice, for the exact top-k cut), the experts' mean
+    squares, then the merge; memory is a stack of the experts' chunks.
+    """
+    topk = float(args.shared["select_topk"])
+    n_exp = src.n_experts
+
+    def taus(r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        base = src.base(r0, r1)
+        return base, torch.stack([src.expert(t, r0, r1) - base for t in range(n_exp)])
+
+    def variances() -> Iterator[torch.Tensor]:
+        for r0, r1 in src.ranges:
+            yield taus(r0, r1)[1].var(0, unbiased=False)
+
+    cut: RankCut | None = None  # None: every entry selected
+    if topk < 1:
+        k = int(sum(int(torch.count_nonzero(v)) for v in variances()) * topk) if topk > 0 else 0
+        cut = RankCut(0.0, 0, nothing=True) if k == 0 else rank_cut(variances, src.numel, src.numel - k)
+
+    def selected() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        select = CutMask(cut) if cut is not None else None
+        for r0, r1 in src.ranges:
+            base, tv = taus(r0, r1)
+            if select is not None:
+                tv = tv * select(tv.var(0, unbiased=False))
+            yield base, tv
+
+    squares = torch.zeros(n_exp, dtype=torch.float64)
+    for _, tv in selected():
+        squares += tv.reshape(n_exp, -1).to(torch.float64).square().sum(1).cpu()
+    means = squares / max(1, src.numel)
+    total = float(means.sum())
+    weights = torch.full((n_exp,), 1.0 / n_exp) if abs(total) < 1e-6 else (means / total).float()
+    for base, tv in selected():
+        majority = torch.where(tv.sum(0) >= 0, 1.0, -1.0).to(tv.dtype)
+        kept = (tv.sign() == majority).to(tv.dtype)  # zeros never agree
+        w = weights.to(tv.device, tv.dtype).reshape(-1, *([1] * (tv.dim() - 1))) * kept
+        yield base + (tv * w).sum(0) / w.sum(0).clamp(min=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # geometric methods with whole-tensor statistics
 
