@@ -31,7 +31,12 @@ from raymerge.engine.storage import (
 )
 
 DEFAULT_SHARD_BYTES = 5 * 1024**3
-_EMBED_HINTS = ("embed_tokens", "lm_head", "wte", "word_embeddings", "embed_out", "tok_embeddings", "output.weight")
+# Names of 2-D tables that are looked up, not multiplied (token, position and type embeddings,
+# T5's relative-position buckets) and of LM heads: Gram and spectral methods give them their fallback.
+_EMBED_HINTS = (
+    "embed_tokens", "lm_head", "wte", "word_embeddings", "embed_out", "tok_embeddings", "output.weight",
+    "wpe", "position_embedding", "token_type_embeddings", "embed_positions", "relative_attention_bias",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,8 @@ class TensorTask:
     # Per-expert auxiliary matrices (e.g. RegMean's input Grams): where they are and their names.
     aux: tuple[TensorRef, ...] = ()
     aux_names: tuple[str, ...] = ()
+    # How a linear weight is stored: "out_in" (nn.Linear) or "in_out" (GPT-2's Conv1D).
+    layout: str = "out_in"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -170,6 +177,15 @@ class MergePlan:
             "flops": sum(t.flops for t in self.tasks),
             "fingerprint": self.fingerprint(),
         }
+
+
+# Model types whose linear layers are transformers' Conv1D (weight stored in × out, y = x W + b).
+INPUT_MAJOR_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
+
+
+def linear_layout(tensor_class: str, config: dict[str, Any]) -> str:
+    """``in_out`` for the 2-D weights of Conv1D models, else ``out_in`` (``nn.Linear``)."""
+    return "in_out" if tensor_class == "linear" and config.get("model_type") in INPUT_MAJOR_MODEL_TYPES else "out_in"
 
 
 def classify(name: str, entry: TensorEntry, vocab_size: int | None) -> str:
@@ -322,7 +338,9 @@ def build_plan(recipe: Recipe, *, out_shard_bytes: int = DEFAULT_SHARD_BYTES) ->
         problem = spec.check(params.shared, params.per_model) if spec.check else None
         if problem:
             raise RecipeError(f"method {spec.name!r}: {problem}", tensor=name)
-        aux, aux_names = _aux_refs(spec, params.per_model, expert_urls, name, e, aux_cache)
+        layout = linear_layout(cls, config)
+        turned = layout == "in_out" and spec.oriented  # the method sees the weight transposed
+        aux, aux_names = _aux_refs(spec, params.per_model, expert_urls, name, e, aux_cache, turned)
         refs = tuple(TensorRef.of(ckpts[u].shard_of[name], ckpts[u].entries[name]) for u in input_urls)
         compute = cdt or (torch.float64 if e.dtype == "F64" else torch.float32)
         c_item = torch.empty((), dtype=compute).element_size()
@@ -350,6 +368,8 @@ def build_plan(recipe: Recipe, *, out_shard_bytes: int = DEFAULT_SHARD_BYTES) ->
             out_bytes = numel * out_item
             resident_in = work_numel * e.itemsize * (2 if spec.streams_experts else len(refs))
             chunk_shape = (r1 - r0, *e.shape[1:]) if e.shape else ()
+            if turned:
+                chunk_shape = chunk_shape[::-1]
             est = (
                 spec.work_buffers(n_exp) * work_numel * c_item
                 + spec.extra_bytes(chunk_shape, c_item)
@@ -363,7 +383,7 @@ def build_plan(recipe: Recipe, *, out_shard_bytes: int = DEFAULT_SHARD_BYTES) ->
                 row_end=r1, inputs=refs, has_base=has_base, shared=params.shared, per_model=params.per_model,
                 seed=seed, compute_dtype=TAG_OF_DTYPE[compute],
                 output=OutputRef(shard_name, out_off + r0 * row_numel * out_item, out_bytes, out_tag_t, e.shape),
-                chunk_rows=chunk_rows, aux=aux, aux_names=aux_names,
+                chunk_rows=chunk_rows, aux=aux, aux_names=aux_names, layout=layout,
                 est_host_bytes=est, read_bytes=in_bytes, write_bytes=out_bytes,
                 flops=spec.flops(chunk_shape, n_exp) if spec.flops else 10 * numel * max(1, n_exp),
             ))  # fmt: skip
@@ -412,12 +432,14 @@ def _aux_refs(
     name: str,
     e: TensorEntry,
     cache: dict[str, Checkpoint],
+    turned: bool = False,
 ) -> tuple[tuple[TensorRef, ...], tuple[str, ...]]:
     """Locate each expert's auxiliary matrix for tensor ``name`` (headers only) and check its shape.
 
     A method with ``aux_param`` (RegMean: ``grams``) names, per expert, a directory or safetensors
     file holding one in×in matrix per linear layer, keyed by module name (``…mlp.up_proj``) or by
-    the weight's own name.
+    the weight's own name. ``turned``: the weight is stored in × out (Conv1D), so its input width
+    is its first dimension.
     """
     if not spec.aux_param:
         return (), ()
@@ -435,7 +457,7 @@ def _aux_refs(
                 hint="collect statistics for every linear layer, or exclude it with raymerge.exclude",
             )  # fmt: skip
         ae = ck.entries[key]
-        cols = e.shape[1] if len(e.shape) == 2 else -1
+        cols = e.shape[1 - int(turned)] if len(e.shape) == 2 else -1
         if ae.shape != (cols, cols) or not ae.is_float:
             raise CheckpointError(
                 f"{spec.aux_param} matrix has shape {list(ae.shape)} ({ae.dtype}), expected [{cols}, {cols}] float",

@@ -878,12 +878,25 @@ def release_model(loaded: LoadedModel) -> None:
         shutil.rmtree(loaded.offload_dir, ignore_errors=True)
 
 
+def input_features(mod: nn.Module) -> int | None:
+    """Input width of a linear layer: ``nn.Linear``, or transformers' ``Conv1D`` (GPT-2 family,
+    weight stored in × out); None for anything else."""
+    if isinstance(mod, nn.Linear):
+        return int(mod.in_features)
+    weight = getattr(mod, "weight", None)
+    if type(mod).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return int(weight.shape[0])
+    return None
+
+
 def linear_layers(model: nn.Module, patterns: Sequence[str] | None = None) -> dict[str, int]:
-    """``nn.Linear`` modules (optionally filtered by glob patterns) → input features."""
+    """Linear layers (``nn.Linear`` and GPT-2's ``Conv1D``), optionally filtered by glob patterns
+    → input features."""
     out = {}
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and (not patterns or any(fnmatch.fnmatchcase(name, p) for p in patterns)):
-            out[name] = int(mod.in_features)
+        width = input_features(mod)
+        if width is not None and (not patterns or any(fnmatch.fnmatchcase(name, p) for p in patterns)):
+            out[name] = width
     return out
 
 

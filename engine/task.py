@@ -126,6 +126,19 @@ class ExpertStream(LazyTensors):
         return self.load(self.first + i)
 
 
+class Transposed(LazyTensors):
+    """Another lazy sequence of 2-D tensors, each handed out transposed (a view, no copy)."""
+
+    def __init__(self, inner: Sequence[torch.Tensor]) -> None:
+        self.inner = inner
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def _item(self, i: int) -> torch.Tensor:
+        return self.inner[i].T
+
+
 class AuxStream(LazyTensors):
     """A task's per-expert auxiliary matrices, read on demand in the compute dtype and device."""
 
@@ -218,12 +231,17 @@ def run_task(task: TensorTask, staging_dir: str, device: str = "cpu") -> Receipt
             base = stream.load(0) if task.has_base else None
             gen = torch.Generator().manual_seed(task.seed) if method.random else None
             args = MergeArgs(task.shared, task.per_model, gen, task.tensor, task.seed, AuxStream(task, dev))
+            # A method that reads weights as out × in gets a Conv1D weight (in × out) transposed.
+            turned = method.oriented and task.layout == "in_out" and task.tensor_class == "linear"
             try:
-                merged = method.fn(base, stream, args)
+                if turned:
+                    merged = method.fn(base.T if base is not None else None, Transposed(stream), args).T
+                else:
+                    merged = method.fn(base, stream, args)
             except torch.OutOfMemoryError as exc:
                 raise TaskError(f"out of memory on {dev}: {exc}", tensor=task.tensor) from None
             del base
-            out = merged.to(dtype=out_dtype).cpu()
+            out = merged.to(dtype=out_dtype).cpu().contiguous()
             read_bytes = stream.bytes_read
         data = tensor_bytes(out)
         if len(data) != task.output.nbytes:

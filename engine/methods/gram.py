@@ -238,6 +238,7 @@ _COMMON = (
 )
 _TF32 = Param("tf32", bool, S_, False, "TF32 matmuls in the Adam iterations on CUDA (never in statistics or solves)")
 _GRAM = {
+    "oriented": True,  # input side = columns of an out × in weight (Conv1D weights arrive transposed)
     "applies_to": frozenset({"linear"}),
     "fallback": "mean",
     "streams_experts": True,

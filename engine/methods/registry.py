@@ -117,6 +117,9 @@ class MethodSpec:
     (RegMean's Grams); the method then receives them lazily as ``args.aux``.
     ``check(shared, per_model)``: a rule across parameters (e.g. DELLA's density ± ε inside (0, 1))
     run on each tensor's resolved values while planning; it returns what is wrong, or None.
+    ``oriented``: the method reads a linear weight as out × in (input Grams, ΔᵀΔ, a left singular
+    space); a weight stored in × out (GPT-2's ``Conv1D``) is handed to it transposed, and the
+    result transposed back.
     """
 
     name: str
@@ -139,6 +142,7 @@ class MethodSpec:
     chunked: Callable[..., Any] | None = None
     aux_param: str | None = None
     check: Callable[[Mapping[str, Any], Sequence[Mapping[str, Any]]], str | None] | None = None
+    oriented: bool = False
 
     def param(self, name: str) -> Param | None:
         for p in self.params:

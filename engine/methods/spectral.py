@@ -358,6 +358,7 @@ _NUMERICS = (
     ),
 )
 _SPECTRAL = {
+    "oriented": True,  # input side = columns of an out × in weight (Conv1D weights arrive transposed)
     "applies_to": frozenset({"linear"}),
     "fallback": "mean_task_vector",
     "streams_experts": True,
