@@ -123,6 +123,37 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def describe_methods(name: str | None = None) -> str:
+    """``raymerge methods``: every method with its reference, or one method's parameters."""
+    from raymerge.engine.methods import METHODS
+    from raymerge.engine.recipe import suggest
+
+    if name is None:
+        shown = {n: (", ".join(p.name for p in spec.params) or "-", spec.reference)
+                 for n, spec in sorted(METHODS.items()) if n != "mean_task_vector"}  # fmt: skip
+        w1, w2 = max(map(len, shown)), max(len(v[0]) for v in shown.values())
+        rows = [f"{n:<{w1}}  {ps:<{w2}}  {ref}" for n, (ps, ref) in shown.items()]
+        return "\n".join([f"{'method':<{w1}}  {'parameters':<{w2}}  reference", *rows])
+    if name not in METHODS:
+        raise RaymergeError(f"unknown method {name!r}", hint=suggest(name, METHODS))
+    spec = METHODS[name]
+    lines = [f"{name}: {spec.reference}"]
+    applies = "all tensors" if len(spec.applies_to) == 4 else ", ".join(sorted(spec.applies_to)) + " tensors"
+    lines.append(f"  applies to {applies}" + (f"; others get {spec.fallback!r}" if spec.fallback else ""))
+    lines.append("  needs a base model" if spec.needs_base else "  no base model needed")
+    for p in spec.params:
+        default = "required" if p.required else f"default {p.default!r}"
+        where = "per model" if p.scope.value == "model" else "top-level"
+        allowed = f"one of {', '.join(p.choices)}" if p.choices else p.allowed() if p.kind in (int, float) else p.kind.__name__
+        lines.append(f"  {p.name:<22} {where:<9} {default:<16} {allowed}" + (f" — {p.help}" if p.help else ""))
+    return "\n".join(lines)
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    print(describe_methods(args.name))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from raymerge.engine.demo import run_demo
 
@@ -376,6 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--job-id", default=None, help="submission id for the job (default: chosen by Ray)")
     sp.add_argument("--no-wait", action="store_true", help="print the job id and return without streaming logs")
     sp.set_defaults(fn=cmd_submit)
+
+    sp = sub.add_parser("methods", help="list the merge methods, or one method's parameters, defaults and ranges")
+    sp.add_argument("name", nargs="?", default=None, help="a method name (e.g. ties)")
+    sp.set_defaults(fn=cmd_methods)
 
     sp = sub.add_parser("verify", help="recheck a merged model: index, headers, receipts' checksums, finiteness")
     sp.add_argument("model", help="model directory or URL (s3://, gs://, https://, …) written by raymerge run")

@@ -156,3 +156,19 @@ def test_demo_builds_merges_and_reports(tmp_path, capsys):
         assert method in out
     for d in ("merged", "merged-actmat", "merged-wudi"):
         assert (tmp_path / d / "model.safetensors.index.json").exists()
+
+
+def test_methods_lists_every_method_and_explains_one():
+    from raymerge.engine.methods import METHODS
+
+    listing = _run("methods")
+    assert listing.returncode == 0
+    names = {line.split()[0] for line in listing.stdout.splitlines()[1:]}
+    assert names == set(METHODS) - {"mean_task_vector"}
+    one = _run("methods", "della")
+    assert one.returncode == 0
+    density = next(line for line in one.stdout.splitlines() if line.split()[0] == "density")
+    assert "per model" in density and "default 1.0" in density and "[0, 1]" in density
+    assert "required" in next(line for line in one.stdout.splitlines() if line.split()[0] == "weight")
+    bad = _run("methods", "tis")
+    assert bad.returncode == 2 and "did you mean 'ties'" in bad.stderr
