@@ -172,6 +172,8 @@ class TaskChunks:
         self.ranges = [(r, min(end, r + step)) for r in range(start, end, step)] or [(start, end)]
         self.n_experts = len(stream)
         self.vector = len(task.output.shape) <= 1
+        self.shape = tuple(task.output.shape)
+        self.has_base = stream.first == 1
         row_numel = 1
         for d in task.output.shape[1:]:
             row_numel *= d
@@ -184,6 +186,8 @@ class TaskChunks:
         return x.reshape(r1 - r0, -1)
 
     def base(self, r0: int, r1: int) -> torch.Tensor:
+        if not self.has_base:  # base-free methods check ``has_base`` first; input 0 is an expert here
+            raise TaskError("the method read a base model this merge does not have", tensor=self.stream.task.tensor)
         return self._rows(0, r0, r1)
 
     def expert(self, t: int, r0: int, r1: int) -> torch.Tensor:
@@ -211,7 +215,7 @@ def run_task(task: TensorTask, staging_dir: str, device: str = "cpu") -> Receipt
         out_dtype = DTYPES[task.output.dtype][0]
         method = get_method(task.method) if task.action == "merge" else None
         if method is not None and method.chunked is not None:
-            stream = ExpertStream(task, readers, 1, dev)
+            stream = ExpertStream(task, readers, 1 if task.has_base else 0, dev)
             args = MergeArgs(task.shared, task.per_model, None, task.tensor, task.seed)
             crc, written = 0, 0
             for piece in method.chunked(TaskChunks(stream, task), args):

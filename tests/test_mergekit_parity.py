@@ -59,6 +59,12 @@ CASES = {
     "della_linear_undropped": ("della_linear", True, None, [{"weight": 0.6, "density": 1.0}] * 3),
     "sce": ("sce", True, {"select_topk": 0.3}, None),
     "sce_all": ("sce", True, None, None),
+    "multislerp": ("multislerp", False, None, [{"weight": 1.0}, {"weight": 0.5}, {"weight": "[0.2, 1.0]"}]),
+    "multislerp_base": ("multislerp", True, {"normalize_weights": "false"}, [{"weight": 0.4}, {"weight": 0.3}, {"weight": 0.3}]),
+    "nuslerp": ("nuslerp", False, None, [{"weight": 0.3}, {"weight": 0.7}]),
+    "nuslerp_base_rows": ("nuslerp", True, {"nuslerp_flatten": "false"}, [{"weight": 1.0}, {"weight": "[0.2, 2.0]"}]),
+    "nuslerp_base_columns": ("nuslerp", True, {"nuslerp_flatten": "false", "nuslerp_row_wise": "true"},
+                             [{"weight": 0.5}, {"weight": 0.5}]),
     "model_stock": ("model_stock", True, None, None),
     "model_stock_filter_wise": ("model_stock", True, {"filter_wise": "true"}, None),
     "slerp": ("slerp", True, {"t": "[0.1, 0.9]"}, None),
@@ -88,6 +94,8 @@ def test_matches_mergekit(case, chunk_bytes, family, tmp_path):
     models = experts[:1] if method == "slerp" else experts
     if method == "linear":
         models = [base, *experts[:2]]
+    if method == "nuslerp":
+        models = experts[:2]
     text = recipe_text(method, base if use_base else None, [base, *models] if method == "slerp" else models,
                        params, ([{}] + per_model) if (method == "slerp" and per_model) else per_model,
                        extra="dtype: float32" + (f"\nraymerge: {{chunk_bytes: {chunk_bytes}}}" if chunk_bytes else ""))  # fmt: skip

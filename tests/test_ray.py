@@ -677,6 +677,8 @@ EVERY_OTHER_METHOD = {
     "della": ({"density": 0.5, "epsilon": 0.2}, [{"weight": 1.0}] * 3),
     "della_linear": ({"density": 0.6}, [{"weight": 0.7}] * 3),
     "sce": ({"select_topk": 0.4}, None),
+    "multislerp": (None, [{"weight": 1.0}, {"weight": 0.5}, {"weight": 0.8}]),
+    "nuslerp": ({"nuslerp_flatten": False}, [{"weight": 0.4}, {"weight": 0.6}]),
     "consensus": ({"k": 2}, None),
     "actmat": (None, None),
     "wudi": ({"steps": 50}, None),
@@ -709,7 +711,8 @@ def test_every_method_matches_local_on_ray(family, tmp_path):
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         for method, (params, per_model) in cases.items():
-            text = recipe_text(method, base, experts, params, per_model, extra="raymerge:\n  seed: 1")
+            models = experts[:2] if method == "nuslerp" else experts  # nuslerp takes exactly two
+            text = recipe_text(method, base, models, params, per_model, extra="raymerge:\n  seed: 1")
             want = local_reference(text, tmp_path / f"{method}-local")
             merge(parse_recipe(text), tmp_path / f"{method}-ray", progress=False, workers=2,
                   out_shard_bytes=150_000, executor="ray")  # fmt: skip

@@ -88,6 +88,18 @@ register(MethodSpec("mean", task_vector.mean, (), "average of the experts", row_
                     work_buffers=lambda n: 2))  # fmt: skip
 _chunked("slerp", chunked.slerp, (Param("t", float, S, REQUIRED, "0 = base, 1 = other model", low=0.0, high=1.0),),
          "https://en.wikipedia.org/wiki/Slerp", max_experts=1, work_buffers=lambda n: 6)  # fmt: skip
+_chunked("multislerp", chunked.multislerp, (
+    Param("weight", float, M, REQUIRED, "this model's weight in the spherical mean"),
+    Param("normalize_weights", bool, S, True, "divide the weights by their sum"),
+    Param("eps", float, S, 1e-8, "added to norms before dividing", low=0.0),
+), "https://goddard.blog/posts/multislerp-wow-what-a-cool-idea", needs_base=False,
+    work_buffers=lambda n: n + 4)  # fmt: skip
+_chunked("nuslerp", chunked.nuslerp, (
+    Param("weight", float, M, REQUIRED, "t = w₁ / (w₀ + w₁)"),
+    Param("nuslerp_flatten", bool, S, True, "slerp the whole tensor as one vector"),
+    Param("nuslerp_row_wise", bool, S, False, "without flatten: slerp each column (else each row)"),
+), "https://github.com/arcee-ai/mergekit", needs_base=False, min_experts=2, max_experts=2,
+    work_buffers=lambda n: 8)  # fmt: skip
 _chunked("model_stock", chunked.model_stock, (Param("filter_wise", bool, S, False),),
          "https://arxiv.org/abs/2403.19522", min_experts=2, work_buffers=lambda n: 2 * n + 6)  # fmt: skip
 

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import torch
 
+from raymerge.engine.errors import RecipeError
 from raymerge.engine.methods.registry import MergeArgs
 
 
@@ -32,6 +33,8 @@ class ChunkSource(Protocol):
     n_experts: int
     vector: bool  # the tensor is 0-D or 1-D (its rows are single elements)
     numel: int  # elements covered by ``ranges``
+    shape: tuple[int, ...]  # the whole tensor's shape
+    has_base: bool  # ``base`` is a real model (methods with an optional base use it as the origin)
 
     def base(self, r0: int, r1: int) -> torch.Tensor: ...
     def expert(self, t: int, r0: int, r1: int) -> torch.Tensor: ...
@@ -40,8 +43,12 @@ class ChunkSource(Protocol):
 class InMemorySource:
     """A ``ChunkSource`` over tensors already in memory, split into chunks of ``chunk_rows``."""
 
-    def __init__(self, base: torch.Tensor, experts: Sequence[torch.Tensor], chunk_rows: int | None = None) -> None:
+    def __init__(self, base: torch.Tensor | None, experts: Sequence[torch.Tensor], chunk_rows: int | None = None) -> None:
+        self.has_base = base is not None
+        if base is None:  # a base-free method: zeros stand in (never read as a model)
+            base = torch.zeros_like(experts[0])
         self._shape = base.shape
+        self.shape = tuple(base.shape)
         self._base = base.reshape(base.shape[0], -1) if base.dim() >= 1 else base.reshape(1, 1)
         self._experts = [e.reshape(self._base.shape) for e in experts]
         rows = self._base.shape[0]
@@ -68,7 +75,6 @@ def whole_tensor(fn: ChunkedFn) -> Callable[[torch.Tensor | None, Sequence[torch
     """Adapt a chunked method to the plain ``fn(base, experts, args) -> Tensor`` signature."""
 
     def call(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: MergeArgs) -> torch.Tensor:
-        assert base is not None
         src = InMemorySource(base, list(experts))
         return src.assemble(fn(src, args))
 
@@ -478,6 +484,114 @@ def sce(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
         kept = (tv.sign() == majority).to(tv.dtype)  # zeros never agree
         w = weights.to(tv.device, tv.dtype).reshape(-1, *([1] * (tv.dim() - 1))) * kept
         yield base + (tv * w).sum(0) / w.sum(0).clamp(min=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# spherical methods with an optional base (mergekit's multislerp and nuslerp)
+
+
+def _origin_and_points(src: ChunkSource, r0: int, r1: int) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """(base chunk or None, the experts' chunks relative to it)."""
+    if not src.has_base:
+        return None, [src.expert(t, r0, r1) for t in range(src.n_experts)]
+    base = src.base(r0, r1)
+    return base, [src.expert(t, r0, r1) - base for t in range(src.n_experts)]
+
+
+def multislerp(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
+    """Barycentric interpolation on the hypersphere (mergekit's ``multislerp``), about the base
+    when there is one. The inputs are projected to unit length, averaged with the (normalised)
+    weights, and the mean direction is scaled to the weighted mean of their norms. (mergekit also
+    maps the weighted tangent vectors at that mean back with the exponential map, but they sum to
+    zero by construction, so that step changes nothing beyond rounding.) Two passes: the norms,
+    then the norm of the weighted mean of unit vectors."""
+    weights = [float(p["weight"]) for p in args.per_model]
+    n = src.n_experts
+    if n == 1:  # nothing to interpolate: the one model as it is
+        for r0, r1 in src.ranges:
+            yield src.expert(0, r0, r1)
+        return
+    if bool(args.shared["normalize_weights"]):
+        total = sum(weights)
+        weights = [w / total for w in weights]
+    eps = float(args.shared["eps"])
+    squares = torch.zeros(n, dtype=torch.float64)
+    for r0, r1 in src.ranges:
+        _, pts = _origin_and_points(src, r0, r1)
+        squares += torch.stack([p.to(torch.float64).square().sum() for p in pts]).cpu()
+    norms = squares.sqrt().tolist()
+
+    def mean_chunk(pts: list[torch.Tensor]) -> torch.Tensor:
+        m = torch.zeros_like(pts[0])
+        for p, w, nrm in zip(pts, weights, norms, strict=True):
+            m.add_(p / (nrm + eps) * w)  # mergekit's rounding order: unit vector, then weight
+        return m
+
+    mean_sq = 0.0
+    for r0, r1 in src.ranges:
+        mean_sq += float(mean_chunk(_origin_and_points(src, r0, r1)[1]).to(torch.float64).square().sum())
+    mean_norm = mean_sq**0.5
+    if mean_norm < eps and n != 2:
+        raise RecipeError("multislerp: the weighted mean of the unit-length inputs is zero (antipodal inputs "
+                          "whose weights balance out)", tensor=args.tensor_name, hint="use other weights")  # fmt: skip
+    scale = sum(w * nrm for w, nrm in zip(weights, norms, strict=True)) / mean_norm if mean_norm >= eps else 0.0
+    for r0, r1 in src.ranges:
+        base, pts = _origin_and_points(src, r0, r1)
+        if mean_norm < eps:  # two balanced antipodes: mergekit falls back to the weighted sum
+            out = pts[0] * weights[0] + pts[1] * weights[1]
+        else:
+            out = mean_chunk(pts).mul_(scale)
+        yield out if base is None else base + out
+
+
+def _slerp_coefficients(s00: torch.Tensor, s11: torch.Tensor, s01: torch.Tensor, t: float,
+                        eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Coefficients (a, b) of result = a·v0 + b·v1 for slerp at ``t`` between v0 and v1, from the
+    sums of squares and the dot product (fp64), per group; mergekit's nuslerp rule, including its
+    linear fallback for (anti)colinear inputs."""
+    cos = (s01 / (s00.sqrt().clamp(min=1e-7) * s11.sqrt().clamp(min=1e-7))).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= eps**2
+    theta = torch.acos(torch.where(colinear, torch.zeros_like(cos), cos))
+    sin = torch.sin(theta)
+    a = torch.where(colinear, torch.full_like(cos, 1 - t), torch.sin((1 - t) * theta) / sin)
+    b = torch.where(colinear, torch.full_like(cos, t), torch.sin(t * theta) / sin)
+    return a, b
+
+
+def nuslerp(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
+    """Slerp between two models (mergekit's ``nuslerp``), of their task vectors when there is a
+    base, at t = w₁/(w₀ + w₁): over the whole flattened tensor (``nuslerp_flatten``, default), per
+    row (along the last dimension) or per column (``nuslerp_row_wise``: along the first)."""
+    w0, w1 = (float(p["weight"]) for p in args.per_model)
+    total = w0 + w1
+    t = 0.5 if abs(total) < 1e-6 else w1 / total
+    flatten = bool(args.shared["nuslerp_flatten"])
+    mode = "whole" if flatten or len(src.shape) <= 1 else ("columns" if args.shared["nuslerp_row_wise"] else "rows")
+    sums: list[torch.Tensor] = []
+    if mode != "rows":  # one pass: sums of squares and the dot product, whole or per column
+        acc = None
+        for r0, r1 in src.ranges:
+            _, (v0, v1) = _origin_and_points(src, r0, r1)
+            v0, v1 = v0.to(torch.float64), v1.to(torch.float64)
+            dim = None if mode == "whole" else 0
+            part = [(v0 * v0).sum(dim), (v1 * v1).sum(dim), (v0 * v1).sum(dim)]
+            acc = part if acc is None else [x + y for x, y in zip(acc, part, strict=True)]
+        assert acc is not None
+        sums = acc
+    coef = _slerp_coefficients(sums[0], sums[1], sums[2], t) if sums else None
+    last = src.shape[-1] if src.shape else 1
+    for r0, r1 in src.ranges:
+        base, (v0, v1) = _origin_and_points(src, r0, r1)
+        if coef is not None:
+            a, b = (c.to(v0.device, v0.dtype) for c in coef)
+            out = a * v0 + b * v1
+        else:  # per row of the last dimension, inside this chunk
+            r0w, r1w = v0.reshape(-1, last), v1.reshape(-1, last)
+            x0, x1 = r0w.to(torch.float64), r1w.to(torch.float64)
+            a, b = _slerp_coefficients((x0 * x0).sum(1, keepdim=True), (x1 * x1).sum(1, keepdim=True),
+                                       (x0 * x1).sum(1, keepdim=True), t)  # fmt: skip
+            out = (a.to(v0.dtype) * r0w + b.to(v0.dtype) * r1w).reshape(v0.shape)
+        yield out if base is None else base + out
 
 
 # ---------------------------------------------------------------------------------------------
