@@ -65,6 +65,8 @@ CASES = {
     "nuslerp_base_rows": ("nuslerp", True, {"nuslerp_flatten": "false"}, [{"weight": 1.0}, {"weight": "[0.2, 2.0]"}]),
     "nuslerp_base_columns": ("nuslerp", True, {"nuslerp_flatten": "false", "nuslerp_row_wise": "true"},
                              [{"weight": 0.5}, {"weight": 0.5}]),
+    "karcher": ("karcher", False, None, None),
+    "karcher_tight": ("karcher", False, {"max_iter": 50, "tol": 1e-7}, None),
     "model_stock": ("model_stock", True, None, None),
     "model_stock_filter_wise": ("model_stock", True, {"filter_wise": "true"}, None),
     "slerp": ("slerp", True, {"t": "[0.1, 0.9]"}, None),

@@ -678,6 +678,7 @@ EVERY_OTHER_METHOD = {
     "della_linear": ({"density": 0.6}, [{"weight": 0.7}] * 3),
     "sce": ({"select_topk": 0.4}, None),
     "multislerp": (None, [{"weight": 1.0}, {"weight": 0.5}, {"weight": 0.8}]),
+    "karcher": ({"max_iter": 20}, None),
     "nuslerp": ({"nuslerp_flatten": False}, [{"weight": 0.4}, {"weight": 0.6}]),
     "consensus": ({"k": 2}, None),
     "actmat": (None, None),

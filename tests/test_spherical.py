@@ -59,3 +59,19 @@ def test_nuslerp_colinear_inputs_interpolate_linearly_and_chunking_does_not_matt
     e0, e1 = torch.eye(2)[0].reshape(1, 2), torch.eye(2)[1].reshape(1, 2)
     mid = _run("nuslerp", None, [e0, e1], [{"weight": 1.0}, {"weight": 1.0}])
     assert torch.allclose(mid, torch.tensor([[0.5**0.5, 0.5**0.5]]), atol=1e-6)
+
+
+def test_karcher_matches_the_iteration_on_full_tensors():
+    # The coefficient-space iteration equals mergekit's fixed-point iteration written out on full
+    # tensors (fp64 here), at any chunking; zero inputs give zero, one input is returned as is.
+    from mergekit.merge_methods.karcher import karcher_merge_tensors
+
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(9, 7, generator=g, dtype=torch.float64) * s for s in (1.0, 2.0, 0.3, 1.5)]
+    want = karcher_merge_tensors(xs, [0.25] * 4, max_iter=30, tol=1e-9)
+    for rows in (None, 2):
+        got = _run("karcher", None, xs, [{}] * 4, {"max_iter": 30, "tol": 1e-9}, rows)
+        assert torch.allclose(got, want, atol=1e-10), rows
+    zeros = [torch.zeros(3, 3)] * 2
+    assert torch.equal(_run("karcher", None, zeros, [{}] * 2), torch.zeros(3, 3))
+    assert torch.equal(_run("karcher", None, xs[:1], [{}]), xs[0])

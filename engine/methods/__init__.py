@@ -100,6 +100,11 @@ _chunked("nuslerp", chunked.nuslerp, (
     Param("nuslerp_row_wise", bool, S, False, "without flatten: slerp each column (else each row)"),
 ), "https://github.com/arcee-ai/mergekit", needs_base=False, min_experts=2, max_experts=2,
     work_buffers=lambda n: 8)  # fmt: skip
+_chunked("karcher", chunked.karcher, (
+    Param("max_iter", int, S, 10, "fixed-point iterations at most", low=0),
+    Param("tol", float, S, 1e-5, "stop when the tangent step is shorter; norms below it are ignored", low=0.0),
+), "https://arxiv.org/abs/2603.04972", needs_base=False, includes_base_in_inputs=True,
+    work_buffers=lambda n: n + 4)  # fmt: skip
 _chunked("model_stock", chunked.model_stock, (Param("filter_wise", bool, S, False),),
          "https://arxiv.org/abs/2403.19522", min_experts=2, work_buffers=lambda n: 2 * n + 6)  # fmt: skip
 

@@ -544,6 +544,64 @@ def multislerp(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
         yield out if base is None else base + out
 
 
+def karcher(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
+    """Karcher (Riemannian) mean of the models on the unit hypersphere, scaled by their mean norm
+    (mergekit's ``karcher``; equal weights, every listed model an input).
+
+    Every iterate of mergekit's fixed-point iteration is a combination of the unit vectors
+    u_t = x_t/‖x_t‖, so the iteration runs on those coefficients with the Gram matrix G = (u_s·u_t):
+    one pass over the chunks for G, one to write Σ c_t u_t — memory stays a stack of chunks
+    however large the tensor, and the result equals the iteration on full tensors.
+    """
+    n = src.n_experts
+    if n == 1:
+        for r0, r1 in src.ranges:
+            yield src.expert(0, r0, r1)
+        return
+    max_iter, tol = int(args.shared["max_iter"]), float(args.shared["tol"])
+    raw = torch.zeros(n, n, dtype=torch.float64)
+    for r0, r1 in src.ranges:
+        x = torch.stack([src.expert(t, r0, r1).reshape(-1) for t in range(n)]).to(torch.float64)
+        raw += (x @ x.T).cpu()
+    norms = raw.diagonal().clamp(min=0).sqrt()
+    valid = [t for t in range(n) if float(norms[t]) > tol]
+    scale = float(norms.sum()) / n  # Σ α_t‖x_t‖ with α_t = 1/n over every input, as mergekit
+    if not valid:
+        for r0, r1 in src.ranges:
+            yield torch.zeros_like(src.expert(0, r0, r1))
+        return
+    idx = torch.tensor(valid)
+    gram = raw[idx][:, idx] / (norms[idx, None] * norms[None, idx])
+    alpha = torch.full((len(valid),), 1.0 / len(valid), dtype=torch.float64)
+
+    def norm(c: torch.Tensor) -> float:
+        return float(c @ gram @ c) ** 0.5 if float(c @ gram @ c) > 0 else 0.0
+
+    c = alpha.clone()
+    m = norm(c)
+    c = torch.eye(len(valid), dtype=torch.float64)[0] if m < tol else c / m
+    for _ in range(max_iter):
+        dots = (gram @ c).clamp(-1.0, 1.0)
+        theta = torch.arccos(dots)
+        move = theta >= tol
+        step = torch.where(move, alpha * theta / torch.sin(torch.where(move, theta, torch.ones_like(theta))),
+                           torch.zeros_like(theta))  # fmt: skip
+        tangent = step - (step * dots).sum() * c  # Σ_t step_t (u_t − d_t·mean), in coefficients
+        tn = norm(tangent)
+        if tn < tol:
+            break
+        c = c * torch.cos(torch.tensor(tn, dtype=torch.float64)) + tangent * (torch.sin(torch.tensor(tn, dtype=torch.float64)) / tn)
+        un = norm(c)
+        if un > tol:
+            c = c / un
+    coef = {t: scale * float(c[i]) / float(norms[t]) for i, t in enumerate(valid)}
+    for r0, r1 in src.ranges:
+        out = torch.zeros_like(src.expert(valid[0], r0, r1))
+        for t, k in coef.items():
+            out.add_(src.expert(t, r0, r1), alpha=k)
+        yield out
+
+
 def _slerp_coefficients(s00: torch.Tensor, s11: torch.Tensor, s01: torch.Tensor, t: float,
                         eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Coefficients (a, b) of result = a·v0 + b·v1 for slerp at ``t`` between v0 and v1, from the
