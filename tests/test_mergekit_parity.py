@@ -67,6 +67,7 @@ CASES = {
                              [{"weight": 0.5}, {"weight": 0.5}]),
     "karcher": ("karcher", False, None, None),
     "karcher_tight": ("karcher", False, {"max_iter": 50, "tol": 1e-7}, None),
+    "nearswap": ("nearswap", True, {"t": "[0.001, 0.01]"}, None),
     "model_stock": ("model_stock", True, None, None),
     "model_stock_filter_wise": ("model_stock", True, {"filter_wise": "true"}, None),
     "slerp": ("slerp", True, {"t": "[0.1, 0.9]"}, None),
@@ -93,13 +94,14 @@ def _mergekit_output(text: str, tmp_path: Path) -> Path:
 def test_matches_mergekit(case, chunk_bytes, family, tmp_path):
     method, use_base, params, per_model = CASES[case]
     base, experts = family
-    models = experts[:1] if method == "slerp" else experts
+    models = experts[:1] if method in ("slerp", "nearswap") else experts
     if method == "linear":
         models = [base, *experts[:2]]
     if method == "nuslerp":
         models = experts[:2]
-    text = recipe_text(method, base if use_base else None, [base, *models] if method == "slerp" else models,
-                       params, ([{}] + per_model) if (method == "slerp" and per_model) else per_model,
+    pairwise = method in ("slerp", "nearswap")  # mergekit lists the base among the models for these
+    text = recipe_text(method, base if use_base else None, [base, *models] if pairwise else models,
+                       params, ([{}] + per_model) if (pairwise and per_model) else per_model,
                        extra="dtype: float32" + (f"\nraymerge: {{chunk_bytes: {chunk_bytes}}}" if chunk_bytes else ""))  # fmt: skip
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(text)

@@ -679,6 +679,7 @@ EVERY_OTHER_METHOD = {
     "sce": ({"select_topk": 0.4}, None),
     "multislerp": (None, [{"weight": 1.0}, {"weight": 0.5}, {"weight": 0.8}]),
     "karcher": ({"max_iter": 20}, None),
+    "nearswap": ({"t": 0.01}, None),
     "nuslerp": ({"nuslerp_flatten": False}, [{"weight": 0.4}, {"weight": 0.6}]),
     "consensus": ({"k": 2}, None),
     "actmat": (None, None),
@@ -712,7 +713,7 @@ def test_every_method_matches_local_on_ray(family, tmp_path):
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         for method, (params, per_model) in cases.items():
-            models = experts[:2] if method == "nuslerp" else experts  # nuslerp takes exactly two
+            models = {"nuslerp": experts[:2], "nearswap": experts[:1]}.get(method, experts)  # pairwise methods
             text = recipe_text(method, base, models, params, per_model, extra="raymerge:\n  seed: 1")
             want = local_reference(text, tmp_path / f"{method}-local")
             merge(parse_recipe(text), tmp_path / f"{method}-ray", progress=False, workers=2,

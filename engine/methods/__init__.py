@@ -100,6 +100,10 @@ _chunked("nuslerp", chunked.nuslerp, (
     Param("nuslerp_row_wise", bool, S, False, "without flatten: slerp each column (else each row)"),
 ), "https://github.com/arcee-ai/mergekit", needs_base=False, min_experts=2, max_experts=2,
     work_buffers=lambda n: 8)  # fmt: skip
+register(MethodSpec("nearswap", task_vector.nearswap, (
+    Param("t", float, S, REQUIRED, "distance scale: entries closer than t take the other model's value", low=0.0),
+), "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001", max_experts=1, row_separable=True,
+    work_buffers=lambda n: 5))  # fmt: skip
 _chunked("karcher", chunked.karcher, (
     Param("max_iter", int, S, 10, "fixed-point iterations at most", low=0),
     Param("tol", float, S, 1e-5, "stop when the tangent step is shorter; norms below it are ignored", low=0.0),

@@ -25,6 +25,16 @@ def linear(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: Mer
     return out
 
 
+def nearswap(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: MergeArgs) -> torch.Tensor:
+    """mergekit's NearSwap: move each entry of the base towards the other model by
+    w = clamp(t / |base − other|, 0, 1), so entries that already nearly agree are swapped in and
+    entries far apart stay with the base (|Δ| clamped at 1e-6, as mergekit)."""
+    assert base is not None
+    other = experts[0]
+    w = (float(args.shared["t"]) / (base - other).abs().clamp(min=1e-6)).clamp(0, 1)
+    return w * other + (1 - w) * base
+
+
 def mean(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: MergeArgs) -> torch.Tensor:
     """Plain average of the experts (= base + mean task vector); the fallback of Gram methods."""
     out: torch.Tensor | None = None
