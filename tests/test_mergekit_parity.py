@@ -68,6 +68,9 @@ CASES = {
     "karcher": ("karcher", False, None, None),
     "karcher_tight": ("karcher", False, {"max_iter": 50, "tol": 1e-7}, None),
     "nearswap": ("nearswap", True, {"t": "[0.001, 0.01]"}, None),
+    "ram": ("ram", True, {"epsilon": 0.004}, None),
+    "ramplus_tl": ("ramplus_tl", True, {"epsilon": 0.004, "r": 0.5, "alpha": 0.8}, None),
+    "passthrough": ("passthrough", False, None, [{"scale": 0.5}]),
     "model_stock": ("model_stock", True, None, None),
     "model_stock_filter_wise": ("model_stock", True, {"filter_wise": "true"}, None),
     "slerp": ("slerp", True, {"t": "[0.1, 0.9]"}, None),
@@ -99,6 +102,8 @@ def test_matches_mergekit(case, chunk_bytes, family, tmp_path):
         models = [base, *experts[:2]]
     if method == "nuslerp":
         models = experts[:2]
+    if method == "passthrough":
+        models = experts[:1]
     pairwise = method in ("slerp", "nearswap")  # mergekit lists the base among the models for these
     text = recipe_text(method, base if use_base else None, [base, *models] if pairwise else models,
                        params, ([{}] + per_model) if (pairwise and per_model) else per_model,

@@ -680,6 +680,9 @@ EVERY_OTHER_METHOD = {
     "multislerp": (None, [{"weight": 1.0}, {"weight": 0.5}, {"weight": 0.8}]),
     "karcher": ({"max_iter": 20}, None),
     "nearswap": ({"t": 0.01}, None),
+    "ram": ({"epsilon": 0.004}, None),
+    "ramplus_tl": ({"epsilon": 0.004, "r": 0.5}, None),
+    "passthrough": (None, [{"scale": 0.5}]),
     "nuslerp": ({"nuslerp_flatten": False}, [{"weight": 0.4}, {"weight": 0.6}]),
     "consensus": ({"k": 2}, None),
     "actmat": (None, None),
@@ -713,7 +716,7 @@ def test_every_method_matches_local_on_ray(family, tmp_path):
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         for method, (params, per_model) in cases.items():
-            models = {"nuslerp": experts[:2], "nearswap": experts[:1]}.get(method, experts)  # pairwise methods
+            models = {"nuslerp": experts[:2], "nearswap": experts[:1], "passthrough": experts[:1]}.get(method, experts)
             text = recipe_text(method, base, models, params, per_model, extra="raymerge:\n  seed: 1")
             want = local_reference(text, tmp_path / f"{method}-local")
             merge(parse_recipe(text), tmp_path / f"{method}-ray", progress=False, workers=2,

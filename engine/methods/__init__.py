@@ -100,6 +100,18 @@ _chunked("nuslerp", chunked.nuslerp, (
     Param("nuslerp_row_wise", bool, S, False, "without flatten: slerp each column (else each row)"),
 ), "https://github.com/arcee-ai/mergekit", needs_base=False, min_experts=2, max_experts=2,
     work_buffers=lambda n: 8)  # fmt: skip
+_RAM_EPSILON = Param("epsilon", float, S, 1e-5, "an entry counts as changed by an expert when |τ| exceeds it", low=0.0)
+register(MethodSpec("ram", task_vector.ram, (_RAM_EPSILON,), "https://arxiv.org/abs/2601.13572", row_separable=True,
+                    work_buffers=lambda n: 6))  # fmt: skip
+_chunked("ramplus_tl", chunked.ramplus_tl, (
+    Param("r", float, S, 0.1, "strength of the boost of unique changes"),
+    Param("alpha", float, S, 0.2, "cap on the shared-to-unique ratio ρ", low=0.0),
+    _RAM_EPSILON,
+), "https://arxiv.org/abs/2601.13572", work_buffers=lambda n: 3 * n + 6)  # fmt: skip
+register(MethodSpec("passthrough", task_vector.passthrough, (
+    Param("scale", float, M, 1.0, "multiply the model's tensors by this"),
+), "mergekit (without slices: the one model, optionally scaled)", needs_base=False, max_experts=1,
+    includes_base_in_inputs=True, row_separable=True, work_buffers=lambda n: 2))  # fmt: skip
 register(MethodSpec("nearswap", task_vector.nearswap, (
     Param("t", float, S, REQUIRED, "distance scale: entries closer than t take the other model's value", low=0.0),
 ), "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001", max_experts=1, row_separable=True,

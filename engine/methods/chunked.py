@@ -544,6 +544,35 @@ def multislerp(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
         yield out if base is None else base + out
 
 
+def ramplus_tl(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
+    """RAM+ tensor-local (mergekit's ``ramplus_tl``): RAM, with each expert's unique changes scaled
+    by λ_t = 1 + r·clamp(ρ_t, 0, alpha), where ρ_t is its shared-to-unique change count over the
+    tensor. One counting pass, then the merge."""
+    eps, r, cap = float(args.shared["epsilon"]), float(args.shared["r"]), float(args.shared["alpha"])
+    n = src.n_experts
+    shared = torch.zeros(n, dtype=torch.float64)
+    unique = torch.zeros(n, dtype=torch.float64)
+
+    def masks(r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        base = src.base(r0, r1)
+        tau = torch.stack([src.expert(t, r0, r1) - base for t in range(n)])
+        changed = tau.abs() > eps
+        count = changed.sum(0)
+        return base, tau, changed, count
+
+    for r0, r1 in src.ranges:
+        _, _, changed, count = masks(r0, r1)
+        shared += (changed & (count > 1)).reshape(n, -1).sum(1).cpu().to(torch.float64)
+        unique += (changed & (count == 1)).reshape(n, -1).sum(1).cpu().to(torch.float64)
+    lam = 1 + r * (shared / unique.clamp(min=eps)).clamp(0, cap)
+    for r0, r1 in src.ranges:
+        base, tau, changed, count = masks(r0, r1)
+        kept = tau * changed
+        lam_b = lam.to(tau.device, tau.dtype).reshape(-1, *([1] * (tau.dim() - 1)))
+        out = (kept * (count == 1) * lam_b).sum(0) + (kept * (count > 1) / count.clamp(min=1)).sum(0)
+        yield base + out
+
+
 def karcher(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
     """Karcher (Riemannian) mean of the models on the unit hypersphere, scaled by their mean norm
     (mergekit's ``karcher``; equal weights, every listed model an input).

@@ -35,6 +35,28 @@ def nearswap(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: M
     return w * other + (1 - w) * base
 
 
+def ram(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: MergeArgs) -> torch.Tensor:
+    """RAM (mergekit's ``ram``): an entry changed (|τ| > epsilon) by one expert keeps that change;
+    an entry changed by several gets the mean of their changes; unchanged entries stay at the base."""
+    assert base is not None
+    eps = float(args.shared["epsilon"])
+    total = torch.zeros_like(base)
+    count = torch.zeros_like(base)
+    for i in range(len(experts)):
+        tau = experts[i] - base
+        changed = tau.abs() > eps
+        total.add_(tau * changed)
+        count.add_(changed.to(base.dtype))
+    return base + total / count.clamp(min=1)
+
+
+def passthrough(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: MergeArgs) -> torch.Tensor:
+    """The one listed model, times its ``scale`` (mergekit's ``passthrough`` without slices)."""
+    scale = args.per_model[0].get("scale")
+    x = experts[0]
+    return x if scale is None or float(scale) == 1.0 else x * float(scale)
+
+
 def mean(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: MergeArgs) -> torch.Tensor:
     """Plain average of the experts (= base + mean task vector); the fallback of Gram methods."""
     out: torch.Tensor | None = None
