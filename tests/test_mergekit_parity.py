@@ -71,6 +71,7 @@ CASES = {
     "ram": ("ram", True, {"epsilon": 0.004}, None),
     "ramplus_tl": ("ramplus_tl", True, {"epsilon": 0.004, "r": 0.5, "alpha": 0.8}, None),
     "passthrough": ("passthrough", False, None, [{"scale": 0.5}]),
+    "arcee_fusion": ("arcee_fusion", True, None, None),
     "model_stock": ("model_stock", True, None, None),
     "model_stock_filter_wise": ("model_stock", True, {"filter_wise": "true"}, None),
     "slerp": ("slerp", True, {"t": "[0.1, 0.9]"}, None),
@@ -97,14 +98,14 @@ def _mergekit_output(text: str, tmp_path: Path) -> Path:
 def test_matches_mergekit(case, chunk_bytes, family, tmp_path):
     method, use_base, params, per_model = CASES[case]
     base, experts = family
-    models = experts[:1] if method in ("slerp", "nearswap") else experts
+    models = experts[:1] if method in ("slerp", "nearswap", "arcee_fusion") else experts
     if method == "linear":
         models = [base, *experts[:2]]
     if method == "nuslerp":
         models = experts[:2]
     if method == "passthrough":
         models = experts[:1]
-    pairwise = method in ("slerp", "nearswap")  # mergekit lists the base among the models for these
+    pairwise = method in ("slerp", "nearswap", "arcee_fusion")  # mergekit lists the base among the models
     text = recipe_text(method, base if use_base else None, [base, *models] if pairwise else models,
                        params, ([{}] + per_model) if (pairwise and per_model) else per_model,
                        extra="dtype: float32" + (f"\nraymerge: {{chunk_bytes: {chunk_bytes}}}" if chunk_bytes else ""))  # fmt: skip

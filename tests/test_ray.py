@@ -683,6 +683,7 @@ EVERY_OTHER_METHOD = {
     "ram": ({"epsilon": 0.004}, None),
     "ramplus_tl": ({"epsilon": 0.004, "r": 0.5}, None),
     "passthrough": (None, [{"scale": 0.5}]),
+    "arcee_fusion": (None, None),
     "nuslerp": ({"nuslerp_flatten": False}, [{"weight": 0.4}, {"weight": 0.6}]),
     "consensus": ({"k": 2}, None),
     "actmat": (None, None),
@@ -716,7 +717,8 @@ def test_every_method_matches_local_on_ray(family, tmp_path):
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         for method, (params, per_model) in cases.items():
-            models = {"nuslerp": experts[:2], "nearswap": experts[:1], "passthrough": experts[:1]}.get(method, experts)
+            one = experts[:1]  # methods that take one model besides the base, and nuslerp's two
+            models = {"nuslerp": experts[:2], "nearswap": one, "passthrough": one, "arcee_fusion": one}.get(method, experts)
             text = recipe_text(method, base, models, params, per_model, extra="raymerge:\n  seed: 1")
             want = local_reference(text, tmp_path / f"{method}-local")
             merge(parse_recipe(text), tmp_path / f"{method}-ray", progress=False, workers=2,

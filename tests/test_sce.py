@@ -52,3 +52,23 @@ def test_sce_ties_in_variance_are_cut_exactly():
     out = _merged(base, experts, 0.25, 3)
     assert int((out != 0).sum()) == 25
     assert bool((out.reshape(-1)[-25:] != 0).all())
+
+
+@pytest.mark.parametrize("shape", [(40, 24), (300,)], ids=["matrix", "vector"])
+def test_arcee_fusion_is_independent_of_the_chunking(shape):
+    # Rows of the softmax are complete in every chunk, a 1-D tensor is one row, and the quartiles
+    # are exact order statistics over the whole tensor.
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(*shape, generator=g)
+    other = base + 0.3 * torch.randn(*shape, generator=g)
+
+    def run(rows):
+        src = InMemorySource(base, [other], rows)
+        return src.assemble(METHODS["arcee_fusion"].chunked(src, MergeArgs({}, [{}], None, "w", 0)))
+
+    whole = run(None)
+    for rows in (1, 7):
+        assert torch.equal(run(rows), whole), rows
+    took = whole != base
+    assert 0 < int(took.sum()) < base.numel()  # some entries fused, not all
+    assert torch.equal(whole[took], other[took])

@@ -112,6 +112,8 @@ register(MethodSpec("passthrough", task_vector.passthrough, (
     Param("scale", float, M, 1.0, "multiply the model's tensors by this"),
 ), "mergekit (without slices: the one model, optionally scaled)", needs_base=False, max_experts=1,
     includes_base_in_inputs=True, row_separable=True, work_buffers=lambda n: 2))  # fmt: skip
+_chunked("arcee_fusion", chunked.arcee_fusion, (), "https://arcee.ai (mergekit's arcee_fusion)", max_experts=1,
+         work_buffers=lambda n: 10)  # fmt: skip
 register(MethodSpec("nearswap", task_vector.nearswap, (
     Param("t", float, S, REQUIRED, "distance scale: entries closer than t take the other model's value", low=0.0),
 ), "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001", max_experts=1, row_separable=True,
