@@ -72,15 +72,15 @@ def write_jsonl(path: Path, n: int, seed: int, lo: int = 3, hi: int = 12) -> Pat
 
 
 def _model_cls(path: Path):
-    from transformers import AutoModel, LlamaForCausalLM
+    """The class ``config.json`` names (``LlamaForCausalLM``, ``GPT2LMHeadModel``, …), else AutoModel."""
+    import transformers
 
-    return (
-        LlamaForCausalLM if "Llama" in json.loads((path / "config.json").read_text())["architectures"][0] else AutoModel
-    )
+    names = json.loads((path / "config.json").read_text()).get("architectures") or []
+    return getattr(transformers, names[0], transformers.AutoModel) if names else transformers.AutoModel
 
 
 def load(path: Path):
-    """The model in ``path`` (LlamaForCausalLM or AutoModel), in eval mode."""
+    """The model in ``path`` (the class its config names), in eval mode."""
     return _model_cls(path).from_pretrained(str(path)).eval()
 
 

@@ -29,25 +29,13 @@ def _gpt2(path, seed):
     return path
 
 
-def _perturbed(src, dst, seed, scale=0.3):
-    from hf_tiny import write_tokenizer
-    from transformers import GPT2LMHeadModel
-
-    model = GPT2LMHeadModel.from_pretrained(str(src))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale * p.abs().mean())
-    model.save_pretrained(str(dst))
-    write_tokenizer(dst)
-    return dst
-
-
 @pytest.fixture(scope="module")
 def gpt2_family(tmp_path_factory):
+    from hf_tiny import perturbed
+
     root = tmp_path_factory.mktemp("gpt2")
     base = _gpt2(root / "base", 0)
-    return base, [_perturbed(base, root / f"e{i}", seed=i) for i in range(3)]
+    return base, [perturbed(base, root / f"e{i}", seed=i, scale=0.3) for i in range(3)]
 
 
 def _is_conv1d(name):
