@@ -189,6 +189,17 @@ def _splitmix64_(z: torch.Tensor, tmp: torch.Tensor) -> None:
             z.mul_(mult)
 
 
+def _hash_bits53(key: int, start: int, n: int, device: torch.device) -> torch.Tensor:
+    """The top 53 bits of SplitMix64(key + i·φ) for i = start … start + n − 1 (int64): the random
+    draw behind DARE's and DELLA's masks; callers keep ``n`` at ``MASK_SLICE`` or below."""
+    z = torch.arange(start, start + n, dtype=torch.int64, device=device)
+    tmp = torch.empty_like(z)
+    z.mul_(_GOLDEN).add_(key)
+    _splitmix64_(z, tmp)
+    torch.bitwise_right_shift(z, 11, out=tmp)
+    return tmp.bitwise_and_((1 << 53) - 1)
+
+
 def bernoulli_mask(key: int, start: int, shape: torch.Size, density: float, device: torch.device) -> torch.Tensor:
     """Keep-mask of the elements with flat indices ``start … start + numel(shape) − 1`` of a tensor.
 
@@ -199,29 +210,10 @@ def bernoulli_mask(key: int, start: int, shape: torch.Size, density: float, devi
     n = math.prod(shape)
     out = torch.empty(n, dtype=torch.bool, device=device)
     threshold = int(density * 2.0**53)
-    z = torch.empty(min(n, MASK_SLICE), dtype=torch.int64, device=device)
-    tmp = torch.empty_like(z)
     for lo in range(0, n, MASK_SLICE):
         hi = min(n, lo + MASK_SLICE)
-        zs, ts = z[: hi - lo], tmp[: hi - lo]
-        torch.arange(start + lo, start + hi, dtype=torch.int64, device=device, out=zs)
-        zs.mul_(_GOLDEN).add_(key)
-        _splitmix64_(zs, ts)
-        torch.bitwise_right_shift(zs, 11, out=ts)
-        ts.bitwise_and_((1 << 53) - 1)
-        torch.lt(ts, threshold, out=out[lo:hi])
+        torch.lt(_hash_bits53(key, start + lo, hi - lo, device), threshold, out=out[lo:hi])
     return out.reshape(shape)
-
-
-def _hash_bits53(key: int, start: int, n: int, device: torch.device) -> torch.Tensor:
-    """The top 53 bits of SplitMix64(key + i·φ) for i = start … start + n − 1 (int64), as in
-    ``bernoulli_mask``; callers keep ``n`` at ``MASK_SLICE`` or below."""
-    z = torch.arange(start, start + n, dtype=torch.int64, device=device)
-    tmp = torch.empty_like(z)
-    z.mul_(_GOLDEN).add_(key)
-    _splitmix64_(z, tmp)
-    torch.bitwise_right_shift(z, 11, out=tmp)
-    return tmp.bitwise_and_((1 << 53) - 1)
 
 
 def magprune_probs(w: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
