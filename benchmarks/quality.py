@@ -289,13 +289,21 @@ def train_all(cfg: SuiteConfig, data: list[TaskData], cache: Path, rebuild: bool
     expert directories and ``heads.safetensors`` (probe and expert heads). A ``complete.json``
     written last marks each level as usable, so a run killed mid-training starts that level over.
     """
-    names = [d.task.name for d in data]
     base_root = cache / f"base-{cfg.base_key()}"
-    root = base_root / f"experts-{cfg.experts_key()}"
-    info: dict[str, Any] = {"cache_dir": str(root)}
+    return train_cached(cfg, data, [d.task.name for d in data], cfg.seed, base_root,
+                        base_root / f"experts-{cfg.experts_key()}", rebuild)  # fmt: skip
+
+
+def train_cached(cfg: SuiteConfig, data: list[TaskData], names: Sequence[str], seed: int, base_root: Path,
+                 root: Path, rebuild: bool, label: str = "", info: dict[str, Any] | None = None) -> Trained:  # fmt: skip
+    """A base pretrained from ``seed`` on the corpus of all of ``data`` (cached in ``base_root``),
+    then probes and experts for the tasks ``names`` (cached in ``root``), LP-FT with seeds
+    ``seed + 10 + i`` / ``seed + 20 + i`` for task index i of ``data``; ``label`` names the base in
+    log lines, ``info`` starts the returned info dict."""
+    info = {"cache_dir": str(root), **(info or {})}
     t0 = time.perf_counter()
     if (base_root / "complete.json").exists() and not rebuild:
-        log.info("reusing the cached base in %s", base_root)
+        log.info("reusing the cached base%s in %s", label, base_root)
         info["pretrain"] = {**json.loads((base_root / "complete.json").read_text()), "cached": True}
         base = load_body(base_root / "base")
     else:
@@ -303,14 +311,14 @@ def train_all(cfg: SuiteConfig, data: list[TaskData], cache: Path, rebuild: bool
             shutil.rmtree(base_root)
         base_root.mkdir(parents=True)
         corpus = torch.cat([d.x_pretrain for d in data])
-        base = pretrain_mlm(cfg.size, corpus, cfg.pretrain, cfg.seed, log.info)
+        base = pretrain_mlm(cfg.size, corpus, cfg.pretrain, seed, log.info)
         save_body(base, base_root / "base")
         info["pretrain"] = {"seconds": round(time.perf_counter() - t0, 2), "corpus_sequences": len(corpus)}
         (base_root / "complete.json").write_text(json.dumps(info["pretrain"], indent=1))
         info["pretrain"]["cached"] = False
     experts = {n: root / "experts" / n for n in names}
     if (root / "complete.json").exists() and not rebuild:
-        log.info("reusing cached probes and experts in %s", root)
+        log.info("reusing cached probes and experts%s in %s", label and f" of base{label}", root)
         info["finetune"] = {**json.loads((root / "complete.json").read_text()), "cached": True}
     else:
         if root.exists():
@@ -319,9 +327,11 @@ def train_all(cfg: SuiteConfig, data: list[TaskData], cache: Path, rebuild: bool
         heads: dict[str, nn.Linear] = {}
         seconds = {}
         for i, d in enumerate(data):
+            if d.task.name not in experts:
+                continue
             t1 = time.perf_counter()
-            probe = train_probe(base, d.task, d.x_train, d.y_train, cfg.probe, cfg.seed + 10 + i)
-            body, head = finetune(base, probe, d.task, d.x_train, d.y_train, cfg.finetune, cfg.seed + 20 + i, log.info)
+            probe = train_probe(base, d.task, d.x_train, d.y_train, cfg.probe, seed + 10 + i)
+            body, head = finetune(base, probe, d.task, d.x_train, d.y_train, cfg.finetune, seed + 20 + i, log.info)
             save_body(body, experts[d.task.name])
             heads[f"probe.{d.task.name}"], heads[f"expert.{d.task.name}"] = probe, head
             seconds[d.task.name] = round(time.perf_counter() - t1, 2)

@@ -39,7 +39,6 @@ import logging
 import os
 import platform
 import re
-import shutil
 import sys
 import tempfile
 import time
@@ -67,19 +66,15 @@ from benchmarks.quality import (
     run_merge,
     summarize,
     train_all,
+    train_cached,
 )
 from benchmarks.quality_model import (
     Classifier,
     EncoderSize,
     TrainSpec,
     accuracy,
-    finetune,
     load_body,
-    load_heads,
-    pretrain_mlm,
     save_body,
-    save_heads,
-    train_probe,
 )
 from benchmarks.quality_tasks import SAMPLERS
 
@@ -173,50 +168,10 @@ def side_b(cfg: SuiteConfig, data: list[TaskData], tasks: Sequence[str], seed_b:
     ``cache/nonlocal/base-<key>/`` (base) and its ``experts-<key>/`` (probes, experts, heads)."""
     base_key, experts_key = side_b_keys(cfg, tasks, seed_b)
     base_root = cache / "nonlocal" / f"base-{base_key}"
-    root = base_root / f"experts-{experts_key}"
-    info: dict[str, Any] = {"cache_dir": str(root), "seed_b": seed_b}
-    t0 = time.perf_counter()
-    if (base_root / "complete.json").exists() and not rebuild:
-        log.info("reusing cached base B in %s", base_root)
-        info["pretrain"] = {**json.loads((base_root / "complete.json").read_text()), "cached": True}
-        base = load_body(base_root / "base")
-    else:
-        if base_root.exists():
-            shutil.rmtree(base_root)
-        base_root.mkdir(parents=True)
-        corpus = torch.cat([d.x_pretrain for d in data])  # base A's corpus (train_all), in the same order
-        base = pretrain_mlm(cfg.size, corpus, cfg.pretrain, seed_b, log.info)
-        save_body(base, base_root / "base")
-        info["pretrain"] = {"seconds": round(time.perf_counter() - t0, 2), "corpus_sequences": len(corpus)}
-        (base_root / "complete.json").write_text(json.dumps(info["pretrain"], indent=1))
-        info["pretrain"]["cached"] = False
-    experts = {n: root / "experts" / n for n in tasks}
-    if (root / "complete.json").exists() and not rebuild:
-        log.info("reusing cached probes and experts of base B in %s", root)
-        info["finetune"] = {**json.loads((root / "complete.json").read_text()), "cached": True}
-    else:
-        if root.exists():
-            shutil.rmtree(root)
-        root.mkdir(parents=True)
-        heads: dict[str, nn.Linear] = {}
-        seconds = {}
-        for i, d in enumerate(data):
-            if d.task.name not in tasks:
-                continue
-            t1 = time.perf_counter()
-            probe = train_probe(base, d.task, d.x_train, d.y_train, cfg.probe, seed_b + 10 + i)
-            body, head = finetune(base, probe, d.task, d.x_train, d.y_train, cfg.finetune, seed_b + 20 + i, log.info)
-            save_body(body, experts[d.task.name])
-            heads[f"probe.{d.task.name}"], heads[f"expert.{d.task.name}"] = probe, head
-            seconds[d.task.name] = round(time.perf_counter() - t1, 2)
-        save_heads(heads, root / "heads.safetensors")
-        info["finetune"] = {"seconds": seconds}
-        (root / "complete.json").write_text(json.dumps(info["finetune"], indent=1))
-        info["finetune"]["cached"] = False
-    info["cached"] = info["pretrain"]["cached"] and info["finetune"]["cached"]
-    heads = load_heads(root / "heads.safetensors")
-    return Side(base_root / "base", experts, {n: heads[f"probe.{n}"] for n in tasks},
-                {n: heads[f"expert.{n}"] for n in tasks}, info)  # fmt: skip
+    # base A's corpus (train_all's: all of ``data``, in the same order), seeds from seed_b
+    t = train_cached(cfg, data, tasks, seed_b, base_root, base_root / f"experts-{experts_key}", rebuild,
+                     label=" B", info={"seed_b": seed_b})  # fmt: skip
+    return Side(t.base, t.experts, t.probe_heads, t.expert_heads, t.info)
 
 
 # ------------------------------------------------------------------------------------------ alignment
