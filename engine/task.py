@@ -236,7 +236,7 @@ def run_task(task: TensorTask, staging_dir: str, device: str = "cpu") -> Receipt
             gen = torch.Generator().manual_seed(task.seed) if method.random else None
             args = MergeArgs(task.shared, task.per_model, gen, task.tensor, task.seed, AuxStream(task, dev))
             # A method that reads weights as out × in gets a Conv1D weight (in × out) transposed.
-            turned = method.oriented and task.layout == "in_out" and task.tensor_class == "linear"
+            turned = method.oriented and task.layout == "in_out"  # the plan sets in_out on linear weights only
             try:
                 if turned:
                     merged = method.fn(base.T if base is not None else None, Transposed(stream), args).T

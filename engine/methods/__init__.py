@@ -20,6 +20,10 @@ from raymerge.engine.methods.registry import (
 S, M = Scope.SHARED, Scope.MODEL
 
 
+_INT8_MASK = Param("int8_mask", bool, S, False, "accepted for mergekit compatibility (int8 masks save memory "
+                                              "there; raymerge's masks are bool): no effect on results")
+
+
 def _gta(normalize: bool, rescale: bool, *extra: Param) -> tuple[Param, ...]:
     """mergekit's generalized-task-arithmetic parameter set with per-method defaults."""
     return (
@@ -29,8 +33,7 @@ def _gta(normalize: bool, rescale: bool, *extra: Param) -> tuple[Param, ...]:
         Param("normalize", bool, S, normalize, "divide by the summed weights of kept entries"),
         Param("rescale", bool, S, rescale, "L1-rescale sparsified task vectors"),
         Param("lambda", float, S, 1.0, "scale of the merged task vector"),
-        Param("int8_mask", bool, S, False, "accepted for mergekit compatibility (int8 masks save memory there; "
-                                              "raymerge's masks are bool): no effect on results"),
+        _INT8_MASK,
     )
 
 
@@ -72,7 +75,7 @@ _chunked("della_linear", chunked.della_linear, _gta(False, True, _EPSILON), "htt
 _chunked("sce", chunked.sce, (
     Param("select_topk", float, S, 1.0, "share of the entries (by variance across task vectors) kept", low=0.0,
           high=1.0),
-    Param("int8_mask", bool, S, False, "accepted for mergekit compatibility: no effect on results"),
+    _INT8_MASK,
 ), "https://arxiv.org/abs/2408.07990", work_buffers=lambda n: 3 * n + 6)  # fmt: skip
 _chunked("breadcrumbs", chunked.breadcrumbs, _gta(False, False, _GAMMA), "https://arxiv.org/abs/2312.06795",
          work_buffers=lambda n: n + 8)  # fmt: skip
