@@ -652,7 +652,7 @@ def karcher(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
         tn = norm(tangent)
         if tn < tol:
             break
-        c = c * torch.cos(torch.tensor(tn, dtype=torch.float64)) + tangent * (torch.sin(torch.tensor(tn, dtype=torch.float64)) / tn)
+        c = c * math.cos(tn) + tangent * (math.sin(tn) / tn)
         un = norm(c)
         if un > tol:
             c = c / un
