@@ -203,7 +203,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS, help="where the JSON and PNG go")
     p.add_argument("--stem", default=None, help="results file name stem (default core_ties_<size>)")
     args = p.parse_args(argv)
-    from raymerge.engine.cli import parse_size
+    from raymerge.cli import parse_size
 
     try:
         args.memory_budget_bytes = parse_size(args.memory_budget)
@@ -356,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name.startswith("raymerge-ray@") and runs[name]["returncode"] == 0 and local["returncode"] == 0:
             # Ray's fixed overhead is what the tree holds beyond the budget: raylet, GCS, workers.
             ratios[name]["wall_over_local_executor"] = ratio(runs[name]["wall_s"], local["wall_s"])
-            from raymerge.engine.cli import parse_size
+            from raymerge.cli import parse_size
 
             ratios[name]["peak_rss_minus_budget_bytes"] = runs[name]["peak_rss_bytes"] - parse_size(budget)
 

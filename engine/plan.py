@@ -18,7 +18,7 @@ import torch
 
 from raymerge.engine.errors import CheckpointError, PlanError, RecipeError
 from raymerge.engine.methods import METHODS
-from raymerge.engine.methods.chunked import RESIDENT_SELECT_ELEMENTS
+from raymerge.engine.methods import RESIDENT_SELECT_ELEMENTS
 from raymerge.engine.recipe import Recipe, layer_index, resolve_for_tensor
 from raymerge.engine.storage import (
     DTYPES,

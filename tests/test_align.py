@@ -27,7 +27,7 @@ from raymerge.engine.align import (
     shapes_of,
     weight_distance,
 )
-from raymerge.engine.cli import main
+from raymerge.cli import main
 from raymerge.engine.errors import AlignmentError
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import recipe_text
 
-RAYMERGE = [sys.executable, "-m", "raymerge.engine.cli"]
+RAYMERGE = [sys.executable, "-m", "raymerge.cli"]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

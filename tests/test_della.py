@@ -114,7 +114,7 @@ def test_density_plus_epsilon_outside_the_unit_interval_is_refused_while_plannin
     r = tmp_path / "r.yaml"
     r.write_text(recipe_text("della", base, experts, None, [{"weight": 1.0, "density": 0.9, "epsilon": 0.15}] * 3))
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "raymerge.engine.cli", "run", str(r), str(out), "-q"],
+    proc = subprocess.run([sys.executable, "-m", "raymerge.cli", "run", str(r), str(out), "-q"],
                           capture_output=True, text=True)  # fmt: skip
     assert proc.returncode != 0 and "epsilon" in proc.stderr and "della" in proc.stderr
     assert not out.exists()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from raymerge.engine.cli import main as raymerge_main
+from raymerge.cli import main as raymerge_main
 
 from conftest import load_dir, recipe_text
 

@@ -159,7 +159,7 @@ def test_cli_refuses_out_of_range_density_before_writing(family, tmp_path):
     )
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "raymerge.engine.cli", "run", str(r), str(out)],
+        [sys.executable, "-m", "raymerge.cli", "run", str(r), str(out)],
         capture_output=True,
         text=True,
         timeout=300,

@@ -96,7 +96,7 @@ def test_verify_over_http_checks_receipts_with_range_reads(tmp_path, family):
           progress=False, out_shard_bytes=100_000)  # fmt: skip
     with RangeServer(out.parent) as srv:
         url = f"{srv.url}/merged"
-        cli = [sys.executable, "-m", "raymerge.engine.cli", "verify", url]
+        cli = [sys.executable, "-m", "raymerge.cli", "verify", url]
         ok = subprocess.run(cli, capture_output=True, text=True)
         assert ok.returncode == 0 and ok.stdout.startswith("ok: 21 tensors"), ok.stderr
         assert "task checksums" in ok.stdout and " 0 task checksums" not in ok.stdout
@@ -108,7 +108,7 @@ def test_verify_over_http_checks_receipts_with_range_reads(tmp_path, family):
         raw[victim["offset"]] ^= 0x01
         shard.write_bytes(bytes(raw))
         bad = subprocess.run(cli, capture_output=True, text=True)
-        missing = subprocess.run([sys.executable, "-m", "raymerge.engine.cli", "verify", f"{url}-nothing-here"],
+        missing = subprocess.run([sys.executable, "-m", "raymerge.cli", "verify", f"{url}-nothing-here"],
                                  capture_output=True, text=True)  # fmt: skip
     assert bad.returncode != 0
     line = bad.stderr.strip()

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from raymerge.engine.plan import open_aux
 from raymerge.engine.stats import DataSpec, Moments, collect_stats, merge_moments, read_moments
 
-RAYMERGE = [sys.executable, "-m", "raymerge.engine.cli"]
+RAYMERGE = [sys.executable, "-m", "raymerge.cli"]
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +155,7 @@ def test_cli_stats_and_clean_errors(llama, tmp_path, capfd):
         f"model.layers.{i}.mlp.gate_proj" for i in range(2)
     }
 
-    from raymerge.engine.cli import main
+    from raymerge.cli import main
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"body": "the cat"}\n')
@@ -185,7 +185,7 @@ def test_ray_two_actors_match_one_process(llama, tmp_path):
     exact combination equals the single-process statistics to fp32 rounding."""
     import ray
 
-    from raymerge.engine.cli import main
+    from raymerge.cli import main
 
     model_dir, data = llama
     common = ["stats", str(model_dir), "--data", str(data), "--batch-size", "4", "-q"]

@@ -124,7 +124,7 @@ def test_unfoldable_points_are_refused(llama_case, tmp_path):
 
 
 def test_corrections_file_and_cli(bert_case, tmp_path, capsys):
-    from raymerge.engine.cli import main
+    from raymerge.cli import main
 
     _, expert, merged, data = bert_case
     args = ["tact", "compute", "--expert", str(expert), "--merged", str(merged), "--data", data.files[0],

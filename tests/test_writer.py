@@ -133,7 +133,7 @@ def test_verify_accepts_a_merge_and_names_a_corrupted_tensor(family, tmp_path):
     recipe = _ties(family)
     out = tmp_path / "out"
     merge(recipe, out, progress=False, out_shard_bytes=100_000)
-    cli = [sys.executable, "-m", "raymerge.engine.cli", "verify", str(out)]
+    cli = [sys.executable, "-m", "raymerge.cli", "verify", str(out)]
     ok = subprocess.run(cli, capture_output=True, text=True)
     assert ok.returncode == 0 and ok.stdout.startswith("ok: 21 tensors"), ok.stderr
     receipts = json.loads((out / ".raymerge" / "receipts.json").read_text())

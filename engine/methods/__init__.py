@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from raymerge.engine.methods import chunked, task_vector
+from raymerge.engine.methods.chunked import RESIDENT_SELECT_ELEMENTS
 from raymerge.engine.methods.registry import (
     METHODS,
     REQUIRED,
@@ -132,4 +133,4 @@ _chunked("model_stock", chunked.model_stock, (Param("filter_wise", bool, S, Fals
 # Families that register themselves in their own modules (one function + one register line each).
 from raymerge.engine.methods import gram, spectral  # noqa: E402,F401
 
-__all__ = ["METHODS", "MergeArgs", "MethodSpec", "Param", "Scope", "get_method"]
+__all__ = ["METHODS", "RESIDENT_SELECT_ELEMENTS", "MergeArgs", "MethodSpec", "Param", "Scope", "get_method"]
