@@ -19,6 +19,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raymerge.engine.errors import RaymergeError
+from raymerge.engine.executor import Admission
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,9 @@ PROBE_TIMEOUT_S = 120.0
 class NodeState:
     """One Ray node as the scheduler sees it: capacity, and what is running there now.
 
-    ``slots`` is how many units compute at once (``cpus_per_slot`` cores each); ``in_use`` is
-    the declared host bytes of units placed there and not yet finished, kept under the budget.
+    ``slots`` is how many units compute at once (``cpus_per_slot`` cores each); ``memory`` counts
+    the declared host bytes of units placed there and not yet finished against the per-node
+    budget (the scheduler sets it), by the executors' one admission rule.
     """
 
     node_id: str
@@ -40,7 +42,7 @@ class NodeState:
     slots: int
     cpus_per_slot: int
     free_slots: int = 0
-    in_use: int = 0
+    memory: Admission = field(default_factory=lambda: Admission(0))
     alive: bool = True
     missing_files: frozenset[str] = field(default_factory=frozenset)
 
@@ -51,9 +53,9 @@ class NodeState:
     def label(self) -> str:
         return f"{self.address} {self.node_id[:8]}"
 
-    def fits(self, nbytes: int, budget: int) -> bool:
-        """A unit fits when the node's running units plus it stay under the budget (or it runs alone)."""
-        return self.in_use == 0 or self.in_use + nbytes <= budget
+    @property
+    def in_use(self) -> int:
+        return self.memory.in_use
 
     def sees(self, files: Iterable[str]) -> bool:
         return not any(f in self.missing_files for f in files)

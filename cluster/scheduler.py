@@ -30,8 +30,8 @@ from raymerge.cluster.progress import ClusterProgress
 from raymerge.cluster.units import WorkUnit
 from raymerge.cluster.workers import AcceleratorWorker, UnitResult, run_unit
 from raymerge.engine.errors import RaymergeError, TaskError
+from raymerge.engine.executor import Admission
 from raymerge.engine.plan import TensorTask
-from raymerge.engine.storage import READ_STATS
 from raymerge.engine.task import Receipt
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,8 @@ class UnitScheduler:
         originals: dict[str, TensorTask],
     ) -> None:
         self.nodes = {n.node_id: n for n in nodes}
+        for n in nodes:
+            n.memory = Admission(budget)
         self.budget = budget
         self.staging_dir = staging_dir
         self.device = device
@@ -99,6 +101,7 @@ class UnitScheduler:
         self.running: dict[Any, Running] = {}
         self.actors: list[ActorSlot] = []
         self.done_ids: set[str] = set()
+        self.bytes_read = 0
         self.failure: BaseException | None = None
         self._last_liveness = time.monotonic()
         self._run_unit = ray.remote(run_unit)
@@ -185,10 +188,10 @@ class UnitScheduler:
     def _pick_node(self, unit: WorkUnit) -> NodeState | None:
         fits = [
             n for n in self._alive()
-            if n.free_slots > 0 and n.fits(unit.est_host_bytes, self.budget) and n.sees(unit.input_files)
+            if n.free_slots > 0 and n.memory.fits(unit.est_host_bytes) and n.sees(unit.input_files)
         ]  # fmt: skip
         # Spread: the node with the most free slots, then the least declared memory in use.
-        return min(fits, key=lambda n: (-n.free_slots, n.in_use), default=None)
+        return min(fits, key=lambda n: (-n.free_slots, n.memory.in_use), default=None)
 
     def _pick_actor(self, unit: WorkUnit) -> ActorSlot | None:
         fits = []
@@ -196,12 +199,12 @@ class UnitScheduler:
             n = a.node
             if not n.alive or a.in_flight >= ACTOR_DEPTH or not n.sees(unit.input_files):
                 continue
-            if not n.fits(unit.est_host_bytes, self.budget):
+            if not n.memory.fits(unit.est_host_bytes):
                 continue
             if a.in_flight == 0 and not a.gpu and n.free_slots == 0:
                 continue  # an idle CPU actor needs a free core to start computing
             fits.append(a)
-        return min(fits, key=lambda a: (a.in_flight, a.node.in_use), default=None)
+        return min(fits, key=lambda a: (a.in_flight, a.node.memory.in_use), default=None)
 
     def _ensure_actors(self) -> None:
         """Keep the pool full: one actor per GPU, or per CPU slot without GPUs, on each alive node."""
@@ -221,7 +224,7 @@ class UnitScheduler:
             scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False),
         ).remote(unit.tasks, self.staging_dir, self.device, node.cpus_per_slot, self.run_id)  # fmt: skip
         node.free_slots -= 1
-        node.in_use += unit.est_host_bytes
+        node.memory.take(unit.est_host_bytes)
         self.running[ref] = Running(unit, node, attempt, holds_slot=True)
 
     def _submit_accel(self, unit: WorkUnit, attempt: int, actor: ActorSlot) -> None:
@@ -231,12 +234,12 @@ class UnitScheduler:
             node.free_slots -= 1
             actor.holds_slot = True
         actor.in_flight += 1
-        node.in_use += unit.est_host_bytes
+        node.memory.take(unit.est_host_bytes)
         self.running[ref] = Running(unit, node, attempt, actor=actor)
 
     def _release(self, run: Running) -> None:
         node = run.node
-        node.in_use -= run.unit.est_host_bytes
+        node.memory.give(run.unit.est_host_bytes)
         if run.holds_slot:
             node.free_slots += 1
         actor = run.actor
@@ -272,8 +275,7 @@ class UnitScheduler:
             if task.id in self.done_ids:
                 continue
             self.done_ids.add(task.id)
-            # merge() reports the bytes its process read; here the workers read them.
-            READ_STATS.add(receipt.read_bytes)
+            self.bytes_read += receipt.read_bytes  # the workers read the inputs, not this process
             io_bytes += task.read_bytes + task.write_bytes
             self.on_done(self.originals.get(task.id, task), receipt)
         self.progress.unit_done(result.node_id, tally_node.address, result.receipts, io_bytes, run.actor is not None)

@@ -12,21 +12,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from raymerge.engine.methods import get_method
+from raymerge.engine.executor import wants_accelerator
 from raymerge.engine.plan import TensorTask
 from raymerge.engine.recipe import layer_index
 from raymerge.engine.storage import is_local, local_path
-
-
-def wants_accelerator(task: TensorTask, device: str) -> bool:
-    """True when ``task`` belongs on the accelerator actor pool rather than a plain CPU task.
-
-    ``device`` is the run's device setting: ``cpu`` keeps everything on CPU tasks, ``cuda`` sends
-    every merge there, ``auto`` sends only methods that declare ``prefers_accelerator``.
-    """
-    if task.action != "merge" or device == "cpu":
-        return False
-    return device == "cuda" or get_method(task.method).prefers_accelerator
 
 
 @dataclass(frozen=True)

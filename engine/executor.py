@@ -1,24 +1,96 @@
-"""The in-process executor: a thread pool that admits tasks by declared memory, not by count.
+"""The executor interface: what any executor of a plan's tasks promises, and the two rules they share.
 
-Torch kernels and mmap page faults release the GIL, so threads overlap I/O and compute. A task is
-admitted only while the declared peak bytes of running tasks plus its own stay under the budget
-(a task alone always runs: ``check_budget`` has already refused any task larger than the budget).
+``merge()`` hands an ``Executor`` the tasks still to run and a callback per receipt; it never
+knows whether they run on a thread pool in this process (``raymerge.engine.local``) or on a Ray
+cluster (``raymerge.cluster``). Every executor admits work by the same rule (``Admission``:
+declared peak bytes of what runs plus the newcomer stay under the budget, or the newcomer runs
+alone) and places it by the same device rule (``wants_accelerator``), so the choice of executor
+never changes what is computed where, only how many run at once.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import psutil
 import torch
 
+from raymerge.engine.methods import get_method
 from raymerge.engine.plan import TensorTask
-from raymerge.engine.task import Receipt, run_task
+
+if TYPE_CHECKING:  # task.py imports the device rule from here
+    from raymerge.engine.task import Receipt
+
+OnDone = Callable[[TensorTask, "Receipt"], None]
+
+
+@dataclass(frozen=True)
+class ExecutionReport:
+    """What an executor measured while running tasks: bytes its workers fetched from the inputs."""
+
+    bytes_read: int
+
+
+class Executor(Protocol):
+    """Runs tensor tasks under a memory budget and reports each receipt as it arrives.
+
+    ``name`` and ``workers`` (concurrent tasks per node) are recorded in the run's figures.
+    ``run`` calls ``on_done(task, receipt)`` in the caller's thread once per finished task; the
+    first task error is re-raised after the tasks already running have finished (their receipts
+    still arrive), so the journal stays consistent for a resume. ``budget`` bounds the declared
+    peak host bytes of running tasks per node; ``device`` is ``auto``, ``cpu`` or ``cuda``.
+    """
+
+    name: str
+    workers: int
+
+    def run(
+        self, tasks: Sequence[TensorTask], staging_dir: str, *, budget: int, device: str, on_done: OnDone
+    ) -> ExecutionReport: ...
+
+
+@dataclass
+class Admission:
+    """Declared bytes of the work running in one place (a process, a node) against its budget.
+
+    The one admission rule of every executor: work fits while the bytes in use plus its own stay
+    under the budget; work always fits when nothing is in use, so a task larger than the budget
+    (which ``plan.check_budget`` refuses up front) can never wait forever.
+    """
+
+    budget: int
+    in_use: int = 0
+
+    def fits(self, nbytes: int) -> bool:
+        return self.in_use == 0 or self.in_use + nbytes <= self.budget
+
+    def take(self, nbytes: int) -> None:
+        self.in_use += nbytes
+
+    def give(self, nbytes: int) -> None:
+        self.in_use -= nbytes
+
+
+def wants_accelerator(task: TensorTask, device: str) -> bool:
+    """The one device rule: whether ``task`` computes on an accelerator under the run's ``device``.
+
+    ``cpu`` keeps everything on CPU; ``cuda`` sends every merge there; ``auto`` sends only methods
+    that declare ``prefers_accelerator`` (dense linear algebra), since elementwise work is bound
+    by reading and gains nothing from a copy to the device. Copies never go to an accelerator.
+    """
+    if task.action != "merge" or device == "cpu":
+        return False
+    return device == "cuda" or get_method(task.method).prefers_accelerator
+
+
+def task_device(task: TensorTask, device: str) -> torch.device:
+    """The torch device ``task`` computes on in this process (``auto`` falls back to CPU without CUDA)."""
+    if device != "auto":
+        return torch.device(device)
+    return torch.device("cuda" if wants_accelerator(task, device) and torch.cuda.is_available() else "cpu")
 
 
 def default_memory_budget() -> int:
@@ -28,94 +100,6 @@ def default_memory_budget() -> int:
 
 def default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
-
-
-@dataclass
-class MemoryGate:
-    """Counts declared bytes of running tasks; ``acquire`` blocks until a task fits the budget."""
-
-    budget: int
-    in_use: int = 0
-
-    def __post_init__(self) -> None:
-        self._cv = threading.Condition()
-
-    def acquire(self, nbytes: int) -> None:
-        with self._cv:
-            while self.in_use > 0 and self.in_use + nbytes > self.budget:
-                self._cv.wait()
-            self.in_use += nbytes
-
-    def release(self, nbytes: int) -> None:
-        with self._cv:
-            self.in_use -= nbytes
-            self._cv.notify_all()
-
-
-def run_local(
-    tasks: Sequence[TensorTask],
-    staging_dir: str,
-    *,
-    budget: int,
-    workers: int,
-    device: str,
-    on_done: Callable[[TensorTask, Receipt], None],
-) -> None:
-    """Run ``tasks`` on a thread pool under the memory budget; call ``on_done`` per receipt.
-
-    The first failure cancels what has not started and is re-raised after running tasks finish,
-    so the journal stays consistent for a resume.
-    """
-    gate = MemoryGate(budget)
-    # Split the cores between workers so concurrent tasks do not oversubscribe the CPU. The thread
-    # count is per thread in torch, so it is set in each pool thread (and it fixes reduction
-    # order, which keeps BLAS-heavy methods bit-identical to the Ray executor's slots).
-    threads = max(1, (os.cpu_count() or 1) // max(1, workers))
-    errors: list[BaseException] = []
-
-    def job(task: TensorTask) -> tuple[TensorTask, Receipt]:
-        try:
-            return task, run_task(task, staging_dir, device)
-        finally:
-            gate.release(task.est_host_bytes)
-
-    # Some torch builds apply set_num_threads process-wide: give a library caller its count back.
-    prev_threads = torch.get_num_threads()
-    with contextlib.ExitStack() as restore, ThreadPoolExecutor(
-        max_workers=workers, thread_name_prefix="raymerge", initializer=torch.set_num_threads, initargs=(threads,)
-    ) as pool:
-        restore.callback(torch.set_num_threads, prev_threads)
-        running: set[Future[tuple[TensorTask, Receipt]]] = set()
-
-        def drain(block: bool) -> None:
-            done, _ = wait(running, timeout=None if block else 0, return_when=FIRST_COMPLETED)
-            for fut in done:
-                running.discard(fut)
-                try:
-                    task, receipt = fut.result()
-                except BaseException as exc:  # noqa: BLE001 - re-raised below
-                    errors.append(exc)
-                    continue
-                on_done(task, receipt)
-
-        for task in tasks:
-            if errors:
-                break
-            while len(running) >= workers:
-                drain(block=True)
-            # Wait for memory without holding a pool slot; poll completions meanwhile.
-            while gate.in_use > 0 and gate.in_use + task.est_host_bytes > gate.budget:
-                drain(block=True)
-                if errors:
-                    break
-            if errors:
-                break
-            gate.acquire(task.est_host_bytes)
-            running.add(pool.submit(job, task))
-        while running:
-            drain(block=True)
-    if errors:
-        raise errors[0]
 
 
 def peak_rss_bytes() -> int:
@@ -136,3 +120,16 @@ def peak_rss_bytes() -> int:
     except OSError:
         pass
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+__all__ = [
+    "Admission",
+    "ExecutionReport",
+    "Executor",
+    "OnDone",
+    "default_memory_budget",
+    "default_workers",
+    "peak_rss_bytes",
+    "task_device",
+    "wants_accelerator",
+]

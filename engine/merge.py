@@ -13,8 +13,8 @@ from typing import Any
 from tqdm import tqdm
 
 from raymerge.engine import __version__
-from raymerge.engine.errors import RaymergeError
-from raymerge.engine.executor import default_memory_budget, default_workers, peak_rss_bytes, run_local
+from raymerge.engine.executor import Executor, default_memory_budget, peak_rss_bytes
+from raymerge.engine.local import LocalExecutor
 from raymerge.engine.plan import DEFAULT_SHARD_BYTES, MergePlan, TensorTask, build_plan, check_budget
 from raymerge.engine.recipe import Recipe
 from raymerge.engine.storage import READ_STATS
@@ -83,28 +83,29 @@ def merge(
     recipe: Recipe,
     out: str | Path,
     *,
+    executor: Executor | None = None,
     memory_budget: int | None = None,
     workers: int | None = None,
     out_shard_bytes: int = DEFAULT_SHARD_BYTES,
     overwrite: bool = False,
     progress: bool = True,
     device: str | None = None,
-    executor: str = "local",
-    address: str | None = None,
 ) -> RunFigures:
     """Merge ``recipe`` into the model directory ``out``; resumes a staged run of the same plan.
 
     ``out`` may be a remote URL (``s3://…``): the merge is staged locally (see
     ``writer.default_staging_root``) and uploaded at commit, the loader's entry points last.
 
-    ``executor`` is ``local`` (threads in this process) or ``ray`` (``raymerge.cluster``; joins
-    ``address`` or starts an embedded local Ray). Both run the same ``run_task`` on the same plan,
-    so their outputs are bit-identical.
+    ``executor`` runs the tasks (``executor.Executor``): by default a ``LocalExecutor`` of
+    ``workers`` threads in this process; ``raymerge.cluster.RayExecutor`` runs them on a Ray
+    cluster. Every executor runs the same ``run_task`` on the same plan, so outputs are
+    bit-identical. ``memory_budget`` (bytes, per node) bounds the declared peak host memory of
+    running tasks; default: half the available RAM.
     """
     t0 = time.perf_counter()
-    read0 = READ_STATS.bytes_read
+    read0 = READ_STATS.bytes_read  # headers, read while planning
     budget = memory_budget or default_memory_budget()
-    n_workers = workers or default_workers()
+    runner = executor or LocalExecutor(workers)
     # ``auto`` is resolved per task: dense linear algebra goes to CUDA, elementwise work stays on CPU.
     dev = device or recipe.raymerge.device
     plan = build_plan(recipe, out_shard_bytes=out_shard_bytes)
@@ -124,30 +125,22 @@ def merge(
         receipts[task.id] = receipt
         bar.update(task.read_bytes + task.write_bytes)
 
+    planning_read = READ_STATS.bytes_read - read0
     try:
-        if executor == "local":
-            run_local(todo, str(staging.dir), budget=budget, workers=n_workers, device=dev, on_done=on_done)
-        elif executor == "ray":
-            from raymerge.cluster.executor import run_ray  # Ray is imported only when asked for
-
-            run_ray(
-                todo, str(staging.dir), budget=budget, workers=n_workers, device=dev, on_done=on_done, address=address
-            )
-        else:
-            raise RaymergeError(f"unknown executor {executor!r}", hint="use local or ray")
+        report = runner.run(todo, str(staging.dir), budget=budget, device=dev, on_done=on_done)
     except BaseException:
         staging.close()
         bar.close()
         raise
     bar.close()
     wall = time.perf_counter() - t0
-    read = READ_STATS.bytes_read - read0
+    read = planning_read + report.bytes_read
     figures = RunFigures(
         method=recipe.merge_method, models=len(plan.models), tensors=len({t.tensor for t in plan.tasks}),
         tasks=len(plan.tasks), tasks_resumed=resumed, bytes_read=read,
         bytes_written=sum(t.write_bytes for t in todo), wall_seconds=round(wall, 3),
         read_gbps=round(read / wall / 1e9, 3) if wall > 0 else 0.0, peak_rss_bytes=peak_rss_bytes(),
-        memory_budget=budget, workers=n_workers, executor=executor, device=dev,
+        memory_budget=budget, workers=runner.workers, executor=runner.name, device=dev,
     )  # fmt: skip
     staging.commit(receipts, model_card(plan, figures))
     return figures

@@ -16,6 +16,7 @@ from typing import Any, overload
 import torch
 
 from raymerge.engine.errors import CheckpointError, OutputError, TaskError
+from raymerge.engine.executor import task_device
 from raymerge.engine.methods import MergeArgs, get_method
 from raymerge.engine.methods.precision import prepare_device
 from raymerge.engine.plan import TensorTask
@@ -192,15 +193,6 @@ class TaskChunks:
 
     def expert(self, t: int, r0: int, r1: int) -> torch.Tensor:
         return self._rows(self.stream.first + t, r0, r1)
-
-
-def task_device(task: TensorTask, device: str) -> torch.device:
-    """The device a task computes on: ``auto`` sends accelerator-friendly methods to CUDA."""
-    if device != "auto":
-        return torch.device(device)
-    if task.action == "merge" and get_method(task.method).prefers_accelerator and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 def run_task(task: TensorTask, staging_dir: str, device: str = "cpu") -> Receipt:

@@ -1,11 +1,11 @@
-"""The local executor admits tasks by declared memory: running bytes never exceed the budget."""
+"""The local executor admits tasks by declared memory (the executors' one rule): running bytes never exceed the budget."""
 
 from __future__ import annotations
 
 import threading
 import time
 
-import raymerge.engine.executor as executor
+import raymerge.engine.local as executor
 from raymerge.engine.merge import merge
 from raymerge.engine.plan import build_plan
 from raymerge.engine.recipe import parse_recipe

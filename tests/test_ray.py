@@ -37,6 +37,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from raymerge.cluster import RayExecutor
 from raymerge.engine.merge import merge
 from raymerge.engine.recipe import parse_recipe
 from raymerge.engine.synth import LlamaShape, make_family
@@ -364,9 +365,8 @@ def test_embedded_ray_matches_local(family, tmp_path, capfd):
     text = case_recipe("ties", family)
     want = local_reference(text, tmp_path / "local")
     assert not ray.is_initialized()
-    figures = merge(
-        parse_recipe(text), tmp_path / "ray", progress=False, workers=2, out_shard_bytes=150_000, executor="ray"
-    )
+    figures = merge(parse_recipe(text), tmp_path / "ray", executor=RayExecutor(workers=2), progress=False,
+                    out_shard_bytes=150_000)  # fmt: skip
     assert digests(tmp_path / "ray") == want
     assert not ray.is_initialized(), "an embedded Ray is stopped after the merge"
     assert figures.executor == "ray" and figures.bytes_read > 0
@@ -392,7 +392,7 @@ def run_on_cluster(
 
 
 def node_rows(stderr: str) -> dict[str, list[str]]:
-    """The per-node summary table run_ray prints: node label -> its columns."""
+    """The per-node summary table RayExecutor prints: node label -> its columns."""
     table = stderr.split("Ray run finished", 1)[1].splitlines()[2:]
     return {" ".join(r.split()[:2]): r.split()[2:] for r in table if r.strip() and not r.strip().startswith("total")}
 

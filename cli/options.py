@@ -1,0 +1,80 @@
+"""Command-line options declared once: sizes, and the merge options that ``run`` and ``submit`` share.
+
+``submit`` runs ``raymerge run`` on the cluster; it forwards every merge option the user set
+(``forward``), so a new option of ``run`` reaches submitted jobs by being declared here alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from raymerge.engine.plan import DEFAULT_SHARD_BYTES
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}  # fmt: skip
+
+
+def parse_size(text: str) -> int:
+    """``"2GiB"`` → 2147483648; plain integers are bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 500MB, 2GiB, 1073741824)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+@dataclass(frozen=True)
+class Option:
+    """One command-line option: its flag and ``add_argument`` keywords (``dest`` is derived)."""
+
+    flag: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(self.flag, **self.kwargs)
+
+    def as_args(self, value: Any) -> list[str]:
+        """The flag (and value) that set ``value``; nothing for the default."""
+        if value == self.kwargs.get("default") or value is None:
+            return []
+        if self.kwargs.get("action") == "store_true":
+            return [self.flag] if value else []
+        return [self.flag, str(value)]
+
+
+# Options of a merge that mean the same for `plan`, `run` and a submitted job.
+PLAN_OPTIONS = (
+    Option("--out-shard-size", dict(type=parse_size, default=DEFAULT_SHARD_BYTES,
+                                    help="bytes per output shard (default 5GiB)")),
+    Option("--memory-budget", dict(type=parse_size, default=None,
+                                   help="host memory for running tasks, per node (default: half the available RAM)")),
+    Option("--allow-pickle", dict(action="store_true",
+                                  help="read pytorch_model*.bin checkpoints with torch.load(weights_only=True) "
+                                       "(same as `allow_pickle_bin: true` under `raymerge:`)")),
+)  # fmt: skip
+RUN_OPTIONS = (
+    *PLAN_OPTIONS,
+    Option("--workers", dict(type=int, default=None, help="concurrent tasks per node (default: min(4, cores))")),
+    Option("--device", dict(choices=["auto", "cpu", "cuda"], default=None, help="compute device")),
+    Option("--overwrite", dict(action="store_true", help="replace an existing output directory")),
+)  # fmt: skip
+
+
+def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> None:
+    for opt in options:
+        opt.add_to(parser)
+
+
+def forward(args: argparse.Namespace, options: Sequence[Option]) -> list[str]:
+    """The command-line arguments that reproduce the values ``args`` holds for ``options``."""
+    return [a for opt in options for a in opt.as_args(getattr(args, opt.dest))]
+
+
+__all__ = ["PLAN_OPTIONS", "RUN_OPTIONS", "Option", "add_options", "forward", "parse_size"]

@@ -1,0 +1,88 @@
+"""``LocalExecutor``: a thread pool in this process that admits tasks by declared memory, not by count.
+
+Torch kernels and mmap page faults release the GIL, so threads overlap I/O and compute. A task is
+admitted by the executors' one rule (``executor.Admission``): while the declared peak bytes of
+running tasks plus its own stay under the budget.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+
+import torch
+
+from raymerge.engine.executor import Admission, ExecutionReport, OnDone, default_workers
+from raymerge.engine.plan import TensorTask
+from raymerge.engine.storage import READ_STATS
+from raymerge.engine.task import Receipt, run_task
+
+
+class LocalExecutor:
+    """Runs tasks on ``workers`` threads of this process (see ``executor.Executor``)."""
+
+    name = "local"
+
+    def __init__(self, workers: int | None = None) -> None:
+        self.workers = workers or default_workers()
+
+    def run(
+        self, tasks: Sequence[TensorTask], staging_dir: str, *, budget: int, device: str, on_done: OnDone
+    ) -> ExecutionReport:
+        """Run ``tasks`` on the pool under ``budget``; the first failure cancels what has not started."""
+        read0 = READ_STATS.bytes_read
+        workers = self.workers
+        gate = Admission(budget)
+        lock = threading.Lock()
+        # Split the cores between workers so concurrent tasks do not oversubscribe the CPU. The thread
+        # count is per thread in torch, so it is set in each pool thread (and it fixes reduction
+        # order, which keeps BLAS-heavy methods bit-identical to the Ray executor's slots).
+        threads = max(1, (os.cpu_count() or 1) // max(1, workers))
+        errors: list[BaseException] = []
+
+        def job(task: TensorTask) -> tuple[TensorTask, Receipt]:
+            try:
+                return task, run_task(task, staging_dir, device)
+            finally:
+                with lock:
+                    gate.give(task.est_host_bytes)
+
+        # Some torch builds apply set_num_threads process-wide: give a library caller its count back.
+        prev_threads = torch.get_num_threads()
+        with contextlib.ExitStack() as restore, ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix="raymerge", initializer=torch.set_num_threads, initargs=(threads,)
+        ) as pool:
+            restore.callback(torch.set_num_threads, prev_threads)
+            running: set[Future[tuple[TensorTask, Receipt]]] = set()
+
+            def drain() -> None:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    running.discard(fut)
+                    try:
+                        task, receipt = fut.result()
+                    except BaseException as exc:  # noqa: BLE001 - re-raised below
+                        errors.append(exc)
+                        continue
+                    on_done(task, receipt)
+
+            for task in tasks:
+                # Wait for a free worker and for memory without holding a pool slot.
+                while not errors and (len(running) >= workers or not gate.fits(task.est_host_bytes)):
+                    drain()
+                if errors:
+                    break
+                with lock:
+                    gate.take(task.est_host_bytes)
+                running.add(pool.submit(job, task))
+            while running:
+                drain()
+        if errors:
+            raise errors[0]
+        return ExecutionReport(bytes_read=READ_STATS.bytes_read - read0)
+
+
+__all__ = ["LocalExecutor"]
