@@ -160,7 +160,7 @@ class AuxStream(LazyTensors):
 
 
 class TaskChunks:
-    """A ``chunked.ChunkSource`` over a task's rows, ``chunk_rows`` at a time, read on demand.
+    """A ``chunks.ChunkSource`` over a task's rows, ``chunk_rows`` at a time, read on demand.
 
     Chunks are 2-D views (rows × the rest), so chunked methods see every tensor as a matrix.
     """

@@ -14,8 +14,9 @@ import torch
 
 from raymerge.engine.merge import merge
 from raymerge.engine.methods import METHODS, MergeArgs
-from raymerge.engine.methods import chunked as chunked_mod
-from raymerge.engine.methods.chunked import InMemorySource, bernoulli_mask, mask_key
+from raymerge.engine.methods import masks as masks_mod
+from raymerge.engine.methods.chunks import InMemorySource
+from raymerge.engine.methods.masks import bernoulli_mask, mask_key
 from raymerge.engine.recipe import parse_recipe
 
 from conftest import load_dir, recipe_text
@@ -50,7 +51,7 @@ def test_mask_depends_only_on_the_flat_index(monkeypatch):
     key = mask_key(0, "w", 0)
     whole = bernoulli_mask(key, 0, torch.Size([1000]), 0.5, CPU)
     # any window of it, however it is sliced internally
-    monkeypatch.setattr(chunked_mod, "MASK_SLICE", 17)
+    monkeypatch.setattr(masks_mod, "MASK_SLICE", 17)
     assert torch.equal(bernoulli_mask(key, 123, torch.Size([13, 29]), 0.5, CPU).reshape(-1), whole[123 : 123 + 377])
     assert torch.equal(bernoulli_mask(key, 0, torch.Size([1000]), 0.5, CPU), whole)
 

@@ -12,8 +12,9 @@ import torch
 from raymerge.engine.errors import RecipeError
 from raymerge.engine.merge import merge
 from raymerge.engine.methods import METHODS, MergeArgs
-from raymerge.engine.methods import chunked as chunked_mod
-from raymerge.engine.methods.chunked import InMemorySource, magprune_probs
+from raymerge.engine.methods import masks as masks_mod
+from raymerge.engine.methods.chunks import InMemorySource
+from raymerge.engine.methods.masks import magprune_probs
 from raymerge.engine.plan import build_plan
 from raymerge.engine.recipe import parse_recipe
 
@@ -59,7 +60,7 @@ def test_merge_does_not_depend_on_the_chunking(name, monkeypatch):
     base, experts = _problem()
     pm = [{"weight": 1.0, "density": 0.5, "epsilon": 0.2}] * 3
     whole = _merged(name, base, experts, pm, None)
-    monkeypatch.setattr(chunked_mod, "MASK_SLICE", 50)  # several row slices inside each chunk too
+    monkeypatch.setattr(masks_mod, "MASK_SLICE", 50)  # several row slices inside each chunk too
     for rows in (1, 5, 17):
         assert torch.equal(_merged(name, base, experts, pm, rows), whole), rows
     assert torch.equal(METHODS[name].fn(base, experts, MergeArgs(DELLA, pm, None, "w", 7)), whole)

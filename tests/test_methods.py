@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from raymerge.engine.methods import METHODS, MergeArgs
-from raymerge.engine.methods.chunked import CutMask, InMemorySource, rank_cut
+from raymerge.engine.methods.chunks import InMemorySource
+from raymerge.engine.methods.masks import CutMask, rank_cut
 
 
 def _args(shared, per_model, seed=0):
@@ -134,7 +135,7 @@ def test_ties_keeps_exactly_k_with_ties_in_magnitude():
 def test_block_projection_as_wide_as_the_vocabulary_is_linear_not_embedding():
     """A small model whose hidden size equals its vocabulary must still merge its block weights
     with the method (found by the quality suite: BERT hidden 64, vocab 64 averaged every layer)."""
-    from raymerge.engine.plan import classify
+    from raymerge.engine.arch import classify
     from raymerge.engine.storage import TensorEntry
 
     def entry(name, shape):

@@ -670,36 +670,16 @@ def test_submit_failing_job_exits_nonzero(cluster, family, tmp_path):
     assert "already exists" in stdout and "failed" in stderr
 
 
-EVERY_OTHER_METHOD = {
-    "dare_linear": ({"density": 0.5}, [{"weight": 1.0}] * 3),
-    "breadcrumbs": ({"density": 0.8, "gamma": 0.02}, [{"weight": 1.0}] * 3),
-    "breadcrumbs_ties": ({"density": 0.8, "gamma": 0.02}, [{"weight": 1.0}] * 3),
-    "della": ({"density": 0.5, "epsilon": 0.2}, [{"weight": 1.0}] * 3),
-    "della_linear": ({"density": 0.6}, [{"weight": 0.7}] * 3),
-    "sce": ({"select_topk": 0.4}, None),
-    "multislerp": (None, [{"weight": 1.0}, {"weight": 0.5}, {"weight": 0.8}]),
-    "karcher": ({"max_iter": 20}, None),
-    "nearswap": ({"t": 0.01}, None),
-    "ram": ({"epsilon": 0.004}, None),
-    "ramplus_tl": ({"epsilon": 0.004, "r": 0.5}, None),
-    "passthrough": (None, [{"scale": 0.5}]),
-    "arcee_fusion": (None, None),
-    "nuslerp": ({"nuslerp_flatten": False}, [{"weight": 0.4}, {"weight": 0.6}]),
-    "consensus": ({"k": 2}, None),
-    "actmat": (None, None),
-    "wudi": ({"steps": 50}, None),
-    "tsv_m": (None, None),
-    "iso_c": ({"alpha": 1.5}, None),
-    "iso_cts": (None, None),
-}
-
-
 def test_every_method_matches_local_on_ray(family, tmp_path):
-    """The methods the cluster tests above do not cover, on one embedded Ray session."""
+    """The methods the cluster tests above do not cover, on one embedded Ray session: the rows of
+    tests/method_examples.py marked ``ray``."""
     import ray
 
     from raymerge.engine.methods import METHODS
 
+    from method_examples import EXAMPLES, FALLBACKS
+
+    every_other_method = [e for e in EXAMPLES if e.ray]
     base, experts = family
     # RegMean reads per-expert Gram files: one in×in matrix per linear layer, keyed by module name.
     grams = []
@@ -713,18 +693,16 @@ def test_every_method_matches_local_on_ray(family, tmp_path):
         path = tmp_path / f"grams{i}.safetensors"
         save_file(mats, str(path))
         grams.append({"grams": str(path)})
-    cases = {**EVERY_OTHER_METHOD, "regmean": ({"alpha": 0.9}, grams)}
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        for method, (params, per_model) in cases.items():
-            one = experts[:1]  # methods that take one model besides the base, and nuslerp's two
-            models = {"nuslerp": experts[:2], "nearswap": one, "passthrough": one, "arcee_fusion": one}.get(method, experts)
-            text = recipe_text(method, base, models, params, per_model, extra="raymerge:\n  seed: 1")
-            want = local_reference(text, tmp_path / f"{method}-local")
-            merge(parse_recipe(text), tmp_path / f"{method}-ray", progress=False, workers=2,
-                  out_shard_bytes=150_000, executor="ray")  # fmt: skip
-            assert digests(tmp_path / f"{method}-ray") == want, method
+        for example in every_other_method:
+            per_model = grams if example.inputs == "grams" else None
+            text = example.recipe(base, experts, extra="raymerge:\n  seed: 1", per_model=per_model)
+            want = local_reference(text, tmp_path / f"{example.name}-local")
+            merge(parse_recipe(text), tmp_path / f"{example.name}-ray", executor=RayExecutor(workers=2), progress=False,
+                  out_shard_bytes=150_000)  # fmt: skip
+            assert digests(tmp_path / f"{example.name}-ray") == want, example.name
     finally:
         ray.shutdown()
-    covered = set(cases) | {c[0] for c in CASES.values()} | {"mean", "mean_task_vector"}  # the last two: fallbacks
+    covered = {e.method for e in every_other_method} | {c[0] for c in CASES.values()} | FALLBACKS
     assert covered >= set(METHODS), set(METHODS) - covered

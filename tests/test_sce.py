@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from raymerge.engine.methods import METHODS, MergeArgs
-from raymerge.engine.methods.chunked import InMemorySource
+from raymerge.engine.methods.chunks import InMemorySource
 
 
 def _merged(base, experts, topk, chunk_rows):

@@ -8,7 +8,7 @@ import torch
 
 from raymerge.engine.errors import RecipeError
 from raymerge.engine.methods import METHODS, MergeArgs
-from raymerge.engine.methods.chunked import InMemorySource
+from raymerge.engine.methods.chunks import InMemorySource
 
 
 def _run(method, base, experts, per_model, shared=None, chunk_rows=None):

@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -100,6 +101,44 @@ def pinv_apply(R: torch.Tensor, S: torch.Tensor, rcond: float | None = None) -> 
     return ((R @ Vk) / lam[keep]) @ Vk.T, Vk
 
 
+# ---------------------------------------------------------------------------------------------
+# what every Gram method shares: its memory model, the numerics parameters, the planner traits
+
+
+def _gram_extra(shape: tuple[int, ...], item: int) -> int:
+    cols = shape[1] if len(shape) == 2 else 0
+    return 4 * cols * cols * 8  # S, one C_t, eigenvectors and a temporary, fp64 at worst
+
+
+def _gram_flops(shape: tuple[int, ...], n: int) -> int:
+    rows, cols = (shape + (1, 1))[:2]
+    return n * 4 * rows * cols * cols + 10 * cols**3
+
+
+_COMMON = (
+    Param("lambda", float, S_, 1.0, "scale of the merged task vector"),
+    Param(
+        "precision",
+        str,
+        S_,
+        "auto",
+        "statistics/solve dtype: auto (fp64 on CPU and fast-FP64 GPUs) | fp32 | fp64",
+        ("auto", "fp32", "fp64"),
+    ),
+)
+_TF32 = Param("tf32", bool, S_, False, "TF32 matmuls in the Adam iterations on CUDA (never in statistics or solves)")
+_GRAM: dict[str, Any] = {
+    "oriented": True,  # input side = columns of an out × in weight (Conv1D weights arrive transposed)
+    "applies_to": frozenset({"linear"}),
+    "fallback": "mean",
+    "streams_experts": True,
+    "prefers_accelerator": True,
+    "work_buffers": lambda n: 14,
+    "extra_bytes": _gram_extra,
+    "flops": _gram_flops,
+}
+
+
 def actmat(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: MergeArgs) -> torch.Tensor:
     """ACTMat: W = W₀ + λ·R S⁺ with C_t = Δ_tᵀΔ_t (or weight mode W₀ S S⁺ + R S⁺)."""
     assert base is not None
@@ -116,6 +155,14 @@ def actmat(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: Mer
             projected = (base.to(dtype) @ Vk) @ Vk.T
             return (projected + float(p["lambda"]) * delta).to(base.dtype)
     return (base.to(dtype) + float(p["lambda"]) * delta).to(base.dtype)
+
+
+register(MethodSpec("actmat", actmat, (
+    *_COMMON,
+    Param("merge_mode", str, S_, "delta", "delta: W₀ + R S⁺ | weight: (Σ W_t C_t)(Σ C_t)⁺", ("delta", "weight")),
+    Param("ridge", float, S_, 0.0, "add ridge·mean(diag S) to S's diagonal before solving", low=0.0),
+    Param("rcond", float, S_, -1.0, "eigenvalue cut-off relative to λ_max (negative: pinv default)"),
+), "https://arxiv.org/abs/2604.01329", **_GRAM))  # fmt: skip
 
 
 def wudi_adam(M0: torch.Tensor, S: torch.Tensor, R: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
@@ -176,6 +223,19 @@ def wudi(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: Merge
     return (base.to(dtype) + float(p["lambda"]) * merged).to(base.dtype)
 
 
+register(MethodSpec("wudi", wudi, (
+    *_COMMON,
+    _TF32,
+    Param("solver", str, S_, "adam", "adam | spectral | adaptive | closed_form",
+          ("adam", "spectral", "adaptive", "closed_form")),
+    Param("steps", int, S_, 300, "Adam steps", low=1),
+    Param("lr", float, S_, 1e-5, "Adam learning rate", low=0.0, low_open=True),
+    Param("t", float, S_, 300.0, "spectral filter time f = 1 − exp(−λt)", low=0.0, low_open=True),
+    Param("keep_fraction", float, S_, 1.0, "spectral: keep only this fraction of top eigendirections",
+          low=0.0, high=1.0, low_open=True),
+), "https://arxiv.org/abs/2503.08099", **_GRAM))  # fmt: skip
+
+
 def shrink_off_diagonal(G: torch.Tensor, alpha: float) -> torch.Tensor:
     """RegMean's G̃ = α·G + (1 − α)·diag(G): off-diagonal entries scaled by α, diagonal kept."""
     if alpha == 1:
@@ -215,59 +275,9 @@ def regmean(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: Me
     return merged.to(out_dtype)
 
 
-def _gram_extra(shape: tuple[int, ...], item: int) -> int:
-    cols = shape[1] if len(shape) == 2 else 0
-    return 4 * cols * cols * 8  # S, one C_t, eigenvectors and a temporary, fp64 at worst
-
-
-def _gram_flops(shape: tuple[int, ...], n: int) -> int:
-    rows, cols = (shape + (1, 1))[:2]
-    return n * 4 * rows * cols * cols + 10 * cols**3
-
-
-_COMMON = (
-    Param("lambda", float, S_, 1.0, "scale of the merged task vector"),
-    Param(
-        "precision",
-        str,
-        S_,
-        "auto",
-        "statistics/solve dtype: auto (fp64 on CPU and fast-FP64 GPUs) | fp32 | fp64",
-        ("auto", "fp32", "fp64"),
-    ),
-)
-_TF32 = Param("tf32", bool, S_, False, "TF32 matmuls in the Adam iterations on CUDA (never in statistics or solves)")
-_GRAM = {
-    "oriented": True,  # input side = columns of an out × in weight (Conv1D weights arrive transposed)
-    "applies_to": frozenset({"linear"}),
-    "fallback": "mean",
-    "streams_experts": True,
-    "prefers_accelerator": True,
-    "work_buffers": lambda n: 14,
-    "extra_bytes": _gram_extra,
-    "flops": _gram_flops,
-}
-
-register(MethodSpec("actmat", actmat, (
-    *_COMMON,
-    Param("merge_mode", str, S_, "delta", "delta: W₀ + R S⁺ | weight: (Σ W_t C_t)(Σ C_t)⁺", ("delta", "weight")),
-    Param("ridge", float, S_, 0.0, "add ridge·mean(diag S) to S's diagonal before solving", low=0.0),
-    Param("rcond", float, S_, -1.0, "eigenvalue cut-off relative to λ_max (negative: pinv default)"),
-), "https://arxiv.org/abs/2604.01329", **_GRAM))  # type: ignore[arg-type]  # fmt: skip
 register(MethodSpec("regmean", regmean, (
     Param("grams", str, Scope.MODEL, REQUIRED, "directory or .safetensors file of this expert's input Grams"),
     Param("alpha", float, S_, 0.95, "off-diagonal scale of the Grams (1 = exact RegMean, 0 = diagonal only)",
           low=0.0, high=1.0),
     _COMMON[1],
-), "https://arxiv.org/abs/2212.09849", **{**_GRAM, "aux_param": "grams", "needs_base": False}))  # type: ignore[arg-type]  # fmt: skip
-register(MethodSpec("wudi", wudi, (
-    *_COMMON,
-    _TF32,
-    Param("solver", str, S_, "adam", "adam | spectral | adaptive | closed_form",
-          ("adam", "spectral", "adaptive", "closed_form")),
-    Param("steps", int, S_, 300, "Adam steps", low=1),
-    Param("lr", float, S_, 1e-5, "Adam learning rate", low=0.0, low_open=True),
-    Param("t", float, S_, 300.0, "spectral filter time f = 1 − exp(−λt)", low=0.0, low_open=True),
-    Param("keep_fraction", float, S_, 1.0, "spectral: keep only this fraction of top eigendirections",
-          low=0.0, high=1.0, low_open=True),
-), "https://arxiv.org/abs/2503.08099", **_GRAM))  # type: ignore[arg-type]  # fmt: skip
+), "https://arxiv.org/abs/2212.09849", **{**_GRAM, "aux_param": "grams", "needs_base": False}))  # fmt: skip

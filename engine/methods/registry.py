@@ -110,7 +110,7 @@ class MethodSpec:
     ``prefers_accelerator``: runs on CUDA under ``device: auto`` (dense linear algebra).
     ``extra_bytes(shape, itemsize)``: peak bytes held besides the ``work_buffers`` full-size
     buffers (e.g. an in×in Gram matrix), for memory estimates.
-    ``chunked``: a ``chunked.ChunkedFn`` that computes the tensor in row chunks after statistics
+    ``chunked``: a ``chunks.ChunkedFn`` that computes the tensor in row chunks after statistics
     passes; tasks then run it with bounded memory (``work_buffers`` counts chunk-size buffers),
     and ``fn`` is its whole-tensor adapter.
     ``aux_param``: a per-model parameter naming where each expert's auxiliary in×in matrices live
@@ -152,6 +152,7 @@ class MethodSpec:
 
 
 METHODS: dict[str, MethodSpec] = {}
+
 
 def register(spec: MethodSpec) -> MethodSpec:
     if spec.name in METHODS:

@@ -38,6 +38,7 @@ path; fp32 always uses the exact SVD. ``svd: exact`` skips the Gram path.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -159,6 +160,91 @@ def _opts(args: MergeArgs, base: torch.Tensor) -> tuple[torch.dtype, bool, float
     return dtype, bool(args.shared["tf32"]), float(args.shared["alpha"]), Solver(str(args.shared["svd"]), dtype)
 
 
+# ---------------------------------------------------------------------------------------------
+# what every spectral method shares: SVD cost estimates, the numerics parameters, the traits
+
+
+def _dims(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    rows, cols = (tuple(shape) + (1, 1))[:2]
+    return rows, cols, min(rows, cols)
+
+
+def _svd_bytes(rows: int, cols: int) -> int:
+    """Peak bytes of one thin fp64 SVD besides its input: LAPACK's copy, U, Vᵀ and workspace.
+
+    The 6·r² workspace term bounds the RSS growth measured for CPU ``torch.linalg.svd`` at
+    4096×2048, 3072×3072 and 8192×1024 (2.9–6.3 input sizes in all).
+    """
+    r = min(rows, cols)
+    return _F64 * (rows * cols + rows * r + r * cols + 6 * r * r)
+
+
+def _svd_flops(rows: int, cols: int) -> int:
+    r, big = min(rows, cols), max(rows, cols)
+    return 6 * big * r * r + 20 * r**3
+
+
+def _factor_bytes(shape: tuple[int, ...]) -> int:
+    """Concatenated factors Ū (rows×r), σ̄, V̄ᵀ (r×cols) in fp64."""
+    rows, cols, r = _dims(shape)
+    return _F64 * (rows * r + r + r * cols)
+
+
+def _finish_bytes(shape: tuple[int, ...]) -> int:
+    """Polar factors plus the dense fp64 product at the end."""
+    rows, cols, r = _dims(shape)
+    return _F64 * (rows * r + r * cols + rows * cols)
+
+
+S = Scope.SHARED
+_ALPHA = Param("alpha", float, S, 1.0, "scale of the merged task vector, applied after the SVD work")
+_NUMERICS = (
+    Param(
+        "precision",
+        str,
+        S,
+        "auto",
+        "SVD dtype: auto (fp64 on CPU and fast-FP64 GPUs) | fp32 | fp64",
+        ("auto", "fp32", "fp64"),
+    ),
+    Param("tf32", bool, S, False, "allow TF32 matmuls on CUDA when precision is fp32"),
+    Param(
+        "svd",
+        str,
+        S,
+        "auto",
+        "auto: in fp64, eigh of the smaller Gram matrix where it is well conditioned, else the exact "
+        "SVD | exact: always torch.linalg.svd",
+        ("auto", "exact"),
+    ),
+)
+_SPECTRAL: dict[str, Any] = {
+    "oriented": True,  # input side = columns of an out × in weight (Conv1D weights arrive transposed)
+    "applies_to": frozenset({"linear"}),
+    "fallback": "mean_task_vector",
+    "streams_experts": True,
+    "prefers_accelerator": True,
+    "work_buffers": lambda n: 2,  # τ_t in the compute dtype and the result
+}
+
+
+def mean_task_vector(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: MergeArgs) -> torch.Tensor:
+    """base + alpha·mean_t τ_t: the spectral methods' rule for tensors they do not apply to."""
+    assert base is not None
+    total = torch.zeros_like(base)
+    n = len(experts)
+    for i in range(n):
+        total.add_(experts[i])
+    alpha = float(args.shared["alpha"])
+    if alpha == 1.0:  # bit-identical to the plain mean of the experts
+        return total.div_(n)
+    return total.div_(n).sub_(base).mul_(alpha).add_(base)
+
+
+register(MethodSpec("mean_task_vector", mean_task_vector, (_ALPHA,), "base + alpha · mean task vector",
+                    row_separable=True, streams_experts=True, work_buffers=lambda n: 2))  # fmt: skip
+
+
 def tsv_m(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: MergeArgs) -> torch.Tensor:
     """TSV-M: polar(Ū) diag(σ̄) polar(V̄ᵀ) of each task's top int(r/T) triplets, one expert at a time."""
     assert base is not None
@@ -189,6 +275,22 @@ def tsv_m(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: Merg
     return _finish(base, delta, alpha)
 
 
+def _tsv_extra(shape: tuple[int, ...], item: int) -> int:
+    rows, cols, r = _dims(shape)
+    per_task = _F64 * rows * cols + _svd_bytes(rows, cols)  # τ in fp64 and its SVD
+    polar = max(_svd_bytes(rows, r), _svd_bytes(r, cols)) + _F64 * max(rows, cols) * r
+    return _factor_bytes(shape) + max(per_task, polar, _finish_bytes(shape))
+
+
+def _tsv_flops(shape: tuple[int, ...], n: int) -> int:
+    rows, cols, r = _dims(shape)
+    return n * _svd_flops(rows, cols) + _svd_flops(rows, r) + _svd_flops(r, cols) + 4 * rows * r * cols
+
+
+register(MethodSpec("tsv_m", tsv_m, (_ALPHA, *_NUMERICS), "https://arxiv.org/abs/2412.00081",
+                    extra_bytes=_tsv_extra, flops=_tsv_flops, **_SPECTRAL))  # fmt: skip
+
+
 def _sum_task_vectors(base: torch.Tensor, experts: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     total = torch.zeros(base.shape, dtype=dtype, device=base.device)
     for i in range(len(experts)):
@@ -208,6 +310,20 @@ def iso_c(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: Merg
         delta, s = solver.polar(total, try_gram=total.shape[0] != total.shape[1])
         del total
     return _finish(base, delta.mul_(s.mean()), alpha)
+
+
+def _iso_c_extra(shape: tuple[int, ...], item: int) -> int:
+    rows, cols, _ = _dims(shape)
+    return _F64 * rows * cols + max(_svd_bytes(rows, cols), _finish_bytes(shape))
+
+
+def _iso_c_flops(shape: tuple[int, ...], n: int) -> int:
+    rows, cols, r = _dims(shape)
+    return n * rows * cols + _svd_flops(rows, cols) + 2 * rows * r * cols
+
+
+register(MethodSpec("iso_c", iso_c, (_ALPHA, *_NUMERICS), "https://arxiv.org/abs/2502.04959",
+                    extra_bytes=_iso_c_extra, flops=_iso_c_flops, **_SPECTRAL))  # fmt: skip
 
 
 def iso_cts(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: MergeArgs) -> torch.Tensor:
@@ -256,78 +372,8 @@ def iso_cts(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: Me
     return _finish(base, delta.mul_(s_cat.mean()), alpha)
 
 
-def mean_task_vector(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: MergeArgs) -> torch.Tensor:
-    """base + alpha·mean_t τ_t: the spectral methods' rule for tensors they do not apply to."""
-    assert base is not None
-    total = torch.zeros_like(base)
-    n = len(experts)
-    for i in range(n):
-        total.add_(experts[i])
-    alpha = float(args.shared["alpha"])
-    if alpha == 1.0:  # bit-identical to the plain mean of the experts
-        return total.div_(n)
-    return total.div_(n).sub_(base).mul_(alpha).add_(base)
-
-
-# ---- estimates for the planner -------------------------------------------------------------------
-
-
-def _dims(shape: tuple[int, ...]) -> tuple[int, int, int]:
-    rows, cols = (tuple(shape) + (1, 1))[:2]
-    return rows, cols, min(rows, cols)
-
-
-def _svd_bytes(rows: int, cols: int) -> int:
-    """Peak bytes of one thin fp64 SVD besides its input: LAPACK's copy, U, Vᵀ and workspace.
-
-    The 6·r² workspace term bounds the RSS growth measured for CPU ``torch.linalg.svd`` at
-    4096×2048, 3072×3072 and 8192×1024 (2.9–6.3 input sizes in all).
-    """
-    r = min(rows, cols)
-    return _F64 * (rows * cols + rows * r + r * cols + 6 * r * r)
-
-
-def _svd_flops(rows: int, cols: int) -> int:
-    r, big = min(rows, cols), max(rows, cols)
-    return 6 * big * r * r + 20 * r**3
-
-
-def _factor_bytes(shape: tuple[int, ...]) -> int:
-    """Concatenated factors Ū (rows×r), σ̄, V̄ᵀ (r×cols) in fp64."""
-    rows, cols, r = _dims(shape)
-    return _F64 * (rows * r + r + r * cols)
-
-
-def _finish_bytes(shape: tuple[int, ...]) -> int:
-    """Polar factors plus the dense fp64 product at the end."""
-    rows, cols, r = _dims(shape)
-    return _F64 * (rows * r + r * cols + rows * cols)
-
-
-def _tsv_extra(shape: tuple[int, ...], item: int) -> int:
-    rows, cols, r = _dims(shape)
-    per_task = _F64 * rows * cols + _svd_bytes(rows, cols)  # τ in fp64 and its SVD
-    polar = max(_svd_bytes(rows, r), _svd_bytes(r, cols)) + _F64 * max(rows, cols) * r
-    return _factor_bytes(shape) + max(per_task, polar, _finish_bytes(shape))
-
-
-def _iso_c_extra(shape: tuple[int, ...], item: int) -> int:
-    rows, cols, _ = _dims(shape)
-    return _F64 * rows * cols + max(_svd_bytes(rows, cols), _finish_bytes(shape))
-
-
 def _iso_cts_extra(shape: tuple[int, ...], item: int) -> int:
     return _factor_bytes(shape) + _tsv_extra(shape, item)
-
-
-def _tsv_flops(shape: tuple[int, ...], n: int) -> int:
-    rows, cols, r = _dims(shape)
-    return n * _svd_flops(rows, cols) + _svd_flops(rows, r) + _svd_flops(r, cols) + 4 * rows * r * cols
-
-
-def _iso_c_flops(shape: tuple[int, ...], n: int) -> int:
-    rows, cols, r = _dims(shape)
-    return n * rows * cols + _svd_flops(rows, cols) + 2 * rows * r * cols
 
 
 def _iso_cts_flops(shape: tuple[int, ...], n: int) -> int:
@@ -335,43 +381,6 @@ def _iso_cts_flops(shape: tuple[int, ...], n: int) -> int:
     return _iso_c_flops(shape, n) + n * (4 * rows * r * cols + _svd_flops(rows, cols)) + _tsv_flops(shape, 0)
 
 
-S = Scope.SHARED
-_ALPHA = Param("alpha", float, S, 1.0, "scale of the merged task vector, applied after the SVD work")
-_NUMERICS = (
-    Param(
-        "precision",
-        str,
-        S,
-        "auto",
-        "SVD dtype: auto (fp64 on CPU and fast-FP64 GPUs) | fp32 | fp64",
-        ("auto", "fp32", "fp64"),
-    ),
-    Param("tf32", bool, S, False, "allow TF32 matmuls on CUDA when precision is fp32"),
-    Param(
-        "svd",
-        str,
-        S,
-        "auto",
-        "auto: in fp64, eigh of the smaller Gram matrix where it is well conditioned, else the exact "
-        "SVD | exact: always torch.linalg.svd",
-        ("auto", "exact"),
-    ),
-)
-_SPECTRAL = {
-    "oriented": True,  # input side = columns of an out × in weight (Conv1D weights arrive transposed)
-    "applies_to": frozenset({"linear"}),
-    "fallback": "mean_task_vector",
-    "streams_experts": True,
-    "prefers_accelerator": True,
-    "work_buffers": lambda n: 2,  # τ_t in the compute dtype and the result
-}
-
-register(MethodSpec("mean_task_vector", mean_task_vector, (_ALPHA,), "base + alpha · mean task vector",
-                    row_separable=True, streams_experts=True, work_buffers=lambda n: 2))  # fmt: skip
-register(MethodSpec("tsv_m", tsv_m, (_ALPHA, *_NUMERICS), "https://arxiv.org/abs/2412.00081",
-                    extra_bytes=_tsv_extra, flops=_tsv_flops, **_SPECTRAL))  # fmt: skip
-register(MethodSpec("iso_c", iso_c, (_ALPHA, *_NUMERICS), "https://arxiv.org/abs/2502.04959",
-                    extra_bytes=_iso_c_extra, flops=_iso_c_flops, **_SPECTRAL))  # fmt: skip
 register(MethodSpec("iso_cts", iso_cts, (
     _ALPHA, Param("common_space_fraction", float, S, 0.8, "share of the rank given to the common subspace", low=0.0,
           high=1.0),
