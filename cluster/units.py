@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from raymerge.engine.arch import layer_index
 from raymerge.engine.executor import wants_accelerator
 from raymerge.engine.plan import TensorTask
-from raymerge.engine.recipe import layer_index
 from raymerge.engine.storage import is_local, local_path
 
 

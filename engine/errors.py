@@ -62,3 +62,7 @@ class TaskError(RaymergeError):
 
 class AlignmentError(RaymergeError):
     """Two models cannot be permutation-aligned: unsupported architecture, or a spec that does not fit."""
+
+
+class StatsError(RaymergeError):
+    """Statistics cannot be collected: bad data file, unknown module name, model that does not fit."""

@@ -9,7 +9,6 @@ take precedence over top-level ones, which take precedence over the method's def
 from __future__ import annotations
 
 import difflib
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from raymerge.engine.arch import layer_index
 from raymerge.engine.errors import RecipeError
 from raymerge.engine.methods import METHODS, MethodSpec, Param, Scope
 from raymerge.engine.storage import dtype_from_name
@@ -380,15 +380,6 @@ def resolve_param(param: Param, scopes: list[dict[str, Any]], tensor_name: str, 
     if param.required:
         raise RecipeError(f"{where}: no value of required parameter {param.name!r} applies", tensor=tensor_name)
     return param.default
-
-
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks|block)\.(\d+)\.")
-
-
-def layer_index(tensor_name: str) -> int | None:
-    """Transformer block index in a tensor name (``model.layers.7.mlp…`` → 7), else None."""
-    m = _LAYER_RE.search(tensor_name)
-    return int(m.group(1)) if m else None
 
 
 @dataclass(frozen=True)

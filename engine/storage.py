@@ -5,26 +5,21 @@ without copying) and only the pages a task touches are faulted in; remote shards
 HTTP/S3 range requests for exactly the rows a task needs. ``safetensors.safe_open`` is not used
 here: it is local-only and loads whole tensors.
 
-Pickle checkpoints (``pytorch_model*.bin``) are refused unless the recipe opts in. With the
-opt-in, their tensor table comes from ``torch.load(weights_only=True, map_location="meta")``,
-which unpickles nothing but tensors and containers and reads no tensor data; each tensor's bytes
-are an uncompressed record of the zip archive, so from then on a ``.bin`` shard is read exactly
-like a safetensors one (mmap locally, range reads remotely).
+The safetensors format itself (dtype tags, entries, header validation) is ``headers``; pickle
+checkpoints (``pytorch_model*.bin``, only with the recipe's opt-in) are ``pickle_bin``. Both are
+re-exported here, the one module the rest of the engine reads checkpoints through.
 """
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import json
 import logging
 import mmap
 import os
 import posixpath
-import re
 import threading
 import time
-import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, TypeVar
@@ -33,143 +28,20 @@ import fsspec
 import torch
 
 from raymerge.engine.errors import CheckpointError, HeaderError, RaymergeError
+from raymerge.engine.headers import (
+    DTYPES,
+    FLOAT_TAGS,
+    MAX_HEADER_BYTES,
+    TAG_OF_DTYPE,
+    TensorEntry,
+    dtype_from_name,
+    parse_header,
+    row_span,
+)
+from raymerge.engine.pickle_bin import PICKLE_INDEX, PICKLE_OPT_IN, PICKLE_SINGLE, is_pickle_shard, torch_zip_entries
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-# safetensors dtype tag -> (torch dtype, bytes per element)
-DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "F64": (torch.float64, 8),
-    "F32": (torch.float32, 4),
-    "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2),
-    "I64": (torch.int64, 8),
-    "I32": (torch.int32, 4),
-    "I16": (torch.int16, 2),
-    "I8": (torch.int8, 1),
-    "U8": (torch.uint8, 1),
-    "BOOL": (torch.bool, 1),
-    "F8_E4M3": (torch.float8_e4m3fn, 1),
-    "F8_E5M2": (torch.float8_e5m2, 1),
-}
-FLOAT_TAGS = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
-TAG_OF_DTYPE = {dt: tag for tag, (dt, _) in DTYPES.items()}
-# A header larger than this is refused before any allocation (safetensors uses 100 MB).
-MAX_HEADER_BYTES = 100 * 1024 * 1024
-
-
-def dtype_from_name(name: str) -> torch.dtype:
-    """Map a recipe dtype name (``float32``, ``bfloat16``, ``fp16`` …) to a torch dtype."""
-    aliases = {
-        "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-        "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-        "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-        "float64": torch.float64, "fp64": torch.float64,
-    }  # fmt: skip
-    if name not in aliases:
-        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(aliases)}")
-    return aliases[name]
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    """One tensor in a safetensors file: dtype tag, shape and absolute byte range in the file."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    start: int  # absolute file offset of the first byte
-    end: int  # absolute file offset one past the last byte
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.start
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype][0]
-
-    @property
-    def itemsize(self) -> int:
-        return DTYPES[self.dtype][1]
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-    @property
-    def is_float(self) -> bool:
-        return self.dtype in FLOAT_TAGS
-
-    def row_bytes(self) -> int:
-        """Bytes of one leading-dimension row (the whole tensor for scalars)."""
-        if not self.shape:
-            return self.nbytes
-        return self.nbytes // max(self.shape[0], 1) if self.shape[0] else 0
-
-
-def parse_header(raw: bytes, file_size: int, file: str) -> tuple[dict[str, TensorEntry], dict[str, str], int]:
-    """Validate and parse a safetensors header.
-
-    ``raw`` is the JSON header (without the 8-byte length prefix). Returns the entries, the
-    ``__metadata__`` map and the absolute offset where the data section starts. Offsets must lie
-    inside the file, tensors may not overlap, and each byte range must match dtype × shape.
-    """
-    data_start = 8 + len(raw)
-    try:
-        obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HeaderError(f"header is not valid UTF-8 JSON: {exc}", file=file) from None
-    if not isinstance(obj, dict):
-        raise HeaderError("header JSON is not an object", file=file)
-    metadata_raw = obj.pop("__metadata__", None) or {}
-    if not isinstance(metadata_raw, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata_raw.items()
-    ):
-        raise HeaderError("__metadata__ must map strings to strings", file=file)
-    data_len = file_size - data_start
-    if data_len < 0:
-        raise HeaderError(f"header length {len(raw)} runs past the end of the file ({file_size} bytes)", file=file)
-    entries: dict[str, TensorEntry] = {}
-    for name, info in obj.items():
-        if not isinstance(info, dict):
-            raise HeaderError("tensor entry is not an object", file=file, tensor=name)
-        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in DTYPES:
-            raise HeaderError(f"unsupported dtype {dtype!r}", file=file, tensor=name)
-        if not isinstance(shape, list) or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-        ):
-            raise HeaderError(f"bad shape {shape!r}", file=file, tensor=name)
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-        ):
-            raise HeaderError(f"bad data_offsets {offsets!r}", file=file, tensor=name)
-        lo, hi = offsets
-        if not 0 <= lo <= hi <= data_len:
-            raise HeaderError(
-                f"data_offsets {offsets} lie outside the data section ({data_len} bytes)",
-                file=file, tensor=name, hint="the file is truncated or corrupt",
-            )  # fmt: skip
-        numel = 1
-        for d in shape:
-            numel *= d
-        if numel * DTYPES[dtype][1] != hi - lo:
-            raise HeaderError(
-                f"{dtype}{shape} needs {numel * DTYPES[dtype][1]} bytes but data_offsets span {hi - lo}",
-                file=file, tensor=name,
-            )  # fmt: skip
-        entries[name] = TensorEntry(name, dtype, tuple(shape), data_start + lo, data_start + hi)
-    spans = sorted((e.start, e.end, e.name) for e in entries.values() if e.end > e.start)
-    for (_, a_end, a_name), (b_start, _, b_name) in zip(spans, spans[1:], strict=False):
-        if b_start < a_end:
-            raise HeaderError(f"byte range overlaps tensor {a_name}", file=file, tensor=b_name)
-    return entries, dict(metadata_raw), data_start
 
 
 def _split_url(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -257,7 +129,7 @@ class ShardReader:
             fs, path = self._fs, self._path
             self.size = int(with_retries(lambda: fs.size(path), url, "stat"))
         if is_pickle_shard(url):
-            self.entries = torch_zip_entries(url, self.size, self._open)
+            self.entries = torch_zip_entries(url, self.size, self._open, local_path(url) if is_local(url) else None)
             self.metadata: dict[str, str] = {}
             self.data_start = 0
             return
@@ -334,114 +206,6 @@ class ShardReader:
         if hi > lo:
             with contextlib.suppress(OSError, ValueError):
                 self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
-
-
-PICKLE_INDEX = "pytorch_model.bin.index.json"
-PICKLE_SINGLE = "pytorch_model.bin"
-PICKLE_OPT_IN = (
-    "raymerge never unpickles by default; to load it with torch.load(weights_only=True), "
-    "set `allow_pickle_bin: true` under `raymerge:` in the recipe or pass --allow-pickle "
-    "(or convert the checkpoint to safetensors)"
-)
-
-
-def is_pickle_shard(url: str) -> bool:
-    """A ``.bin`` shard: torch's zip serialization of a state dict (read only after the opt-in)."""
-    return url.endswith(".bin")
-
-
-def _unpickle_refusal(exc: Exception) -> str:
-    """One line out of torch's multi-paragraph weights_only error: the global it refused."""
-    m = re.search(r"(?:unsupported GLOBAL|Unsupported global: GLOBAL) ([\w.]+)", str(exc))
-    what = f"refers to {m.group(1)}" if m else "holds objects other than tensors"
-    return f"the pickle {what}, which weights_only loading refuses; nothing was executed"
-
-
-def torch_zip_entries(url: str, size: int, opener: Callable[[], IO[bytes]]) -> dict[str, TensorEntry]:
-    """The tensors of a torch zip checkpoint as absolute byte ranges in the file, reading no tensor data.
-
-    ``torch.load(weights_only=True, map_location="meta")`` unpickles the state dict with torch's
-    restricted unpickler (tensors, containers, primitive types; any other global is refused before
-    it is called) and tells, per storage, the file offset of its zip record. Each range is then
-    checked against the zip directory: inside one uncompressed ``data/`` record, inside the file,
-    little-endian, contiguous. ``opener`` gives a seekable file object (remote: small blocks).
-    """
-    import pickle
-
-    local = is_local(url)
-    with opener() as f:
-        try:
-            # A local path lets torch memory-map instead of reading; remote, it reads through ``f``.
-            source: str | IO[bytes] = local_path(url) if local else f
-            state = torch.load(source, map_location="meta", weights_only=True, mmap=local)
-        except pickle.UnpicklingError as exc:
-            raise CheckpointError(
-                _unpickle_refusal(exc), file=url, hint="get a safetensors copy of this model from a source you trust"
-            ) from None
-        except RaymergeError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError/ValueError/... for bad archives
-            raise CheckpointError(
-                f"not a torch zip checkpoint: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
-                file=url, hint="re-save it with torch.save (torch >= 1.6) or convert it to safetensors",
-            ) from None  # fmt: skip
-        if not isinstance(state, dict):
-            raise CheckpointError(f"holds a {type(state).__name__}, not a state dict of tensors", file=url)
-        try:
-            f.seek(0)
-            archive = zipfile.ZipFile(f)
-            infos = archive.infolist()
-            order = [i for i in infos if i.filename.endswith("/byteorder")]
-            byteorder = archive.read(order[0]).decode() if order else "little"
-        except (zipfile.BadZipFile, OSError, UnicodeDecodeError, EOFError) as exc:
-            raise CheckpointError(f"cannot read the zip directory: {exc}", file=url) from None
-    if byteorder != "little":
-        raise CheckpointError(f"{byteorder}-endian checkpoint", file=url, hint="re-save it on a little-endian machine")
-    records = sorted((i for i in infos if "/data/" in i.filename), key=lambda i: i.header_offset)
-    starts = [i.header_offset for i in records]
-    entries: dict[str, TensorEntry] = {}
-    for name, t in state.items():
-        if not isinstance(name, str) or not isinstance(t, torch.Tensor):
-            raise CheckpointError(f"entry {name!r} is a {type(t).__name__}, not a tensor", file=url)
-        tag = TAG_OF_DTYPE.get(t.dtype)
-        if tag is None:
-            raise CheckpointError(f"unsupported dtype {t.dtype}", file=url, tensor=name)
-        if not t.is_contiguous():
-            raise CheckpointError(
-                "tensor is stored as a strided view", file=url, tensor=name,
-                hint="re-save the state dict with contiguous tensors, or convert it to safetensors",
-            )  # fmt: skip
-        offset = getattr(t.untyped_storage(), "_checkpoint_offset", None)
-        item = DTYPES[tag][1]
-        start = (offset if isinstance(offset, int) else 0) + int(t.storage_offset()) * item
-        end = start + int(t.numel()) * item
-        # The record holding this storage: the last one whose local header starts before it.
-        k = bisect.bisect_left(starts, offset) - 1 if isinstance(offset, int) else -1
-        rec = records[k] if k >= 0 else None
-        if (
-            offset is None
-            or rec is None
-            or rec.compress_type != zipfile.ZIP_STORED
-            or offset <= rec.header_offset
-            or offset - rec.header_offset > 30 + len(rec.filename.encode()) + 0xFFFF  # local header + extra
-            or end > offset + rec.file_size
-            or end > size
-        ):
-            raise CheckpointError(
-                "tensor bytes are not an uncompressed record of the archive", file=url, tensor=name,
-                hint="re-save it with torch.save or convert it to safetensors",
-            )  # fmt: skip
-        entries[name] = TensorEntry(name, tag, tuple(t.shape), start, end)
-    return entries
-
-
-def row_span(entry: TensorEntry, row_start: int = 0, row_end: int | None = None) -> tuple[int, int]:
-    """Absolute byte range of rows ``[row_start, row_end)`` of a tensor (all of it if 0-D)."""
-    if not entry.shape:
-        return entry.start, entry.end
-    row_end = entry.shape[0] if row_end is None else row_end
-    rb = entry.row_bytes()
-    return entry.start + row_start * rb, entry.start + row_end * rb
 
 
 def _u64(b: bytes) -> tuple[int]:
@@ -684,3 +448,29 @@ def open_checkpoint(url: str, *, allow_pickle: bool = False) -> Checkpoint:
             f"index lists {len(missing)} tensor(s) no shard contains", file=index_url, tensor=missing[0]
         )
     return Checkpoint(url=url, config=config, shard_of=shard_of, entries=entries)
+
+
+__all__ = [
+    "DTYPES",
+    "FLOAT_TAGS",
+    "READ_STATS",
+    "TAG_OF_DTYPE",
+    "Checkpoint",
+    "ShardReader",
+    "TensorEntry",
+    "clear_shard_cache",
+    "dtype_from_name",
+    "exists",
+    "is_local",
+    "join_url",
+    "list_dir",
+    "local_path",
+    "open_checkpoint",
+    "open_shard",
+    "output_overlap",
+    "parse_header",
+    "read_blob",
+    "read_text",
+    "row_span",
+    "with_retries",
+]

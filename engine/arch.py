@@ -1,0 +1,148 @@
+"""What a model looks like: the one module that knows architectures by their names.
+
+Everything here is a pure function of tensor names, module names, shapes and ``config.json``
+values — no tensor data, no model walking. The planner asks it which class a tensor is and how a
+linear weight is stored, recipes ask it which block a tensor is in, statistics ask it where a
+block's attention output and MLP input are, alignment asks it which model types it has
+permutation specs for, and TACT asks it which config flags switch biases on. Adding an
+architecture means adding its names here.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Iterable
+from typing import Any
+
+from raymerge.engine.errors import PlanError
+from raymerge.engine.storage import TensorEntry
+
+# ------------------------------------------------------------------------------------------------ blocks
+
+# Numbered transformer blocks: Llama ``model.layers.7.``, GPT-2 ``h.7.``, BERT ``encoder.layer.7.``,
+# ViT/others ``blocks.7.`` / ``block.7.``.
+LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks|block)\.(\d+)\.")
+
+
+def layer_index(tensor_name: str) -> int | None:
+    """Transformer block index in a tensor name (``model.layers.7.mlp…`` → 7), else None."""
+    m = LAYER_RE.search(tensor_name)
+    return int(m.group(1)) if m else None
+
+
+def num_layers(config: dict[str, Any], names: Iterable[str]) -> int:
+    """Number of transformer blocks: from the config (``num_hidden_layers``, ``n_layer``,
+    ``num_layers``), else one more than the highest block index among ``names``, else 1."""
+    n = config.get("num_hidden_layers") or config.get("n_layer") or config.get("num_layers")
+    if isinstance(n, int):
+        return n
+    idxs = [i for i in (layer_index(name) for name in names) if i is not None]
+    return max(idxs) + 1 if idxs else 1
+
+
+# ------------------------------------------------------------------------------------------------ tensors
+
+# Names of 2-D tables that are looked up, not multiplied (token, position and type embeddings,
+# T5's relative-position buckets) and of LM heads: Gram and spectral methods give them their fallback.
+EMBED_HINTS = (
+    "embed_tokens", "lm_head", "wte", "word_embeddings", "embed_out", "tok_embeddings", "output.weight",
+    "wpe", "position_embedding", "token_type_embeddings", "embed_positions", "relative_attention_bias",
+)  # fmt: skip
+
+# Model types whose linear layers are transformers' Conv1D (weight stored in × out, y = x W + b).
+INPUT_MAJOR_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
+
+
+def is_embedding_name(name: str) -> bool:
+    """True when ``name`` names an embedding table or LM head (see ``EMBED_HINTS``)."""
+    return any(h in name for h in EMBED_HINTS)
+
+
+def linear_layout(tensor_class: str, config: dict[str, Any]) -> str:
+    """``in_out`` for the 2-D weights of Conv1D models, else ``out_in`` (``nn.Linear``)."""
+    return "in_out" if tensor_class == "linear" and config.get("model_type") in INPUT_MAJOR_MODEL_TYPES else "out_in"
+
+
+def classify(name: str, entry: TensorEntry, vocab_size: int | None) -> str:
+    """Tensor class: ``buffer`` (non-float), ``embedding`` (token embeddings / LM head),
+    ``linear`` (other 2-D weights), ``vector`` (≤1-D) or ``other`` (≥3-D, e.g. convolutions).
+
+    A 2-D tensor is an embedding by name, or by a first dimension equal to the vocabulary size —
+    but only outside numbered blocks: inside a block that shape is a projection whose width
+    happens to equal the vocabulary (small models), and treating it as an embedding would give it
+    the fallback merge instead of the method's."""
+    if not entry.is_float:
+        return "buffer"
+    vocab_shaped = vocab_size is not None and entry.shape[0] == vocab_size and layer_index(name) is None
+    if len(entry.shape) == 2 and (is_embedding_name(name) or vocab_shaped):
+        return "embedding"
+    if len(entry.shape) == 2:
+        return "linear"
+    if len(entry.shape) <= 1:
+        return "vector"
+    return "other"
+
+
+def fused_blocks(name: str, e: TensorEntry, config: dict[str, Any]) -> list[int] | None:
+    """Row sizes of the blocks of a packed projection, from the model config; None if not packed.
+
+    Known layouts: ``qkv_proj`` = [q; k; v] with heads·head_dim and kv_heads·head_dim rows
+    (Phi-3 style), ``gate_up_proj`` = [gate; up] with equal halves.
+    """
+    if len(e.shape) != 2:
+        return None
+    rows = e.shape[0]
+    if name.endswith("qkv_proj.weight"):
+        heads = config.get("num_attention_heads")
+        kv = config.get("num_key_value_heads") or heads
+        hidden = config.get("hidden_size")
+        if not (isinstance(heads, int) and isinstance(kv, int) and isinstance(hidden, int)):
+            raise PlanError("split_fused needs num_attention_heads and hidden_size in config.json", tensor=name)
+        hd = config.get("head_dim") or hidden // heads
+        blocks = [heads * hd, kv * hd, kv * hd]
+    elif name.endswith("gate_up_proj.weight"):
+        blocks = [rows // 2, rows - rows // 2]
+    else:
+        return None
+    if sum(blocks) != rows:
+        raise PlanError(
+            f"packed projection has {rows} rows but the config implies blocks {blocks}", tensor=name,
+            hint="set raymerge.split_fused: false to merge it as stored",
+        )  # fmt: skip
+    return blocks
+
+
+# ------------------------------------------------------------------------------------------------ modules
+
+# Module of a block (relative name) whose output is the attention output (Llama, BERT, GPT-2,
+# OPT/BART, GPT-NeoX/Falcon, ...), and the one whose output is the MLP hidden pre-activation.
+ATTN_OUT_MODULES = ("self_attn.o_proj", "attention.output", "attn.c_proj", "self_attn.out_proj", "attn.out_proj",
+                    "self_attention.dense", "attn.o_proj")  # fmt: skip
+MLP_PRE_MODULES = ("mlp.gate_proj", "intermediate.dense", "mlp.c_fc", "mlp.fc1", "mlp.dense_h_to_4h", "mlp.up_proj")
+
+
+def block_points(block: str, modules: Collection[str]) -> tuple[str | None, str | None]:
+    """The attention-output and MLP pre-activation modules of ``block`` (a module name) among
+    ``modules`` (all module names of the model), each None when no known name is present."""
+    attn = next((f"{block}.{s}" for s in ATTN_OUT_MODULES if f"{block}.{s}" in modules), None)
+    mlp = next((f"{block}.{s}" for s in MLP_PRE_MODULES if f"{block}.{s}" in modules), None)
+    return attn, mlp
+
+
+# ------------------------------------------------------------------------------------------------ model types
+
+# Model types with a Llama-style permutation spec (gate/up/down MLP, q/k/v/o attention with
+# grouped key/value heads) and with a BERT-style one (intermediate/output dense, query/key/value).
+LLAMA_LIKE = ("llama", "mistral", "qwen2")
+BERT_LIKE = ("bert", "roberta")
+
+# config.json flags that give linear layers a bias, tried in order when folding a shift into a
+# layer that has none (Llama's attention_bias / mlp_bias, others' bias / use_bias, Megatron's).
+BIAS_FLAGS = ("attention_bias", "mlp_bias", "bias", "use_bias", "add_bias_linear")
+
+
+__all__ = [
+    "ATTN_OUT_MODULES", "BERT_LIKE", "BIAS_FLAGS", "EMBED_HINTS", "INPUT_MAJOR_MODEL_TYPES", "LAYER_RE", "LLAMA_LIKE",
+    "MLP_PRE_MODULES", "block_points", "classify", "fused_blocks", "is_embedding_name",
+    "layer_index", "linear_layout", "num_layers",
+]  # fmt: skip

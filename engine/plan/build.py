@@ -1,0 +1,84 @@
+"""``build_plan``: from a recipe and checkpoint headers to tasks and an output layout.
+
+Reads headers only (never tensor data) and fails early on any disagreement between models.
+"""
+
+from __future__ import annotations
+
+from raymerge.engine.arch import is_embedding_name, num_layers
+from raymerge.engine.errors import CheckpointError
+from raymerge.engine.plan.layout import lay_out, tensor_order
+from raymerge.engine.plan.tasks import PlanContext, tensor_tasks
+from raymerge.engine.plan.types import DEFAULT_SHARD_BYTES, MergePlan, TensorTask
+from raymerge.engine.recipe import Recipe
+from raymerge.engine.storage import DTYPES, TAG_OF_DTYPE, Checkpoint, dtype_from_name, open_checkpoint
+
+
+def check_agreement(ckpts: list[Checkpoint], ref: Checkpoint) -> None:
+    """Every model has the reference's tensors with the same shapes and dtypes, or one clear error."""
+    names = set(ref.entries)
+    for ck in ckpts:
+        if ck is ref:
+            continue
+        missing = sorted(names - set(ck.entries))
+        if missing:
+            raise CheckpointError(
+                f"tensor is missing from model {ck.url} (present in {ref.url})", file=ck.url, tensor=missing[0]
+            )
+        extra = sorted(set(ck.entries) - names)
+        if extra:
+            raise CheckpointError(f"model {ck.url} has a tensor that {ref.url} lacks", file=ck.url, tensor=extra[0])
+        for name, e in ref.entries.items():
+            o = ck.entries[name]
+            if o.shape != e.shape:
+                vocab = len(e.shape) == 2 and is_embedding_name(name)
+                raise CheckpointError(
+                    f"shape {list(o.shape)} in model {ck.url} differs from {list(e.shape)} in {ref.url}",
+                    file=ck.shard_of[name], tensor=name,
+                    hint=(
+                        "vocabulary sizes differ; resize the embeddings to a common vocabulary before merging"
+                        if vocab else "models must share one architecture"
+                    ),
+                )  # fmt: skip
+            if o.dtype != e.dtype:
+                raise CheckpointError(
+                    f"dtype {o.dtype} in model {ck.url} differs from {e.dtype} in {ref.url}",
+                    file=ck.shard_of[name], tensor=name, hint="convert the checkpoints to one dtype",
+                )  # fmt: skip
+
+
+def build_plan(recipe: Recipe, *, out_shard_bytes: int = DEFAULT_SHARD_BYTES) -> MergePlan:
+    """Open every checkpoint's headers, validate them and lay out tasks and output shards."""
+    method = recipe.method
+    urls = recipe.model_urls()
+    ckpts = {u: open_checkpoint(u, allow_pickle=recipe.raymerge.allow_pickle_bin) for u in urls}
+    experts = recipe.expert_urls()
+    base_url = recipe.base_model if recipe.base_model else experts[0]
+    ref = ckpts[base_url]
+    check_agreement(list(ckpts.values()), ref)
+    has_base = method.needs_base or (recipe.base_model is not None and not method.includes_base_in_inputs)
+    config = dict(ref.config)
+    out_tag: str | None = None
+    if recipe.out_dtype or recipe.dtype:
+        out_tag = TAG_OF_DTYPE[dtype_from_name(recipe.out_dtype or recipe.dtype or "")]
+    ctx = PlanContext(
+        recipe=recipe, ckpts=ckpts, base_url=base_url,
+        inputs=([recipe.base_model] if has_base and recipe.base_model else []) + experts, experts=experts,
+        has_base=has_base, config=config,
+        vocab=config.get("vocab_size") if isinstance(config.get("vocab_size"), int) else None,
+        n_layers=num_layers(config, ref.entries),
+        compute_dtype=dtype_from_name(recipe.raymerge.compute_dtype) if recipe.raymerge.compute_dtype else None,
+        aux_cache={},
+    )  # fmt: skip
+    names = sorted(ref.entries, key=tensor_order)
+    layout = lay_out(names, ref.entries, out_tag, out_shard_bytes)
+    tasks: list[TensorTask] = []
+    for name in names:
+        tasks += tensor_tasks(ctx, name, layout.offset_of[name], layout.dtype_of[name])
+    tok = recipe.tokenizer_source
+    tokenizer_from = base_url if tok in (None, "base") else tok
+    out_dtype_name = str(DTYPES[out_tag][0]).replace("torch.", "") if out_tag else None
+    return MergePlan(recipe, tuple(urls), tuple(tasks), layout.shards, config, out_dtype_name, tokenizer_from)
+
+
+__all__ = ["build_plan", "check_agreement"]

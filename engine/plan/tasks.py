@@ -1,0 +1,180 @@
+"""Tasks of one tensor: the method that applies to it, its resolved parameters, its row spans.
+
+Row-separable methods become one task per row chunk; chunked methods iterate over the chunks
+inside one task (their statistics span the tensor); the rest take the whole tensor. With
+``split_fused``, a packed projection is merged block by block (q, k, v / gate, up) as if the
+blocks were separate tensors, so per-tensor statistics are per block.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from raymerge.engine.arch import classify, fused_blocks, linear_layout
+from raymerge.engine.errors import CheckpointError, RecipeError
+from raymerge.engine.methods import METHODS, MethodSpec
+from raymerge.engine.plan.estimates import TaskShape, host_bytes, task_flops
+from raymerge.engine.plan.types import OutputRef, TensorRef, TensorTask
+from raymerge.engine.recipe import Recipe, resolve_for_tensor
+from raymerge.engine.storage import DTYPES, TAG_OF_DTYPE, Checkpoint, TensorEntry, open_checkpoint, open_shard
+
+
+@dataclass
+class PlanContext:
+    """What every tensor's tasks share: the recipe, the opened checkpoints and where inputs come from.
+
+    ``base_url`` is the reference model (the base, or the first expert without one); ``inputs``
+    are the URLs each merge task reads, base first when the method takes one; ``aux_cache``
+    keeps auxiliary statistics (RegMean's Grams) open across tensors.
+    """
+
+    recipe: Recipe
+    ckpts: dict[str, Checkpoint]
+    base_url: str
+    inputs: list[str]
+    experts: list[str]
+    has_base: bool
+    config: dict[str, Any]
+    vocab: int | None
+    n_layers: int
+    compute_dtype: torch.dtype | None
+    aux_cache: dict[str, Checkpoint]
+
+
+def copy_task(ctx: PlanContext, name: str, cls: str, out: tuple[str, int]) -> TensorTask:
+    """A non-float buffer: the base model's bytes, copied as stored."""
+    src = ctx.ckpts[ctx.base_url]
+    e = src.entries[name]
+    return TensorTask(
+        id=name, tensor=name, tensor_class=cls, action="copy", method="copy", row_start=0,
+        row_end=e.shape[0] if e.shape else 0, inputs=(TensorRef.of(src.shard_of[name], e),), has_base=True,
+        shared={}, per_model=(), seed=0, compute_dtype=e.dtype,
+        output=OutputRef(out[0], out[1], e.nbytes, e.dtype, e.shape), chunk_rows=0,
+        est_host_bytes=2 * e.nbytes, read_bytes=e.nbytes, write_bytes=e.nbytes, flops=0,
+    )  # fmt: skip
+
+
+def method_for(ctx: PlanContext, name: str, cls: str) -> MethodSpec:
+    """The recipe's method, or its fallback for tensor classes it does not handle and excluded names."""
+    method = ctx.recipe.method
+    if cls not in method.applies_to or any(re.search(p, name) for p in ctx.recipe.raymerge.exclude):
+        return METHODS[method.fallback or "mean"]
+    return method
+
+
+def tensor_tasks(ctx: PlanContext, name: str, out: tuple[str, int], out_tag: str) -> list[TensorTask]:
+    """Every task of tensor ``name``, written at shard/offset ``out`` in dtype ``out_tag``."""
+    recipe = ctx.recipe
+    e = ctx.ckpts[ctx.base_url].entries[name]
+    cls = classify(name, e, ctx.vocab)
+    if cls == "buffer":
+        return [copy_task(ctx, name, cls, out)]
+    spec = method_for(ctx, name, cls)
+    params = resolve_for_tensor(recipe, name, ctx.n_layers, spec)
+    problem = spec.check(params.shared, params.per_model) if spec.check else None
+    if problem:
+        raise RecipeError(f"method {spec.name!r}: {problem}", tensor=name)
+    layout = linear_layout(cls, ctx.config)
+    turned = layout == "in_out" and spec.oriented  # the method sees the weight transposed
+    aux, aux_names = aux_refs(spec, params.per_model, ctx.experts, name, e, ctx.aux_cache, turned)
+    refs = tuple(TensorRef.of(ctx.ckpts[u].shard_of[name], ctx.ckpts[u].entries[name]) for u in ctx.inputs)
+    compute = ctx.compute_dtype or (torch.float64 if e.dtype == "F64" else torch.float32)
+    c_item = torch.empty((), dtype=compute).element_size()
+    out_item = DTYPES[out_tag][1]
+    rows_total = e.shape[0] if e.shape else 1
+    row_numel = e.numel // rows_total if rows_total else 0
+    chunk_rows = max(1, recipe.raymerge.chunk_bytes // max(1, row_numel * c_item)) if row_numel else 1
+    spans: list[tuple[int, int]]
+    if spec.row_separable and len(e.shape) >= 1 and row_numel:
+        spans = [(r, min(rows_total, r + chunk_rows)) for r in range(0, rows_total, chunk_rows)] or [(0, 0)]
+    elif recipe.raymerge.split_fused and (blocks := fused_blocks(name, e, ctx.config)):
+        spans = list(itertools.pairwise([0, *itertools.accumulate(blocks)]))
+    else:
+        spans = [(0, rows_total if e.shape else 0)]
+    seed = tensor_seed(recipe.raymerge.seed, name) if spec.random else 0
+    tasks = []
+    for r0, r1 in spans:
+        numel = (r1 - r0) * row_numel if e.shape else e.numel
+        chunk_shape = (r1 - r0, *e.shape[1:]) if e.shape else ()
+        shape = TaskShape(
+            numel=numel, work_numel=min(numel, chunk_rows * row_numel) if spec.chunked and e.shape else numel,
+            chunk_shape=chunk_shape[::-1] if turned else chunk_shape, inputs=len(refs), experts=len(ctx.experts),
+            in_item=e.itemsize, compute_item=c_item, out_item=out_item,
+        )  # fmt: skip
+        out_bytes = numel * out_item
+        tasks.append(TensorTask(
+            id=name if len(spans) == 1 else f"{name}@{r0}:{r1}", tensor=name, tensor_class=cls, action="merge",
+            method=spec.name, row_start=r0, row_end=r1, inputs=refs, has_base=ctx.has_base, shared=params.shared,
+            per_model=params.per_model, seed=seed, compute_dtype=TAG_OF_DTYPE[compute],
+            output=OutputRef(out[0], out[1] + r0 * row_numel * out_item, out_bytes, out_tag, e.shape),
+            chunk_rows=chunk_rows, aux=aux, aux_names=aux_names, layout=layout,
+            est_host_bytes=host_bytes(spec, shape),
+            read_bytes=numel * e.itemsize * len(refs) + sum(a.end - a.start for a in aux), write_bytes=out_bytes,
+            flops=task_flops(spec, shape),
+        ))  # fmt: skip
+    return tasks
+
+
+def aux_refs(
+    spec: Any,
+    per_model: tuple[dict[str, Any], ...],
+    experts: list[str],
+    name: str,
+    e: TensorEntry,
+    cache: dict[str, Checkpoint],
+    turned: bool = False,
+) -> tuple[tuple[TensorRef, ...], tuple[str, ...]]:
+    """Locate each expert's auxiliary matrix for tensor ``name`` (headers only) and check its shape.
+
+    A method with ``aux_param`` (RegMean: ``grams``) names, per expert, a directory or safetensors
+    file holding one in×in matrix per linear layer, keyed by module name (``…mlp.up_proj``) or by
+    the weight's own name. ``turned``: the weight is stored in × out (Conv1D), so its input width
+    is its first dimension.
+    """
+    if not spec.aux_param:
+        return (), ()
+    refs, names = [], []
+    module = name[: -len(".weight")] if name.endswith(".weight") else name
+    for url, p in zip(experts, per_model, strict=True):
+        src = str(p[spec.aux_param])
+        if src not in cache:
+            cache[src] = open_aux(src)
+        ck = cache[src]
+        key = module if module in ck.entries else name
+        if key not in ck.entries:
+            raise CheckpointError(
+                f"no {spec.aux_param} matrix for this layer of model {url}", file=src, tensor=module,
+                hint="collect statistics for every linear layer, or exclude it with raymerge.exclude",
+            )  # fmt: skip
+        ae = ck.entries[key]
+        cols = e.shape[1 - int(turned)] if len(e.shape) == 2 else -1
+        if ae.shape != (cols, cols) or not ae.is_float:
+            raise CheckpointError(
+                f"{spec.aux_param} matrix has shape {list(ae.shape)} ({ae.dtype}), expected [{cols}, {cols}] float",
+                file=ck.shard_of[key], tensor=key,
+            )  # fmt: skip
+        refs.append(TensorRef.of(ck.shard_of[key], ae))
+        names.append(key)
+    return tuple(refs), tuple(names)
+
+
+def open_aux(src: str) -> Checkpoint:
+    """Open a directory of statistics (HF layout) or a single ``.safetensors`` file, headers only."""
+    if src.endswith(".safetensors"):
+        reader = open_shard(src)
+        return Checkpoint(src, {}, {k: src for k in reader.entries}, dict(reader.entries))
+    return open_checkpoint(src)
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+__all__ = ["PlanContext", "aux_refs", "open_aux", "tensor_seed", "tensor_tasks"]

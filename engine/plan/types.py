@@ -1,0 +1,158 @@
+"""The plan's data types: flat, serialisable task specs and the fixed output layout.
+
+A ``TensorTask`` carries everything a worker needs (input byte ranges, method and resolved
+parameters, output offset, declared estimates) and nothing else, so any executor on any node
+can run it; ``MergePlan`` is the list of tasks plus the pre-sized output shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from raymerge.engine.recipe import Recipe
+from raymerge.engine.storage import TensorEntry
+
+DEFAULT_SHARD_BYTES = 5 * 1024**3
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one input tensor's bytes live: shard URL, absolute byte range, dtype tag, shape."""
+
+    url: str
+    start: int
+    end: int
+    dtype: str
+    shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, url: str, e: TensorEntry) -> TensorRef:
+        return cls(url, e.start, e.end, e.dtype, e.shape)
+
+    def entry(self, name: str) -> TensorEntry:
+        return TensorEntry(name, self.dtype, self.shape, self.start, self.end)
+
+
+@dataclass(frozen=True)
+class OutputRef:
+    """Where a task writes: output shard file name, absolute offset of its first byte, dtype, shape."""
+
+    shard: str
+    offset: int
+    nbytes: int
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TensorTask:
+    """One self-contained unit of work: merge rows [row_start, row_end) of one tensor.
+
+    ``action`` is ``merge`` (run ``method``) or ``copy`` (take the base model's bytes, for
+    non-float buffers). ``est_host_bytes`` is the declared peak host memory, which executors use
+    for admission; ``read_bytes``/``write_bytes`` are exact I/O volumes.
+    """
+
+    id: str
+    tensor: str
+    tensor_class: str
+    action: str
+    method: str
+    row_start: int
+    row_end: int
+    inputs: tuple[TensorRef, ...]  # base first when the method has one, then experts
+    has_base: bool
+    shared: dict[str, Any] = field(hash=False)
+    per_model: tuple[dict[str, Any], ...] = field(hash=False)
+    seed: int
+    compute_dtype: str
+    output: OutputRef
+    chunk_rows: int
+    est_host_bytes: int
+    read_bytes: int
+    write_bytes: int
+    flops: int
+    # Per-expert auxiliary matrices (e.g. RegMean's input Grams): where they are and their names.
+    aux: tuple[TensorRef, ...] = ()
+    aux_names: tuple[str, ...] = ()
+    # How a linear weight is stored: "out_in" (nn.Linear) or "in_out" (GPT-2's Conv1D).
+    layout: str = "out_in"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TensorTask:
+        d = dict(d)
+        d["inputs"] = tuple(TensorRef(**{**r, "shape": tuple(r["shape"])}) for r in d["inputs"])
+        d["per_model"] = tuple(d["per_model"])
+        d["aux"] = tuple(TensorRef(**{**r, "shape": tuple(r["shape"])}) for r in d.get("aux", ()))
+        d["aux_names"] = tuple(d.get("aux_names", ()))
+        o = d["output"]
+        d["output"] = OutputRef(**{**o, "shape": tuple(o["shape"])})
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class OutputShard:
+    """A pre-sized output file: its name, full size, the header bytes, and the tensors in it."""
+
+    name: str
+    size: int
+    header: bytes
+    tensors: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    recipe: Recipe
+    models: tuple[str, ...]
+    tasks: tuple[TensorTask, ...]
+    shards: tuple[OutputShard, ...]
+    config: dict[str, Any]
+    out_dtype: str | None
+    tokenizer_from: str | None
+
+    @property
+    def read_bytes(self) -> int:
+        return sum(t.read_bytes for t in self.tasks)
+
+    @property
+    def write_bytes(self) -> int:
+        return sum(t.write_bytes for t in self.tasks)
+
+    @property
+    def peak_task_bytes(self) -> int:
+        return max((t.est_host_bytes for t in self.tasks), default=0)
+
+    def fingerprint(self) -> str:
+        """A hash of everything that determines the output bytes (for safe resume)."""
+        h = hashlib.sha256()
+        for s in self.shards:
+            h.update(s.name.encode())
+            h.update(s.header)
+        for t in self.tasks:
+            h.update(json.dumps(t.to_json(), sort_keys=True, default=str).encode())
+        return h.hexdigest()
+
+    def summary(self) -> dict[str, Any]:
+        """Machine-readable summary printed by ``raymerge plan --json``."""
+        by_class: dict[str, int] = {}
+        for t in self.tasks:
+            by_class[t.tensor_class] = by_class.get(t.tensor_class, 0) + 1
+        return {
+            "method": self.recipe.merge_method,
+            "models": list(self.models),
+            "tensors": len({t.tensor for t in self.tasks}),
+            "tasks": len(self.tasks),
+            "tasks_by_class": by_class,
+            "shards": [{"name": s.name, "bytes": s.size, "tensors": len(s.tensors)} for s in self.shards],
+            "read_bytes": self.read_bytes,
+            "write_bytes": self.write_bytes,
+            "peak_task_host_bytes": self.peak_task_bytes,
+            "flops": sum(t.flops for t in self.tasks),
+            "fingerprint": self.fingerprint(),
+        }
