@@ -24,7 +24,6 @@ import logging
 import os
 import posixpath
 import re
-import shutil
 import sys
 import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -32,35 +31,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from tqdm import tqdm
 
+from raymerge.engine.arch import BERT_LIKE, LLAMA_LIKE
 from raymerge.engine.errors import AlignmentError
-from raymerge.engine.storage import (
-    Checkpoint,
-    exists,
-    is_local,
-    join_url,
-    local_path,
-    open_checkpoint,
-    open_shard,
-    output_overlap,
-)
+from raymerge.engine.publish import INDEX, META, SIDE_FILES, ModelPublication, copy_side_files
+from raymerge.engine.storage import Checkpoint, open_checkpoint, open_shard
 
 log = logging.getLogger(__name__)
-
-LLAMA_LIKE = ("llama", "mistral", "qwen2")
-BERT_LIKE = ("bert", "roberta")
-# Files besides the weights that make an output directory a usable Hugging Face model.
-SIDE_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
-    "special_tokens_map.json", "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "spiece.model",
-    "chat_template.jinja",
-)  # fmt: skip
-INDEX_FILE = "model.safetensors.index.json"
 
 
 @dataclass(frozen=True)
@@ -470,32 +451,20 @@ def _read(ckpt: Checkpoint, name: str) -> torch.Tensor:
     return open_shard(ckpt.shard_of[name]).read_rows(ckpt.entries[name])
 
 
-def _copy_file(url: str, dst: Path) -> None:
-    if is_local(url):
-        shutil.copyfile(local_path(url), dst)
-    else:
-        with fsspec.open(url, "rb") as src, open(dst, "wb") as out:
-            shutil.copyfileobj(src, out)
-
-
 def _write_permuted(
-    ckpt: Checkpoint, spec: PermutationSpec, perms: Mapping[str, torch.Tensor], out: Path, *, overwrite: bool,
-    extra: Mapping[str, bytes], progress: bool,
+    ckpt: Checkpoint, spec: PermutationSpec, perms: Mapping[str, torch.Tensor], staging: Path, *,
+    extra: Mapping[str, bytes], label: str, progress: bool,
 ) -> None:  # fmt: skip
-    """Write a permuted copy of ``ckpt`` with its shard layout, index, config and tokenizer files.
+    """Write a permuted copy of ``ckpt`` into the empty directory ``staging``: the input's shard
+    layout, index, config and tokenizer files, and ``extra`` (name → bytes) under ``.raymerge/``.
 
-    Works one input shard at a time (host memory ≈ one shard), into a staging directory renamed
-    to ``out`` at the end, so nothing at ``out`` looks like a model until it is complete.
+    Works one input shard at a time, so host memory is about one shard.
     """
     from safetensors.torch import save_file
 
-    staging = out.parent / f".{out.name}.raymerge-align-staging"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
     shards = sorted(set(ckpt.shard_of.values()))
     total = sum(e.nbytes for e in ckpt.entries.values())
-    with tqdm(total=total, unit="B", unit_scale=True, desc=f"write {out.name}", disable=not progress,
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"write {label}", disable=not progress,
               file=sys.stderr, dynamic_ncols=True) as bar:  # fmt: skip
         for url in shards:
             reader = open_shard(url)
@@ -506,25 +475,10 @@ def _write_permuted(
             save_file(tensors, str(staging / posixpath.basename(url.replace(os.sep, "/"))),
                       metadata={"format": "pt", **reader.metadata})  # fmt: skip
             del tensors
-    for fname in (INDEX_FILE, *SIDE_FILES):
-        src = join_url(ckpt.url, fname)
-        if exists(src):
-            _copy_file(src, staging / fname)
-    (staging / ".raymerge").mkdir()
+    copy_side_files(ckpt.url, staging, (INDEX, *SIDE_FILES))
+    (staging / META).mkdir()
     for fname, data in extra.items():
-        (staging / ".raymerge" / fname).write_bytes(data)
-    if out.exists():
-        if not overwrite:
-            shutil.rmtree(staging)
-            raise AlignmentError("output directory exists", file=str(out), hint="pass --overwrite to replace it")
-        old = out.parent / f".{out.name}.raymerge-align-old"
-        if old.exists():
-            shutil.rmtree(old)
-        os.rename(out, old)
-        os.rename(staging, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(staging, out)
+        (staging / META / fname).write_bytes(data)
 
 
 def align_checkpoints(
@@ -546,25 +500,21 @@ def align_checkpoints(
     read. Matching runs one independent group of permutations (a transformer block) at a time, so
     host memory is about four fp64 copies of one block's MLP and attention weights plus one shard
     while writing. Outputs are Hugging Face directories with the inputs' shard layout, config and
-    tokenizer files, plus ``.raymerge/permutations.safetensors`` and ``.raymerge/alignment.json``.
+    tokenizer files, plus ``.raymerge/permutations.safetensors`` and ``.raymerge/alignment.json``;
+    each is a local path or a URL and appears whole or not at all (``publish.ModelPublication``).
     """
     from safetensors.torch import save
 
     start = time.perf_counter()
     ref_ckpt, model_ckpt = open_checkpoint(reference), open_checkpoint(model)
-    jobs = [(model_ckpt, Path(out))] + [(open_checkpoint(src), Path(dst)) for src, dst in also]
-    outs = [str(dst.absolute()) for _, dst in jobs]
+    jobs = [(model_ckpt, out)] + [(open_checkpoint(src), dst) for src, dst in also]
+    pubs = [ModelPublication(dst, overwrite=overwrite, progress=progress, error=AlignmentError) for _, dst in jobs]
+    outs = [pub.target for pub in pubs]
     if len(set(outs)) != len(outs):
         raise AlignmentError("two outputs share one directory", hint="give every --also its own OUT_DIR")
     inputs = sorted({c.url for c, _ in jobs} | {ref_ckpt.url})
-    for o in outs:
-        hit = output_overlap(o, inputs)
-        if hit is not None:
-            raise AlignmentError(f"the output directory {hit[1]} the input model {hit[0]}", file=o,
-                                 hint="write to a new directory")  # fmt: skip
-    for _, dst in jobs:
-        if dst.exists() and not overwrite:
-            raise AlignmentError("output directory exists", file=str(dst), hint="pass --overwrite to replace it")
+    for pub in pubs:
+        pub.check(inputs)
     shapes = {k: e.shape for k, e in model_ckpt.entries.items()}
     spec = permutation_spec_for(model_ckpt.config, shapes, heads=heads)
     _check_pair(spec, {k: e.shape for k, e in ref_ckpt.entries.items()}, shapes, ref_ckpt.url, model_ckpt.url)
@@ -603,8 +553,11 @@ def align_checkpoints(
         "permutations.safetensors": save({k: v.contiguous() for k, v in perms.items()}),
         "alignment.json": json.dumps(summary, indent=1).encode(),
     }
-    for ckpt, dst in jobs:
-        _write_permuted(ckpt, spec, perms, dst, overwrite=overwrite, extra=extra, progress=progress)
+    for (ckpt, _), pub in zip(jobs, pubs):
+        with pub:
+            label = pub.target.rstrip("/").rsplit("/", 1)[-1]
+            _write_permuted(ckpt, spec, perms, pub.start(), extra=extra, label=label, progress=progress)
+            pub.publish()
     report = replace(report, seconds=time.perf_counter() - start)
     log.info("aligned %s to %s: %d of %d units moved, distance %.6g -> %.6g", model_ckpt.url, ref_ckpt.url, moved,
              units, report.distance_before, report.distance_after)  # fmt: skip

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +35,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from raymerge.engine.arch import BIAS_FLAGS
 from raymerge.engine.errors import RaymergeError
+from raymerge.engine.publish import INDEX, ModelPublication
 from raymerge.engine.stats import (
     Batch,
     DataSpec,
@@ -50,13 +50,11 @@ from raymerge.engine.stats import (
     model_class,
     module_map,
 )
-from raymerge.engine.storage import output_overlap
 
 log = logging.getLogger(__name__)
 
 FORMAT = "raymerge-tact/1"
 DEFAULT_EPS = 1e-6
-_BIAS_FLAGS = ("attention_bias", "mlp_bias", "bias", "use_bias", "add_bias_linear")
 
 
 class TactError(RaymergeError):
@@ -302,7 +300,7 @@ def _bias_plan(
         return cfg_json, {}
     cls, config = model_class(model_dir)
     added: dict[str, tuple[int, ...]] = {}
-    for flag in _BIAS_FLAGS:
+    for flag in BIAS_FLAGS:
         if not need or getattr(config, flag, None) is not False:
             continue
         setattr(config, flag, True)
@@ -324,26 +322,24 @@ def _bias_plan(
 
 
 def fold_corrections(merged_dir: str | Path, corrections: Corrections | str | Path, out_dir: str | Path,
-                     *, overwrite: bool = False) -> Path:  # fmt: skip
+                     *, overwrite: bool = False) -> Path | str:  # fmt: skip
     """Write ``merged_dir`` with ``corrections`` folded into its weights as a new model directory.
 
     Exact (to rounding in the stored dtype) when every point comes straight out of an
     ``nn.Linear`` (W ← diag(a)·W, b ← a·b + s) or an ``nn.LayerNorm`` (γ ← a·γ, β ← a·β + s);
-    otherwise refused, naming the points. Works one shard at a time, so memory is one shard;
-    the directory appears in one rename when complete.
+    otherwise refused, naming the points. Works one shard at a time, so memory is one shard.
+    ``out_dir`` is a local path or a URL, published whole or not at all (``publish.ModelPublication``;
+    with ``overwrite`` a local directory is replaced with never a moment without one). Returns the
+    output directory (a ``Path``) or URL (a ``str``).
     """
     from safetensors.torch import load_file, save_file
 
     from raymerge.engine.stats import checkpoint_bytes
 
     corr = corrections if isinstance(corrections, Corrections) else Corrections.load(corrections)
-    src, out = Path(merged_dir), Path(out_dir)
-    hit = output_overlap(str(out), [str(src)])
-    if hit is not None:
-        raise TactError(f"the output directory {hit[1]} the merged model {hit[0]}", file=str(out),
-                        hint="write the folded model to a new directory")  # fmt: skip
-    if out.exists() and not overwrite:
-        raise TactError("output directory exists", file=str(out), hint="pass --overwrite to replace it")
+    src = Path(merged_dir)
+    pub = ModelPublication(out_dir, overwrite=overwrite, error=TactError)
+    pub.check([str(src)], role="merged model", hint="write the folded model to a new directory")
     folds = _compose(corr)
     _, shapes, _ = checkpoint_bytes(str(src))
     for prod, (_, A, _) in folds.items():
@@ -353,7 +349,7 @@ def fold_corrections(merged_dir: str | Path, corrections: Corrections | str | Pa
                             file=str(src), tensor=f"{prod}.weight")  # fmt: skip
     need = {p for p in folds if f"{p}.bias" not in shapes}
     cfg_json, added = _bias_plan(str(src), shapes, need)
-    index_path = src / "model.safetensors.index.json"
+    index_path = src / INDEX
     weight_map: dict[str, str] = (
         json.loads(index_path.read_text())["weight_map"]
         if index_path.exists()
@@ -363,8 +359,8 @@ def fold_corrections(merged_dir: str | Path, corrections: Corrections | str | Pa
     for name in added:
         module = name.rsplit(".", 1)[0]
         extra_in.setdefault(weight_map.get(f"{module}.weight", sorted(set(weight_map.values()))[0]), []).append(name)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
-    try:
+    with pub:
+        staging = pub.start()
         for shard in sorted(set(weight_map.values())):
             tensors = load_file(str(src / shard))
             for name in extra_in.get(shard, []):
@@ -380,28 +376,23 @@ def fold_corrections(merged_dir: str | Path, corrections: Corrections | str | Pa
                 if bn in tensors:
                     b = tensors[bn]
                     tensors[bn] = (b.double() * A + S).to(b.dtype)
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / shard), metadata={"format": "pt"})
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(staging / shard), metadata={"format": "pt"})
             del tensors
         for f in src.iterdir():
             if f.is_file() and not f.name.endswith(".safetensors") and f.name not in ("config.json", index_path.name):
-                shutil.copy2(f, tmp / f.name)
-        (tmp / "config.json").write_text(json.dumps(cfg_json, indent=2))
+                shutil.copy2(f, staging / f.name)
+        (staging / "config.json").write_text(json.dumps(cfg_json, indent=2))
         if index_path.exists():
             index = json.loads(index_path.read_text())
             index["weight_map"] = dict(sorted(weight_map.items()))
-            (tmp / index_path.name).write_text(json.dumps(index, indent=2))
-        (tmp / "tact.json").write_text(json.dumps({
+            (staging / index_path.name).write_text(json.dumps(index, indent=2))
+        (staging / "tact.json").write_text(json.dumps({
             "task": corr.task, "eps": corr.eps, "points": [p.point for p in corr.points],
             "folded_into": {p: k for p, (k, _, _) in folds.items()}, "biases_added": sorted(added),
             "merged": str(src), "expert": corr.expert,
         }, indent=1))  # fmt: skip
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        published = pub.publish()
+    return published if pub.remote is not None else Path(published)
 
 
 __all__ = [

@@ -15,6 +15,7 @@ import transformers
 from safetensors.torch import load_file
 from torch import nn
 
+from raymerge.cli import main
 from raymerge.engine.align import (
     Permutation,
     PermutationSpec,
@@ -27,7 +28,6 @@ from raymerge.engine.align import (
     shapes_of,
     weight_distance,
 )
-from raymerge.cli import main
 from raymerge.engine.errors import AlignmentError
 
 log = logging.getLogger(__name__)
@@ -391,3 +391,27 @@ def test_matching_on_cuda_agrees_with_cpu() -> None:
     for name, perm in on_cpu.perms.items():
         assert torch.equal(on_gpu.perms[name], perm), name
     assert on_gpu.objective[-1] == pytest.approx(on_cpu.objective[-1], rel=1e-12)
+
+
+def test_align_overwrite_keeps_the_old_output_if_writing_fails(family, tmp_path, monkeypatch) -> None:
+    import raymerge.engine.align as align
+
+    base, experts = family
+    out = tmp_path / "aligned"
+    align_checkpoints(str(base), str(experts[0]), out)
+    (out / "marker").write_text("the old model")
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    def fail(*args: object) -> None:  # the shards are written, the side files are not
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(align, "copy_side_files", fail)
+    with pytest.raises(OSError, match="No space"):
+        align_checkpoints(str(base), str(experts[1]), out, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["aligned"], "no staging directory is left behind"
+    monkeypatch.undo()
+    align_checkpoints(str(base), str(experts[1]), out, overwrite=True)
+    summary = json.loads((out / ".raymerge" / "alignment.json").read_text())
+    assert not (out / "marker").exists() and summary["model"] == str(experts[1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["aligned"]

@@ -439,3 +439,51 @@ def test_s3_unwritable_output_fails_before_compute(s3, family, tmp_path):
     assert not list((tmp_path / "staging").glob("*")), "nothing staged"
     headers = sum(header_bytes(d) for d in (family[0], *family[1]))
     assert sum(e.sent for e in s3.proxy.exchanges("GET", r"^models/.*\.safetensors$")) <= headers, "no task ran"
+
+
+def _tree(local: Path) -> dict[str, bytes]:
+    return {p.relative_to(local).as_posix(): p.read_bytes() for p in local.rglob("*") if p.is_file()}
+
+
+def _entry_point_last(s3: S3, prefix: str) -> None:
+    puts = [e.path for e in s3.proxy.exchanges("PUT", f"^{prefix}/") if not e.path.endswith("write-probe")]
+    assert puts and puts[-1] == f"{prefix}/model.safetensors.index.json", puts
+
+
+def test_s3_align_and_tact_fold_publish_to_s3_like_merges(s3, family, tmp_path):
+    """``align`` and TACT ``fold`` write through the merges' publisher: staged locally, uploaded
+    with the index last, the local copy removed, an existing model refused without overwrite."""
+    from raymerge.engine.align import align_checkpoints
+    from raymerge.engine.errors import AlignmentError
+    from raymerge.engine.tact import Corrections, PointCorrection, TactError, fold_corrections
+
+    base, experts = family
+    align_checkpoints(str(base), str(experts[0]), tmp_path / "a", also=[(str(experts[1]), tmp_path / "a1")])
+    s3.proxy.reset()
+    outs = ("s3://out/aligned", "s3://out/aligned1")
+    report = align_checkpoints(s3.base, s3.experts[0], outs[0], also=[(s3.experts[1], outs[1])])
+    assert report.outputs == outs
+    for url, local in zip(outs, (tmp_path / "a", tmp_path / "a1")):
+        got, want = remote_files(s3, url), _tree(local)
+        assert got.keys() == want.keys() and "model.safetensors.index.json" in got
+        summary = ".raymerge/alignment.json"  # names the inputs: s3:// URLs here, local paths there
+        assert {n: b for n, b in got.items() if n != summary} == {n: b for n, b in want.items() if n != summary}
+        _entry_point_last(s3, url.removeprefix("s3://"))
+    assert not list((tmp_path / "staging").iterdir()), "the local staging copies are removed after upload"
+    with pytest.raises(AlignmentError, match="already holds a model.*s3://out/aligned"):
+        align_checkpoints(s3.base, s3.experts[0], outs[0])
+
+    # A made-up correction of one MLP projection of the base (folding switches Llama's mlp_bias on).
+    n = 176  # the tiny family's intermediate_size
+    point, stat = "model.layers.0.mlp.gate_proj", torch.ones(n, dtype=torch.float64)
+    corr = Corrections("t", (PointCorrection(point, torch.linspace(0.9, 1.1, n), torch.linspace(-0.1, 0.1, n),
+                                             stat, stat, stat, stat, point, "linear"),), 1e-6, 1)  # fmt: skip
+    fold_corrections(base, corr, tmp_path / "f")
+    s3.proxy.reset()
+    assert fold_corrections(base, corr, "s3://out/folded") == "s3://out/folded"
+    assert remote_files(s3, "s3://out/folded") == _tree(tmp_path / "f")
+    _entry_point_last(s3, "out/folded")
+    with pytest.raises(TactError, match="already holds a model"):
+        fold_corrections(base, corr, "s3://out/folded")
+    assert fold_corrections(base, corr, "s3://out/folded", overwrite=True) == "s3://out/folded"
+    assert not list((tmp_path / "staging").iterdir())

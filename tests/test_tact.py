@@ -14,6 +14,7 @@ from hf_tiny import average, load, perturbed, tiny_bert, tiny_llama, write_jsonl
 from raymerge.engine.stats import DataSpec, PassSpec, PointAffine, load_batches, run_pass
 from raymerge.engine.tact import (
     Corrections,
+    PointCorrection,
     TactError,
     apply_corrections,
     compute_corrections,
@@ -160,3 +161,51 @@ def test_point_affine_is_per_channel():
     y = Moments.of_rows(x * a + s)
     assert torch.allclose(y.mean, target.mean, atol=1e-12) and torch.allclose(y.std, target.std, rtol=1e-12)
     assert isinstance(PointAffine("p", a, s).scale, torch.Tensor)
+
+
+def _norm_correction(point: str, channels: int) -> Corrections:
+    """A made-up correction of one LayerNorm's output (foldable into γ and β, no statistics needed)."""
+    g = torch.Generator().manual_seed(3)
+    stat = torch.ones(channels, dtype=torch.float64)
+    p = PointCorrection(point, 1 + 0.1 * torch.rand(channels, generator=g), 0.1 * torch.randn(channels, generator=g),
+                        0 * stat, stat, 0 * stat, stat, point, "norm")  # fmt: skip
+    return Corrections("t", (p,), 1e-6, 1)
+
+
+def test_fold_overwrite_keeps_the_old_model_until_the_new_one_is_complete(bert_case, tmp_path, monkeypatch):
+    import shutil
+
+    _, _, merged, _ = bert_case
+    corr = _norm_correction("encoder.layer.0.output.LayerNorm", 32)
+    out = fold_corrections(merged, corr, tmp_path / "folded")
+    (out / "marker").write_text("the old model")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = shutil.copy2
+
+    def full_disk(*args, **kwargs):  # after the shards are written, before the side files are
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copy2", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        fold_corrections(merged, corr, out, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before, "the old model is untouched"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folded"], "no staging directory is left behind"
+    monkeypatch.setattr(shutil, "copy2", real)
+
+    # And a successful overwrite never leaves the path empty: check it around every move and delete.
+    import os
+
+    def watched(fn):
+        def call(*args, **kwargs):
+            assert os.path.isdir(out), f"nothing at {out} before {fn.__name__}"
+            result = fn(*args, **kwargs)
+            assert os.path.isdir(out), f"nothing at {out} after {fn.__name__}"
+            return result
+
+        return call
+
+    for module, name in ((os, "rename"), (os, "replace"), (shutil, "rmtree"), (shutil, "move")):
+        monkeypatch.setattr(module, name, watched(getattr(module, name)))
+    assert fold_corrections(merged, corr, out, overwrite=True) == out
+    assert not (out / "marker").exists() and (out / "tact.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folded"]

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-import raymerge.engine.executor as executor
+import raymerge.engine.local as local_executor
 from raymerge.engine.errors import OutputError
 from raymerge.engine.merge import merge
 from raymerge.engine.recipe import parse_recipe
@@ -29,7 +29,7 @@ def _ties(family, **extra):
 def test_interrupted_run_resumes_bit_identical(family, tmp_path, monkeypatch):
     recipe = _ties(family)
     merge(recipe, tmp_path / "clean", progress=False, out_shard_bytes=100_000)
-    real = executor.run_task
+    real = local_executor.run_task
     calls = {"n": 0}
 
     def flaky(task, staging_dir, device):
@@ -38,7 +38,7 @@ def test_interrupted_run_resumes_bit_identical(family, tmp_path, monkeypatch):
             raise RuntimeError("simulated crash")
         return real(task, staging_dir, device)
 
-    monkeypatch.setattr(executor, "run_task", flaky)
+    monkeypatch.setattr(local_executor, "run_task", flaky)
     out = tmp_path / "resumed"
     with pytest.raises(RuntimeError, match="simulated crash"):
         merge(recipe, out, progress=False, out_shard_bytes=100_000, workers=1)
@@ -50,7 +50,7 @@ def test_interrupted_run_resumes_bit_identical(family, tmp_path, monkeypatch):
     first = json.loads(journal[0])
     plan_tasks = {t["id"] for t in map(json.loads, journal)}
     assert first["id"] in plan_tasks
-    monkeypatch.setattr(executor, "run_task", real)
+    monkeypatch.setattr(local_executor, "run_task", real)
     shard = sorted(staging.glob("*.safetensors"))[0]
     raw = bytearray(shard.read_bytes())
     raw[-1] ^= 0xFF
@@ -238,3 +238,97 @@ def test_output_that_is_or_contains_an_input_is_refused_even_with_overwrite(fami
     assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
     assert not list(root.parent.glob("*.raymerge-staging"))
     merge(recipe, root / "merged", overwrite=True, progress=False)  # inside the folder, a new name: fine
+
+
+# ------------------------------------------------------------------------------------------------
+# ModelPublication: the one publisher merges, align and TACT fold write model directories through.
+
+
+def _old_and_new(tmp_path, **kw):
+    from raymerge.engine.publish import ModelPublication
+
+    out = tmp_path / "model"
+    out.mkdir(parents=True)
+    (out / "old.txt").write_text("old")
+    pub = ModelPublication(out, overwrite=True, **kw)
+    pub.check()
+    (pub.start() / "new.txt").write_text("new")
+    return out, pub
+
+
+def test_publish_replaces_an_output_with_never_a_moment_without_one(tmp_path, monkeypatch):
+    import os
+
+    import raymerge.engine.publish as publish
+
+    out, pub = _old_and_new(tmp_path)
+    real_exchange, real_rename, seen = publish._exchange, os.rename, []
+
+    def exchange(a, b):
+        assert os.path.lexists(out)
+        swapped = real_exchange(a, b)
+        seen.append(("exchange", swapped, os.path.lexists(out)))
+        return swapped
+
+    def rename(src, dst):
+        real_rename(src, dst)
+        seen.append(("rename", os.path.basename(dst), os.path.lexists(out)))
+
+    monkeypatch.setattr(publish, "_exchange", exchange)
+    monkeypatch.setattr(os, "rename", rename)
+    with pub:
+        assert pub.publish() == str(out)
+    assert seen[0] == ("exchange", True, True), "the new model is swapped in while the old one is still there"
+    assert all(present for *_, present in seen), seen
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"], "no staging or old directory left"
+    assert (out / "new.txt").read_text() == "new" and not (out / "old.txt").exists()
+
+
+def test_publish_without_an_exchange_puts_the_old_output_back_if_the_new_one_cannot_go_in(tmp_path, monkeypatch):
+    import os
+
+    import raymerge.engine.publish as publish
+
+    out, pub = _old_and_new(tmp_path)
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if str(src) == str(pub.dir):
+            raise OSError(28, "No space left on device")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(publish, "_exchange", lambda a, b: False)  # e.g. a file system without RENAME_EXCHANGE
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError, match="No space"), pub:
+        pub.publish()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"] and (out / "old.txt").read_text() == "old"
+
+    monkeypatch.setattr(os, "rename", real_rename)
+    out, pub = _old_and_new(tmp_path / "again")
+    with pub:
+        pub.publish()
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"] and sorted(os.listdir(out.parent)) == ["model"]
+
+
+def test_publication_refuses_an_existing_output_and_cleans_up_after_a_failed_write(tmp_path):
+    from raymerge.engine.errors import AlignmentError
+    from raymerge.engine.publish import ModelPublication
+
+    out = tmp_path / "model"
+    out.mkdir()
+    with pytest.raises(AlignmentError, match=f"output directory exists \\(file {out}\\); pass --overwrite"):
+        ModelPublication(out, error=AlignmentError).check()
+    with pytest.raises(AlignmentError, match="the output contains the input model"):
+        ModelPublication(tmp_path, overwrite=True, error=AlignmentError).check([str(out / "in")])
+    late = tmp_path / "late"
+    with pytest.raises(RuntimeError, match="midway"), ModelPublication(late) as pub:
+        pub.check()
+        (pub.start() / "model.safetensors").write_bytes(b"half")
+        raise RuntimeError("midway")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"], "the half-written staging directory is gone"
+    with pytest.raises(OutputError, match="output directory exists"), ModelPublication(late) as pub:
+        pub.check()
+        pub.start()
+        late.mkdir()  # something appeared at the output while this one was being written
+        pub.publish()
+    assert not any(late.iterdir()) and not pub.dir.exists()
