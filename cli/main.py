@@ -150,9 +150,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _also_pair(text: str) -> tuple[str, str]:
-    """``EXPERT_DIR:OUT_DIR`` → the pair; split at the last colon so URLs (``s3://…``) work as EXPERT_DIR."""
-    src, sep, dst = text.rpartition(":")
-    if not sep or not src or not dst:
+    """``EXPERT_DIR:OUT_DIR`` → the pair, split at the last colon that does not start a URL's ``://``,
+    so either side may be a URL (``s3://a/e:s3://b/e``)."""
+    cuts = [i for i, c in enumerate(text) if c == ":" and not text.startswith("//", i + 1)]
+    src, dst = (text[: cuts[-1]], text[cuts[-1] + 1 :]) if cuts else ("", "")
+    if not src or not dst:
         raise argparse.ArgumentTypeError(f"expected EXPERT_DIR:OUT_DIR, got {text!r}")
     return src, dst
 

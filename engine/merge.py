@@ -94,7 +94,7 @@ def merge(
     """Merge ``recipe`` into the model directory ``out``; resumes a staged run of the same plan.
 
     ``out`` may be a remote URL (``s3://…``): the merge is staged locally (see
-    ``writer.default_staging_root``) and uploaded at commit, the loader's entry points last.
+    ``publish.default_staging_root``) and uploaded at commit, the loader's entry points last.
 
     ``executor`` runs the tasks (``executor.Executor``): by default a ``LocalExecutor`` of
     ``workers`` threads in this process; ``raymerge.cluster.RayExecutor`` runs them on a Ray

@@ -172,3 +172,17 @@ def test_methods_lists_every_method_and_explains_one():
     assert "required" in next(line for line in one.stdout.splitlines() if line.split()[0] == "weight")
     bad = _run("methods", "tis")
     assert bad.returncode == 2 and "did you mean 'ties'" in bad.stderr
+
+
+def test_align_also_pairs_split_between_urls():
+    import argparse
+
+    import pytest
+
+    from raymerge.cli.main import _also_pair
+
+    assert _also_pair("s3://models/e:s3://out/e") == ("s3://models/e", "s3://out/e")
+    assert _also_pair("/m/e:/o/e") == ("/m/e", "/o/e")
+    assert _also_pair("https://h/m:/o") == ("https://h/m", "/o")
+    with pytest.raises(argparse.ArgumentTypeError):
+        _also_pair("s3://only-one")
