@@ -99,6 +99,14 @@ def _task_arithmetic(lam: float, weights: Sequence[float]) -> Reference:
     return ref
 
 
+def _median(lam: float) -> Reference:
+    def ref(base: torch.Tensor | None, experts: Sequence[torch.Tensor]) -> torch.Tensor:
+        assert base is not None
+        return base + lam * torch.stack([x - base for x in experts]).quantile(0.5, dim=0)
+
+    return ref
+
+
 def _ram(eps: float) -> Reference:
     """RAM: an entry changed (|τ| > eps) by one expert keeps that change; by several, their mean."""
 
@@ -147,6 +155,7 @@ EXAMPLES: tuple[Example, ...] = (
     E("sce_all", "sce", mergekit="sce"),
     E("sce_top_40", "sce", shared={"select_topk": 0.4}, ray=True),
     E("consensus", "consensus", shared={"k": 2}, ray=True),
+    E("median", "median", shared={"lambda": 0.9}, ray=True, reference=_median(0.9)),
     # ---- spherical
     E("slerp", "slerp", models="pairwise", shared={"t": "[0.1, 0.9]"}, mergekit="slerp"),
     E("multislerp", "multislerp", base=False, per_model=_weights(1.0, 0.5, "[0.2, 1.0]"), mergekit="multislerp"),

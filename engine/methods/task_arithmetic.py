@@ -258,3 +258,16 @@ register(MethodSpec(
      Param("tall_lambda", float, S, 0.6, "TALL mask threshold λ", low=0.0), Param("lambda", float, S, 1.0)),
     "https://arxiv.org/abs/2405.07813", min_experts=2, row_separable=True, work_buffers=lambda n: n + 4,
 ))  # fmt: skip
+
+
+def median(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: MergeArgs) -> torch.Tensor:
+    """base + λ · the entry-wise median of the task vectors (the mean of the two middle values for
+    an even count): coordinate-wise median aggregation, robust to a minority of outlying experts."""
+    assert base is not None
+    ranked = torch.stack([x - base for x in experts]).sort(dim=0).values
+    n = ranked.shape[0]
+    return base + float(args.shared["lambda"]) * (ranked[(n - 1) // 2] + ranked[n // 2]) / 2
+
+
+register(MethodSpec("median", median, (Param("lambda", float, S, 1.0, "scale of the merged task vector"),),
+                    "https://arxiv.org/abs/1803.01498", row_separable=True, work_buffers=lambda n: 2 * n + 3))  # fmt: skip
