@@ -34,7 +34,7 @@ for stage in $STAGES; do
   echo "=== $stage ($(date +%T)) ==="
   case $stage in
     tests)  # every gpu-marked test: CUDA paths of ACTMat / WUDI / TSV-M / Iso against fp64 and FusionBench
-      python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gram.py tests/test_spectral.py 2>&1 | tail -15 || rc=1 ;;
+      python3 -m pytest -m gpu -q -p no:cacheprovider tests/parity/test_gram.py tests/parity/test_spectral.py 2>&1 | tail -15 || rc=1 ;;
     gram)   # ACTMat / WUDI solvers on the 32 layers of Llama-2-7B, 8 experts, versus FusionBench's wudi_merging
       python3 -m benchmarks.gram_methods --block llama7b --device cuda --experts 8 \
         --out "$OUT/gram_methods_llama7b_$GPU.json" 2>&1 | tail -25 || rc=1 ;;

@@ -138,7 +138,7 @@ def ray_task_procs(title: str, sids: set[int] | None = None) -> list[psutil.Proc
 
 
 SLOW_HOOK = '''
-"""Slows every tensor task of the job that loads it (test harness; see tests/test_ray.py)."""
+"""Slows every tensor task of the job that loads it (test harness; see tests/cluster/test_ray.py)."""
 import os
 import time
 

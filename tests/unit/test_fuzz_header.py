@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from raymerge.engine.errors import CheckpointError
 from raymerge.engine.storage import ShardReader, parse_header
 
-CORPUS = Path(__file__).parent / "corpus" / "headers"
+CORPUS = Path(__file__).resolve().parents[1] / "corpus" / "headers"
 
 _dtypes = st.sampled_from(["F32", "F16", "BF16", "I64", "U8", "BOOL", "F64", "Q4", "", "f32"])
 _ints = st.one_of(st.integers(-5, 300), st.just(2**63), st.booleans(), st.floats(allow_nan=True), st.text(max_size=3))

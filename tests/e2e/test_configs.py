@@ -14,7 +14,7 @@ from raymerge.engine.recipe import parse_recipe
 
 from conftest import load_dir
 
-CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 EXPERT = re.compile(r"\./models/expert-(\w+)")
 
 
