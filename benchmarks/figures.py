@@ -107,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if new != text:
         stale = [m.group(2) for m, n in zip(BLOCK.finditer(text), BLOCK.finditer(new)) if m.group(0) != n.group(0)]
-        print(f"README figures out of date with their JSON: {', '.join(stale)}; run python -m benchmarks.figures --write")
+        print(
+            f"README figures out of date with their JSON: {', '.join(stale)}; run python -m benchmarks.figures --write"
+        )
         return 1
     print(f"{len(blocks)} README figure block(s) match their JSON")
     return 0

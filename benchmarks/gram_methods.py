@@ -111,8 +111,13 @@ def run(
         rows[label] = r
         if label == next(iter(block)):
             fb_full, t_full = fusion_bench(deltas, steps)
-            check = {"shape": list(shape), "steps": steps, "rel_err_wudi_adam_vs_fb": rel(adam.cpu(), fb_full.cpu()),
-                     "fusion_bench_full_s": t_full, "fusion_bench_extrapolated_s": r["fusion_bench_s"]}  # fmt: skip
+            check = {
+                "shape": list(shape),
+                "steps": steps,
+                "rel_err_wudi_adam_vs_fb": rel(adam.cpu(), fb_full.cpu()),
+                "fusion_bench_full_s": t_full,
+                "fusion_bench_extrapolated_s": r["fusion_bench_s"],
+            }
         print(label, {k: round(v, 3) for k, v in r.items()}, flush=True)
     per_block = {k: sum(rows[lbl][k] * cnt for lbl, (_, cnt) in block.items()) for k in next(iter(rows.values()))}
     model = {k: v * n_blocks for k, v in per_block.items() if k.endswith("_s")}
@@ -124,7 +129,7 @@ def run(
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        },  # fmt: skip
+        },
         "config": {
             "experts": experts,
             "adam_steps": steps,
@@ -132,7 +137,7 @@ def run(
             "quick": quick,
             "model": f"{model_name} (embeddings excluded: both fall back to the mean there)",
             "block": block_name,
-        },  # fmt: skip
+        },
         "per_shape": rows,
         "whole_model_s": model,
         "speedup_vs_fusion_bench": speedup,
@@ -187,8 +192,15 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     plot(result, args.out.with_suffix(".png"))
-    print(json.dumps({"speedup_vs_fusion_bench": result["speedup_vs_fusion_bench"],
-                      "equal_output_check": result["equal_output_check"]}, indent=1))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "speedup_vs_fusion_bench": result["speedup_vs_fusion_bench"],
+                "equal_output_check": result["equal_output_check"],
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -384,10 +384,18 @@ def compare_outputs(a_dir: Path, b_dir: Path, base_dir: Path) -> dict[str, Any]:
         mx = float(diff.max()) if diff.numel() else 0.0
         base = get(base_loc[name], name).float() if name in base_loc else None
         tv = float((fa - base).abs().max()) if base is not None and base.shape == fa.shape else float("nan")
-        c = classes.setdefault(tensor_class(name, ta.dim()), {
-            "tensors": 0, "elements": 0, "max_abs_diff": 0.0, "sum_abs_diff": 0.0, "differing": 0,
-            "max_abs_merged_task_vector": 0.0, "worst_tensor": None,
-        })  # fmt: skip
+        c = classes.setdefault(
+            tensor_class(name, ta.dim()),
+            {
+                "tensors": 0,
+                "elements": 0,
+                "max_abs_diff": 0.0,
+                "sum_abs_diff": 0.0,
+                "differing": 0,
+                "max_abs_merged_task_vector": 0.0,
+                "worst_tensor": None,
+            },
+        )
         c["tensors"] += 1
         c["elements"] += diff.numel()
         c["sum_abs_diff"] += float(diff.sum(dtype=torch.float64))

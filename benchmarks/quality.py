@@ -114,7 +114,7 @@ FULL = SuiteConfig(
         "marker_gap",
         "first_group",
         "markov_source",
-    ),  # fmt: skip
+    ),
     size=EncoderSize(hidden=96, layers=4, heads=4, intermediate=384),
     pretrain=TrainSpec(steps=3000, batch=64, lr=2e-3, weight_decay=0.01),
     probe=TrainSpec(steps=400, batch=256, lr=1e-2),
@@ -253,8 +253,17 @@ def make_data(cfg: SuiteConfig) -> list[TaskData]:
 
         x_tr, y_tr = task.sample(cfg.train_examples, gen(0))
         x_te, y_te = task.sample(cfg.test_examples, gen(1))
-        out.append(TaskData(task, x_tr, y_tr, x_te, y_te, task.inputs(cfg.calib_examples, gen(2)),
-                            task.inputs(cfg.pretrain_examples, gen(3))))  # fmt: skip
+        out.append(
+            TaskData(
+                task,
+                x_tr,
+                y_tr,
+                x_te,
+                y_te,
+                task.inputs(cfg.calib_examples, gen(2)),
+                task.inputs(cfg.pretrain_examples, gen(3)),
+            )
+        )
     return out
 
 
@@ -263,8 +272,10 @@ def calibration_batches(data: TaskData, batch: int) -> list[dict[str, torch.Tens
     all-ones ``attention_mask``): the ``data`` argument of ``raymerge.engine.stats`` /
     ``raymerge.engine.tact``. Data-based rows get their per-task inputs only from here."""
     x = data.x_calib
-    return [{"input_ids": x[i : i + batch], "attention_mask": torch.ones_like(x[i : i + batch])}
-            for i in range(0, len(x), batch)]  # fmt: skip
+    return [
+        {"input_ids": x[i : i + batch], "attention_mask": torch.ones_like(x[i : i + batch])}
+        for i in range(0, len(x), batch)
+    ]
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -290,12 +301,22 @@ def train_all(cfg: SuiteConfig, data: list[TaskData], cache: Path, rebuild: bool
     written last marks each level as usable, so a run killed mid-training starts that level over.
     """
     base_root = cache / f"base-{cfg.base_key()}"
-    return train_cached(cfg, data, [d.task.name for d in data], cfg.seed, base_root,
-                        base_root / f"experts-{cfg.experts_key()}", rebuild)  # fmt: skip
+    return train_cached(
+        cfg, data, [d.task.name for d in data], cfg.seed, base_root, base_root / f"experts-{cfg.experts_key()}", rebuild
+    )
 
 
-def train_cached(cfg: SuiteConfig, data: list[TaskData], names: Sequence[str], seed: int, base_root: Path,
-                 root: Path, rebuild: bool, label: str = "", info: dict[str, Any] | None = None) -> Trained:  # fmt: skip
+def train_cached(
+    cfg: SuiteConfig,
+    data: list[TaskData],
+    names: Sequence[str],
+    seed: int,
+    base_root: Path,
+    root: Path,
+    rebuild: bool,
+    label: str = "",
+    info: dict[str, Any] | None = None,
+) -> Trained:
     """A base pretrained from ``seed`` on the corpus of all of ``data`` (cached in ``base_root``),
     then probes and experts for the tasks ``names`` (cached in ``root``), LP-FT with seeds
     ``seed + 10 + i`` / ``seed + 20 + i`` for task index i of ``data``; ``label`` names the base in
@@ -341,8 +362,14 @@ def train_cached(cfg: SuiteConfig, data: list[TaskData], names: Sequence[str], s
         info["finetune"]["cached"] = False
     info["cached"] = info["pretrain"]["cached"] and info["finetune"]["cached"]
     heads = load_heads(root / "heads.safetensors")
-    return Trained(root, base_root / "base", experts, {n: heads[f"probe.{n}"] for n in names},
-                   {n: heads[f"expert.{n}"] for n in names}, info)  # fmt: skip
+    return Trained(
+        root,
+        base_root / "base",
+        experts,
+        {n: heads[f"probe.{n}"] for n in names},
+        {n: heads[f"expert.{n}"] for n in names},
+        info,
+    )
 
 
 # ------------------------------------------------------------------------------------------ merging
@@ -368,8 +395,15 @@ def recipe_yaml(
             lines.append(f"    parameters: {json.dumps(params)}")
     if shared:
         lines.append(f"parameters: {json.dumps(shared)}")
-    lines += ["dtype: float32", "out_dtype: float32", "raymerge:", f"  seed: {seed}", "  device: cpu",
-              f"  exclude: {json.dumps(list(exclude))}", ""]  # fmt: skip
+    lines += [
+        "dtype: float32",
+        "out_dtype: float32",
+        "raymerge:",
+        f"  seed: {seed}",
+        "  device: cpu",
+        f"  exclude: {json.dumps(list(exclude))}",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -402,8 +436,12 @@ def evaluate(
 
 def summarize(acc: dict[str, float], expert: dict[str, float]) -> dict[str, Any]:
     norm = {k: acc[k] / expert[k] for k in acc}
-    return {"accuracy": acc, "normalized": norm, "mean_accuracy": sum(acc.values()) / len(acc),
-            "mean_normalized": sum(norm.values()) / len(norm)}  # fmt: skip
+    return {
+        "accuracy": acc,
+        "normalized": norm,
+        "mean_accuracy": sum(acc.values()) / len(acc),
+        "mean_normalized": sum(norm.values()) / len(norm),
+    }
 
 
 @dataclass
@@ -425,16 +463,24 @@ class Context:
 def data_free_row(ctx: Context, row: MethodRow) -> dict[str, Any]:
     """Merge with one registry method, load the result and evaluate every task on it."""
     experts = [ctx.trained.experts[n] for n in ctx.task_names]
-    text = recipe_yaml(row.method, ctx.trained.base, experts, row.shared, [row.per_model] * len(experts),
-                       row.exclude, ctx.cfg.seed)  # fmt: skip
+    text = recipe_yaml(
+        row.method, ctx.trained.base, experts, row.shared, [row.per_model] * len(experts), row.exclude, ctx.cfg.seed
+    )
     out = ctx.work / "".join(c if c.isalnum() else "_" for c in row.label)
     figures = run_merge(text, out)
     ctx.merged_dirs[row.label] = out
     body = load_body(out)
     acc = evaluate(lambda _t: body, ctx.trained.expert_heads, ctx.data)
-    return {"label": row.label, "kind": "data-free", "method": row.method, "params": {**row.shared, **row.per_model},
-            "exclude": row.exclude, "note": row.note, "merge_seconds": figures["wall_seconds"],
-            **summarize(acc, ctx.expert_acc)}  # fmt: skip
+    return {
+        "label": row.label,
+        "kind": "data-free",
+        "method": row.method,
+        "params": {**row.shared, **row.per_model},
+        "exclude": row.exclude,
+        "note": row.note,
+        "merge_seconds": figures["wall_seconds"],
+        **summarize(acc, ctx.expert_acc),
+    }
 
 
 # --- data-based rows -------------------------------------------------------------------------------
@@ -470,11 +516,18 @@ def regmean_row(ctx: Context, rows: list[dict[str, Any]]) -> dict[str, Any]:
     ctx.merged_dirs["RegMean"] = out
     body = load_body(out)
     acc = evaluate(lambda _t: body, ctx.trained.expert_heads, ctx.data)
-    return {"label": "RegMean", "kind": "data-based", "method": "regmean", "params": {"alpha": alpha},
-            "exclude": EMBEDDINGS, "calibration_examples_per_task": ctx.cfg.calib_examples,
-            "note": "input Grams XᵀX/N of every nn.Linear from each expert on its task's unlabelled calibration data",
-            "stats_seconds": round(stats_s, 2), "merge_seconds": figures["wall_seconds"],
-            **summarize(acc, ctx.expert_acc)}  # fmt: skip
+    return {
+        "label": "RegMean",
+        "kind": "data-based",
+        "method": "regmean",
+        "params": {"alpha": alpha},
+        "exclude": EMBEDDINGS,
+        "calibration_examples_per_task": ctx.cfg.calib_examples,
+        "note": "input Grams XᵀX/N of every nn.Linear from each expert on its task's unlabelled calibration data",
+        "stats_seconds": round(stats_s, 2),
+        "merge_seconds": figures["wall_seconds"],
+        **summarize(acc, ctx.expert_acc),
+    }
 
 
 def tact_row(ctx: Context, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -495,20 +548,30 @@ def tact_row(ctx: Context, rows: list[dict[str, Any]]) -> dict[str, Any]:
     corrections = {}
     for d in ctx.data:
         corrections[d.task.name] = compute_corrections(
-            load_body(ctx.trained.experts[d.task.name]), load_body(merged_dir),
-            calibration_batches(d, ctx.cfg.calib_batch), "default", task=d.task.name, device="cpu",
-        )  # fmt: skip
+            load_body(ctx.trained.experts[d.task.name]),
+            load_body(merged_dir),
+            calibration_batches(d, ctx.cfg.calib_batch),
+            "default",
+            task=d.task.name,
+            device="cpu",
+        )
     stats_s = time.perf_counter() - t0
     acc = {}
     for d in ctx.data:
         with apply_corrections(body, corrections[d.task.name]):
             acc[d.task.name] = accuracy(body, ctx.trained.expert_heads[d.task.name], d.x_test, d.y_test)
     label = f"TACT on {best['label']}"
-    return {"label": label, "kind": "data-based", "method": "tact", "on": best["label"],
-            "params": {"points": "default (attention output, MLP pre-activation, block output)"},
-            "calibration_examples_per_task": ctx.cfg.calib_examples,
-            "note": "per-task activation correction (needs the task id at inference)",
-            "stats_seconds": round(stats_s, 2), **summarize(acc, ctx.expert_acc)}  # fmt: skip
+    return {
+        "label": label,
+        "kind": "data-based",
+        "method": "tact",
+        "on": best["label"],
+        "params": {"points": "default (attention output, MLP pre-activation, block output)"},
+        "calibration_examples_per_task": ctx.cfg.calib_examples,
+        "note": "per-task activation correction (needs the task id at inference)",
+        "stats_seconds": round(stats_s, 2),
+        **summarize(acc, ctx.expert_acc),
+    }
 
 
 DATA_ROWS: dict[str, Callable[[Context, list[dict[str, Any]]], dict[str, Any]]] = {
@@ -521,8 +584,15 @@ SMOKE_DATA_ROWS = ("RegMean",)
 # ------------------------------------------------------------------------------------------ run
 
 
-def run(cfg: SuiteConfig, rows: Sequence[MethodRow], data_rows: Sequence[str], cache: Path, rebuild: bool,
-        threads: int, sensitivity: Sequence[MethodRow] = ()) -> dict[str, Any]:  # fmt: skip
+def run(
+    cfg: SuiteConfig,
+    rows: Sequence[MethodRow],
+    data_rows: Sequence[str],
+    cache: Path,
+    rebuild: bool,
+    threads: int,
+    sensitivity: Sequence[MethodRow] = (),
+) -> dict[str, Any]:
     """Train (or load) base and experts, then evaluate the probe, the experts and every row."""
     t0 = time.perf_counter()
     if VOCAB in (cfg.size.hidden, cfg.size.intermediate):
@@ -540,11 +610,19 @@ def run(cfg: SuiteConfig, rows: Sequence[MethodRow], data_rows: Sequence[str], c
     expert_acc = evaluate(lambda t: experts[t], trained.expert_heads, data)
     probe_acc = evaluate(lambda _t: base, trained.probe_heads, data)
     out_rows: list[dict[str, Any]] = [
-        {"label": "Base (linear probe)", "kind": "reference", "note": "head trained on the frozen base",
-         **summarize(probe_acc, expert_acc)},
-        {"label": "Experts (individual)", "kind": "reference", "note": "each task on its own fine-tuned expert",
-         **summarize(expert_acc, expert_acc)},
-    ]  # fmt: skip
+        {
+            "label": "Base (linear probe)",
+            "kind": "reference",
+            "note": "head trained on the frozen base",
+            **summarize(probe_acc, expert_acc),
+        },
+        {
+            "label": "Experts (individual)",
+            "kind": "reference",
+            "note": "each task on its own fine-tuned expert",
+            **summarize(expert_acc, expert_acc),
+        },
+    ]
     log.info("probe %s | experts %s", _fmt(probe_acc), _fmt(expert_acc))
     with tempfile.TemporaryDirectory(prefix="raymerge-quality-") as tmp:
         ctx = Context(cfg, data, trained, Path(tmp), expert_acc)
@@ -570,13 +648,13 @@ def run(cfg: SuiteConfig, rows: Sequence[MethodRow], data_rows: Sequence[str], c
         "tasks": {
             d.task.name: {"classes": d.task.classes, "doc": (SAMPLERS[d.task.name][0].__doc__ or "").strip()}
             for d in data
-        },  # fmt: skip
+        },
         "config": {
             **dataclasses.asdict(cfg),
             "base_key": cfg.base_key(),
             "experts_key": cfg.experts_key(),
             "training_version": TRAINING_VERSION,
-        },  # fmt: skip
+        },
         "rows": out_rows,
         "sensitivity": extra,
         "training": trained.info,
@@ -588,7 +666,7 @@ def run(cfg: SuiteConfig, rows: Sequence[MethodRow], data_rows: Sequence[str], c
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "raymerge": __version__,
-        },  # fmt: skip
+        },
     }
 
 
@@ -631,12 +709,18 @@ def rows_table(result: dict[str, Any], section: str) -> str:
             lines.append(f"| {r['label']} | " + " | ".join("–" for _ in tasks) + f" | pending | {r['reason']} |")
             continue
         cells = [f"{100 * r['normalized'][t]:.1f}" for t in tasks]
-        lines.append(f"| {r['label']} | " + " | ".join(cells)
-                     + f" | **{100 * r['mean_normalized']:.1f}** | {100 * r['mean_accuracy']:.1f} |")  # fmt: skip
+        lines.append(
+            f"| {r['label']} | "
+            + " | ".join(cells)
+            + f" | **{100 * r['mean_normalized']:.1f}** | {100 * r['mean_accuracy']:.1f} |"
+        )
     if section == "rows":
         expert = next(r for r in result["rows"] if r["label"].startswith("Experts"))
-        lines.append("| *expert accuracy* | " + " | ".join(f"*{100 * expert['accuracy'][t]:.1f}*" for t in tasks)
-                     + f" | | *{100 * expert['mean_accuracy']:.1f}* |")  # fmt: skip
+        lines.append(
+            "| *expert accuracy* | "
+            + " | ".join(f"*{100 * expert['accuracy'][t]:.1f}*" for t in tasks)
+            + f" | | *{100 * expert['mean_accuracy']:.1f}* |"
+        )
     return "\n".join(lines)
 
 
@@ -653,9 +737,20 @@ def plot(result: dict[str, Any], path: Path) -> None:
     width = 0.85 / len(rows)
     fig, ax = plt.subplots(figsize=(max(10, 1.6 * len(groups)), 4.8))
     # One colour family per kind of method, shades within it; data-based rows hatched.
-    family = {"mean": "Blues", "task_arithmetic": "Blues", "ties": "Blues", "dare_ties": "Blues",
-              "consensus": "Blues", "tsv_m": "Greens", "iso_c": "Greens", "iso_cts": "Greens",
-              "actmat": "Oranges", "wudi": "Oranges", "regmean": "Purples", "tact": "Purples"}  # fmt: skip
+    family = {
+        "mean": "Blues",
+        "task_arithmetic": "Blues",
+        "ties": "Blues",
+        "dare_ties": "Blues",
+        "consensus": "Blues",
+        "tsv_m": "Greens",
+        "iso_c": "Greens",
+        "iso_cts": "Greens",
+        "actmat": "Oranges",
+        "wudi": "Oranges",
+        "regmean": "Purples",
+        "tact": "Purples",
+    }
     members: dict[str, list[int]] = {}
     for i, r in enumerate(rows):
         members.setdefault(family.get(r.get("method", ""), "Greys"), []).append(i)
@@ -665,16 +760,27 @@ def plot(result: dict[str, Any], path: Path) -> None:
         fam = family.get(r.get("method", ""), "Greys")
         idx, n = members[fam].index(i), len(members[fam])
         color = "#9a9a9a" if r["kind"] == "reference" else plt.get_cmap(fam)(0.4 + 0.5 * idx / max(1, n - 1))
-        ax.bar(xs, [100 * v for v in vals], width, label=r["label"], color=color, edgecolor="white", linewidth=0.3,
-               hatch="//" if r["kind"] == "data-based" else None)  # fmt: skip
+        ax.bar(
+            xs,
+            [100 * v for v in vals],
+            width,
+            label=r["label"],
+            color=color,
+            edgecolor="white",
+            linewidth=0.3,
+            hatch="//" if r["kind"] == "data-based" else None,
+        )
     ax.axvline(len(tasks) - 0.5, color="#bbbbbb", lw=0.8)
     ax.axhline(100, color="black", lw=0.8, ls="--")
     ax.set_xticks(range(len(groups)), [g.replace("_", "\n") for g in groups], fontsize=8)
     ax.set_ylabel("normalized accuracy (% of expert)")
     ax.set_ylim(0, 115)
     cfg = result["config"]
-    ax.set_title(f"Merging {len(tasks)} fully fine-tuned experts of a {cfg['size']['layers']}-block, "
-                 f"hidden-{cfg['size']['hidden']} BERT (raymerge merge())", fontsize=10)  # fmt: skip
+    ax.set_title(
+        f"Merging {len(tasks)} fully fine-tuned experts of a {cfg['size']['layers']}-block, "
+        f"hidden-{cfg['size']['hidden']} BERT (raymerge merge())",
+        fontsize=10,
+    )
     ax.legend(fontsize=7, ncol=1, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -686,8 +792,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m benchmarks.quality", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--smoke", action="store_true", help="tiny model, 2 tasks, 3 data-free methods + RegMean (< 60 s)")
-    p.add_argument("--methods", nargs="*", default=None, metavar="LABEL",
-                   help="table rows to run, by label (default: all; see METHOD_ROWS and DATA_ROWS)")  # fmt: skip
+    p.add_argument(
+        "--methods",
+        nargs="*",
+        default=None,
+        metavar="LABEL",
+        help="table rows to run, by label (default: all; see METHOD_ROWS and DATA_ROWS)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of data, pretraining and fine-tuning (default 0)")
     p.add_argument(
         "--threads",
@@ -699,8 +810,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--rebuild", action="store_true", help="retrain even when the cache holds this configuration")
     p.add_argument("--results-dir", type=Path, default=RESULTS, help="where quality.json and quality.png go")
     p.add_argument("--stem", default=None, help="results file stem (default quality, quality_smoke with --smoke)")
-    p.add_argument("--table", type=Path, default=None, metavar="JSON",
-                   help="only print the markdown table of an existing results JSON (what the README shows)")  # fmt: skip
+    p.add_argument(
+        "--table",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="only print the markdown table of an existing results JSON (what the README shows)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log training progress")
     return p.parse_args(argv)
 
@@ -710,8 +826,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.table is not None:
         print(markdown_table(json.loads(args.table.read_text())))
         return 0
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s",
-                        stream=sys.stderr)  # fmt: skip
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s", stream=sys.stderr
+    )
     log.setLevel(logging.INFO)
     cfg = SMOKE if args.smoke else FULL
     cfg = dataclasses.replace(cfg, seed=args.seed, threads=args.threads)

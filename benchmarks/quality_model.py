@@ -33,11 +33,18 @@ class EncoderSize:
 
     def config(self) -> BertConfig:
         return BertConfig(
-            vocab_size=VOCAB, hidden_size=self.hidden, num_hidden_layers=self.layers,
-            num_attention_heads=self.heads, intermediate_size=self.intermediate,
-            max_position_embeddings=SEQ_LEN, type_vocab_size=1, hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0, pad_token_id=0, attn_implementation="eager",
-        )  # fmt: skip
+            vocab_size=VOCAB,
+            hidden_size=self.hidden,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            intermediate_size=self.intermediate,
+            max_position_embeddings=SEQ_LEN,
+            type_vocab_size=1,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            pad_token_id=0,
+            attn_implementation="eager",
+        )
 
 
 @dataclass(frozen=True)

@@ -146,8 +146,13 @@ def split_tasks(cfg: SuiteConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
 def side_a(cfg: SuiteConfig, data: list[TaskData], tasks: Sequence[str], cache: Path, rebuild: bool) -> Side:
     """The local suite's base and its experts for ``tasks`` (from its cache, trained if missing)."""
     trained = train_all(cfg, data, cache, rebuild)
-    return Side(trained.base, {n: trained.experts[n] for n in tasks}, {n: trained.probe_heads[n] for n in tasks},
-                {n: trained.expert_heads[n] for n in tasks}, dict(trained.info))  # fmt: skip
+    return Side(
+        trained.base,
+        {n: trained.experts[n] for n in tasks},
+        {n: trained.probe_heads[n] for n in tasks},
+        {n: trained.expert_heads[n] for n in tasks},
+        dict(trained.info),
+    )
 
 
 def side_b_keys(cfg: SuiteConfig, tasks: Sequence[str], seed_b: int) -> tuple[str, str]:
@@ -160,8 +165,9 @@ def side_b_keys(cfg: SuiteConfig, tasks: Sequence[str], seed_b: int) -> tuple[st
     return digest(base=cfg.base_key()), digest(experts=cfg.experts_key(), tasks=list(tasks))
 
 
-def side_b(cfg: SuiteConfig, data: list[TaskData], tasks: Sequence[str], seed_b: int, cache: Path,
-           rebuild: bool) -> Side:  # fmt: skip
+def side_b(
+    cfg: SuiteConfig, data: list[TaskData], tasks: Sequence[str], seed_b: int, cache: Path, rebuild: bool
+) -> Side:
     """Base B pretrained from ``seed_b`` on the suite's corpus, probes and experts for ``tasks``
     (LP-FT, the suite's recipe and step counts; probe/fine-tune seeds ``seed_b + 10 + i`` /
     ``seed_b + 20 + i`` for task index i) — or what is complete of it in
@@ -169,8 +175,17 @@ def side_b(cfg: SuiteConfig, data: list[TaskData], tasks: Sequence[str], seed_b:
     base_key, experts_key = side_b_keys(cfg, tasks, seed_b)
     base_root = cache / "nonlocal" / f"base-{base_key}"
     # base A's corpus (train_all's: all of ``data``, in the same order), seeds from seed_b
-    t = train_cached(cfg, data, tasks, seed_b, base_root, base_root / f"experts-{experts_key}", rebuild,
-                     label=" B", info={"seed_b": seed_b})  # fmt: skip
+    t = train_cached(
+        cfg,
+        data,
+        tasks,
+        seed_b,
+        base_root,
+        base_root / f"experts-{experts_key}",
+        rebuild,
+        label=" B",
+        info={"seed_b": seed_b},
+    )
     return Side(t.base, t.experts, t.probe_heads, t.expert_heads, t.info)
 
 
@@ -216,8 +231,10 @@ def _activations(body: BertModel, x: torch.Tensor, names: Sequence[str], chunk: 
     """Outputs of modules ``names`` on inputs ``x``, as fp64 rows [tokens, channels]."""
     modules = dict(body.named_modules())
     got: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    handles = [modules[n].register_forward_hook(lambda _m, _a, out, n=n: got[n].append(out.reshape(-1, out.shape[-1])))
-               for n in names]  # fmt: skip
+    handles = [
+        modules[n].register_forward_hook(lambda _m, _a, out, n=n: got[n].append(out.reshape(-1, out.shape[-1])))
+        for n in names
+    ]
     try:
         body.eval()
         for i in range(0, len(x), chunk):
@@ -257,8 +274,9 @@ class Correlations:
         norms = [n for n, m in body_a.named_modules() if isinstance(m, nn.LayerNorm)]
         mlps = [n for n, m in body_a.named_modules() if re.fullmatch(r".*layer\.\d+\.intermediate", n)]
         fa, fb = _activations(body_a, x, norms + mlps), _activations(body_b, x, norms + mlps)
-        return Correlations({n: _correlation(fa[n], fb[n]) for n in norms},
-                            {n: _correlation(fa[n], fb[n]) for n in mlps})  # fmt: skip
+        return Correlations(
+            {n: _correlation(fa[n], fb[n]) for n in norms}, {n: _correlation(fa[n], fb[n]) for n in mlps}
+        )
 
     def matched(self, perm: torch.Tensor | None) -> dict[str, float]:
         """Mean correlation of residual channel i of A with channel perm[i] of B, per LayerNorm
@@ -270,8 +288,9 @@ class Correlations:
         return out
 
 
-def activation_matching(corr: Correlations, sd_a: dict[str, torch.Tensor], sd_b: dict[str, torch.Tensor], spec: Any,
-                        seed: int) -> dict[str, torch.Tensor]:  # fmt: skip
+def activation_matching(
+    corr: Correlations, sd_a: dict[str, torch.Tensor], sd_b: dict[str, torch.Tensor], spec: Any, seed: int
+) -> dict[str, torch.Tensor]:
     """Permutations of B's units from activations (Git Re-Basin's activation matching): the
     residual stream by A/B channel correlations summed over every LayerNorm output, each block's
     MLP units by the correlation of their GELU outputs; then, with those fixed, each block's
@@ -310,8 +329,9 @@ def function_gap(expert: Path, head: nn.Linear, aligned: Path, aligned_head: nn.
     return float((before - after).abs().max())
 
 
-def align_side_b(key: str, base_a: Path, side: Side, work: Path, check_x: dict[str, torch.Tensor],
-                 corr: Correlations, seed: int) -> Aligned:  # fmt: skip
+def align_side_b(
+    key: str, base_a: Path, side: Side, work: Path, check_x: dict[str, torch.Tensor], corr: Correlations, seed: int
+) -> Aligned:
     """B's base and experts in alignment ``key`` (see ``ALIGNMENTS``); each expert's function checked."""
     from safetensors.torch import load_file
 
@@ -336,11 +356,21 @@ def align_side_b(key: str, base_a: Path, side: Side, work: Path, check_x: dict[s
     perm_res = None
     experts_out = {n: out / "experts" / n for n in side.experts}
     if key == "wm":
-        report = align_checkpoints(str(base_a), str(side.base), out / "base_b",
-                                   also=[(str(p), experts_out[n]) for n, p in side.experts.items()], seed=seed)  # fmt: skip
-        info.update(permutations=report.permutations, units=report.units, moved_units=report.moved_units,
-                    spec_distance_before=report.distance_before, spec_distance_after=report.distance_after,
-                    max_passes=report.max_passes)  # fmt: skip
+        report = align_checkpoints(
+            str(base_a),
+            str(side.base),
+            out / "base_b",
+            also=[(str(p), experts_out[n]) for n, p in side.experts.items()],
+            seed=seed,
+        )
+        info.update(
+            permutations=report.permutations,
+            units=report.units,
+            moved_units=report.moved_units,
+            spec_distance_before=report.distance_before,
+            spec_distance_after=report.distance_after,
+            max_passes=report.max_passes,
+        )
     elif key in ("wm_res", "am_res"):
         config = json.loads((side.base / "config.json").read_text())
         engine = permutation_spec_for(config, shapes_of(sd_b))
@@ -348,32 +378,46 @@ def align_side_b(key: str, base_a: Path, side: Side, work: Path, check_x: dict[s
         if key == "wm_res":
             match = match_weights(sd_a, sd_b, spec, seed=seed)
             perms = match.perms
-            info.update(passes=match.passes, converged=match.converged, objective_before=match.objective[0],
-                        objective_after=match.objective[-1])  # fmt: skip
+            info.update(
+                passes=match.passes,
+                converged=match.converged,
+                objective_before=match.objective[0],
+                objective_after=match.objective[-1],
+            )
         else:
             perms = activation_matching(corr, sd_a, sd_b, spec, seed)
-            info["matching_inputs"] = (f"{MATCH_SEQUENCES_PER_TASK} unlabelled sequences per task from the bases' "
-                                       "pretraining corpus")  # fmt: skip
+            info["matching_inputs"] = (
+                f"{MATCH_SEQUENCES_PER_TASK} unlabelled sequences per task from the bases' pretraining corpus"
+            )
         perm_res = perms["residual"]
         for src, dst in [(side.base, out / "base_b"), *[(side.experts[n], experts_out[n]) for n in side.experts]]:
             body = load_body(src)
             body.load_state_dict(apply_permutation(body.state_dict(), spec, perms))
             save_body(body, dst)
-        info.update(permutations=len(spec.perms), units=sum(p.size for p in spec.perms),
-                    moved_units=sum(int((perms[p.name] != torch.arange(p.size)).sum()) for p in spec.perms),
-                    residual_moved=int((perm_res != torch.arange(len(perm_res))).sum()),
-                    objective_weights_after=sum(float((sd_a[t].double() * permute_tensor(t, sd_b[t], spec, perms)
-                                                       .double()).sum()) for t in spec.tensors))  # fmt: skip
+        info.update(
+            permutations=len(spec.perms),
+            units=sum(p.size for p in spec.perms),
+            moved_units=sum(int((perms[p.name] != torch.arange(p.size)).sum()) for p in spec.perms),
+            residual_moved=int((perm_res != torch.arange(len(perm_res))).sum()),
+            objective_weights_after=sum(
+                float((sd_a[t].double() * permute_tensor(t, sd_b[t], spec, perms).double()).sum()) for t in spec.tensors
+            ),
+        )
     else:
         raise ValueError(f"unknown alignment {key!r}")
     info["seconds"] = round(time.perf_counter() - t0, 3)
     info["residual_correlation"] = corr.matched(perm_res)
     heads = {n: _permuted_head(h, perm_res) for n, h in side.expert_heads.items()}
     info["distance_after"] = body_distance(sd_a, load_file(str(out / "base_b" / "model.safetensors")))
-    gaps = {n: function_gap(side.experts[n], side.expert_heads[n], experts_out[n], heads[n], check_x[n])
-            for n in side.experts}  # fmt: skip
-    info["function_check"] = {"inputs_per_expert": int(next(iter(check_x.values())).shape[0]),
-                              "max_abs_logit_diff": gaps, "tolerance": FUNCTION_TOL}  # fmt: skip
+    gaps = {
+        n: function_gap(side.experts[n], side.expert_heads[n], experts_out[n], heads[n], check_x[n])
+        for n in side.experts
+    }
+    info["function_check"] = {
+        "inputs_per_expert": int(next(iter(check_x.values())).shape[0]),
+        "max_abs_logit_diff": gaps,
+        "tolerance": FUNCTION_TOL,
+    }
     bad = {n: g for n, g in gaps.items() if not g <= FUNCTION_TOL}
     if bad:
         raise AssertionError(f"alignment {key} changed the function of B experts: max |Δlogit| {bad}")
@@ -390,8 +434,10 @@ def _calib(d: TaskData, batch: int) -> list[dict[str, torch.Tensor]]:
 def _heldout(d: TaskData, n: int, batch: int) -> list[dict[str, torch.Tensor]]:
     """Unlabelled test inputs (first ``n``) as batches: TACT's statistics out of sample."""
     x = d.x_test[:n]
-    return [{"input_ids": x[i : i + batch], "attention_mask": torch.ones_like(x[i : i + batch])}
-            for i in range(0, len(x), batch)]  # fmt: skip
+    return [
+        {"input_ids": x[i : i + batch], "attention_mask": torch.ones_like(x[i : i + batch])}
+        for i in range(0, len(x), batch)
+    ]
 
 
 def point_moments(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
@@ -432,8 +478,16 @@ def mean_ratio(per_task: dict[str, dict[str, float]]) -> dict[str, Any]:
 def wide_points(layers: int) -> list[str]:
     """TACT points beyond the default: the embeddings' LayerNorm and, per block, q/k/v, the
     attention-output projection and its LayerNorm, the MLP's two projections and the block output."""
-    per_block = ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
-                 "attention.output", "intermediate.dense", "output.dense", ""]  # fmt: skip
+    per_block = [
+        "attention.self.query",
+        "attention.self.key",
+        "attention.self.value",
+        "attention.output.dense",
+        "attention.output",
+        "intermediate.dense",
+        "output.dense",
+        "",
+    ]
     return ["embeddings.LayerNorm"] + [f"encoder.layer.{i}.{p}".rstrip(".") for i in range(layers) for p in per_block]
 
 
@@ -512,35 +566,61 @@ def data_free_rows(run: Run, al: Aligned) -> tuple[list[dict[str, Any]], dict[st
     check: TA and TIES with base A as the base."""
     experts = experts_of(run, al)
     paths = [experts[n] for n in run.names]
-    anchor_text = recipe_yaml("linear", None, [run.side_a.base, al.base_b], {"normalize": True},
-                              [{"weight": 1.0}, {"weight": 1.0}], [], run.cfg.seed)  # fmt: skip
+    anchor_text = recipe_yaml(
+        "linear",
+        None,
+        [run.side_a.base, al.base_b],
+        {"normalize": True},
+        [{"weight": 1.0}, {"weight": 1.0}],
+        [],
+        run.cfg.seed,
+    )
     _, anchor, _ = _merge(run, f"{al.key}_anchor", anchor_text)
     rows, dirs = [], {}
     by_label = {r.label: r for r in METHOD_ROWS}
     heads = heads_of(run, al)
     for label in DATA_FREE:
         spec = by_label[label]
-        text = recipe_yaml(spec.method, anchor, paths, spec.shared, [spec.per_model] * len(paths), spec.exclude,
-                           run.cfg.seed)  # fmt: skip
+        text = recipe_yaml(
+            spec.method, anchor, paths, spec.shared, [spec.per_model] * len(paths), spec.exclude, run.cfg.seed
+        )
         body, out, secs = _merge(run, f"{al.key}_{label}", text)
         dirs[label] = out
         acc = evaluate_body(run, body, heads)
-        rows.append({"label": label, "alignment": al.key, "kind": "data-free", "method": spec.method,
-                     "params": {**spec.shared, **spec.per_model}, "exclude": spec.exclude,
-                     "base": None if spec.method == "mean" else "midpoint of base A and (aligned) base B",
-                     "note": spec.note, "merge_seconds": secs, "sigma_ratio": collapse_of(run, al, body),
-                     **summarize(acc, run.expert_acc)})  # fmt: skip
-        log.info("%-8s %-6s mean normalized %.3f  σ ratio %.3f", al.key, label, rows[-1]["mean_normalized"],
-                 rows[-1]["sigma_ratio"]["overall"])  # fmt: skip
+        rows.append(
+            {
+                "label": label,
+                "alignment": al.key,
+                "kind": "data-free",
+                "method": spec.method,
+                "params": {**spec.shared, **spec.per_model},
+                "exclude": spec.exclude,
+                "base": None if spec.method == "mean" else "midpoint of base A and (aligned) base B",
+                "note": spec.note,
+                "merge_seconds": secs,
+                "sigma_ratio": collapse_of(run, al, body),
+                **summarize(acc, run.expert_acc),
+            }
+        )
+        log.info(
+            "%-8s %-6s mean normalized %.3f  σ ratio %.3f",
+            al.key,
+            label,
+            rows[-1]["mean_normalized"],
+            rows[-1]["sigma_ratio"]["overall"],
+        )
     check = {}
     for label in ("TA", "TIES"):
         spec = by_label[label]
-        text = recipe_yaml(spec.method, run.side_a.base, paths, spec.shared, [spec.per_model] * len(paths),
-                           spec.exclude, run.cfg.seed)  # fmt: skip
+        text = recipe_yaml(
+            spec.method, run.side_a.base, paths, spec.shared, [spec.per_model] * len(paths), spec.exclude, run.cfg.seed
+        )
         body, _, _ = _merge(run, f"{al.key}_{label}_baseA", text)
         s = summarize(evaluate_body(run, body, heads), run.expert_acc)
-        check[label] = {"mean_normalized_base_a": s["mean_normalized"],
-                        "mean_normalized_midpoint": next(r for r in rows if r["label"] == label)["mean_normalized"]}  # fmt: skip
+        check[label] = {
+            "mean_normalized_base_a": s["mean_normalized"],
+            "mean_normalized_midpoint": next(r for r in rows if r["label"] == label)["mean_normalized"],
+        }
     return rows, dirs, check
 
 
@@ -559,20 +639,31 @@ def regmean_row(run: Run, al: Aligned) -> dict[str, Any]:
             run.grams[str(path)] = str(res.grams_path)
         grams.append({"grams": run.grams[str(path)]})
     stats_s = time.perf_counter() - t0
-    text = recipe_yaml("regmean", None, [experts[n] for n in run.names], {"alpha": REGMEAN_ALPHA}, grams, EMBEDDINGS,
-                       run.cfg.seed)  # fmt: skip
+    text = recipe_yaml(
+        "regmean", None, [experts[n] for n in run.names], {"alpha": REGMEAN_ALPHA}, grams, EMBEDDINGS, run.cfg.seed
+    )
     body, _, secs = _merge(run, f"{al.key}_regmean", text)
     acc = evaluate_body(run, body, heads_of(run, al))
-    row = {"label": "RegMean", "alignment": al.key, "kind": "data-based", "method": "regmean",
-           "params": {"alpha": REGMEAN_ALPHA}, "exclude": EMBEDDINGS,
-           "calibration_examples_per_task": run.cfg.calib_examples, "stats_seconds": round(stats_s, 2),
-           "merge_seconds": secs, "sigma_ratio": collapse_of(run, al, body), **summarize(acc, run.expert_acc)}  # fmt: skip
+    row = {
+        "label": "RegMean",
+        "alignment": al.key,
+        "kind": "data-based",
+        "method": "regmean",
+        "params": {"alpha": REGMEAN_ALPHA},
+        "exclude": EMBEDDINGS,
+        "calibration_examples_per_task": run.cfg.calib_examples,
+        "stats_seconds": round(stats_s, 2),
+        "merge_seconds": secs,
+        "sigma_ratio": collapse_of(run, al, body),
+        **summarize(acc, run.expert_acc),
+    }
     log.info("%-8s RegMean mean normalized %.3f", al.key, row["mean_normalized"])
     return row
 
 
-def tact_row(run: Run, al: Aligned, free: list[dict[str, Any]], dirs: dict[str, Path],
-             points: Sequence[str] | str = "default") -> dict[str, Any]:  # fmt: skip
+def tact_row(
+    run: Run, al: Aligned, free: list[dict[str, Any]], dirs: dict[str, Path], points: Sequence[str] | str = "default"
+) -> dict[str, Any]:
     """TACT on the best data-free merge of this alignment: per task, corrections from that task's
     (aligned) expert on its calibration inputs at ``points``, applied with forward hooks while that
     task is evaluated; σ ratios before and after on calibration and held-out inputs (at TACT's
@@ -585,10 +676,16 @@ def tact_row(run: Run, al: Aligned, free: list[dict[str, Any]], dirs: dict[str, 
     heads = heads_of(run, al)
     t0 = time.perf_counter()
     corrections = {
-        d.task.name: compute_corrections(load_body(experts[d.task.name]), body, _calib(d, run.cfg.calib_batch),
-                                         points, task=d.task.name, device="cpu")
+        d.task.name: compute_corrections(
+            load_body(experts[d.task.name]),
+            body,
+            _calib(d, run.cfg.calib_batch),
+            points,
+            task=d.task.name,
+            device="cpu",
+        )
         for d in run.data
-    }  # fmt: skip
+    }
     stats_s = time.perf_counter() - t0
     acc, after_calib, after_held, before_held = {}, {}, {}, {}
     for d in run.data:
@@ -602,18 +699,35 @@ def tact_row(run: Run, al: Aligned, free: list[dict[str, Any]], dirs: dict[str, 
             after_held[name] = std_ratio(point_moments(body, _heldout(d, 256, run.cfg.calib_batch)), e_held)
     n_points = len(corrections[run.names[0]].points)
     default = points == "default"
-    row = {"label": f"TACT on {best['label']}" if default else f"TACT ({n_points} points) on {best['label']}",
-           "alignment": al.key, "kind": "data-based", "method": "tact" if default else "tact_wide", "on": best["label"],
-           "params": {"points": "default (attention output, MLP pre-activation, block output)" if default
-                      else list(points), "points_per_task": n_points, "eps": corrections[run.names[0]].eps},
-           "calibration_examples_per_task": run.cfg.calib_examples,
-           "note": "per-task activation correction (needs the task id at inference)", "stats_seconds": round(stats_s, 2),
-           "sigma_ratio": mean_ratio(after_calib), "sigma_ratio_before": best["sigma_ratio"],
-           "sigma_ratio_heldout": mean_ratio(after_held), "sigma_ratio_heldout_before": mean_ratio(before_held),
-           "sequential_collapse": {n: c.collapse() for n, c in corrections.items()},
-           **summarize(acc, run.expert_acc)}  # fmt: skip
-    log.info("%-8s %s mean normalized %.3f  σ ratio %.3f → %.3f", al.key, row["label"], row["mean_normalized"],
-             best["sigma_ratio"]["overall"], row["sigma_ratio"]["overall"])  # fmt: skip
+    row = {
+        "label": f"TACT on {best['label']}" if default else f"TACT ({n_points} points) on {best['label']}",
+        "alignment": al.key,
+        "kind": "data-based",
+        "method": "tact" if default else "tact_wide",
+        "on": best["label"],
+        "params": {
+            "points": "default (attention output, MLP pre-activation, block output)" if default else list(points),
+            "points_per_task": n_points,
+            "eps": corrections[run.names[0]].eps,
+        },
+        "calibration_examples_per_task": run.cfg.calib_examples,
+        "note": "per-task activation correction (needs the task id at inference)",
+        "stats_seconds": round(stats_s, 2),
+        "sigma_ratio": mean_ratio(after_calib),
+        "sigma_ratio_before": best["sigma_ratio"],
+        "sigma_ratio_heldout": mean_ratio(after_held),
+        "sigma_ratio_heldout_before": mean_ratio(before_held),
+        "sequential_collapse": {n: c.collapse() for n, c in corrections.items()},
+        **summarize(acc, run.expert_acc),
+    }
+    log.info(
+        "%-8s %s mean normalized %.3f  σ ratio %.3f → %.3f",
+        al.key,
+        row["label"],
+        row["mean_normalized"],
+        best["sigma_ratio"]["overall"],
+        row["sigma_ratio"]["overall"],
+    )
     return row
 
 
@@ -637,18 +751,33 @@ def interpolation_path(
     for alpha in alphas:
         body.load_state_dict({k: (1 - alpha) * mean_a[k] + alpha * mean_b[k] for k in mean_a})
         s = summarize(evaluate_body(run, body, heads), run.expert_acc)
-        half = {side: sum(s["normalized"][n] for n in names) / len(names)
-                for side, names in (("A", run.side_a.experts), ("B", al.experts_b))}  # fmt: skip
-        path.append({"alpha": alpha, "mean_normalized": s["mean_normalized"], "tasks_a_normalized": half["A"],
-                     "tasks_b_normalized": half["B"]})  # fmt: skip
+        half = {
+            side: sum(s["normalized"][n] for n in names) / len(names)
+            for side, names in (("A", run.side_a.experts), ("B", al.experts_b))
+        }
+        path.append(
+            {
+                "alpha": alpha,
+                "mean_normalized": s["mean_normalized"],
+                "tasks_a_normalized": half["A"],
+                "tasks_b_normalized": half["B"],
+            }
+        )
     return path
 
 
 # ------------------------------------------------------------------------------------------ run
 
 
-def run(cfg: SuiteConfig, seed_b: int, cache: Path, rebuild_a: bool, rebuild_b: bool, threads: int,
-        alignments: Sequence[str]) -> dict[str, Any]:  # fmt: skip
+def run(
+    cfg: SuiteConfig,
+    seed_b: int,
+    cache: Path,
+    rebuild_a: bool,
+    rebuild_b: bool,
+    threads: int,
+    alignments: Sequence[str],
+) -> dict[str, Any]:
     """Load side A (trained with the suite's thread count if not cached), train or load side B,
     then align, merge, correct and evaluate, all with ``threads`` torch threads."""
     t0 = time.perf_counter()
@@ -664,18 +793,35 @@ def run(cfg: SuiteConfig, seed_b: int, cache: Path, rebuild_a: bool, rebuild_b: 
     t_train = time.perf_counter() - t0
     heads = {**sa.expert_heads, **sb.expert_heads}
     experts = {**sa.experts, **sb.experts}
-    expert_acc = {d.task.name: accuracy(load_body(experts[d.task.name]), heads[d.task.name], d.x_test, d.y_test)
-                  for d in data}  # fmt: skip
+    expert_acc = {
+        d.task.name: accuracy(load_body(experts[d.task.name]), heads[d.task.name], d.x_test, d.y_test) for d in data
+    }
     base_a, base_b = load_body(sa.base), load_body(sb.base)
-    probe_acc = {d.task.name: accuracy(base_a if d.task.name in tasks_a else base_b,
-                                       {**sa.probe_heads, **sb.probe_heads}[d.task.name], d.x_test, d.y_test)
-                 for d in data}  # fmt: skip
+    probe_acc = {
+        d.task.name: accuracy(
+            base_a if d.task.name in tasks_a else base_b,
+            {**sa.probe_heads, **sb.probe_heads}[d.task.name],
+            d.x_test,
+            d.y_test,
+        )
+        for d in data
+    }
     rows: list[dict[str, Any]] = [
-        {"label": "Bases (linear probe)", "alignment": "-", "kind": "reference",
-         "note": "head trained on the frozen base the task's expert came from", **summarize(probe_acc, expert_acc)},
-        {"label": "Experts (individual)", "alignment": "-", "kind": "reference",
-         "note": "each task on its own fine-tuned expert", **summarize(expert_acc, expert_acc)},
-    ]  # fmt: skip
+        {
+            "label": "Bases (linear probe)",
+            "alignment": "-",
+            "kind": "reference",
+            "note": "head trained on the frozen base the task's expert came from",
+            **summarize(probe_acc, expert_acc),
+        },
+        {
+            "label": "Experts (individual)",
+            "alignment": "-",
+            "kind": "reference",
+            "note": "each task on its own fine-tuned expert",
+            **summarize(expert_acc, expert_acc),
+        },
+    ]
     alignment_info, anchor_check, collapse, paths, merges = {}, {}, {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="raymerge-nonlocal-") as tmp:
         r = Run(cfg, data, sa, sb, Path(tmp), expert_acc)
@@ -685,9 +831,13 @@ def run(cfg: SuiteConfig, seed_b: int, cache: Path, rebuild_a: bool, rebuild_b: 
         for key in alignments:
             al = align_side_b(key, sa.base, sb, r.work, check_x, corr, cfg.seed)
             alignment_info[key] = al.info
-            log.info("alignment %s: distance %.3f → %.3f, residual correlation %.3f", key, al.info["distance_before"],
-                     al.info.get("distance_after", al.info["distance_before"]),
-                     sum(al.info["residual_correlation"].values()) / len(al.info["residual_correlation"]))  # fmt: skip
+            log.info(
+                "alignment %s: distance %.3f → %.3f, residual correlation %.3f",
+                key,
+                al.info["distance_before"],
+                al.info.get("distance_after", al.info["distance_before"]),
+                sum(al.info["residual_correlation"].values()) / len(al.info["residual_correlation"]),
+            )
             paths[key] = interpolation_path(r, al)
             free, dirs, anchor_check[key] = data_free_rows(r, al)
             rows += free
@@ -696,15 +846,18 @@ def run(cfg: SuiteConfig, seed_b: int, cache: Path, rebuild_a: bool, rebuild_b: 
             rows.append(tact)
             merges[key] = (al, free, dirs, tact["mean_normalized"])
             collapse[key] = {
-                "merge": tact["on"], "points": list(tact["sigma_ratio"]["per_point"]),
-                "before": tact["sigma_ratio_before"]["per_point"], "after": tact["sigma_ratio"]["per_point"],
-                "before_overall": tact["sigma_ratio_before"]["overall"], "after_overall": tact["sigma_ratio"]["overall"],
+                "merge": tact["on"],
+                "points": list(tact["sigma_ratio"]["per_point"]),
+                "before": tact["sigma_ratio_before"]["per_point"],
+                "after": tact["sigma_ratio"]["per_point"],
+                "before_overall": tact["sigma_ratio_before"]["overall"],
+                "after_overall": tact["sigma_ratio"]["overall"],
                 "heldout_before_overall": tact["sigma_ratio_heldout_before"]["overall"],
                 "heldout_after_overall": tact["sigma_ratio_heldout"]["overall"],
                 "heldout_before": tact["sigma_ratio_heldout_before"]["per_point"],
                 "heldout_after": tact["sigma_ratio_heldout"]["per_point"],
                 "max_abs_after_minus_1": max(abs(v - 1) for v in tact["sigma_ratio"]["per_point"].values()),
-            }  # fmt: skip
+            }
         # TACT at every Linear/LayerNorm output of each block, on the alignment where TACT did best.
         best_key = max(merges, key=lambda k: merges[k][3])
         al, free, dirs, _ = merges[best_key]
@@ -722,7 +875,7 @@ def run(cfg: SuiteConfig, seed_b: int, cache: Path, rebuild_a: bool, rebuild_b: 
                 "doc": (SAMPLERS[d.task.name][0].__doc__ or "").strip(),
             }
             for d in data
-        },  # fmt: skip
+        },
         "config": {
             **dataclasses.asdict(cfg),
             "base_a_key": cfg.base_key(),
@@ -730,7 +883,7 @@ def run(cfg: SuiteConfig, seed_b: int, cache: Path, rebuild_a: bool, rebuild_b: 
             "base_b_key": side_b_keys(cfg, tasks_b, seed_b)[0],
             "experts_b_key": side_b_keys(cfg, tasks_b, seed_b)[1],
             "nonlocal_version": NONLOCAL_VERSION,
-        },  # fmt: skip
+        },
         "seeds": {
             "suite_and_base_a": cfg.seed,
             "base_b": seed_b,
@@ -738,7 +891,7 @@ def run(cfg: SuiteConfig, seed_b: int, cache: Path, rebuild_a: bool, rebuild_b: 
             "experts_b": "seed_b + 20 + task index (probe: + 10)",
             "weight_matching": cfg.seed,
             "merge": cfg.seed,
-        },  # fmt: skip
+        },
         "tasks_a": list(tasks_a),
         "tasks_b": list(tasks_b),
         "alignments": alignment_info,
@@ -752,7 +905,7 @@ def run(cfg: SuiteConfig, seed_b: int, cache: Path, rebuild_a: bool, rebuild_b: 
             "total": round(time.perf_counter() - t0, 2),
             "side_a_train_or_cache": round(t_a, 2),
             "side_b_train_or_cache": round(t_train - t_a, 2),
-        },  # fmt: skip
+        },
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "threads": threads,
@@ -762,7 +915,7 @@ def run(cfg: SuiteConfig, seed_b: int, cache: Path, rebuild_a: bool, rebuild_b: 
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "raymerge": __version__,
-        },  # fmt: skip
+        },
     }
 
 
@@ -774,20 +927,32 @@ def markdown_table(result: dict[str, Any]) -> str:
     variance collapse before/after TACT per alignment."""
     tasks = list(result["tasks"])
     cols = [f"{t.replace('_', ' ')} ({result['tasks'][t]['base']})" for t in tasks]
-    lines = ["| alignment | method | " + " | ".join(cols) + " | **mean norm.** | mean acc. | σ ratio |",
-             "|---" * (len(tasks) + 5) + "|"]  # fmt: skip
+    lines = [
+        "| alignment | method | " + " | ".join(cols) + " | **mean norm.** | mean acc. | σ ratio |",
+        "|---" * (len(tasks) + 5) + "|",
+    ]
     for r in result["rows"]:
         cells = [f"{100 * r['normalized'][t]:.1f}" for t in tasks]
         sigma = f"{r['sigma_ratio']['overall']:.2f}" if "sigma_ratio" in r else ""
         align = ALIGNMENTS.get(r["alignment"], r["alignment"]) if r["kind"] != "reference" else "–"
-        lines.append(f"| {align} | {r['label']} | " + " | ".join(cells)
-                     + f" | **{100 * r['mean_normalized']:.1f}** | {100 * r['mean_accuracy']:.1f} | {sigma} |")  # fmt: skip
+        lines.append(
+            f"| {align} | {r['label']} | "
+            + " | ".join(cells)
+            + f" | **{100 * r['mean_normalized']:.1f}** | {100 * r['mean_accuracy']:.1f} | {sigma} |"
+        )
     expert = next(r for r in result["rows"] if r["label"].startswith("Experts"))
-    lines.append("| | *expert accuracy* | " + " | ".join(f"*{100 * expert['accuracy'][t]:.1f}*" for t in tasks)
-                 + f" | | *{100 * expert['mean_accuracy']:.1f}* | |")  # fmt: skip
-    lines += ["", "| alignment | ‖A − B‖ before → after | residual-channel correlation | midpoint of the expert "
-              "averages: A / B tasks | TACT on | σ ratio before TACT: all / attention / MLP pre-act. / block | after "
-              "(calibration) | before → after (held-out) |", "|---" * 8 + "|"]  # fmt: skip
+    lines.append(
+        "| | *expert accuracy* | "
+        + " | ".join(f"*{100 * expert['accuracy'][t]:.1f}*" for t in tasks)
+        + f" | | *{100 * expert['mean_accuracy']:.1f}* | |"
+    )
+    lines += [
+        "",
+        "| alignment | ‖A − B‖ before → after | residual-channel correlation | midpoint of the expert "
+        "averages: A / B tasks | TACT on | σ ratio before TACT: all / attention / MLP pre-act. / block | after "
+        "(calibration) | before → after (held-out) |",
+        "|---" * 8 + "|",
+    ]
     for key, c in result["variance_collapse"].items():
         tact = next(r for r in result["rows"] if r["alignment"] == key and r.get("method") == "tact")
         b = tact["sigma_ratio_before"]
@@ -799,7 +964,7 @@ def markdown_table(result: dict[str, Any]) -> str:
             f" | {corr:.2f} | {100 * mid['tasks_a_normalized']:.0f} / {100 * mid['tasks_b_normalized']:.0f} | {c['merge']}"
             f" | {b['overall']:.2f} / {b['attention_output']:.2f} / {b['mlp_preactivation']:.2f} / {b['block_output']:.2f}"
             f" | {c['after_overall']:.4f} | {c['heldout_before_overall']:.2f} → {c['heldout_after_overall']:.3f} |"
-        )  # fmt: skip
+        )
     return "\n".join(lines)
 
 
@@ -824,10 +989,16 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(15, 0.32 * len(rows) + 2.5), gridspec_kw={"width_ratios": [1.1, 1]})
     ys = list(range(len(rows)))[::-1]
     for y, r in zip(ys, rows, strict=True):
-        ax.barh(y, 100 * r["mean_normalized"], color=colors[r["alignment"]],
-                hatch="//" if str(r.get("method", "")).startswith("tact") else None, edgecolor="white")  # fmt: skip
-        ax.scatter([100 * v for v in r["normalized"].values()], [y] * len(r["normalized"]), s=8, color="black",
-                   zorder=3)  # fmt: skip
+        ax.barh(
+            y,
+            100 * r["mean_normalized"],
+            color=colors[r["alignment"]],
+            hatch="//" if str(r.get("method", "")).startswith("tact") else None,
+            edgecolor="white",
+        )
+        ax.scatter(
+            [100 * v for v in r["normalized"].values()], [y] * len(r["normalized"]), s=8, color="black", zorder=3
+        )
     ax.set_yticks(ys, [f"{r['label']} · {ALIGNMENTS.get(r['alignment'], 'reference')}" for r in rows], fontsize=7)
     ax.axvline(100, color="black", lw=0.8, ls="--")
     ax.set_xlabel("normalized accuracy (% of own expert); bar = mean, dots = tasks")
@@ -836,10 +1007,21 @@ def plot(result: dict[str, Any], path: Path) -> None:
     for key, c in result["variance_collapse"].items():
         points = c["points"]
         xs = range(len(points))
-        bx.plot(xs, [c["heldout_before"][p] for p in points], "-o", ms=3, color=colors[key],
-                label=f"{ALIGNMENTS[key]}: {c['merge']}, before TACT")  # fmt: skip
-        bx.plot(xs, [c["heldout_after"][p] for p in points], "--", color=colors[key],
-                label=f"{ALIGNMENTS[key]}: after TACT (held-out inputs)")  # fmt: skip
+        bx.plot(
+            xs,
+            [c["heldout_before"][p] for p in points],
+            "-o",
+            ms=3,
+            color=colors[key],
+            label=f"{ALIGNMENTS[key]}: {c['merge']}, before TACT",
+        )
+        bx.plot(
+            xs,
+            [c["heldout_after"][p] for p in points],
+            "--",
+            color=colors[key],
+            label=f"{ALIGNMENTS[key]}: after TACT (held-out inputs)",
+        )
     if points:
         bx.set_xticks(range(len(points)), [_short_point(p) for p in points], rotation=60, fontsize=7)
     bx.axhline(1, color="black", lw=0.8)
@@ -847,33 +1029,54 @@ def plot(result: dict[str, Any], path: Path) -> None:
     bx.set_ylim(0, max(1.3, bx.get_ylim()[1]))
     bx.legend(fontsize=7, loc="lower left")
     cfg = result["config"]
-    fig.suptitle(f"Non-local merge of {len(result['tasks'])} experts ({len(result['tasks_a'])} from base A, "
-                 f"{len(result['tasks_b'])} from base B) of a {cfg['size']['layers']}-block, hidden-"
-                 f"{cfg['size']['hidden']} BERT (raymerge merge())", fontsize=10)  # fmt: skip
+    fig.suptitle(
+        f"Non-local merge of {len(result['tasks'])} experts ({len(result['tasks_a'])} from base A, "
+        f"{len(result['tasks_b'])} from base B) of a {cfg['size']['layers']}-block, hidden-"
+        f"{cfg['size']['hidden']} BERT (raymerge merge())",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.quality_nonlocal", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.quality_nonlocal",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--smoke", action="store_true", help="tiny model, 2 + 2 tasks (< 90 s)")
     p.add_argument("--seed", type=int, default=0, help="the suite's seed: data, base A and its experts (default 0)")
-    p.add_argument("--seed-b", type=int, default=None,
-                   help=f"pretraining seed of base B (default: --seed + {SEED_B_OFFSET})")  # fmt: skip
-    p.add_argument("--alignments", nargs="*", default=list(ALIGNMENTS), choices=list(ALIGNMENTS),
-                   help="which alignments of B's side to merge (default: all)")  # fmt: skip
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads for base B, its experts and everything after training (default 1; "
-                        "results depend on it). Side A, if not cached, trains with the suite's 2")  # fmt: skip
+    p.add_argument(
+        "--seed-b", type=int, default=None, help=f"pretraining seed of base B (default: --seed + {SEED_B_OFFSET})"
+    )
+    p.add_argument(
+        "--alignments",
+        nargs="*",
+        default=list(ALIGNMENTS),
+        choices=list(ALIGNMENTS),
+        help="which alignments of B's side to merge (default: all)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for base B, its experts and everything after training (default 1; "
+        "results depend on it). Side A, if not cached, trains with the suite's 2",
+    )
     p.add_argument("--cache-dir", type=Path, default=CACHE, help=f"trained models cache (default {CACHE})")
     p.add_argument("--rebuild", action="store_true", help="retrain base B and its experts even when cached")
     p.add_argument("--rebuild-a", action="store_true", help="also retrain the suite's base A and experts")
     p.add_argument("--results-dir", type=Path, default=RESULTS, help="where the JSON and PNG go")
     p.add_argument("--stem", default=None, help="results file stem (default quality_nonlocal[_smoke])")
-    p.add_argument("--table", type=Path, default=None, metavar="JSON",
-                   help="only print the markdown table of an existing results JSON (what the README shows)")  # fmt: skip
+    p.add_argument(
+        "--table",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="only print the markdown table of an existing results JSON (what the README shows)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log training and merge progress")
     return p.parse_args(argv)
 
@@ -892,8 +1095,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if seed_b == cfg.seed:
         print("--seed-b must differ from --seed: the two bases are pretrained from different seeds", file=sys.stderr)
         return 2
-    result = run(cfg, seed_b, args.cache_dir, args.rebuild_a, args.rebuild or args.rebuild_a, args.threads,
-                 args.alignments)  # fmt: skip
+    result = run(
+        cfg, seed_b, args.cache_dir, args.rebuild_a, args.rebuild or args.rebuild_a, args.threads, args.alignments
+    )
     result["config"]["smoke"] = args.smoke
     result["command"] = "python -m benchmarks.quality_nonlocal " + " ".join(sys.argv[1:] if argv is None else argv)
     stem = args.stem or ("quality_nonlocal_smoke" if args.smoke else "quality_nonlocal")

@@ -79,8 +79,17 @@ class Config:
     seed_b: int = 1
 
 
-SMOKE = Config(width=48, depth=3, pretrain_examples=4096, pretrain_steps=300, train_examples=2048, probe_steps=80,
-               finetune_steps=150, test_examples=512, calib_examples=128)  # fmt: skip
+SMOKE = Config(
+    width=48,
+    depth=3,
+    pretrain_examples=4096,
+    pretrain_steps=300,
+    train_examples=2048,
+    probe_steps=80,
+    finetune_steps=150,
+    test_examples=512,
+    calib_examples=128,
+)
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -163,8 +172,17 @@ def make_tasks(cfg: Config) -> list[Task]:
         shift = 0.5 * torch.randn(cfg.inputs, generator=torch.Generator().manual_seed(50 + t))
         label = teacher(cfg, 100 + t, TASK_CLASSES)
         x_tr, x_te = inputs(cfg, 200 + t, cfg.train_examples, shift), inputs(cfg, 300 + t, cfg.test_examples, shift)
-        tasks.append(Task(f"task{t + 1}", "A" if t < N_TASKS // 2 else "B", x_tr, label(x_tr), x_te, label(x_te),
-                          inputs(cfg, 400 + t, cfg.calib_examples, shift)))  # fmt: skip
+        tasks.append(
+            Task(
+                f"task{t + 1}",
+                "A" if t < N_TASKS // 2 else "B",
+                x_tr,
+                label(x_tr),
+                x_te,
+                label(x_te),
+                inputs(cfg, 400 + t, cfg.calib_examples, shift),
+            )
+        )
     return tasks
 
 
@@ -207,15 +225,22 @@ def load_body(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "model.safetensors"))
 
 
-def merge_dir(method: str, base: Path | None, experts: Sequence[Path], shared: dict[str, Any],
-              per_model: dict[str, Any], out: Path) -> tuple[dict[str, torch.Tensor], float]:  # fmt: skip
+def merge_dir(
+    method: str,
+    base: Path | None,
+    experts: Sequence[Path],
+    shared: dict[str, Any],
+    per_model: dict[str, Any],
+    out: Path,
+) -> tuple[dict[str, torch.Tensor], float]:
     t0 = time.perf_counter()
     run_merge(recipe_yaml(method, base, experts, shared, [per_model] * len(experts), [], 0), out)
     return load_body(out), time.perf_counter() - t0
 
 
-def align(cfg: Config, bases: dict[str, Net], experts: dict[str, Net], tasks: list[Task], how: str
-          ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor], dict[str, Any]]:  # fmt: skip
+def align(
+    cfg: Config, bases: dict[str, Net], experts: dict[str, Net], tasks: list[Task], how: str
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor], dict[str, Any]]:
     """(expert state dicts, B's base state dict, report), B's side permuted onto A's if ``how``."""
     sds = {t.name: state(experts[t.name]) for t in tasks}
     base_b = state(bases["B"])
@@ -235,8 +260,12 @@ def align(cfg: Config, bases: dict[str, Net], experts: dict[str, Net], tasks: li
         if gaps[t.name] > FUNCTION_TOL:
             raise RuntimeError(f"permuted expert {t.name} computes another function (max |Δlogit| {gaps[t.name]:.2e})")
         sds[t.name] = permuted
-    report = {"objective_before": res.objective[0], "objective_after": res.objective[-1], "passes": res.passes,
-              "max_logit_gap": max(gaps.values())}  # fmt: skip
+    report = {
+        "objective_before": res.objective[0],
+        "objective_after": res.objective[-1],
+        "passes": res.passes,
+        "max_logit_gap": max(gaps.values()),
+    }
     return sds, apply_permutation(base_b, spec_pre, res.perms), report
 
 
@@ -250,8 +279,10 @@ def heldout_ratio(cfg: Config, merged: nn.Module, expert: nn.Module, x: torch.Te
 
     def stds(net: nn.Module) -> list[torch.Tensor]:
         found: list[torch.Tensor] = []
-        hooks = [dict(net.named_modules())[n].register_forward_hook(lambda m, a, o: found.append(o.std(0)))
-                 for n in layer_names(cfg)]  # fmt: skip
+        hooks = [
+            dict(net.named_modules())[n].register_forward_hook(lambda m, a, o: found.append(o.std(0)))
+            for n in layer_names(cfg)
+        ]
         with torch.no_grad():
             net(x)
         for h in hooks:
@@ -263,14 +294,20 @@ def heldout_ratio(cfg: Config, merged: nn.Module, expert: nn.Module, x: torch.Te
     return out
 
 
-def evaluate(cfg: Config, merged_sd: dict[str, torch.Tensor], sds: dict[str, dict[str, torch.Tensor]],
-             tasks: list[Task], expert_acc: dict[str, float]) -> dict[str, Any]:  # fmt: skip
+def evaluate(
+    cfg: Config,
+    merged_sd: dict[str, torch.Tensor],
+    sds: dict[str, dict[str, torch.Tensor]],
+    tasks: list[Task],
+    expert_acc: dict[str, float],
+) -> dict[str, Any]:
     """Accuracy per task before and after TACT, and the σ ratios, for one merged body."""
     acc, acc_tact, ratio, after = {}, {}, [], []
     for t in tasks:
         expert = with_state(cfg, sds[t.name])
-        merged = with_state(cfg, {**merged_sd, "head.weight": sds[t.name]["head.weight"],
-                                  "head.bias": sds[t.name]["head.bias"]})  # fmt: skip
+        merged = with_state(
+            cfg, {**merged_sd, "head.weight": sds[t.name]["head.weight"], "head.bias": sds[t.name]["head.bias"]}
+        )
         acc[t.name] = accuracy(merged, t.x_test, t.y_test)
         batches = [{"x": t.x_calib[i : i + 128]} for i in range(0, len(t.x_calib), 128)]
         corr = compute_corrections(expert, merged, batches, points=layer_names(cfg), task=t.name, device="cpu")
@@ -287,9 +324,14 @@ def evaluate(cfg: Config, merged_sd: dict[str, torch.Tensor], sds: dict[str, dic
     def per_layer(rows: list[list[float]]) -> list[float]:
         return [round(sum(r[i] for r in rows) / n, 4) for i in range(len(rows[0]))]
 
-    return {"accuracy": acc, "accuracy_tact": acc_tact, "mean_normalized": round(mean_norm(acc), 2),
-            "mean_normalized_tact": round(mean_norm(acc_tact), 2), "sigma_ratio": per_layer(ratio),
-            "sigma_ratio_after_tact_heldout": per_layer(after)}  # fmt: skip
+    return {
+        "accuracy": acc,
+        "accuracy_tact": acc_tact,
+        "mean_normalized": round(mean_norm(acc), 2),
+        "mean_normalized_tact": round(mean_norm(acc_tact), 2),
+        "sigma_ratio": per_layer(ratio),
+        "sigma_ratio_after_tact_heldout": per_layer(after),
+    }
 
 
 def run(cfg: Config, work: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -311,10 +353,19 @@ def run(cfg: Config, work: Path, log: Callable[[str], None] = print) -> dict[str
         for label, (method, shared, per_model) in MERGES.items():
             merged_sd, seconds = merge_dir(method, root / "midpoint", expert_dirs, shared, per_model, root / label)
             res = evaluate(cfg, merged_sd, sds, tasks, expert_acc)
-            rows.append({"alignment": how, "method": label, "raymerge_method": method, "merge_seconds": round(seconds, 2),
-                         **res})  # fmt: skip
-            log(f"{how:5s} {label:8s} mean normalized {res['mean_normalized']:5.1f} → TACT "
-                f"{res['mean_normalized_tact']:5.1f}   σ ratio per layer {res['sigma_ratio']}")  # fmt: skip
+            rows.append(
+                {
+                    "alignment": how,
+                    "method": label,
+                    "raymerge_method": method,
+                    "merge_seconds": round(seconds, 2),
+                    **res,
+                }
+            )
+            log(
+                f"{how:5s} {label:8s} mean normalized {res['mean_normalized']:5.1f} → TACT "
+                f"{res['mean_normalized_tact']:5.1f}   σ ratio per layer {res['sigma_ratio']}"
+            )
     return {
         "benchmark": "quality_nonlocal_mlp",
         "config": asdict(cfg),
@@ -345,8 +396,10 @@ def markdown_table(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         before = " / ".join(f"{x:.2f}" for x in r["sigma_ratio"])
         after = " / ".join(f"{x:.2f}" for x in r["sigma_ratio_after_tact_heldout"])
-        lines.append(f"| {ALIGNMENTS[r['alignment']]} | {r['method']} | {r['mean_normalized']:.1f} | "
-                     f"**{r['mean_normalized_tact']:.1f}** | {before} | {after} |")  # fmt: skip
+        lines.append(
+            f"| {ALIGNMENTS[r['alignment']]} | {r['method']} | {r['mean_normalized']:.1f} | "
+            f"**{r['mean_normalized_tact']:.1f}** | {before} | {after} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -367,7 +420,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("mean normalized accuracy (%)")
     ax.legend(fontsize=8)
     for r in rows:
-        bx.plot(range(1, len(r["sigma_ratio"]) + 1), r["sigma_ratio"], marker="o", label=f"{r['method']} ({r['alignment']})")
+        bx.plot(
+            range(1, len(r["sigma_ratio"]) + 1), r["sigma_ratio"], marker="o", label=f"{r['method']} ({r['alignment']})"
+        )
     bx.axhline(1.0, color="grey", ls="--")
     bx.set_xlabel("hidden layer")
     bx.set_ylabel("σ_merged / σ_expert (before TACT)")

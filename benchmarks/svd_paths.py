@@ -28,11 +28,17 @@ from raymerge.engine.synth import task_vector
 RESULTS = Path(__file__).parent / "results"
 BLOCKS = {  # label: (shape, how many such matrices one block has)
     "quick": {"attn_256x256": ((256, 256), 4), "mlp_in_688x256": ((688, 256), 2), "mlp_out_256x688": ((256, 688), 1)},
-    "bert": {"attn_768x768": ((768, 768), 4), "ffn_in_3072x768": ((3072, 768), 1),
-             "ffn_out_768x3072": ((768, 3072), 1)},
-    "llama7b": {"attn_4096x4096": ((4096, 4096), 4), "mlp_in_11008x4096": ((11008, 4096), 2),
-                "mlp_out_4096x11008": ((4096, 11008), 1)},
-}  # fmt: skip
+    "bert": {
+        "attn_768x768": ((768, 768), 4),
+        "ffn_in_3072x768": ((3072, 768), 1),
+        "ffn_out_768x3072": ((768, 3072), 1),
+    },
+    "llama7b": {
+        "attn_4096x4096": ((4096, 4096), 4),
+        "mlp_in_11008x4096": ((11008, 4096), 2),
+        "mlp_out_4096x11008": ((4096, 11008), 1),
+    },
+}
 METHOD_NAMES = ("tsv_m", "iso_c", "iso_cts")
 
 
@@ -77,11 +83,23 @@ def run(block: str, device: torch.device, experts: int, methods: tuple[str, ...]
             exact, t_exact, n_exact = _run(m, deltas, "exact")
             fast, t_fast, n_fast = _run(m, deltas, "auto")
             diff = float((fast.double() - exact.double()).norm() / exact.double().norm().clamp_min(1e-300))
-            rows.append({"shape": label, "method": m, "exact_s": round(t_exact, 4), "auto_s": round(t_fast, 4),
-                         "speedup": round(t_exact / t_fast, 2), "exact_svds": n_exact, "auto_exact_svds": n_fast,
-                         "rel_diff": diff})  # fmt: skip
-            print(f"{label:22s} {m:8s} exact {t_exact:8.3f} s  auto {t_fast:8.3f} s  ×{t_exact / t_fast:5.2f}  "
-                  f"SVDs under auto {n_fast}/{n_exact}  rel diff {diff:.1e}", flush=True)  # fmt: skip
+            rows.append(
+                {
+                    "shape": label,
+                    "method": m,
+                    "exact_s": round(t_exact, 4),
+                    "auto_s": round(t_fast, 4),
+                    "speedup": round(t_exact / t_fast, 2),
+                    "exact_svds": n_exact,
+                    "auto_exact_svds": n_fast,
+                    "rel_diff": diff,
+                }
+            )
+            print(
+                f"{label:22s} {m:8s} exact {t_exact:8.3f} s  auto {t_fast:8.3f} s  ×{t_exact / t_fast:5.2f}  "
+                f"SVDs under auto {n_fast}/{n_exact}  rel diff {diff:.1e}",
+                flush=True,
+            )
             del exact, fast
         del deltas
     per_block = {}

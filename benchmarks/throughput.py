@@ -214,8 +214,21 @@ def run_matrix(args: argparse.Namespace, checkpoint: Path | None = None) -> dict
         for w in args.workers:
             r = m.raymerge(args.scaling_method, executor, w, device_for(args.scaling_method, args.device))
             shutil.rmtree(r["out"], ignore_errors=True)
-            scaling.append({k: r.get(k) for k in ("executor", "workers", "wall_s", "read_gbps", "peak_rss_bytes",
-                                                  "returncode", "device", "other_processes_mean_cores")})  # fmt: skip
+            scaling.append(
+                {
+                    k: r.get(k)
+                    for k in (
+                        "executor",
+                        "workers",
+                        "wall_s",
+                        "read_gbps",
+                        "peak_rss_bytes",
+                        "returncode",
+                        "device",
+                        "other_processes_mean_cores",
+                    )
+                }
+            )
             save()
     return {
         "size": size_label(name, layers),
@@ -247,9 +260,14 @@ def run_growth(args: argparse.Namespace) -> list[dict[str, Any]]:
         m = Matrix(args, root, base, experts)
         r = m.raymerge("ties", "local", None, "cpu")
         shutil.rmtree(r["out"], ignore_errors=True)
-        out.append({"size": size_label(name, layers), "params_per_model": _params(name, layers),
-                    "input_bytes": m.input_bytes, **{k: r.get(k) for k in ("wall_s", "read_gbps", "peak_rss_bytes",
-                                                                              "returncode")}})  # fmt: skip
+        out.append(
+            {
+                "size": size_label(name, layers),
+                "params_per_model": _params(name, layers),
+                "input_bytes": m.input_bytes,
+                **{k: r.get(k) for k in ("wall_s", "read_gbps", "peak_rss_bytes", "returncode")},
+            }
+        )
         if args.clean_growth and spec != args.size:
             shutil.rmtree(root, ignore_errors=True)
     return out
@@ -323,8 +341,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
 def summary_table(results: dict[str, Any]) -> str:
     """Markdown table of the matrix (what the README's Figures section shows)."""
     mx = results["matrix"]
-    rows = ["| method | tool | executor | device | wall s | GB/s | × I/O floor | peak RSS GiB | × peer wall | × peer RSS |",
-            "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    rows = [
+        "| method | tool | executor | device | wall s | GB/s | × I/O floor | peak RSS GiB | × peer wall | × peer RSS |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in mx["runs"]:
         if r["returncode"] != 0:
             rows.append(f"| {r['method']} | {r['tool']} | {r['executor']} | {r['device']} | failed | | | | | |")
@@ -345,13 +365,17 @@ def scaling_growth_table(results: dict[str, Any]) -> str:
     for s in mx["scaling"]:
         if s["returncode"] != 0:
             continue
-        rows.append(f"| {s['executor']} | {s['workers']} | {s['wall_s']:.1f} | {s['read_gbps']:.3f} | "
-                    f"{s['peak_rss_bytes'] / GIB:.2f} |")  # fmt: skip
+        rows.append(
+            f"| {s['executor']} | {s['workers']} | {s['wall_s']:.1f} | {s['read_gbps']:.3f} | "
+            f"{s['peak_rss_bytes'] / GIB:.2f} |"
+        )
     rows += ["", "| size | params per model | input GiB | TIES wall s | peak RSS GiB |", "|---|---|---|---|---|"]
     for g in results["growth"]:
         if g["returncode"] == 0:
-            rows.append(f"| {g['size']} | {g['params_per_model'] / 1e6:,.0f}M | {g['input_bytes'] / GIB:.2f} | "
-                        f"{g['wall_s']:.1f} | {g['peak_rss_bytes'] / GIB:.2f} |")  # fmt: skip
+            rows.append(
+                f"| {g['size']} | {g['params_per_model'] / 1e6:,.0f}M | {g['input_bytes'] / GIB:.2f} | "
+                f"{g['wall_s']:.1f} | {g['peak_rss_bytes'] / GIB:.2f} |"
+            )
     return "\n".join(rows)
 
 
@@ -368,8 +392,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: Gram/spectral on CUDA")
     p.add_argument("--peers", type=csv, default=["mergekit", "fusionbench"], help="peers to run alongside (or none)")
     p.add_argument("--peer-methods", type=csv, default=[], help="only these methods get a peer run (default: all)")
-    p.add_argument("--workers", type=lambda s: [int(x) for x in s.split(",") if x], default=[1, 2],
-                   help="worker counts for the scaling sweep")  # fmt: skip
+    p.add_argument(
+        "--workers",
+        type=lambda s: [int(x) for x in s.split(",") if x],
+        default=[1, 2],
+        help="worker counts for the scaling sweep",
+    )
     p.add_argument("--scaling-method", default="ties")
     p.add_argument("--growth", type=csv, default=["tiny"], help="sizes for the growth sweep (SHAPE or SHAPE:LAYERS)")
     p.add_argument("--clean-growth", action="store_true", help="delete each growth family after measuring it")

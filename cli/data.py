@@ -18,14 +18,17 @@ if TYPE_CHECKING:
     from raymerge.engine.stats import DataSpec, StatsBackend
 
 
-
 def _data_spec(args: argparse.Namespace) -> DataSpec:
     from raymerge.engine.stats import DataSpec
 
     return DataSpec(
-        files=tuple(args.data), tokenizer=args.tokenizer, text_field=args.text_field, batch_size=args.batch_size,
-        max_length=args.max_length, max_examples=args.max_examples,
-    )  # fmt: skip
+        files=tuple(args.data),
+        tokenizer=args.tokenizer,
+        text_field=args.text_field,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        max_examples=args.max_examples,
+    )
 
 
 def _stats_backend(args: argparse.Namespace, model_dir: str, work_dir: str) -> StatsBackend:
@@ -36,13 +39,23 @@ def _stats_backend(args: argparse.Namespace, model_dir: str, work_dir: str) -> S
         from raymerge.cluster.stats import RayStatsBackend
 
         return RayStatsBackend(
-            model_dir, _data_spec(args), work_dir=work_dir, actors=args.actors, device=args.device,
-            memory_budget=args.memory_budget, offload=args.offload or None, address=args.address,
-        )  # fmt: skip
+            model_dir,
+            _data_spec(args),
+            work_dir=work_dir,
+            actors=args.actors,
+            device=args.device,
+            memory_budget=args.memory_budget,
+            offload=args.offload or None,
+            address=args.address,
+        )
     return LocalStatsBackend(
-        model_dir, _data_spec(args), device=args.device, memory_budget=args.memory_budget,
-        offload=args.offload or None, progress=not args.quiet,
-    )  # fmt: skip
+        model_dir,
+        _data_spec(args),
+        device=args.device,
+        memory_budget=args.memory_budget,
+        offload=args.offload or None,
+        progress=not args.quiet,
+    )
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -53,9 +66,15 @@ def cmd_stats(args: argparse.Namespace) -> int:
     backend = _stats_backend(args, args.model, args.out)
     try:
         res = collect_stats(
-            args.model, _data_spec(args), args.out, points=args.points, grams=not args.no_grams,
-            gram_layers=args.gram_layers, gram_dtype=getattr(torch, args.gram_dtype), backend=backend,
-        )  # fmt: skip
+            args.model,
+            _data_spec(args),
+            args.out,
+            points=args.points,
+            grams=not args.no_grams,
+            gram_layers=args.gram_layers,
+            gram_dtype=getattr(torch, args.gram_dtype),
+            backend=backend,
+        )
     finally:
         backend.close()
     print(f"{res.batches} batches, {res.tokens} tokens, {res.passes} pass(es) in {res.seconds:.1f} s")
@@ -84,9 +103,15 @@ def cmd_tact_compute(args: argparse.Namespace) -> int:
 
             stack.enter_context(RayConnection(args.address))  # one Ray session for both models' actors
         corr = compute_corrections(
-            args.expert, args.merged, _data_spec(args), args.points, task=task, eps=args.eps, backend=backend,
+            args.expert,
+            args.merged,
+            _data_spec(args),
+            args.points,
+            task=task,
+            eps=args.eps,
+            backend=backend,
             require_foldable=args.fold,
-        )  # fmt: skip
+        )
     path = corr.save(out / "corrections" / f"{task}.safetensors")
     _print_collapse(corr)
     print(f"corrections  {path}  ({len(corr.points)} points, {corr.tokens} tokens)")
@@ -118,19 +143,33 @@ def cmd_tact_show(args: argparse.Namespace) -> int:
 
 
 def _add_data_options(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("--data", action="append", required=True, metavar="FILE",
-                    help="unlabelled data: .jsonl/.json/.txt text, or .pt/.safetensors tensors (repeatable)")  # fmt: skip
+    sp.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        metavar="FILE",
+        help="unlabelled data: .jsonl/.json/.txt text, or .pt/.safetensors tensors (repeatable)",
+    )
     sp.add_argument("--tokenizer", default=None, help="tokenizer directory for text data (default: the model's)")
     sp.add_argument("--text-field", default="text", help="JSON key holding the text (default: text)")
     sp.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default 8)")
     sp.add_argument("--max-length", type=int, default=512, help="truncate text to this many tokens (default 512)")
     sp.add_argument("--max-examples", type=int, default=None, help="use at most this many examples")
-    sp.add_argument("--points", nargs="+", default=["default"], metavar="MODULE",
-                    help="module names or glob patterns for per-channel statistics; 'default' = attention "
-                         "output, MLP pre-activation and output of every block; 'none'")  # fmt: skip
+    sp.add_argument(
+        "--points",
+        nargs="+",
+        default=["default"],
+        metavar="MODULE",
+        help="module names or glob patterns for per-channel statistics; 'default' = attention "
+        "output, MLP pre-activation and output of every block; 'none'",
+    )
     sp.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where forward passes run")
-    sp.add_argument("--memory-budget", type=parse_size, default=None,
-                    help="host memory for weights and statistics; larger models are offloaded to disk")  # fmt: skip
+    sp.add_argument(
+        "--memory-budget",
+        type=parse_size,
+        default=None,
+        help="host memory for weights and statistics; larger models are offloaded to disk",
+    )
     sp.add_argument("--offload", action="store_true", help="always load through accelerate with disk offload")
     sp.add_argument("--executor", choices=["local", "ray"], default="local", help="where forward passes run")
     sp.add_argument("--actors", type=int, default=2, help="Ray actors, each with a shard of the data (default 2)")
@@ -145,10 +184,19 @@ def add_data_commands(sub: Any) -> None:
     sp.add_argument("--out", required=True, help="output directory: grams.safetensors, moments.safetensors, stats.json")
     _add_data_options(sp)
     sp.add_argument("--no-grams", action="store_true", help="moments only")
-    sp.add_argument("--gram-layers", nargs="+", default=None, metavar="PATTERN",
-                    help="glob patterns of nn.Linear modules to collect Grams for (default: all)")  # fmt: skip
-    sp.add_argument("--gram-dtype", choices=["float32", "float64"], default="float32",
-                    help="dtype of the stored Grams (accumulation is fp64 on CPU)")  # fmt: skip
+    sp.add_argument(
+        "--gram-layers",
+        nargs="+",
+        default=None,
+        metavar="PATTERN",
+        help="glob patterns of nn.Linear modules to collect Grams for (default: all)",
+    )
+    sp.add_argument(
+        "--gram-dtype",
+        choices=["float32", "float64"],
+        default="float32",
+        help="dtype of the stored Grams (accumulation is fp64 on CPU)",
+    )
     sp.set_defaults(fn=cmd_stats)
 
     tact = sub.add_parser("tact", help="TACT: per-task activation corrections of a merged model")
@@ -159,8 +207,11 @@ def add_data_commands(sub: Any) -> None:
     sp.add_argument("--task", default=None, help="task name (default: the expert directory's name)")
     sp.add_argument("--out", required=True, help="writes OUT/corrections/TASK.safetensors (and OUT/TASK/ with --fold)")
     sp.add_argument("--eps", type=float, default=1e-6, help="added to the merged variance (default 1e-6)")
-    sp.add_argument("--fold", action="store_true",
-                    help="also write OUT/TASK/, the merged model with the corrections folded into its weights")  # fmt: skip
+    sp.add_argument(
+        "--fold",
+        action="store_true",
+        help="also write OUT/TASK/, the merged model with the corrections folded into its weights",
+    )
     sp.add_argument("--overwrite", action="store_true", help="replace an existing OUT/TASK/")
     _add_data_options(sp)
     sp.set_defaults(fn=cmd_tact_compute)

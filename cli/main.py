@@ -46,10 +46,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
     summary["memory_budget"] = budget
     if args.json:
         summary["task_list"] = [
-            {"id": t.id, "class": t.tensor_class, "read_bytes": t.read_bytes, "write_bytes": t.write_bytes,
-             "est_host_bytes": t.est_host_bytes, "flops": t.flops}
+            {
+                "id": t.id,
+                "class": t.tensor_class,
+                "read_bytes": t.read_bytes,
+                "write_bytes": t.write_bytes,
+                "est_host_bytes": t.est_host_bytes,
+                "flops": t.flops,
+            }
             for t in plan.tasks
-        ]  # fmt: skip
+        ]
         print(json.dumps(summary, indent=1))
     else:
         print(f"method      {summary['method']}  ({len(plan.models)} models)")
@@ -82,9 +88,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     recipe = _load(args)
     figures = merge(
-        recipe, args.out, executor=executor_for(args), memory_budget=args.memory_budget,
-        out_shard_bytes=args.out_shard_size, overwrite=args.overwrite, progress=not args.quiet, device=args.device,
-    )  # fmt: skip
+        recipe,
+        args.out,
+        executor=executor_for(args),
+        memory_budget=args.memory_budget,
+        out_shard_bytes=args.out_shard_size,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        device=args.device,
+    )
     print(format_figures(figures))
     print(f"wrote {Path(args.out).absolute() if is_local(args.out) else args.out}")
     return 0
@@ -96,8 +108,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from raymerge.cluster.submit import DEFAULT_DASHBOARD, submit_merge
 
     address = args.address or os.environ.get("RAY_API_SERVER_ADDRESS") or DEFAULT_DASHBOARD
-    return submit_merge(args.recipe, args.out, address=address, run_args=forward(args, RUN_OPTIONS),
-                        wait=not args.no_wait, job_id=args.job_id)  # fmt: skip
+    return submit_merge(
+        args.recipe,
+        args.out,
+        address=address,
+        run_args=forward(args, RUN_OPTIONS),
+        wait=not args.no_wait,
+        job_id=args.job_id,
+    )
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -117,8 +135,11 @@ def describe_methods(name: str | None = None) -> str:
     from raymerge.engine.recipe import suggest
 
     if name is None:
-        shown = {n: (", ".join(p.name for p in spec.params) or "-", spec.reference)
-                 for n, spec in sorted(METHODS.items()) if n != "mean_task_vector"}  # fmt: skip
+        shown = {
+            n: (", ".join(p.name for p in spec.params) or "-", spec.reference)
+            for n, spec in sorted(METHODS.items())
+            if n != "mean_task_vector"
+        }
         w1, w2 = max(map(len, shown)), max(len(v[0]) for v in shown.values())
         rows = [f"{n:<{w1}}  {ps:<{w2}}  {ref}" for n, (ps, ref) in shown.items()]
         return "\n".join([f"{'method':<{w1}}  {'parameters':<{w2}}  reference", *rows])
@@ -132,7 +153,13 @@ def describe_methods(name: str | None = None) -> str:
     for p in spec.params:
         default = "required" if p.required else f"default {p.default!r}"
         where = "per model" if p.scope.value == "model" else "top-level"
-        allowed = f"one of {', '.join(p.choices)}" if p.choices else p.allowed() if p.kind in (int, float) else p.kind.__name__
+        allowed = (
+            f"one of {', '.join(p.choices)}"
+            if p.choices
+            else p.allowed()
+            if p.kind in (int, float)
+            else p.kind.__name__
+        )
         lines.append(f"  {p.name:<22} {where:<9} {default:<16} {allowed}" + (f" — {p.help}" if p.help else ""))
     return "\n".join(lines)
 
@@ -163,9 +190,16 @@ def cmd_align(args: argparse.Namespace) -> int:
     from raymerge.engine.align import align_checkpoints
 
     rep = align_checkpoints(
-        args.reference, args.model, args.out, also=args.also, heads=not args.no_heads, max_iter=args.max_iter,
-        seed=args.seed, overwrite=args.overwrite, progress=not args.quiet,
-    )  # fmt: skip
+        args.reference,
+        args.model,
+        args.out,
+        also=args.also,
+        heads=not args.no_heads,
+        max_iter=args.max_iter,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
     drop = 100 * (1 - rep.distance_after / rep.distance_before) if rep.distance_before else 0.0
     print(
         f"aligned {args.model} to {args.reference}: {rep.permutations} permutations, {rep.moved_units} of "
@@ -229,9 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model", required=True, help="model B, permuted to match A (its function is unchanged)")
     sp.add_argument("--out", required=True, help="output directory for the permuted model B")
     sp.add_argument(
-        "--also", action="append", type=_also_pair, default=[], metavar="EXPERT_DIR:OUT_DIR",
+        "--also",
+        action="append",
+        type=_also_pair,
+        default=[],
+        metavar="EXPERT_DIR:OUT_DIR",
         help="an expert fine-tuned from MODEL, written with the same permutation (repeatable)",
-    )  # fmt: skip
+    )
     sp.add_argument("--no-heads", action="store_true", help="permute MLP hidden units only, not attention heads")
     sp.add_argument("--max-iter", type=int, default=100, help="coordinate-descent passes at most (default 100)")
     sp.add_argument("--seed", type=int, default=0, help="seed of the order permutations are visited in")

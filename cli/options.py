@@ -14,8 +14,22 @@ from typing import Any
 
 from raymerge.engine.plan import DEFAULT_SHARD_BYTES
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
-          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}  # fmt: skip
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "kib": 2**10,
+    "m": 10**6,
+    "mb": 10**6,
+    "mib": 2**20,
+    "g": 10**9,
+    "gb": 10**9,
+    "gib": 2**30,
+    "t": 10**12,
+    "tb": 10**12,
+    "tib": 2**40,
+}
 
 
 def parse_size(text: str) -> int:
@@ -51,20 +65,33 @@ class Option:
 
 # Options of a merge that mean the same for `plan`, `run` and a submitted job.
 PLAN_OPTIONS = (
-    Option("--out-shard-size", dict(type=parse_size, default=DEFAULT_SHARD_BYTES,
-                                    help="bytes per output shard (default 5GiB)")),
-    Option("--memory-budget", dict(type=parse_size, default=None,
-                                   help="host memory for running tasks, per node (default: half the available RAM)")),
-    Option("--allow-pickle", dict(action="store_true",
-                                  help="read pytorch_model*.bin checkpoints with torch.load(weights_only=True) "
-                                       "(same as `allow_pickle_bin: true` under `raymerge:`)")),
-)  # fmt: skip
+    Option(
+        "--out-shard-size",
+        dict(type=parse_size, default=DEFAULT_SHARD_BYTES, help="bytes per output shard (default 5GiB)"),
+    ),
+    Option(
+        "--memory-budget",
+        dict(
+            type=parse_size,
+            default=None,
+            help="host memory for running tasks, per node (default: half the available RAM)",
+        ),
+    ),
+    Option(
+        "--allow-pickle",
+        dict(
+            action="store_true",
+            help="read pytorch_model*.bin checkpoints with torch.load(weights_only=True) "
+            "(same as `allow_pickle_bin: true` under `raymerge:`)",
+        ),
+    ),
+)
 RUN_OPTIONS = (
     *PLAN_OPTIONS,
     Option("--workers", dict(type=int, default=None, help="concurrent tasks per node (default: min(4, cores))")),
     Option("--device", dict(choices=["auto", "cpu", "cuda"], default=None, help="compute device")),
     Option("--overwrite", dict(action="store_true", help="replace an existing output directory")),
-)  # fmt: skip
+)
 
 
 def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> None:

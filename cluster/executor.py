@@ -85,13 +85,23 @@ class RayExecutor:
             units = group_tasks(runnable, device, unit_bytes_target(sum(t.read_bytes for t in runnable), slots))
             log.info(
                 "Ray: %d tasks in %d units on %d node(s), %d slot(s), budget %.2f GiB per node",
-                len(runnable), len(units), len(nodes), slots, budget / 2**30,
-            )  # fmt: skip
+                len(runnable),
+                len(units),
+                len(nodes),
+                slots,
+                budget / 2**30,
+            )
             progress = ClusterProgress(len(runnable), sum(t.read_bytes + t.write_bytes for t in runnable))
             scheduler = UnitScheduler(
-                nodes, budget=budget, staging_dir=staging_dir, device=device, run_id=uuid.uuid4().hex,
-                on_done=on_done, progress=progress, originals=originals,
-            )  # fmt: skip
+                nodes,
+                budget=budget,
+                staging_dir=staging_dir,
+                device=device,
+                run_id=uuid.uuid4().hex,
+                on_done=on_done,
+                progress=progress,
+                originals=originals,
+            )
             try:
                 scheduler.run(units)
             finally:

@@ -114,16 +114,22 @@ def discover_nodes(staging_dir: str, input_files: Iterable[str], workers: int, b
         if digest != want:
             log.warning(
                 "Ray node %s (%s) does not see staging directory %s; not using it (put the output on a "
-                "file system every node mounts)", info["NodeManagerAddress"], node_id[:8], staging_dir,
-            )  # fmt: skip
+                "file system every node mounts)",
+                info["NodeManagerAddress"],
+                node_id[:8],
+                staging_dir,
+            )
             continue
         res = info["Resources"]
         cpus, gpus = int(res.get("CPU", 0)), int(res.get("GPU", 0))
         if 0 < res.get("memory", 0) < budget:
             log.warning(
                 "Ray node %s (%s) has %.1f GiB for tasks but --memory-budget is %.1f GiB per node; lower the budget",
-                info["NodeManagerAddress"], node_id[:8], res["memory"] / 2**30, budget / 2**30,
-            )  # fmt: skip
+                info["NodeManagerAddress"],
+                node_id[:8],
+                res["memory"] / 2**30,
+                budget / 2**30,
+            )
         slots = max(1, min(workers, cpus))
         states.append(
             NodeState(
@@ -134,12 +140,13 @@ def discover_nodes(staging_dir: str, input_files: Iterable[str], workers: int, b
                 slots=slots,
                 cpus_per_slot=max(1, cpus // slots),
                 missing_files=frozenset(missing),
-            )  # fmt: skip
+            )
         )
     if not states:
         raise RaymergeError(
-            "no Ray node can see the staging directory", file=staging_dir,
+            "no Ray node can see the staging directory",
+            file=staging_dir,
             hint="the output must be on a file system every node mounts (or use --executor local)",
-        )  # fmt: skip
+        )
     states.sort(key=lambda s: (s.address, s.node_id))
     return states

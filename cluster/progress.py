@@ -97,15 +97,30 @@ class ClusterProgress:
         rows = [("node", "units", "on actors", "tasks", "read GB", "written GB", "busy s", "requeued")]
         for node_id, t in sorted(self.nodes.items(), key=lambda kv: (kv[1].address, kv[0])):
             rows.append(
-                (f"{t.address} {node_id[:8]}", str(t.units), str(t.actor_units), str(t.tasks),
-                 f"{t.read_bytes / GB:.3f}", f"{t.write_bytes / GB:.3f}", f"{t.busy_s:.1f}", str(t.requeued))
-            )  # fmt: skip
+                (
+                    f"{t.address} {node_id[:8]}",
+                    str(t.units),
+                    str(t.actor_units),
+                    str(t.tasks),
+                    f"{t.read_bytes / GB:.3f}",
+                    f"{t.write_bytes / GB:.3f}",
+                    f"{t.busy_s:.1f}",
+                    str(t.requeued),
+                )
+            )
         tallies = self.nodes.values()
         rows.append(
-            ("total", str(sum(t.units for t in tallies)), str(sum(t.actor_units for t in tallies)),
-             str(self.tasks_done), f"{self.read_bytes / GB:.3f}", f"{self.write_bytes / GB:.3f}",
-             f"{sum(t.busy_s for t in tallies):.1f}", str(sum(t.requeued for t in tallies)))
-        )  # fmt: skip
+            (
+                "total",
+                str(sum(t.units for t in tallies)),
+                str(sum(t.actor_units for t in tallies)),
+                str(self.tasks_done),
+                f"{self.read_bytes / GB:.3f}",
+                f"{self.write_bytes / GB:.3f}",
+                f"{sum(t.busy_s for t in tallies):.1f}",
+                str(sum(t.requeued for t in tallies)),
+            )
+        )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = [f"raymerge: Ray run finished in {elapsed:.1f} s on {len(self.nodes)} node(s)"]
         for r in rows:

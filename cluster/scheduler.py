@@ -160,10 +160,11 @@ class UnitScheduler:
                 if not any(n.sees(unit.input_files) for n in pool):
                     unseen = sorted(f for f in unit.input_files if all(f in n.missing_files for n in pool))
                     raise RaymergeError(
-                        "no usable Ray node sees this input shard", file=unseen[0] if unseen else None,
+                        "no usable Ray node sees this input shard",
+                        file=unseen[0] if unseen else None,
                         tensor=unit.tasks[0].tensor,
                         hint="put the models on storage every node mounts, or use URLs (https://, s3://)",
-                    )  # fmt: skip
+                    )
 
     def _dispatch(self) -> None:
         placed = True
@@ -187,9 +188,10 @@ class UnitScheduler:
 
     def _pick_node(self, unit: WorkUnit) -> NodeState | None:
         fits = [
-            n for n in self._alive()
+            n
+            for n in self._alive()
             if n.free_slots > 0 and n.memory.fits(unit.est_host_bytes) and n.sees(unit.input_files)
-        ]  # fmt: skip
+        ]
         # Spread: the node with the most free slots, then the least declared memory in use.
         return min(fits, key=lambda n: (-n.free_slots, n.memory.in_use), default=None)
 
@@ -213,16 +215,21 @@ class UnitScheduler:
             have = sum(1 for a in self.actors if a.node is node)
             for _ in range(want - have):
                 handle = self._actor_cls.options(
-                    num_cpus=0, num_gpus=1 if self.use_gpus else 0, max_concurrency=ACTOR_DEPTH,
-                    max_restarts=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False),
-                ).remote(self.staging_dir, self.device, node.cpus_per_slot, self.run_id)  # fmt: skip
+                    num_cpus=0,
+                    num_gpus=1 if self.use_gpus else 0,
+                    max_concurrency=ACTOR_DEPTH,
+                    max_restarts=0,
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False),
+                ).remote(self.staging_dir, self.device, node.cpus_per_slot, self.run_id)
                 self.actors.append(ActorSlot(handle, node, gpu=self.use_gpus))
 
     def _submit_cpu(self, unit: WorkUnit, attempt: int, node: NodeState) -> None:
         ref = self._run_unit.options(
-            num_cpus=node.cpus_per_slot, max_retries=RAY_MAX_RETRIES, retry_exceptions=RETRY_EXCEPTIONS,
+            num_cpus=node.cpus_per_slot,
+            max_retries=RAY_MAX_RETRIES,
+            retry_exceptions=RETRY_EXCEPTIONS,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False),
-        ).remote(unit.tasks, self.staging_dir, self.device, node.cpus_per_slot, self.run_id)  # fmt: skip
+        ).remote(unit.tasks, self.staging_dir, self.device, node.cpus_per_slot, self.run_id)
         node.free_slots -= 1
         node.memory.take(unit.est_host_bytes)
         self.running[ref] = Running(unit, node, attempt, holds_slot=True)
@@ -292,13 +299,17 @@ class UnitScheduler:
             if self.failure is None:
                 self.failure = TaskError(
                     f"gave up after {MAX_UNIT_ATTEMPTS} attempts: {type(exc).__name__}: {exc}",
-                    tensor=run.unit.tasks[0].tensor, hint="see the Ray logs of the failing worker",
-                )  # fmt: skip
+                    tensor=run.unit.tasks[0].tensor,
+                    hint="see the Ray logs of the failing worker",
+                )
             return
         log.warning(
             "unit %s failed on node %s (%s); placing it again (attempt %d)",
-            run.unit.id, run.node.label, type(exc).__name__, attempt,
-        )  # fmt: skip
+            run.unit.id,
+            run.node.label,
+            type(exc).__name__,
+            attempt,
+        )
         (self.accel_queue if run.unit.accelerator else self.cpu_queue).appendleft((run.unit, attempt))
 
     def _drop_actor(self, actor: ActorSlot) -> None:

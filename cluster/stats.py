@@ -43,13 +43,21 @@ class StatsWorker:
     """What a Ray actor holds: one model and this rank's share of the batches."""
 
     def __init__(
-        self, model_dir: str, data: DataSpec, rank: int, world: int, device: str, memory_budget: int | None,
-        offload: bool | None, threads: int,
-    ) -> None:  # fmt: skip
+        self,
+        model_dir: str,
+        data: DataSpec,
+        rank: int,
+        world: int,
+        device: str,
+        memory_budget: int | None,
+        offload: bool | None,
+        threads: int,
+    ) -> None:
         torch.set_num_threads(threads)
         self.rank = rank
-        self.backend = LocalStatsBackend(model_dir, data, device=device, memory_budget=memory_budget,
-                                         offload=offload, rank=rank, world=world)  # fmt: skip
+        self.backend = LocalStatsBackend(
+            model_dir, data, device=device, memory_budget=memory_budget, offload=offload, rank=rank, world=world
+        )
 
     def info(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "batches": len(self.backend.batches), "budget": self.backend.gram_budget()}
@@ -106,9 +114,10 @@ class RayStatsBackend:
             raise StatsError(f"need at least one actor, got {actors}")
         model_dir = os.path.abspath(model_dir)
         data = replace(
-            data, files=tuple(os.path.abspath(f) for f in data.files),
+            data,
+            files=tuple(os.path.abspath(f) for f in data.files),
             tokenizer=os.path.abspath(data.tokenizer) if data.tokenizer else model_dir,
-        )  # fmt: skip
+        )
         self.work_dir = Path(os.path.abspath(work_dir)) / ".partial"
         self._conn = RayConnection(address)
         self._conn.__enter__()
@@ -117,18 +126,20 @@ class RayStatsBackend:
             gpus = float(ray.cluster_resources().get("GPU", 0.0))
             use_gpu = device == "cuda" or (device in (None, "auto") and gpus >= 1)
             if use_gpu and gpus < actors:
-                raise StatsError(f"{actors} GPU actors asked for, the cluster has {gpus:g} GPU(s)",
-                                 hint="use --actors ≤ the number of GPUs, or --device cpu")  # fmt: skip
+                raise StatsError(
+                    f"{actors} GPU actors asked for, the cluster has {gpus:g} GPU(s)",
+                    hint="use --actors ≤ the number of GPUs, or --device cpu",
+                )
             per_cpu = min(1.0, cpus / actors)
             threads = max(1, int(cpus // actors))
             share = None if memory_budget is None else memory_budget // actors
             cls: Any = ray.remote(StatsWorker)
             self.actors: list[Any] = [
-                cls.options(num_cpus=per_cpu, num_gpus=1 if use_gpu else 0, max_restarts=0,
-                            scheduling_strategy="SPREAD").remote(
-                    model_dir, data, rank, actors, "cuda" if use_gpu else "cpu", share, offload, threads)
+                cls.options(
+                    num_cpus=per_cpu, num_gpus=1 if use_gpu else 0, max_restarts=0, scheduling_strategy="SPREAD"
+                ).remote(model_dir, data, rank, actors, "cuda" if use_gpu else "cpu", share, offload, threads)
                 for rank in range(actors)
-            ]  # fmt: skip
+            ]
             infos = _get([a.info.remote() for a in self.actors])
             log.info("statistics on %d Ray actors: %s", actors, infos)
             budgets = [i["budget"] for i in infos]

@@ -101,9 +101,11 @@ def submit_merge(
         command = entrypoint(out_abs, run_args)
         try:
             submitted = client.submit_job(
-                entrypoint=command, submission_id=job_id, runtime_env={"working_dir": workdir},
+                entrypoint=command,
+                submission_id=job_id,
+                runtime_env={"working_dir": workdir},
                 metadata={"raymerge_recipe": os.path.basename(recipe_path), "raymerge_out": out_abs},
-            )  # fmt: skip
+            )
         except RuntimeError as exc:
             raise RaymergeError(f"the Ray Jobs API refused the job: {exc}", hint="see the dashboard's logs") from None
     print(f"raymerge: submitted job {submitted} to {address}: {command}", file=sys.stderr, flush=True)

@@ -45,9 +45,19 @@ def num_layers(config: dict[str, Any], names: Iterable[str]) -> int:
 # Names of 2-D tables that are looked up, not multiplied (token, position and type embeddings,
 # T5's relative-position buckets) and of LM heads: Gram and spectral methods give them their fallback.
 EMBED_HINTS = (
-    "embed_tokens", "lm_head", "wte", "word_embeddings", "embed_out", "tok_embeddings", "output.weight",
-    "wpe", "position_embedding", "token_type_embeddings", "embed_positions", "relative_attention_bias",
-)  # fmt: skip
+    "embed_tokens",
+    "lm_head",
+    "wte",
+    "word_embeddings",
+    "embed_out",
+    "tok_embeddings",
+    "output.weight",
+    "wpe",
+    "position_embedding",
+    "token_type_embeddings",
+    "embed_positions",
+    "relative_attention_bias",
+)
 
 # Model types whose linear layers are transformers' Conv1D (weight stored in × out, y = x W + b).
 INPUT_MAJOR_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
@@ -106,9 +116,10 @@ def fused_blocks(name: str, e: TensorEntry, config: dict[str, Any]) -> list[int]
         return None
     if sum(blocks) != rows:
         raise PlanError(
-            f"packed projection has {rows} rows but the config implies blocks {blocks}", tensor=name,
+            f"packed projection has {rows} rows but the config implies blocks {blocks}",
+            tensor=name,
             hint="set raymerge.split_fused: false to merge it as stored",
-        )  # fmt: skip
+        )
     return blocks
 
 
@@ -116,8 +127,15 @@ def fused_blocks(name: str, e: TensorEntry, config: dict[str, Any]) -> list[int]
 
 # Module of a block (relative name) whose output is the attention output (Llama, BERT, GPT-2,
 # OPT/BART, GPT-NeoX/Falcon, ...), and the one whose output is the MLP hidden pre-activation.
-ATTN_OUT_MODULES = ("self_attn.o_proj", "attention.output", "attn.c_proj", "self_attn.out_proj", "attn.out_proj",
-                    "self_attention.dense", "attn.o_proj")  # fmt: skip
+ATTN_OUT_MODULES = (
+    "self_attn.o_proj",
+    "attention.output",
+    "attn.c_proj",
+    "self_attn.out_proj",
+    "attn.out_proj",
+    "self_attention.dense",
+    "attn.o_proj",
+)
 MLP_PRE_MODULES = ("mlp.gate_proj", "intermediate.dense", "mlp.c_fc", "mlp.fc1", "mlp.dense_h_to_4h", "mlp.up_proj")
 
 
@@ -142,7 +160,19 @@ BIAS_FLAGS = ("attention_bias", "mlp_bias", "bias", "use_bias", "add_bias_linear
 
 
 __all__ = [
-    "ATTN_OUT_MODULES", "BERT_LIKE", "BIAS_FLAGS", "EMBED_HINTS", "INPUT_MAJOR_MODEL_TYPES", "LAYER_RE", "LLAMA_LIKE",
-    "MLP_PRE_MODULES", "block_points", "classify", "fused_blocks", "is_embedding_name",
-    "layer_index", "linear_layout", "num_layers",
-]  # fmt: skip
+    "ATTN_OUT_MODULES",
+    "BERT_LIKE",
+    "BIAS_FLAGS",
+    "EMBED_HINTS",
+    "INPUT_MAJOR_MODEL_TYPES",
+    "LAYER_RE",
+    "LLAMA_LIKE",
+    "MLP_PRE_MODULES",
+    "block_points",
+    "classify",
+    "fused_blocks",
+    "is_embedding_name",
+    "layer_index",
+    "linear_layout",
+    "num_layers",
+]

@@ -38,11 +38,17 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 def dtype_from_name(name: str) -> torch.dtype:
     """Map a recipe dtype name (``float32``, ``bfloat16``, ``fp16`` …) to a torch dtype."""
     aliases = {
-        "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-        "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-        "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-        "float64": torch.float64, "fp64": torch.float64,
-    }  # fmt: skip
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float": torch.float32,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "half": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float64": torch.float64,
+        "fp64": torch.float64,
+    }
     if name not in aliases:
         raise ValueError(f"unknown dtype {name!r}; use one of {sorted(aliases)}")
     return aliases[name]
@@ -131,16 +137,19 @@ def parse_header(raw: bytes, file_size: int, file: str) -> tuple[dict[str, Tenso
         if not 0 <= lo <= hi <= data_len:
             raise HeaderError(
                 f"data_offsets {offsets} lie outside the data section ({data_len} bytes)",
-                file=file, tensor=name, hint="the file is truncated or corrupt",
-            )  # fmt: skip
+                file=file,
+                tensor=name,
+                hint="the file is truncated or corrupt",
+            )
         numel = 1
         for d in shape:
             numel *= d
         if numel * DTYPES[dtype][1] != hi - lo:
             raise HeaderError(
                 f"{dtype}{shape} needs {numel * DTYPES[dtype][1]} bytes but data_offsets span {hi - lo}",
-                file=file, tensor=name,
-            )  # fmt: skip
+                file=file,
+                tensor=name,
+            )
         entries[name] = TensorEntry(name, dtype, tuple(shape), data_start + lo, data_start + hi)
     spans = sorted((e.start, e.end, e.name) for e in entries.values() if e.end > e.start)
     for (_, a_end, a_name), (b_start, _, b_name) in zip(spans, spans[1:], strict=False):

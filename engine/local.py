@@ -52,9 +52,15 @@ class LocalExecutor:
 
         # Some torch builds apply set_num_threads process-wide: give a library caller its count back.
         prev_threads = torch.get_num_threads()
-        with contextlib.ExitStack() as restore, ThreadPoolExecutor(
-            max_workers=workers, thread_name_prefix="raymerge", initializer=torch.set_num_threads, initargs=(threads,)
-        ) as pool:
+        with (
+            contextlib.ExitStack() as restore,
+            ThreadPoolExecutor(
+                max_workers=workers,
+                thread_name_prefix="raymerge",
+                initializer=torch.set_num_threads,
+                initargs=(threads,),
+            ) as pool,
+        ):
             restore.callback(torch.set_num_threads, prev_threads)
             running: set[Future[tuple[TensorTask, Receipt]]] = set()
 

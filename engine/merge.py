@@ -116,9 +116,16 @@ def merge(
     todo: list[TensorTask] = [t for t in plan.tasks if t.id not in receipts]
     total_io = sum(t.read_bytes + t.write_bytes for t in todo)
     bar = tqdm(
-        total=total_io, unit="B", unit_scale=True, unit_divisor=1024, desc=f"merge {recipe.merge_method}",
-        disable=not progress, file=sys.stderr, smoothing=0.1, dynamic_ncols=True,
-    )  # fmt: skip
+        total=total_io,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=f"merge {recipe.merge_method}",
+        disable=not progress,
+        file=sys.stderr,
+        smoothing=0.1,
+        dynamic_ncols=True,
+    )
 
     def on_done(task: TensorTask, receipt: Receipt) -> None:
         staging.record(receipt)
@@ -136,12 +143,21 @@ def merge(
     wall = time.perf_counter() - t0
     read = planning_read + report.bytes_read
     figures = RunFigures(
-        method=recipe.merge_method, models=len(plan.models), tensors=len({t.tensor for t in plan.tasks}),
-        tasks=len(plan.tasks), tasks_resumed=resumed, bytes_read=read,
-        bytes_written=sum(t.write_bytes for t in todo), wall_seconds=round(wall, 3),
-        read_gbps=round(read / wall / 1e9, 3) if wall > 0 else 0.0, peak_rss_bytes=peak_rss_bytes(),
-        memory_budget=budget, workers=runner.workers, executor=runner.name, device=dev,
-    )  # fmt: skip
+        method=recipe.merge_method,
+        models=len(plan.models),
+        tensors=len({t.tensor for t in plan.tasks}),
+        tasks=len(plan.tasks),
+        tasks_resumed=resumed,
+        bytes_read=read,
+        bytes_written=sum(t.write_bytes for t in todo),
+        wall_seconds=round(wall, 3),
+        read_gbps=round(read / wall / 1e9, 3) if wall > 0 else 0.0,
+        peak_rss_bytes=peak_rss_bytes(),
+        memory_budget=budget,
+        workers=runner.workers,
+        executor=runner.name,
+        device=dev,
+    )
     staging.commit(receipts, model_card(plan, figures))
     return figures
 

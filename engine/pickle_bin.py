@@ -69,8 +69,9 @@ def torch_zip_entries(
         except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError/ValueError/... for bad archives
             raise CheckpointError(
                 f"not a torch zip checkpoint: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
-                file=url, hint="re-save it with torch.save (torch >= 1.6) or convert it to safetensors",
-            ) from None  # fmt: skip
+                file=url,
+                hint="re-save it with torch.save (torch >= 1.6) or convert it to safetensors",
+            ) from None
         if not isinstance(state, dict):
             raise CheckpointError(f"holds a {type(state).__name__}, not a state dict of tensors", file=url)
         try:
@@ -94,9 +95,11 @@ def torch_zip_entries(
             raise CheckpointError(f"unsupported dtype {t.dtype}", file=url, tensor=name)
         if not t.is_contiguous():
             raise CheckpointError(
-                "tensor is stored as a strided view", file=url, tensor=name,
+                "tensor is stored as a strided view",
+                file=url,
+                tensor=name,
                 hint="re-save the state dict with contiguous tensors, or convert it to safetensors",
-            )  # fmt: skip
+            )
         offset = getattr(t.untyped_storage(), "_checkpoint_offset", None)
         item = DTYPES[tag][1]
         start = (offset if isinstance(offset, int) else 0) + int(t.storage_offset()) * item
@@ -114,8 +117,10 @@ def torch_zip_entries(
             or end > size
         ):
             raise CheckpointError(
-                "tensor bytes are not an uncompressed record of the archive", file=url, tensor=name,
+                "tensor bytes are not an uncompressed record of the archive",
+                file=url,
+                tensor=name,
                 hint="re-save it with torch.save or convert it to safetensors",
-            )  # fmt: skip
+            )
         entries[name] = TensorEntry(name, tag, tuple(t.shape), start, end)
     return entries

@@ -58,9 +58,18 @@ META = ".raymerge"  # raymerge's own files inside a model directory (plan, journ
 INDEX = "model.safetensors.index.json"
 UPLOADS = f"{META}/uploads.json"  # local bookkeeping of a remote publish; never uploaded
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "vocab.json",
-    "merges.txt", "vocab.txt", "added_tokens.json", "spiece.model", "chat_template.jinja", "generation_config.json",
-)  # fmt: skip
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "added_tokens.json",
+    "spiece.model",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 # Files besides the weights that make a directory a usable Hugging Face model.
 SIDE_FILES = ("config.json", *TOKENIZER_FILES)
 STAGING_SUFFIX = ".raymerge-staging"
@@ -182,9 +191,15 @@ class RemoteOutput:
                 self._delete(rel)
         sent = 0
         bar = tqdm(
-            total=sum((local / n).stat().st_size for n in names), unit="B", unit_scale=True, unit_divisor=1024,
-            desc=f"upload {self.url}", disable=not progress, file=sys.stderr, dynamic_ncols=True,
-        )  # fmt: skip
+            total=sum((local / n).stat().st_size for n in names),
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=f"upload {self.url}",
+            disable=not progress,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
 
         def put(rel: str) -> None:
             nonlocal sent
@@ -331,8 +346,9 @@ class ModelPublication:
         assert self.final is not None
         return os.path.lexists(self.final)
 
-    def check(self, inputs: Sequence[str] = (), *, role: str = "input model",
-              hint: str = "write to a new directory") -> None:  # fmt: skip
+    def check(
+        self, inputs: Sequence[str] = (), *, role: str = "input model", hint: str = "write to a new directory"
+    ) -> None:
         """Refuse, before any compute, an output that is or contains one of ``inputs`` (overwriting
         it would delete what is being read; even with ``overwrite``) and an existing output without
         ``overwrite``; for a URL, also write a probe object so bad credentials fail now.

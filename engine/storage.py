@@ -138,9 +138,10 @@ class ShardReader:
         (hlen,) = _u64(self.read_bytes(0, 8))
         if hlen > MAX_HEADER_BYTES or 8 + hlen > self.size:
             raise HeaderError(
-                f"header length {hlen} is beyond the file ({self.size} bytes)", file=url,
+                f"header length {hlen} is beyond the file ({self.size} bytes)",
+                file=url,
                 hint="the file is truncated or not safetensors",
-            )  # fmt: skip
+            )
         self.entries, self.metadata, self.data_start = parse_header(self.read_bytes(8, 8 + hlen), self.size, url)
 
     def _open(self) -> IO[bytes]:
@@ -245,9 +246,10 @@ def with_retries(
         except Exception as exc:  # noqa: BLE001 - fsspec backends raise many types
             if attempt == RETRIES:
                 raise error(
-                    f"{what} failed after {RETRIES + 1} attempts: {exc}".replace("\n", " "), file=url,
+                    f"{what} failed after {RETRIES + 1} attempts: {exc}".replace("\n", " "),
+                    file=url,
                     hint="check the storage endpoint; rerun to resume",
-                ) from None  # fmt: skip
+                ) from None
             log.warning("%s of %s failed (%s); retrying in %.2f s", what, url, exc, delay)
             time.sleep(delay)
             delay *= 2
@@ -355,9 +357,10 @@ def _safe_shard_name(name: Any, index_url: str) -> str:
         or "\x00" in name
     ):
         raise CheckpointError(
-            f"index names shard {name!r}, which is not a plain file name", file=index_url,
+            f"index names shard {name!r}, which is not a plain file name",
+            file=index_url,
             hint="shard names may not contain path components",
-        )  # fmt: skip
+        )
     return name
 
 
@@ -407,13 +410,15 @@ def open_checkpoint(url: str, *, allow_pickle: bool = False) -> Checkpoint:
             others = [n for n in list_dir(url) if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
             if others:
                 raise CheckpointError(
-                    "only pickle weights found, and not in Hugging Face layout", file=join_url(url, others[0]),
+                    "only pickle weights found, and not in Hugging Face layout",
+                    file=join_url(url, others[0]),
                     hint="convert the checkpoint to safetensors; raymerge never unpickles by default",
-                )  # fmt: skip
+                )
             raise CheckpointError(
-                "no model.safetensors or model.safetensors.index.json", file=url,
+                "no model.safetensors or model.safetensors.index.json",
+                file=url,
                 hint="point the recipe at a Hugging Face model directory",
-            )  # fmt: skip
+            )
         if not allow_pickle:
             raise CheckpointError("checkpoint has only pickle weights", file=pickled, hint=PICKLE_OPT_IN)
         if index_text is not None:
@@ -438,8 +443,9 @@ def open_checkpoint(url: str, *, allow_pickle: bool = False) -> Checkpoint:
             if shard_names and shard_names.get(tname) != fname:
                 raise CheckpointError(
                     f"index places this tensor in {shard_names.get(tname)!r} but it is stored in {fname!r}",
-                    file=index_url, tensor=tname,
-                )  # fmt: skip
+                    file=index_url,
+                    tensor=tname,
+                )
             entries[tname] = entry
             shard_of[tname] = surl
     missing = sorted(set(shard_names) - set(entries))

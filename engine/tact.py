@@ -107,11 +107,16 @@ class Corrections:
             for key in ("scale", "shift", "expert_mean", "expert_std", "merged_mean", "merged_std"):
                 tensors[f"{p.point}.{key}"] = getattr(p, key).contiguous()
         meta = {
-            "format": "pt", "raymerge": FORMAT, "task": self.task, "eps": repr(self.eps), "tokens": str(self.tokens),
+            "format": "pt",
+            "raymerge": FORMAT,
+            "task": self.task,
+            "eps": repr(self.eps),
+            "tokens": str(self.tokens),
             "points": json.dumps([p.point for p in self.points]),
             "producers": json.dumps({p.point: [p.producer, p.producer_kind] for p in self.points}),
-            "expert": self.expert or "", "merged": self.merged or "",
-        }  # fmt: skip
+            "expert": self.expert or "",
+            "merged": self.merged or "",
+        }
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path), metadata=meta)
@@ -130,13 +135,21 @@ class Corrections:
                 pts = []
                 for name in json.loads(meta["points"]):
                     prod, kind = producers.get(name, [None, None])
-                    vals = {k: f.get_tensor(f"{name}.{k}") for k in
-                            ("scale", "shift", "expert_mean", "expert_std", "merged_mean", "merged_std")}  # fmt: skip
+                    vals = {
+                        k: f.get_tensor(f"{name}.{k}")
+                        for k in ("scale", "shift", "expert_mean", "expert_std", "merged_mean", "merged_std")
+                    }
                     pts.append(PointCorrection(name, producer=prod, producer_kind=kind, **vals))
         except (OSError, KeyError, json.JSONDecodeError) as exc:
             raise TactError(f"cannot read corrections: {exc}", file=str(path)) from None
-        return Corrections(meta["task"], tuple(pts), float(meta["eps"]), int(meta.get("tokens", "0")),
-                           meta.get("expert") or None, meta.get("merged") or None)  # fmt: skip
+        return Corrections(
+            meta["task"],
+            tuple(pts),
+            float(meta["eps"]),
+            int(meta.get("tokens", "0")),
+            meta.get("expert") or None,
+            meta.get("merged") or None,
+        )
 
 
 def correction(expert: Moments, merged: Moments, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,29 +210,49 @@ def compute_corrections(
     try:
         minfo = mb.probe([i.name for i in infos])
         if [i.name for i in minfo] != [i.name for i in infos]:
-            raise TactError("the merged model runs the correction points in another order than the expert",
-                            hint="expert and merged model must share one architecture")  # fmt: skip
+            raise TactError(
+                "the merged model runs the correction points in another order than the expert",
+                hint="expert and merged model must share one architecture",
+            )
         for info in minfo:
             spec = PassSpec(
-                points=(info.name,), corrections=tuple(PointAffine(c.point, c.scale, c.shift) for c in done),
+                points=(info.name,),
+                corrections=tuple(PointAffine(c.point, c.scale, c.shift) for c in done),
                 stop_after=info.name,
-            )  # fmt: skip
+            )
             res = mb.run_pass(spec, None)
             if res.tokens != target.tokens:
                 raise TactError(f"the merged model saw {res.tokens} tokens, the expert {target.tokens}")
             e, m = target.moments[info.name], res.moments[info.name]
             if e.mean.shape != m.mean.shape:
-                raise TactError(f"expert has {e.mean.numel()} channels here, the merged model {m.mean.numel()}",
-                                tensor=info.name)  # fmt: skip
+                raise TactError(
+                    f"expert has {e.mean.numel()} channels here, the merged model {m.mean.numel()}", tensor=info.name
+                )
             scale, shift = correction(e, m, eps)
-            done.append(PointCorrection(info.name, scale.float(), shift.float(), e.mean, e.std, m.mean, m.std,
-                                        info.producer, info.producer_kind))  # fmt: skip
+            done.append(
+                PointCorrection(
+                    info.name,
+                    scale.float(),
+                    shift.float(),
+                    e.mean,
+                    e.std,
+                    m.mean,
+                    m.std,
+                    info.producer,
+                    info.producer_kind,
+                )
+            )
             log.info("TACT %s: σ_merged/σ_expert = %.3f", info.name, float((m.std / e.std.clamp_min(1e-30)).mean()))
     finally:
         mb.close()
-    return Corrections(task, tuple(done), eps, target.tokens,
-                       None if isinstance(expert, nn.Module) else str(expert),
-                       None if isinstance(merged, nn.Module) else str(merged))  # fmt: skip
+    return Corrections(
+        task,
+        tuple(done),
+        eps,
+        target.tokens,
+        None if isinstance(expert, nn.Module) else str(expert),
+        None if isinstance(merged, nn.Module) else str(merged),
+    )
 
 
 class CorrectionHooks:
@@ -253,8 +286,11 @@ def apply_corrections(model: nn.Module, corrections: Corrections | str | Path) -
     for p in corr.points:
         mod = modules.get(p.point)
         if mod is None:
-            raise TactError("the model has no module for this correction point", tensor=p.point,
-                            hint="apply corrections to the merged model they were computed for")  # fmt: skip
+            raise TactError(
+                "the model has no module for this correction point",
+                tensor=p.point,
+                hint="apply corrections to the merged model they were computed for",
+            )
         handles.append(mod.register_forward_hook(affine_hook(p.scale, p.shift)))
     return CorrectionHooks(handles, corr.task)
 
@@ -268,9 +304,10 @@ def check_foldable(points: Sequence[tuple[str, str | None, str | None]]) -> None
     if bad:
         raise TactError(
             f"{len(bad)} correction point(s) cannot be folded into weights (their output is not a Linear's or "
-            f"LayerNorm's): {', '.join(bad[:4])}{' …' if len(bad) > 4 else ''}", tensor=bad[0],
+            f"LayerNorm's): {', '.join(bad[:4])}{' …' if len(bad) > 4 else ''}",
+            tensor=bad[0],
             hint="apply these with hooks (apply_corrections), or choose points such as *.mlp.gate_proj / *.attention.output",
-        )  # fmt: skip
+        )
 
 
 def _compose(corr: Corrections) -> dict[str, tuple[str, torch.Tensor, torch.Tensor]]:
@@ -316,13 +353,18 @@ def _bias_plan(
             setattr(config, flag, False)
     if need:
         n = sorted(need)[0]
-        raise TactError("cannot fold a shift into this linear layer: it has no bias and no config flag adds one",
-                        file=str(cfg_path), tensor=n, hint="apply the corrections with hooks instead")  # fmt: skip
+        raise TactError(
+            "cannot fold a shift into this linear layer: it has no bias and no config flag adds one",
+            file=str(cfg_path),
+            tensor=n,
+            hint="apply the corrections with hooks instead",
+        )
     return cfg_json, added
 
 
-def fold_corrections(merged_dir: str | Path, corrections: Corrections | str | Path, out_dir: str | Path,
-                     *, overwrite: bool = False) -> Path | str:  # fmt: skip
+def fold_corrections(
+    merged_dir: str | Path, corrections: Corrections | str | Path, out_dir: str | Path, *, overwrite: bool = False
+) -> Path | str:
     """Write ``merged_dir`` with ``corrections`` folded into its weights as a new model directory.
 
     Exact (to rounding in the stored dtype) when every point comes straight out of an
@@ -345,8 +387,11 @@ def fold_corrections(merged_dir: str | Path, corrections: Corrections | str | Pa
     for prod, (_, A, _) in folds.items():
         w = shapes.get(f"{prod}.weight")
         if w is None or w[0] != A.numel():
-            raise TactError(f"weight shape {list(w) if w else None} does not match {A.numel()} corrected channels",
-                            file=str(src), tensor=f"{prod}.weight")  # fmt: skip
+            raise TactError(
+                f"weight shape {list(w) if w else None} does not match {A.numel()} corrected channels",
+                file=str(src),
+                tensor=f"{prod}.weight",
+            )
     need = {p for p in folds if f"{p}.bias" not in shapes}
     cfg_json, added = _bias_plan(str(src), shapes, need)
     index_path = src / INDEX
@@ -386,16 +431,32 @@ def fold_corrections(merged_dir: str | Path, corrections: Corrections | str | Pa
             index = json.loads(index_path.read_text())
             index["weight_map"] = dict(sorted(weight_map.items()))
             (staging / index_path.name).write_text(json.dumps(index, indent=2))
-        (staging / "tact.json").write_text(json.dumps({
-            "task": corr.task, "eps": corr.eps, "points": [p.point for p in corr.points],
-            "folded_into": {p: k for p, (k, _, _) in folds.items()}, "biases_added": sorted(added),
-            "merged": str(src), "expert": corr.expert,
-        }, indent=1))  # fmt: skip
+        (staging / "tact.json").write_text(
+            json.dumps(
+                {
+                    "task": corr.task,
+                    "eps": corr.eps,
+                    "points": [p.point for p in corr.points],
+                    "folded_into": {p: k for p, (k, _, _) in folds.items()},
+                    "biases_added": sorted(added),
+                    "merged": str(src),
+                    "expert": corr.expert,
+                },
+                indent=1,
+            )
+        )
         published = pub.publish()
     return published if pub.remote is not None else Path(published)
 
 
 __all__ = [
-    "CorrectionHooks", "Corrections", "PointCorrection", "TactError", "apply_corrections", "compute_corrections",
-    "check_foldable", "correction", "fold_corrections",
-]  # fmt: skip
+    "CorrectionHooks",
+    "Corrections",
+    "PointCorrection",
+    "TactError",
+    "apply_corrections",
+    "compute_corrections",
+    "check_foldable",
+    "correction",
+    "fold_corrections",
+]

@@ -114,9 +114,11 @@ class ExpertStream(LazyTensors):
         key = (i, r0, r1)
         if key not in self.checked and not bool(torch.isfinite(x).all()):
             raise CheckpointError(
-                "input contains NaN or Inf", file=ref.url, tensor=self.task.tensor,
+                "input contains NaN or Inf",
+                file=ref.url,
+                tensor=self.task.tensor,
                 hint="fix the checkpoint, or exclude this tensor from the merge",
-            )  # fmt: skip
+            )
         self.checked.add(key)  # multi-pass methods re-read chunks; check each once
         return x
 

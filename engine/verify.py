@@ -64,8 +64,9 @@ def verify_model(path: str | Path) -> VerifyReport:
             shard = str(r["shard"])
             reader = readers.get(shard)
             if reader is None:
-                raise CheckpointError("receipt names a shard the index does not list", file=receipts_file,
-                                      tensor=r.get("tensor"))  # fmt: skip
+                raise CheckpointError(
+                    "receipt names a shard the index does not list", file=receipts_file, tensor=r.get("tensor")
+                )
             start, end = int(r["offset"]), int(r["offset"]) + int(r["nbytes"])
             crc = 0
             if end > reader.size:
@@ -74,8 +75,12 @@ def verify_model(path: str | Path) -> VerifyReport:
                 for lo in range(start, end, _CHUNK):
                     crc = zlib.crc32(reader.read_bytes(lo, min(end, lo + _CHUNK)), crc)
             if crc != int(r["crc32"]):
-                raise CheckpointError("checksum does not match the merge's receipt", file=reader.url, tensor=r["tensor"],
-                                      hint="the file was modified or corrupted after the merge")  # fmt: skip
+                raise CheckpointError(
+                    "checksum does not match the merge's receipt",
+                    file=reader.url,
+                    tensor=r["tensor"],
+                    hint="the file was modified or corrupted after the merge",
+                )
             checked += 1
             nbytes += end - start
     for reader in readers.values():

@@ -48,9 +48,13 @@ class Staging:
         progress: bool = False,
     ) -> None:
         self.publication = ModelPublication(
-            out_dir, overwrite=overwrite, staging_root=staging_root, progress=progress, error=OutputError,
+            out_dir,
+            overwrite=overwrite,
+            staging_root=staging_root,
+            progress=progress,
+            error=OutputError,
             exists_message="output path already exists",
-        )  # fmt: skip
+        )
         self.dir = self.publication.dir
         self.plan = plan
         self._journal_lock = threading.Lock()
@@ -100,9 +104,10 @@ class Staging:
             except OSError as exc:
                 if exc.errno in (28, 122):  # ENOSPC, EDQUOT
                     raise OutputError(
-                        f"not enough disk space for {shard.size / 2**30:.2f} GiB shard", file=str(path),
+                        f"not enough disk space for {shard.size / 2**30:.2f} GiB shard",
+                        file=str(path),
                         hint="free space and run again",
-                    ) from None  # fmt: skip
+                    ) from None
                 os.ftruncate(fd, shard.size)  # filesystems without fallocate
         finally:
             os.close(fd)
@@ -157,9 +162,10 @@ class Staging:
             return self._publish(receipts, card)
         except OSError as exc:
             raise OutputError(
-                f"cannot publish the merged model: {exc.strerror or exc}", file=str(self.dir),
+                f"cannot publish the merged model: {exc.strerror or exc}",
+                file=str(self.dir),
                 hint="free space (or fix permissions) and run the same command again to resume",
-            ) from None  # fmt: skip
+            ) from None
 
     def _publish(self, receipts: dict[str, Receipt], card: str) -> str:
         self._write_metadata(receipts, card)

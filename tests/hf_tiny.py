@@ -10,9 +10,38 @@ from pathlib import Path
 import torch
 
 WORDS = (
-    "the", "a", "cat", "dog", "bird", "sat", "ran", "flew", "on", "under", "over", "mat", "tree", "sky", "big", "small",
-    "red", "blue", "green", "one", "two", "three", "fast", "slow", "and", "or", "but", "then", "now", "here", "there",
-)  # fmt: skip
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "bird",
+    "sat",
+    "ran",
+    "flew",
+    "on",
+    "under",
+    "over",
+    "mat",
+    "tree",
+    "sky",
+    "big",
+    "small",
+    "red",
+    "blue",
+    "green",
+    "one",
+    "two",
+    "three",
+    "fast",
+    "slow",
+    "and",
+    "or",
+    "but",
+    "then",
+    "now",
+    "here",
+    "there",
+)
 VOCAB = 64
 
 
@@ -32,9 +61,17 @@ def tiny_llama(path: Path, seed: int = 0, layers: int = 2) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=False, initializer_range=0.2)  # fmt: skip
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        initializer_range=0.2,
+    )
     LlamaForCausalLM(cfg).eval().save_pretrained(str(path))
     write_tokenizer(path)
     return path
@@ -44,8 +81,15 @@ def tiny_bert(path: Path, seed: int = 0, layers: int = 2) -> Path:
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
-                     intermediate_size=48, max_position_embeddings=64, initializer_range=0.2)  # fmt: skip
+    cfg = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        initializer_range=0.2,
+    )
     BertModel(cfg).eval().save_pretrained(str(path))
     write_tokenizer(path)
     return path

@@ -83,8 +83,9 @@ class Example:
         }[self.models]
         if self.models == "pairwise" and pm:
             pm = [{}, *pm]
-        return recipe_text(method or self.method, base if self.base else None, models, dict(self.shared or {}) or None,
-                           pm, extra=extra)  # fmt: skip
+        return recipe_text(
+            method or self.method, base if self.base else None, models, dict(self.shared or {}) or None, pm, extra=extra
+        )
 
 
 def _weights(*ws: float | str) -> list[dict[str, Any]]:
@@ -123,33 +124,85 @@ E = Example
 EXAMPLES: tuple[Example, ...] = (
     # ---- task arithmetic family
     E("linear", "linear", base=False, models="base+two", per_model=_weights(0.5, 0.3, "[0.2, 1.0]"), mergekit="linear"),
-    E("task_arithmetic", "task_arithmetic", shared={"lambda": 0.8}, per_model=_weights(1.0, 0.5, "[0.1, 0.9]"),
-      mergekit="task_arithmetic"),
-    E("task_arithmetic_reference", "task_arithmetic", shared={"lambda": 0.8}, per_model=_weights(1.0, 0.5, 0.3),
-      reference=_task_arithmetic(0.8, (1.0, 0.5, 0.3))),
-    E("ties", "ties", shared={"normalize": "true"}, mergekit="ties",
-      per_model=[{"weight": 1.0, "density": 0.3}, {"weight": 0.7, "density": 0.5},
-                 {"weight": 0.5, "density": "[0.2, 0.8]"}]),
-    E("ties_filtered", "ties", shared={"density": "[{filter: mlp, value: 0.2}, {value: 0.6}]"},
-      per_model=_weights(1.0, 1.0, 1.0), mergekit="ties"),
+    E(
+        "task_arithmetic",
+        "task_arithmetic",
+        shared={"lambda": 0.8},
+        per_model=_weights(1.0, 0.5, "[0.1, 0.9]"),
+        mergekit="task_arithmetic",
+    ),
+    E(
+        "task_arithmetic_reference",
+        "task_arithmetic",
+        shared={"lambda": 0.8},
+        per_model=_weights(1.0, 0.5, 0.3),
+        reference=_task_arithmetic(0.8, (1.0, 0.5, 0.3)),
+    ),
+    E(
+        "ties",
+        "ties",
+        shared={"normalize": "true"},
+        mergekit="ties",
+        per_model=[
+            {"weight": 1.0, "density": 0.3},
+            {"weight": 0.7, "density": 0.5},
+            {"weight": 0.5, "density": "[0.2, 0.8]"},
+        ],
+    ),
+    E(
+        "ties_filtered",
+        "ties",
+        shared={"density": "[{filter: mlp, value: 0.2}, {value: 0.6}]"},
+        per_model=_weights(1.0, 1.0, 1.0),
+        mergekit="ties",
+    ),
     E("dare_linear", "dare_linear", shared={"density": 0.5}, per_model=_weights(1.0, 1.0, 1.0), ray=True),
     # Random drops: compared between executors (test_ray.py's own cases run dare_ties), not with mergekit.
     E("dare_ties", "dare_ties", shared={"density": 0.5}, per_model=_weights(1.0, 1.0, 1.0)),
-    E("breadcrumbs", "breadcrumbs", mergekit="breadcrumbs",
-      per_model=[{"weight": 1.0, "density": 0.8, "gamma": 0.02}, {"weight": 0.6, "density": 0.7, "gamma": 0.01},
-                 {"weight": 0.4, "density": 0.9, "gamma": 0.05}]),
-    E("breadcrumbs_top_level", "breadcrumbs", shared={"density": 0.8, "gamma": 0.02}, per_model=_weights(1.0, 1.0, 1.0),
-      ray=True),
-    E("breadcrumbs_ties", "breadcrumbs_ties", shared={"density": 0.8, "gamma": 0.02}, per_model=_weights(1.0, 1.0, 1.0),
-      ray=True),
+    E(
+        "breadcrumbs",
+        "breadcrumbs",
+        mergekit="breadcrumbs",
+        per_model=[
+            {"weight": 1.0, "density": 0.8, "gamma": 0.02},
+            {"weight": 0.6, "density": 0.7, "gamma": 0.01},
+            {"weight": 0.4, "density": 0.9, "gamma": 0.05},
+        ],
+    ),
+    E(
+        "breadcrumbs_top_level",
+        "breadcrumbs",
+        shared={"density": 0.8, "gamma": 0.02},
+        per_model=_weights(1.0, 1.0, 1.0),
+        ray=True,
+    ),
+    E(
+        "breadcrumbs_ties",
+        "breadcrumbs_ties",
+        shared={"density": 0.8, "gamma": 0.02},
+        per_model=_weights(1.0, 1.0, 1.0),
+        ray=True,
+    ),
     # DELLA's drop is random (checked against mergekit's probabilities in test_della.py); at density
     # 1 nothing is dropped and the rest of the method (sign election, disjoint mean, λ) must match.
-    E("della_undropped", "della", shared={"lambda": 0.9}, mergekit="della",
-      per_model=[{"weight": 1.0, "density": 1.0}, {"weight": 0.7, "density": 1.0},
-                 {"weight": "[0.3, 0.9]", "density": 1.0}]),
+    E(
+        "della_undropped",
+        "della",
+        shared={"lambda": 0.9},
+        mergekit="della",
+        per_model=[
+            {"weight": 1.0, "density": 1.0},
+            {"weight": 0.7, "density": 1.0},
+            {"weight": "[0.3, 0.9]", "density": 1.0},
+        ],
+    ),
     E("della", "della", shared={"density": 0.5, "epsilon": 0.2}, per_model=_weights(1.0, 1.0, 1.0), ray=True),
-    E("della_linear_undropped", "della_linear", per_model=[{"weight": 0.6, "density": 1.0}] * 3,
-      mergekit="della_linear"),
+    E(
+        "della_linear_undropped",
+        "della_linear",
+        per_model=[{"weight": 0.6, "density": 1.0}] * 3,
+        mergekit="della_linear",
+    ),
     E("della_linear", "della_linear", shared={"density": 0.6}, per_model=_weights(0.7, 0.7, 0.7), ray=True),
     E("sce", "sce", shared={"select_topk": 0.3}, mergekit="sce"),
     E("sce_all", "sce", mergekit="sce"),
@@ -159,16 +212,39 @@ EXAMPLES: tuple[Example, ...] = (
     # ---- spherical
     E("slerp", "slerp", models="pairwise", shared={"t": "[0.1, 0.9]"}, mergekit="slerp"),
     E("multislerp", "multislerp", base=False, per_model=_weights(1.0, 0.5, "[0.2, 1.0]"), mergekit="multislerp"),
-    E("multislerp_base", "multislerp", shared={"normalize_weights": "false"}, per_model=_weights(0.4, 0.3, 0.3),
-      mergekit="multislerp"),
+    E(
+        "multislerp_base",
+        "multislerp",
+        shared={"normalize_weights": "false"},
+        per_model=_weights(0.4, 0.3, 0.3),
+        mergekit="multislerp",
+    ),
     E("multislerp_base_normalized", "multislerp", per_model=_weights(1.0, 0.5, 0.8), ray=True),
     E("nuslerp", "nuslerp", base=False, models="two", per_model=_weights(0.3, 0.7), mergekit="nuslerp"),
-    E("nuslerp_base_rows", "nuslerp", models="two", shared={"nuslerp_flatten": "false"},
-      per_model=_weights(1.0, "[0.2, 2.0]"), mergekit="nuslerp"),
-    E("nuslerp_base_columns", "nuslerp", models="two", shared={"nuslerp_flatten": "false", "nuslerp_row_wise": "true"},
-      per_model=_weights(0.5, 0.5), mergekit="nuslerp"),
-    E("nuslerp_base_rows_fixed_weights", "nuslerp", models="two", shared={"nuslerp_flatten": False},
-      per_model=_weights(0.4, 0.6), ray=True),
+    E(
+        "nuslerp_base_rows",
+        "nuslerp",
+        models="two",
+        shared={"nuslerp_flatten": "false"},
+        per_model=_weights(1.0, "[0.2, 2.0]"),
+        mergekit="nuslerp",
+    ),
+    E(
+        "nuslerp_base_columns",
+        "nuslerp",
+        models="two",
+        shared={"nuslerp_flatten": "false", "nuslerp_row_wise": "true"},
+        per_model=_weights(0.5, 0.5),
+        mergekit="nuslerp",
+    ),
+    E(
+        "nuslerp_base_rows_fixed_weights",
+        "nuslerp",
+        models="two",
+        shared={"nuslerp_flatten": False},
+        per_model=_weights(0.4, 0.6),
+        ray=True,
+    ),
     E("karcher", "karcher", base=False, mergekit="karcher"),
     E("karcher_tight", "karcher", base=False, shared={"max_iter": 50, "tol": 1e-7}, mergekit="karcher"),
     E("karcher_with_base", "karcher", shared={"max_iter": 20}, ray=True),
@@ -192,4 +268,4 @@ EXAMPLES: tuple[Example, ...] = (
     E("tsv_m", "tsv_m", ray=True),
     E("iso_c", "iso_c", shared={"alpha": 1.5}, ray=True),
     E("iso_cts", "iso_cts", ray=True),
-)  # fmt: skip
+)

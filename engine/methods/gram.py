@@ -157,12 +157,22 @@ def actmat(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: Mer
     return (base.to(dtype) + float(p["lambda"]) * delta).to(base.dtype)
 
 
-register(MethodSpec("actmat", actmat, (
-    *_COMMON,
-    Param("merge_mode", str, S_, "delta", "delta: W₀ + R S⁺ | weight: (Σ W_t C_t)(Σ C_t)⁺", ("delta", "weight")),
-    Param("ridge", float, S_, 0.0, "add ridge·mean(diag S) to S's diagonal before solving", low=0.0),
-    Param("rcond", float, S_, -1.0, "eigenvalue cut-off relative to λ_max (negative: pinv default)"),
-), "https://arxiv.org/abs/2604.01329", **_GRAM))  # fmt: skip
+register(
+    MethodSpec(
+        "actmat",
+        actmat,
+        (
+            *_COMMON,
+            Param(
+                "merge_mode", str, S_, "delta", "delta: W₀ + R S⁺ | weight: (Σ W_t C_t)(Σ C_t)⁺", ("delta", "weight")
+            ),
+            Param("ridge", float, S_, 0.0, "add ridge·mean(diag S) to S's diagonal before solving", low=0.0),
+            Param("rcond", float, S_, -1.0, "eigenvalue cut-off relative to λ_max (negative: pinv default)"),
+        ),
+        "https://arxiv.org/abs/2604.01329",
+        **_GRAM,
+    )
+)
 
 
 def wudi_adam(M0: torch.Tensor, S: torch.Tensor, R: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
@@ -223,17 +233,39 @@ def wudi(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: Merge
     return (base.to(dtype) + float(p["lambda"]) * merged).to(base.dtype)
 
 
-register(MethodSpec("wudi", wudi, (
-    *_COMMON,
-    _TF32,
-    Param("solver", str, S_, "adam", "adam | spectral | adaptive | closed_form",
-          ("adam", "spectral", "adaptive", "closed_form")),
-    Param("steps", int, S_, 300, "Adam steps", low=1),
-    Param("lr", float, S_, 1e-5, "Adam learning rate", low=0.0, low_open=True),
-    Param("t", float, S_, 300.0, "spectral filter time f = 1 − exp(−λt)", low=0.0, low_open=True),
-    Param("keep_fraction", float, S_, 1.0, "spectral: keep only this fraction of top eigendirections",
-          low=0.0, high=1.0, low_open=True),
-), "https://arxiv.org/abs/2503.08099", **_GRAM))  # fmt: skip
+register(
+    MethodSpec(
+        "wudi",
+        wudi,
+        (
+            *_COMMON,
+            _TF32,
+            Param(
+                "solver",
+                str,
+                S_,
+                "adam",
+                "adam | spectral | adaptive | closed_form",
+                ("adam", "spectral", "adaptive", "closed_form"),
+            ),
+            Param("steps", int, S_, 300, "Adam steps", low=1),
+            Param("lr", float, S_, 1e-5, "Adam learning rate", low=0.0, low_open=True),
+            Param("t", float, S_, 300.0, "spectral filter time f = 1 − exp(−λt)", low=0.0, low_open=True),
+            Param(
+                "keep_fraction",
+                float,
+                S_,
+                1.0,
+                "spectral: keep only this fraction of top eigendirections",
+                low=0.0,
+                high=1.0,
+                low_open=True,
+            ),
+        ),
+        "https://arxiv.org/abs/2503.08099",
+        **_GRAM,
+    )
+)
 
 
 def shrink_off_diagonal(G: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -275,9 +307,24 @@ def regmean(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: Me
     return merged.to(out_dtype)
 
 
-register(MethodSpec("regmean", regmean, (
-    Param("grams", str, Scope.MODEL, REQUIRED, "directory or .safetensors file of this expert's input Grams"),
-    Param("alpha", float, S_, 0.95, "off-diagonal scale of the Grams (1 = exact RegMean, 0 = diagonal only)",
-          low=0.0, high=1.0),
-    _COMMON[1],
-), "https://arxiv.org/abs/2212.09849", **{**_GRAM, "aux_param": "grams", "needs_base": False}))  # fmt: skip
+register(
+    MethodSpec(
+        "regmean",
+        regmean,
+        (
+            Param("grams", str, Scope.MODEL, REQUIRED, "directory or .safetensors file of this expert's input Grams"),
+            Param(
+                "alpha",
+                float,
+                S_,
+                0.95,
+                "off-diagonal scale of the Grams (1 = exact RegMean, 0 = diagonal only)",
+                low=0.0,
+                high=1.0,
+            ),
+            _COMMON[1],
+        ),
+        "https://arxiv.org/abs/2212.09849",
+        **{**_GRAM, "aux_param": "grams", "needs_base": False},
+    )
+)

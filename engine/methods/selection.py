@@ -30,10 +30,21 @@ def nearswap(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: M
     return w * other + (1 - w) * base
 
 
-register(MethodSpec("nearswap", nearswap, (
-    Param("t", float, S, REQUIRED, "distance scale: entries closer than t take the other model's value", low=0.0),
-), "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001", max_experts=1, row_separable=True,
-    work_buffers=lambda n: 5))  # fmt: skip
+register(
+    MethodSpec(
+        "nearswap",
+        nearswap,
+        (
+            Param(
+                "t", float, S, REQUIRED, "distance scale: entries closer than t take the other model's value", low=0.0
+            ),
+        ),
+        "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+        max_experts=1,
+        row_separable=True,
+        work_buffers=lambda n: 5,
+    )
+)
 
 
 def arcee_fusion(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
@@ -77,8 +88,14 @@ def arcee_fusion(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
         yield base + (other - base) * keep
 
 
-register_chunked("arcee_fusion", arcee_fusion, (), "https://arcee.ai (mergekit's arcee_fusion)", max_experts=1,
-                 work_buffers=lambda n: 10)  # fmt: skip
+register_chunked(
+    "arcee_fusion",
+    arcee_fusion,
+    (),
+    "https://arcee.ai (mergekit's arcee_fusion)",
+    max_experts=1,
+    work_buffers=lambda n: 10,
+)
 
 RAM_EPSILON = Param("epsilon", float, S, 1e-5, "an entry counts as changed by an expert when |τ| exceeds it", low=0.0)
 
@@ -98,8 +115,11 @@ def ram(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: MergeA
     return base + total / count.clamp(min=1)
 
 
-register(MethodSpec("ram", ram, (RAM_EPSILON,), "https://arxiv.org/abs/2601.13572", row_separable=True,
-                    work_buffers=lambda n: 6))  # fmt: skip
+register(
+    MethodSpec(
+        "ram", ram, (RAM_EPSILON,), "https://arxiv.org/abs/2601.13572", row_separable=True, work_buffers=lambda n: 6
+    )
+)
 
 
 def ramplus_tl(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
@@ -131,11 +151,17 @@ def ramplus_tl(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
         yield base + out
 
 
-register_chunked("ramplus_tl", ramplus_tl, (
-    Param("r", float, S, 0.1, "strength of the boost of unique changes"),
-    Param("alpha", float, S, 0.2, "cap on the shared-to-unique ratio ρ", low=0.0),
-    RAM_EPSILON,
-), "https://arxiv.org/abs/2601.13572", work_buffers=lambda n: 3 * n + 6)  # fmt: skip
+register_chunked(
+    "ramplus_tl",
+    ramplus_tl,
+    (
+        Param("r", float, S, 0.1, "strength of the boost of unique changes"),
+        Param("alpha", float, S, 0.2, "cap on the shared-to-unique ratio ρ", low=0.0),
+        RAM_EPSILON,
+    ),
+    "https://arxiv.org/abs/2601.13572",
+    work_buffers=lambda n: 3 * n + 6,
+)
 
 
 def passthrough(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: MergeArgs) -> torch.Tensor:
@@ -145,7 +171,16 @@ def passthrough(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args
     return x if scale is None or float(scale) == 1.0 else x * float(scale)
 
 
-register(MethodSpec("passthrough", passthrough, (
-    Param("scale", float, M, 1.0, "multiply the model's tensors by this"),
-), "mergekit (without slices: the one model, optionally scaled)", needs_base=False, max_experts=1,
-    includes_base_in_inputs=True, row_separable=True, work_buffers=lambda n: 2))  # fmt: skip
+register(
+    MethodSpec(
+        "passthrough",
+        passthrough,
+        (Param("scale", float, M, 1.0, "multiply the model's tensors by this"),),
+        "mergekit (without slices: the one model, optionally scaled)",
+        needs_base=False,
+        max_experts=1,
+        includes_base_in_inputs=True,
+        row_separable=True,
+        work_buffers=lambda n: 2,
+    )
+)

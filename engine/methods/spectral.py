@@ -241,8 +241,17 @@ def mean_task_vector(base: torch.Tensor | None, experts: Sequence[torch.Tensor],
     return total.div_(n).sub_(base).mul_(alpha).add_(base)
 
 
-register(MethodSpec("mean_task_vector", mean_task_vector, (_ALPHA,), "base + alpha · mean task vector",
-                    row_separable=True, streams_experts=True, work_buffers=lambda n: 2))  # fmt: skip
+register(
+    MethodSpec(
+        "mean_task_vector",
+        mean_task_vector,
+        (_ALPHA,),
+        "base + alpha · mean task vector",
+        row_separable=True,
+        streams_experts=True,
+        work_buffers=lambda n: 2,
+    )
+)
 
 
 def tsv_m(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: MergeArgs) -> torch.Tensor:
@@ -287,8 +296,17 @@ def _tsv_flops(shape: tuple[int, ...], n: int) -> int:
     return n * _svd_flops(rows, cols) + _svd_flops(rows, r) + _svd_flops(r, cols) + 4 * rows * r * cols
 
 
-register(MethodSpec("tsv_m", tsv_m, (_ALPHA, *_NUMERICS), "https://arxiv.org/abs/2412.00081",
-                    extra_bytes=_tsv_extra, flops=_tsv_flops, **_SPECTRAL))  # fmt: skip
+register(
+    MethodSpec(
+        "tsv_m",
+        tsv_m,
+        (_ALPHA, *_NUMERICS),
+        "https://arxiv.org/abs/2412.00081",
+        extra_bytes=_tsv_extra,
+        flops=_tsv_flops,
+        **_SPECTRAL,
+    )
+)
 
 
 def _sum_task_vectors(base: torch.Tensor, experts: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -322,8 +340,17 @@ def _iso_c_flops(shape: tuple[int, ...], n: int) -> int:
     return n * rows * cols + _svd_flops(rows, cols) + 2 * rows * r * cols
 
 
-register(MethodSpec("iso_c", iso_c, (_ALPHA, *_NUMERICS), "https://arxiv.org/abs/2502.04959",
-                    extra_bytes=_iso_c_extra, flops=_iso_c_flops, **_SPECTRAL))  # fmt: skip
+register(
+    MethodSpec(
+        "iso_c",
+        iso_c,
+        (_ALPHA, *_NUMERICS),
+        "https://arxiv.org/abs/2502.04959",
+        extra_bytes=_iso_c_extra,
+        flops=_iso_c_flops,
+        **_SPECTRAL,
+    )
+)
 
 
 def iso_cts(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: MergeArgs) -> torch.Tensor:
@@ -333,9 +360,10 @@ def iso_cts(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: Me
     fraction = float(args.shared["common_space_fraction"])
     if not 0.0 <= fraction <= 1.0:
         raise RecipeError(
-            f"common_space_fraction must lie in [0, 1], got {fraction}", tensor=args.tensor_name,
+            f"common_space_fraction must lie in [0, 1], got {fraction}",
+            tensor=args.tensor_name,
             hint="FusionBench's default is 0.8",
-        )  # fmt: skip
+        )
     rows, cols = base.shape
     r = min(rows, cols)
     n_tasks = len(experts)
@@ -381,9 +409,26 @@ def _iso_cts_flops(shape: tuple[int, ...], n: int) -> int:
     return _iso_c_flops(shape, n) + n * (4 * rows * r * cols + _svd_flops(rows, cols)) + _tsv_flops(shape, 0)
 
 
-register(MethodSpec("iso_cts", iso_cts, (
-    _ALPHA, Param("common_space_fraction", float, S, 0.8, "share of the rank given to the common subspace", low=0.0,
-          high=1.0),
-    *_NUMERICS,
-), "https://arxiv.org/abs/2502.04959", extra_bytes=_iso_cts_extra, flops=_iso_cts_flops,
-    **_SPECTRAL))  # fmt: skip
+register(
+    MethodSpec(
+        "iso_cts",
+        iso_cts,
+        (
+            _ALPHA,
+            Param(
+                "common_space_fraction",
+                float,
+                S,
+                0.8,
+                "share of the rank given to the common subspace",
+                low=0.0,
+                high=1.0,
+            ),
+            *_NUMERICS,
+        ),
+        "https://arxiv.org/abs/2502.04959",
+        extra_bytes=_iso_cts_extra,
+        flops=_iso_cts_flops,
+        **_SPECTRAL,
+    )
+)

@@ -48,8 +48,14 @@ def slerp(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
         yield ca * src.base(r0, r1) + cb * src.expert(0, r0, r1)
 
 
-register_chunked("slerp", slerp, (Param("t", float, S, REQUIRED, "0 = base, 1 = other model", low=0.0, high=1.0),),
-                 "https://en.wikipedia.org/wiki/Slerp", max_experts=1, work_buffers=lambda n: 6)  # fmt: skip
+register_chunked(
+    "slerp",
+    slerp,
+    (Param("t", float, S, REQUIRED, "0 = base, 1 = other model", low=0.0, high=1.0),),
+    "https://en.wikipedia.org/wiki/Slerp",
+    max_experts=1,
+    work_buffers=lambda n: 6,
+)
 
 
 def _origin_and_points(src: ChunkSource, r0: int, r1: int) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
@@ -94,8 +100,12 @@ def multislerp(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
         mean_sq += float(mean_chunk(_origin_and_points(src, r0, r1)[1]).to(torch.float64).square().sum())
     mean_norm = mean_sq**0.5
     if mean_norm < eps and n != 2:
-        raise RecipeError("multislerp: the weighted mean of the unit-length inputs is zero (antipodal inputs "
-                          "whose weights balance out)", tensor=args.tensor_name, hint="use other weights")  # fmt: skip
+        raise RecipeError(
+            "multislerp: the weighted mean of the unit-length inputs is zero (antipodal inputs "
+            "whose weights balance out)",
+            tensor=args.tensor_name,
+            hint="use other weights",
+        )
     scale = sum(w * nrm for w, nrm in zip(weights, norms, strict=True)) / mean_norm if mean_norm >= eps else 0.0
     for r0, r1 in src.ranges:
         base, pts = _origin_and_points(src, r0, r1)
@@ -106,16 +116,23 @@ def multislerp(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
         yield out if base is None else base + out
 
 
-register_chunked("multislerp", multislerp, (
-    Param("weight", float, M, REQUIRED, "this model's weight in the spherical mean"),
-    Param("normalize_weights", bool, S, True, "divide the weights by their sum"),
-    Param("eps", float, S, 1e-8, "added to norms before dividing", low=0.0),
-), "https://goddard.blog/posts/multislerp-wow-what-a-cool-idea", needs_base=False,
-    work_buffers=lambda n: n + 4)  # fmt: skip
+register_chunked(
+    "multislerp",
+    multislerp,
+    (
+        Param("weight", float, M, REQUIRED, "this model's weight in the spherical mean"),
+        Param("normalize_weights", bool, S, True, "divide the weights by their sum"),
+        Param("eps", float, S, 1e-8, "added to norms before dividing", low=0.0),
+    ),
+    "https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+    needs_base=False,
+    work_buffers=lambda n: n + 4,
+)
 
 
-def _slerp_coefficients(s00: torch.Tensor, s11: torch.Tensor, s01: torch.Tensor, t: float,
-                        eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def _slerp_coefficients(
+    s00: torch.Tensor, s11: torch.Tensor, s01: torch.Tensor, t: float, eps: float = 1e-8
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Coefficients (a, b) of result = a·v0 + b·v1 for slerp at ``t`` between v0 and v1, from the
     sums of squares and the dot product (fp64), per group; mergekit's nuslerp rule, including its
     linear fallback for (anti)colinear inputs."""
@@ -158,18 +175,27 @@ def nuslerp(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
         else:  # per row of the last dimension, inside this chunk
             r0w, r1w = v0.reshape(-1, last), v1.reshape(-1, last)
             x0, x1 = r0w.to(torch.float64), r1w.to(torch.float64)
-            a, b = _slerp_coefficients((x0 * x0).sum(1, keepdim=True), (x1 * x1).sum(1, keepdim=True),
-                                       (x0 * x1).sum(1, keepdim=True), t)  # fmt: skip
+            a, b = _slerp_coefficients(
+                (x0 * x0).sum(1, keepdim=True), (x1 * x1).sum(1, keepdim=True), (x0 * x1).sum(1, keepdim=True), t
+            )
             out = (a.to(v0.dtype) * r0w + b.to(v0.dtype) * r1w).reshape(v0.shape)
         yield out if base is None else base + out
 
 
-register_chunked("nuslerp", nuslerp, (
-    Param("weight", float, M, REQUIRED, "t = w₁ / (w₀ + w₁)"),
-    Param("nuslerp_flatten", bool, S, True, "slerp the whole tensor as one vector"),
-    Param("nuslerp_row_wise", bool, S, False, "without flatten: slerp each column (else each row)"),
-), "https://github.com/arcee-ai/mergekit", needs_base=False, min_experts=2, max_experts=2,
-    work_buffers=lambda n: 8)  # fmt: skip
+register_chunked(
+    "nuslerp",
+    nuslerp,
+    (
+        Param("weight", float, M, REQUIRED, "t = w₁ / (w₀ + w₁)"),
+        Param("nuslerp_flatten", bool, S, True, "slerp the whole tensor as one vector"),
+        Param("nuslerp_row_wise", bool, S, False, "without flatten: slerp each column (else each row)"),
+    ),
+    "https://github.com/arcee-ai/mergekit",
+    needs_base=False,
+    min_experts=2,
+    max_experts=2,
+    work_buffers=lambda n: 8,
+)
 
 
 def karcher(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
@@ -212,8 +238,9 @@ def karcher(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
         dots = (gram @ c).clamp(-1.0, 1.0)
         theta = torch.arccos(dots)
         move = theta >= tol
-        step = torch.where(move, alpha * theta / torch.sin(torch.where(move, theta, torch.ones_like(theta))),
-                           torch.zeros_like(theta))  # fmt: skip
+        step = torch.where(
+            move, alpha * theta / torch.sin(torch.where(move, theta, torch.ones_like(theta))), torch.zeros_like(theta)
+        )
         tangent = step - (step * dots).sum() * c  # Σ_t step_t (u_t − d_t·mean), in coefficients
         tn = norm(tangent)
         if tn < tol:
@@ -230,11 +257,18 @@ def karcher(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
         yield out
 
 
-register_chunked("karcher", karcher, (
-    Param("max_iter", int, S, 10, "fixed-point iterations at most", low=0),
-    Param("tol", float, S, 1e-5, "stop when the tangent step is shorter; norms below it are ignored", low=0.0),
-), "https://arxiv.org/abs/2603.04972", needs_base=False, includes_base_in_inputs=True,
-    work_buffers=lambda n: n + 4)  # fmt: skip
+register_chunked(
+    "karcher",
+    karcher,
+    (
+        Param("max_iter", int, S, 10, "fixed-point iterations at most", low=0),
+        Param("tol", float, S, 1e-5, "stop when the tangent step is shorter; norms below it are ignored", low=0.0),
+    ),
+    "https://arxiv.org/abs/2603.04972",
+    needs_base=False,
+    includes_base_in_inputs=True,
+    work_buffers=lambda n: n + 4,
+)
 
 
 def _stock_t(cos: torch.Tensor, k: int) -> torch.Tensor:
@@ -285,5 +319,11 @@ def model_stock(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
         yield t * mean + (1 - t) * base
 
 
-register_chunked("model_stock", model_stock, (Param("filter_wise", bool, S, False),),
-                 "https://arxiv.org/abs/2403.19522", min_experts=2, work_buffers=lambda n: 2 * n + 6)  # fmt: skip
+register_chunked(
+    "model_stock",
+    model_stock,
+    (Param("filter_wise", bool, S, False),),
+    "https://arxiv.org/abs/2403.19522",
+    min_experts=2,
+    work_buffers=lambda n: 2 * n + 6,
+)

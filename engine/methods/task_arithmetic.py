@@ -25,8 +25,14 @@ from raymerge.engine.methods.registry import REQUIRED, MergeArgs, MethodSpec, Pa
 
 S, M = Scope.SHARED, Scope.MODEL
 
-INT8_MASK = Param("int8_mask", bool, S, False, "accepted for mergekit compatibility (int8 masks save memory "
-                                             "there; raymerge's masks are bool): no effect on results")  # fmt: skip
+INT8_MASK = Param(
+    "int8_mask",
+    bool,
+    S,
+    False,
+    "accepted for mergekit compatibility (int8 masks save memory "
+    "there; raymerge's masks are bool): no effect on results",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,11 +51,18 @@ def linear(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: Mer
     return out
 
 
-register(MethodSpec(
-    "linear", linear, (Param("weight", float, M, REQUIRED), Param("normalize", bool, S, True)),
-    "https://arxiv.org/abs/2203.05482", needs_base=False, row_separable=True, includes_base_in_inputs=True,
-    work_buffers=lambda n: 2,
-))  # fmt: skip
+register(
+    MethodSpec(
+        "linear",
+        linear,
+        (Param("weight", float, M, REQUIRED), Param("normalize", bool, S, True)),
+        "https://arxiv.org/abs/2203.05482",
+        needs_base=False,
+        row_separable=True,
+        includes_base_in_inputs=True,
+        work_buffers=lambda n: 2,
+    )
+)
 
 
 def mean(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: MergeArgs) -> torch.Tensor:
@@ -67,8 +80,11 @@ def mean(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: Merge
     return out.div_(n)
 
 
-register(MethodSpec("mean", mean, (), "average of the experts", row_separable=True, streams_experts=True,
-                    work_buffers=lambda n: 2))  # fmt: skip
+register(
+    MethodSpec(
+        "mean", mean, (), "average of the experts", row_separable=True, streams_experts=True, work_buffers=lambda n: 2
+    )
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,17 +147,40 @@ def gta(
 
 
 # Task arithmetic (Ilharco et al. 2023): base + λ·Σ w_t τ_t.
-register_chunked("task_arithmetic", gta, gta_params(), "https://arxiv.org/abs/2212.04089", row_separable=True,
-                 work_buffers=lambda n: n + 3)  # fmt: skip
+register_chunked(
+    "task_arithmetic",
+    gta,
+    gta_params(),
+    "https://arxiv.org/abs/2212.04089",
+    row_separable=True,
+    work_buffers=lambda n: n + 3,
+)
 # TIES (Yadav et al. 2023): magnitude trim to ``density``, sign election, disjoint mean.
-register_chunked("ties", partial(gta, sparsify="magnitude", sign_consensus=True), gta_params(normalize=True),
-                 "https://arxiv.org/abs/2306.01708", work_buffers=lambda n: 2 * n + 8)  # fmt: skip
+register_chunked(
+    "ties",
+    partial(gta, sparsify="magnitude", sign_consensus=True),
+    gta_params(normalize=True),
+    "https://arxiv.org/abs/2306.01708",
+    work_buffers=lambda n: 2 * n + 8,
+)
 # DARE (Yu et al. 2024): random drop with keep-probability ``density``, L1 rescale, then a sum ...
-register_chunked("dare_linear", partial(gta, sparsify="random"), gta_params(rescale=True),
-                 "https://arxiv.org/abs/2311.03099", random=True, work_buffers=lambda n: n + 6)  # fmt: skip
+register_chunked(
+    "dare_linear",
+    partial(gta, sparsify="random"),
+    gta_params(rescale=True),
+    "https://arxiv.org/abs/2311.03099",
+    random=True,
+    work_buffers=lambda n: n + 6,
+)
 # ... or TIES' sign consensus.
-register_chunked("dare_ties", partial(gta, sparsify="random", sign_consensus=True), gta_params(rescale=True),
-                 "https://arxiv.org/abs/2311.03099", random=True, work_buffers=lambda n: 2 * n + 8)  # fmt: skip
+register_chunked(
+    "dare_ties",
+    partial(gta, sparsify="random", sign_consensus=True),
+    gta_params(rescale=True),
+    "https://arxiv.org/abs/2311.03099",
+    random=True,
+    work_buffers=lambda n: 2 * n + 8,
+)
 
 EPSILON = Param("epsilon", float, M, 0.15, "half-width of DELLA's keep-probability range around density", low=0.0)
 
@@ -157,20 +196,42 @@ def della_check(shared: Mapping[str, Any], per_model: Sequence[Mapping[str, Any]
 
 # DELLA (Deep et al. 2024): MAGPRUNE drop (keep-probability density ± ε by magnitude rank within
 # each row), L1 rescale, then TIES' sign consensus and disjoint mean (della) or a weighted sum.
-register_chunked("della", partial(gta, sparsify="magprune", sign_consensus=True),
-                 gta_params(EPSILON, normalize=True, rescale=True), "https://arxiv.org/abs/2406.11617", random=True,
-                 check=della_check, work_buffers=lambda n: 2 * n + 10)  # fmt: skip
-register_chunked("della_linear", partial(gta, sparsify="magprune"), gta_params(EPSILON, rescale=True),
-                 "https://arxiv.org/abs/2406.11617", random=True, check=della_check,
-                 work_buffers=lambda n: n + 8)  # fmt: skip
+register_chunked(
+    "della",
+    partial(gta, sparsify="magprune", sign_consensus=True),
+    gta_params(EPSILON, normalize=True, rescale=True),
+    "https://arxiv.org/abs/2406.11617",
+    random=True,
+    check=della_check,
+    work_buffers=lambda n: 2 * n + 10,
+)
+register_chunked(
+    "della_linear",
+    partial(gta, sparsify="magprune"),
+    gta_params(EPSILON, rescale=True),
+    "https://arxiv.org/abs/2406.11617",
+    random=True,
+    check=della_check,
+    work_buffers=lambda n: n + 8,
+)
 
 GAMMA = Param("gamma", float, M, 0.01, "fraction of largest-magnitude outliers dropped", low=0.0, high=1.0)
 # Model Breadcrumbs (Davari & Belilovsky 2023): drop the ``gamma`` top outliers and the smallest
 # entries, then a sum, or TIES' sign consensus.
-register_chunked("breadcrumbs", partial(gta, sparsify="outliers"), gta_params(GAMMA),
-                 "https://arxiv.org/abs/2312.06795", work_buffers=lambda n: n + 8)  # fmt: skip
-register_chunked("breadcrumbs_ties", partial(gta, sparsify="outliers", sign_consensus=True), gta_params(GAMMA),
-                 "https://arxiv.org/abs/2312.06795", work_buffers=lambda n: 2 * n + 8)  # fmt: skip
+register_chunked(
+    "breadcrumbs",
+    partial(gta, sparsify="outliers"),
+    gta_params(GAMMA),
+    "https://arxiv.org/abs/2312.06795",
+    work_buffers=lambda n: n + 8,
+)
+register_chunked(
+    "breadcrumbs_ties",
+    partial(gta, sparsify="outliers", sign_consensus=True),
+    gta_params(GAMMA),
+    "https://arxiv.org/abs/2312.06795",
+    work_buffers=lambda n: 2 * n + 8,
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,11 +284,24 @@ def sce(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
         yield base + (tv * w).sum(0) / w.sum(0).clamp(min=1e-6)
 
 
-register_chunked("sce", sce, (
-    Param("select_topk", float, S, 1.0, "share of the entries (by variance across task vectors) kept", low=0.0,
-          high=1.0),
-    INT8_MASK,
-), "https://arxiv.org/abs/2408.07990", work_buffers=lambda n: 3 * n + 6)  # fmt: skip
+register_chunked(
+    "sce",
+    sce,
+    (
+        Param(
+            "select_topk",
+            float,
+            S,
+            1.0,
+            "share of the entries (by variance across task vectors) kept",
+            low=0.0,
+            high=1.0,
+        ),
+        INT8_MASK,
+    ),
+    "https://arxiv.org/abs/2408.07990",
+    work_buffers=lambda n: 3 * n + 6,
+)
 
 
 def consensus(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: MergeArgs) -> torch.Tensor:
@@ -252,12 +326,22 @@ def consensus(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: 
     return base + float(args.shared["lambda"]) * total * keep
 
 
-register(MethodSpec(
-    "consensus", consensus,
-    (Param("weight", float, M, 1.0), Param("k", int, S, 2, "masks that must agree to keep an entry", low=0),
-     Param("tall_lambda", float, S, 0.6, "TALL mask threshold λ", low=0.0), Param("lambda", float, S, 1.0)),
-    "https://arxiv.org/abs/2405.07813", min_experts=2, row_separable=True, work_buffers=lambda n: n + 4,
-))  # fmt: skip
+register(
+    MethodSpec(
+        "consensus",
+        consensus,
+        (
+            Param("weight", float, M, 1.0),
+            Param("k", int, S, 2, "masks that must agree to keep an entry", low=0),
+            Param("tall_lambda", float, S, 0.6, "TALL mask threshold λ", low=0.0),
+            Param("lambda", float, S, 1.0),
+        ),
+        "https://arxiv.org/abs/2405.07813",
+        min_experts=2,
+        row_separable=True,
+        work_buffers=lambda n: n + 4,
+    )
+)
 
 
 def median(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: MergeArgs) -> torch.Tensor:
@@ -269,5 +353,13 @@ def median(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: Mer
     return base + float(args.shared["lambda"]) * (ranked[(n - 1) // 2] + ranked[n // 2]) / 2
 
 
-register(MethodSpec("median", median, (Param("lambda", float, S, 1.0, "scale of the merged task vector"),),
-                    "https://arxiv.org/abs/1803.01498", row_separable=True, work_buffers=lambda n: 2 * n + 3))  # fmt: skip
+register(
+    MethodSpec(
+        "median",
+        median,
+        (Param("lambda", float, S, 1.0, "scale of the merged task vector"),),
+        "https://arxiv.org/abs/1803.01498",
+        row_separable=True,
+        work_buffers=lambda n: 2 * n + 3,
+    )
+)

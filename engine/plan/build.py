@@ -34,17 +34,21 @@ def check_agreement(ckpts: list[Checkpoint], ref: Checkpoint) -> None:
                 vocab = len(e.shape) == 2 and is_embedding_name(name)
                 raise CheckpointError(
                     f"shape {list(o.shape)} in model {ck.url} differs from {list(e.shape)} in {ref.url}",
-                    file=ck.shard_of[name], tensor=name,
+                    file=ck.shard_of[name],
+                    tensor=name,
                     hint=(
                         "vocabulary sizes differ; resize the embeddings to a common vocabulary before merging"
-                        if vocab else "models must share one architecture"
+                        if vocab
+                        else "models must share one architecture"
                     ),
-                )  # fmt: skip
+                )
             if o.dtype != e.dtype:
                 raise CheckpointError(
                     f"dtype {o.dtype} in model {ck.url} differs from {e.dtype} in {ref.url}",
-                    file=ck.shard_of[name], tensor=name, hint="convert the checkpoints to one dtype",
-                )  # fmt: skip
+                    file=ck.shard_of[name],
+                    tensor=name,
+                    hint="convert the checkpoints to one dtype",
+                )
 
 
 def build_plan(recipe: Recipe, *, out_shard_bytes: int = DEFAULT_SHARD_BYTES) -> MergePlan:
@@ -62,14 +66,18 @@ def build_plan(recipe: Recipe, *, out_shard_bytes: int = DEFAULT_SHARD_BYTES) ->
     if recipe.out_dtype or recipe.dtype:
         out_tag = TAG_OF_DTYPE[dtype_from_name(recipe.out_dtype or recipe.dtype or "")]
     ctx = PlanContext(
-        recipe=recipe, ckpts=ckpts, base_url=base_url,
-        inputs=([recipe.base_model] if has_base and recipe.base_model else []) + experts, experts=experts,
-        has_base=has_base, config=config,
+        recipe=recipe,
+        ckpts=ckpts,
+        base_url=base_url,
+        inputs=([recipe.base_model] if has_base and recipe.base_model else []) + experts,
+        experts=experts,
+        has_base=has_base,
+        config=config,
         vocab=config.get("vocab_size") if isinstance(config.get("vocab_size"), int) else None,
         n_layers=num_layers(config, ref.entries),
         compute_dtype=dtype_from_name(recipe.raymerge.compute_dtype) if recipe.raymerge.compute_dtype else None,
         aux_cache={},
-    )  # fmt: skip
+    )
     names = sorted(ref.entries, key=tensor_order)
     layout = lay_out(names, ref.entries, out_tag, out_shard_bytes)
     tasks: list[TensorTask] = []

@@ -43,8 +43,9 @@ class ShardLayout:
     dtype_of: Mapping[str, str]
 
 
-def lay_out(names: Sequence[str], entries: Mapping[str, TensorEntry], out_tag: str | None,
-            shard_bytes: int) -> ShardLayout:  # fmt: skip
+def lay_out(
+    names: Sequence[str], entries: Mapping[str, TensorEntry], out_tag: str | None, shard_bytes: int
+) -> ShardLayout:
     """Fill shards of at most ``shard_bytes`` with ``names`` in order (a larger tensor gets its own).
 
     Float tensors are stored as ``out_tag`` when given; other tensors keep their dtype. A single

@@ -52,12 +52,26 @@ def copy_task(ctx: PlanContext, name: str, cls: str, out: tuple[str, int]) -> Te
     src = ctx.ckpts[ctx.base_url]
     e = src.entries[name]
     return TensorTask(
-        id=name, tensor=name, tensor_class=cls, action="copy", method="copy", row_start=0,
-        row_end=e.shape[0] if e.shape else 0, inputs=(TensorRef.of(src.shard_of[name], e),), has_base=True,
-        shared={}, per_model=(), seed=0, compute_dtype=e.dtype,
-        output=OutputRef(out[0], out[1], e.nbytes, e.dtype, e.shape), chunk_rows=0,
-        est_host_bytes=2 * e.nbytes, read_bytes=e.nbytes, write_bytes=e.nbytes, flops=0,
-    )  # fmt: skip
+        id=name,
+        tensor=name,
+        tensor_class=cls,
+        action="copy",
+        method="copy",
+        row_start=0,
+        row_end=e.shape[0] if e.shape else 0,
+        inputs=(TensorRef.of(src.shard_of[name], e),),
+        has_base=True,
+        shared={},
+        per_model=(),
+        seed=0,
+        compute_dtype=e.dtype,
+        output=OutputRef(out[0], out[1], e.nbytes, e.dtype, e.shape),
+        chunk_rows=0,
+        est_host_bytes=2 * e.nbytes,
+        read_bytes=e.nbytes,
+        write_bytes=e.nbytes,
+        flops=0,
+    )
 
 
 def method_for(ctx: PlanContext, name: str, cls: str) -> MethodSpec:
@@ -103,21 +117,42 @@ def tensor_tasks(ctx: PlanContext, name: str, out: tuple[str, int], out_tag: str
         numel = (r1 - r0) * row_numel if e.shape else e.numel
         chunk_shape = (r1 - r0, *e.shape[1:]) if e.shape else ()
         shape = TaskShape(
-            numel=numel, work_numel=min(numel, chunk_rows * row_numel) if spec.chunked and e.shape else numel,
-            chunk_shape=chunk_shape[::-1] if turned else chunk_shape, inputs=len(refs), experts=len(ctx.experts),
-            in_item=e.itemsize, compute_item=c_item, out_item=out_item,
-        )  # fmt: skip
+            numel=numel,
+            work_numel=min(numel, chunk_rows * row_numel) if spec.chunked and e.shape else numel,
+            chunk_shape=chunk_shape[::-1] if turned else chunk_shape,
+            inputs=len(refs),
+            experts=len(ctx.experts),
+            in_item=e.itemsize,
+            compute_item=c_item,
+            out_item=out_item,
+        )
         out_bytes = numel * out_item
-        tasks.append(TensorTask(
-            id=name if len(spans) == 1 else f"{name}@{r0}:{r1}", tensor=name, tensor_class=cls, action="merge",
-            method=spec.name, row_start=r0, row_end=r1, inputs=refs, has_base=ctx.has_base, shared=params.shared,
-            per_model=params.per_model, seed=seed, compute_dtype=TAG_OF_DTYPE[compute],
-            output=OutputRef(out[0], out[1] + r0 * row_numel * out_item, out_bytes, out_tag, e.shape),
-            chunk_rows=chunk_rows, aux=aux, aux_names=aux_names, layout=layout,
-            est_host_bytes=host_bytes(spec, shape),
-            read_bytes=numel * e.itemsize * len(refs) + sum(a.end - a.start for a in aux), write_bytes=out_bytes,
-            flops=task_flops(spec, shape),
-        ))  # fmt: skip
+        tasks.append(
+            TensorTask(
+                id=name if len(spans) == 1 else f"{name}@{r0}:{r1}",
+                tensor=name,
+                tensor_class=cls,
+                action="merge",
+                method=spec.name,
+                row_start=r0,
+                row_end=r1,
+                inputs=refs,
+                has_base=ctx.has_base,
+                shared=params.shared,
+                per_model=params.per_model,
+                seed=seed,
+                compute_dtype=TAG_OF_DTYPE[compute],
+                output=OutputRef(out[0], out[1] + r0 * row_numel * out_item, out_bytes, out_tag, e.shape),
+                chunk_rows=chunk_rows,
+                aux=aux,
+                aux_names=aux_names,
+                layout=layout,
+                est_host_bytes=host_bytes(spec, shape),
+                read_bytes=numel * e.itemsize * len(refs) + sum(a.end - a.start for a in aux),
+                write_bytes=out_bytes,
+                flops=task_flops(spec, shape),
+            )
+        )
     return tasks
 
 
@@ -149,16 +184,19 @@ def aux_refs(
         key = module if module in ck.entries else name
         if key not in ck.entries:
             raise CheckpointError(
-                f"no {spec.aux_param} matrix for this layer of model {url}", file=src, tensor=module,
+                f"no {spec.aux_param} matrix for this layer of model {url}",
+                file=src,
+                tensor=module,
                 hint="collect statistics for every linear layer, or exclude it with raymerge.exclude",
-            )  # fmt: skip
+            )
         ae = ck.entries[key]
         cols = e.shape[1 - int(turned)] if len(e.shape) == 2 else -1
         if ae.shape != (cols, cols) or not ae.is_float:
             raise CheckpointError(
                 f"{spec.aux_param} matrix has shape {list(ae.shape)} ({ae.dtype}), expected [{cols}, {cols}] float",
-                file=ck.shard_of[key], tensor=key,
-            )  # fmt: skip
+                file=ck.shard_of[key],
+                tensor=key,
+            )
         refs.append(TensorRef.of(ck.shard_of[key], ae))
         names.append(key)
     return tuple(refs), tuple(names)

@@ -67,19 +67,23 @@ class LocalStatsBackend:
                 main = str(getattr(model, "main_input_name", "input_ids"))
             else:
                 main = str(getattr(model_class(str(model))[0], "main_input_name", "input_ids"))
-            batches = load_batches(data.with_tokenizer(None if isinstance(model, nn.Module) else str(model)),
-                                   main_input=main)  # fmt: skip
+            batches = load_batches(
+                data.with_tokenizer(None if isinstance(model, nn.Module) else str(model)), main_input=main
+            )
         else:
             batches = list(data)
         if isinstance(model, nn.Module):
             self.loaded = LoadedModel(model.eval(), None, False, 0, input_device(model))
         else:
-            self.loaded = load_model(model, device=device, memory_budget=memory_budget, offload=offload,
-                                     offload_dir=offload_dir)  # fmt: skip
+            self.loaded = load_model(
+                model, device=device, memory_budget=memory_budget, offload=offload, offload_dir=offload_dir
+            )
         self.batches = shard_batches(batches, rank, world)
         if not self.batches:
-            raise StatsError(f"worker {rank} of {world} has no data: {len(batches)} batch(es) in all",
-                             hint="use fewer workers or a smaller batch size")  # fmt: skip
+            raise StatsError(
+                f"worker {rank} of {world} has no data: {len(batches)} batch(es) in all",
+                hint="use fewer workers or a smaller batch size",
+            )
         self.dims = linear_layers(self.loaded.model)
         self.memory_budget = memory_budget
         self.progress = progress
@@ -105,9 +109,10 @@ class LocalStatsBackend:
         if left <= 0:
             raise StatsError(
                 f"the model's weights take {self.loaded.host_weight_bytes / 2**30:.2f} GiB of host memory, "
-                f"the whole budget of {self.memory_budget / 2**30:.2f} GiB", file=self.loaded.source,
+                f"the whole budget of {self.memory_budget / 2**30:.2f} GiB",
+                file=self.loaded.source,
                 hint="raise --memory-budget (weights beyond half of it are offloaded to disk)",
-            )  # fmt: skip
+            )
         return left
 
     def run_pass(self, spec: PassSpec, grams: GramLayout | None) -> PassResult:

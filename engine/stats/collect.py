@@ -105,18 +105,32 @@ def collect_stats(
             if i == 0:
                 moments = res.moments
         assert res is not None
-        result = StatsResult(out, Path(layout.path) if layout else None, gram_rows, names, moments, res.batches,
-                             res.tokens, len(groups), time.perf_counter() - t0)  # fmt: skip
+        result = StatsResult(
+            out,
+            Path(layout.path) if layout else None,
+            gram_rows,
+            names,
+            moments,
+            res.batches,
+            res.tokens,
+            len(groups),
+            time.perf_counter() - t0,
+        )
         if out is not None:
             write_moments(out / MOMENTS_FILE, names, moments)
             summary = {
                 "model": str(model) if not isinstance(model, nn.Module) else type(model).__name__,
                 "data": list(data.files) if isinstance(data, DataSpec) else None,
-                "grams": GRAMS_FILE if layout else None, "gram_dtype": str(gram_dtype).replace("torch.", ""),
+                "grams": GRAMS_FILE if layout else None,
+                "gram_dtype": str(gram_dtype).replace("torch.", ""),
                 "accumulation": "float64 on CPU and full-FP64 GPUs, else float32",
-                "gram_rows": gram_rows, "points": list(names), "batches": res.batches, "tokens": res.tokens,
-                "passes": len(groups), "seconds": round(result.seconds, 3),
-            }  # fmt: skip
+                "gram_rows": gram_rows,
+                "points": list(names),
+                "batches": res.batches,
+                "tokens": res.tokens,
+                "passes": len(groups),
+                "seconds": round(result.seconds, 3),
+            }
             (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
         if isinstance(model, (str, Path)) and gram_rows:
             _warn_unmatched(str(model), gram_rows)
@@ -133,5 +147,8 @@ def _warn_unmatched(model_dir: str, rows: Mapping[str, int]) -> None:
         if missing:
             log.warning(
                 "%d Gram layer(s) have no '<name>.weight' tensor in %s (e.g. %s); RegMean looks Grams up by "
-                "the checkpoint's tensor names", len(missing), model_dir, missing[0],
-            )  # fmt: skip
+                "the checkpoint's tensor names",
+                len(missing),
+                model_dir,
+                missing[0],
+            )

@@ -69,9 +69,10 @@ def _read_texts(path: str, field_name: str) -> list[str]:
             texts.append(item[field_name])
         else:
             raise StatsError(
-                f"example {i} has no string field {field_name!r}", file=path,
+                f"example {i} has no string field {field_name!r}",
+                file=path,
                 hint="set --text-field to the key holding the text",
-            )  # fmt: skip
+            )
     return texts
 
 
@@ -100,9 +101,10 @@ def _read_tensors(path: str, main_input: str) -> dict[str, torch.Tensor]:
 def _tokenizer(directory: str | None, file: str) -> Any:
     if not directory or not any((Path(directory) / f).exists() for f in _TOKENIZER_FILES):
         raise StatsError(
-            f"text data needs a tokenizer, and {directory or 'no directory'} has none", file=file,
+            f"text data needs a tokenizer, and {directory or 'no directory'} has none",
+            file=file,
             hint="put tokenizer files in the model directory, pass --tokenizer DIR, or give tensor files (.pt/.safetensors) of input ids",
-        )  # fmt: skip
+        )
     require_transformers()
     from transformers import AutoTokenizer
 
@@ -145,8 +147,13 @@ def load_batches(spec: DataSpec, *, main_input: str = "input_ids") -> list[Batch
                 continue
             tok = _tokenizer(spec.tokenizer, path)
             for lo in range(0, n, spec.batch_size):
-                enc = tok(texts[lo : lo + spec.batch_size], padding=True, truncation=True,
-                          max_length=spec.max_length, return_tensors="pt")  # fmt: skip
+                enc = tok(
+                    texts[lo : lo + spec.batch_size],
+                    padding=True,
+                    truncation=True,
+                    max_length=spec.max_length,
+                    return_tensors="pt",
+                )
                 batches.append({k: v for k, v in enc.items() if isinstance(v, torch.Tensor)})
         left = left - n if left > 0 else left
     if not batches:

@@ -108,9 +108,10 @@ def plan_gram_groups(dims: Mapping[str, int], budget: int | None, itemsize: int)
         if 3 * nb > budget:
             raise StatsError(
                 f"the Gram of this layer needs {3 * nb / 2**30:.2f} GiB (with temporaries) but only "
-                f"{budget / 2**30:.2f} GiB of the memory budget is left for statistics", tensor=n,
+                f"{budget / 2**30:.2f} GiB of the memory budget is left for statistics",
+                tensor=n,
                 hint="raise --memory-budget or leave the layer out with --gram-layers",
-            )  # fmt: skip
+            )
         widest = max([dims[c] for c in cur] + [dims[n]]) ** 2 * itemsize
         if cur and used + nb + 2 * widest > budget:
             groups.append(tuple(cur))

@@ -140,16 +140,21 @@ def load_model(
         # can run (and accelerate 1.x fails on an all-disk map anyway).
         raise StatsError(
             f"a memory budget of {(memory_budget or 0) / 2**20:.1f} MiB leaves too little host memory to "
-            "stream the model's largest block from disk", file=model_dir, hint="raise --memory-budget",
-        )  # fmt: skip
+            "stream the model's largest block from disk",
+            file=model_dir,
+            hint="raise --memory-budget",
+        )
     own_dir = offload_dir is None
     off = offload_dir or tempfile.mkdtemp(prefix="raymerge-offload-")
     model = load_checkpoint_and_dispatch(
-        model, model_dir, device_map=device_map, offload_folder=off, no_split_module_classes=no_split, dtype=dtype,
-    ).eval()  # fmt: skip
-    resident = sum(
-        p.numel() * p.element_size() for n, p in model.named_parameters() if p.device.type == "cpu"
-    )  # fmt: skip
+        model,
+        model_dir,
+        device_map=device_map,
+        offload_folder=off,
+        no_split_module_classes=no_split,
+        dtype=dtype,
+    ).eval()
+    resident = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if p.device.type == "cpu")
     log.info("model %s dispatched: %s (offload %s)", model_dir, sorted(set(map(str, device_map.values()))), off)
     return LoadedModel(model, model_dir, True, resident, dev, off if own_dir else None)
 

@@ -63,9 +63,10 @@ def default_points(model: nn.Module) -> list[str]:
         for found in block_points(b, modules):
             if found is None:
                 raise StatsError(
-                    f"no known attention-output / MLP module in block {b}", tensor=b,
+                    f"no known attention-output / MLP module in block {b}",
+                    tensor=b,
                     hint="name the points with --points (module names or glob patterns)",
-                )  # fmt: skip
+                )
             out.append(found)
         out.append(b)
     return out
@@ -87,9 +88,10 @@ def expand_points(model: nn.Module, patterns: Sequence[str] | str) -> list[str]:
             if not hits:
                 near = [n for n in names if n and pat.split(".")[-1] in n][:3]
                 raise StatsError(
-                    f"no module matches point {pat!r}", tensor=pat,
+                    f"no module matches point {pat!r}",
+                    tensor=pat,
                     hint=f"use module names such as {', '.join(near or names[1:4])}",
-                )  # fmt: skip
+                )
         out.extend(h for h in hits if h not in out)
     return out
 

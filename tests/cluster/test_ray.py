@@ -52,12 +52,18 @@ RAYMERGE = str(BIN / "raymerge")
 
 CASES: dict[str, tuple[str, bool, dict | None, list[dict] | None, str]] = {
     "linear": ("linear", False, None, [{"weight": 0.5}, {"weight": 0.3}, {"weight": "[0.2, 1.0]"}], ""),
-    "task_arithmetic": ("task_arithmetic", True, {"lambda": 0.8}, [{"weight": 1.0}, {"weight": 0.5}, {"weight": 0.3}], ""),
+    "task_arithmetic": (
+        "task_arithmetic",
+        True,
+        {"lambda": 0.8},
+        [{"weight": 1.0}, {"weight": 0.5}, {"weight": 0.3}],
+        "",
+    ),
     "ties": ("ties", True, {"density": 0.4}, [{"weight": 1.0}] * 3, "out_dtype: bfloat16"),
     "dare_ties": ("dare_ties", True, {"density": 0.5}, [{"weight": 1.0}] * 3, "raymerge:\n  seed: 3"),
     "model_stock": ("model_stock", True, None, None, ""),
     "slerp": ("slerp", True, {"t": "[0.1, 0.9]"}, None, ""),
-}  # fmt: skip
+}
 
 
 def case_recipe(case: str, family: tuple[Path, list[Path]]) -> str:
@@ -193,19 +199,38 @@ class RayTestCluster:
     def _start(self, name: str, args: list[str]) -> subprocess.Popen:
         log = open(self.root / f"{name}.log", "w")  # noqa: SIM115 - kept for the process's lifetime
         proc = subprocess.Popen(
-            [RAY, "start", "--num-cpus=1", f"--resources={json.dumps({name: 1})}", "--disable-usage-stats",
-             f"--dashboard-agent-listen-port={free_port()}", *args],
-            env=self.env, cwd=self.root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            [
+                RAY,
+                "start",
+                "--num-cpus=1",
+                f"--resources={json.dumps({name: 1})}",
+                "--disable-usage-stats",
+                f"--dashboard-agent-listen-port={free_port()}",
+                *args,
+            ],
+            env=self.env,
+            cwd=self.root,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.sessions[name] = proc.pid  # a session leader's sid is its pid
         return proc
 
     def start_head(self) -> None:
-        proc = self._start("rm_head", [
-            "--head", "--node-ip-address=127.0.0.1", f"--port={self.port}", "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-            f"--ray-client-server-port={free_port()}", f"--temp-dir={self.root / 'ray'}",
-        ])  # fmt: skip
+        proc = self._start(
+            "rm_head",
+            [
+                "--head",
+                "--node-ip-address=127.0.0.1",
+                f"--port={self.port}",
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dashboard_port}",
+                f"--ray-client-server-port={free_port()}",
+                f"--temp-dir={self.root / 'ray'}",
+            ],
+        )
         assert proc.wait(timeout=120) == 0, (self.root / "rm_head.log").read_text()[-3000:]
 
     def add_workers(self, *names: str, args: tuple[str, ...] = ()) -> None:
@@ -224,8 +249,11 @@ class RayTestCluster:
     def node_names(self) -> set[str]:
         out = subprocess.run(
             [RAY, "list", "nodes", f"--address={self.address}", "--format=json", "--detail", "--filter=state=ALIVE"],
-            env=self.env, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         if out.returncode != 0:
             return set()
         names = set()
@@ -325,8 +353,16 @@ def test_placement_keeps_each_node_under_budget(family):
         return WorkUnit(f"u{i}", (task,), False, size * mib, 0, 0, frozenset())
 
     nodes = [NodeState(f"{i}" * 56, "127.0.0.1", cpus=4, gpus=0, slots=4, cpus_per_slot=1) for i in range(2)]
-    sched = UnitScheduler(nodes, budget=250 * mib, staging_dir="/nowhere", device="cpu", run_id="r",
-                          on_done=lambda t, r: None, progress=ClusterProgress(0, 0), originals={})  # fmt: skip
+    sched = UnitScheduler(
+        nodes,
+        budget=250 * mib,
+        staging_dir="/nowhere",
+        device="cpu",
+        run_id="r",
+        on_done=lambda t, r: None,
+        progress=ClusterProgress(0, 0),
+        originals={},
+    )
     placed: list[tuple[str, str]] = []
 
     class FakeRemote:
@@ -365,8 +401,9 @@ def test_embedded_ray_matches_local(family, tmp_path, capfd):
     text = case_recipe("ties", family)
     want = local_reference(text, tmp_path / "local")
     assert not ray.is_initialized()
-    figures = merge(parse_recipe(text), tmp_path / "ray", executor=RayExecutor(workers=2), progress=False,
-                    out_shard_bytes=150_000)  # fmt: skip
+    figures = merge(
+        parse_recipe(text), tmp_path / "ray", executor=RayExecutor(workers=2), progress=False, out_shard_bytes=150_000
+    )
     assert digests(tmp_path / "ray") == want
     assert not ray.is_initialized(), "an embedded Ray is stopped after the merge"
     assert figures.executor == "ray" and figures.bytes_read > 0
@@ -386,9 +423,24 @@ def run_on_cluster(
     extra_env: dict[str, str] | None = None,
 ) -> subprocess.Popen:
     """``raymerge run`` as a subprocess driver joining the test cluster."""
-    return run_cli(cluster, "run", str(recipe), str(out), "--executor", "ray", "--address", cluster.address,
-                   "--workers", "2", "--out-shard-size", "150000", "-q", *extra, slow=slow,
-                   extra_env=extra_env)  # fmt: skip
+    return run_cli(
+        cluster,
+        "run",
+        str(recipe),
+        str(out),
+        "--executor",
+        "ray",
+        "--address",
+        cluster.address,
+        "--workers",
+        "2",
+        "--out-shard-size",
+        "150000",
+        "-q",
+        *extra,
+        slow=slow,
+        extra_env=extra_env,
+    )
 
 
 def node_rows(stderr: str) -> dict[str, list[str]]:
@@ -515,8 +567,13 @@ def test_cluster_writes_to_s3(cluster, slow_case, tmp_path):
         endpoint = "http://{}:{}".format(*server.get_host_and_port())
         fs = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=endpoint)
         fs.mkdir("merged")
-        aws = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-               "AWS_ENDPOINT_URL": endpoint, "RAYMERGE_STAGING_ROOT": str(tmp_path / "staging")}  # fmt: skip
+        aws = {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": endpoint,
+            "RAYMERGE_STAGING_ROOT": str(tmp_path / "staging"),
+        }
         _, err = finish(run_on_cluster(cluster, recipe, "s3://merged/ties", extra_env=aws))
         fs.invalidate_cache()
         got = {
@@ -592,8 +649,11 @@ def test_object_store_pressure(cluster, slow_case, tmp_path):
     stop = tmp_path / "stop"
     filler = subprocess.Popen(
         [sys.executable, "-c", FILLER, cluster.address, SMALL_STORE_NODE, str(stop)],
-        env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        env=cluster.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = filler.stdout.readline()  # type: ignore[union-attr]
         assert line.startswith("FILLED"), line + filler.stderr.read()  # type: ignore[union-attr]
@@ -653,7 +713,7 @@ def test_submit_job(cluster, family, tmp_path):
             "2",
             "--out-shard-size",
             "150000",
-        )  # fmt: skip
+        )
     )
     assert "Ray run finished" in stdout and "succeeded" in stderr
     assert digests(out) == want
@@ -699,8 +759,13 @@ def test_every_method_matches_local_on_ray(family, tmp_path):
             per_model = grams if example.inputs == "grams" else None
             text = example.recipe(base, experts, extra="raymerge:\n  seed: 1", per_model=per_model)
             want = local_reference(text, tmp_path / f"{example.name}-local")
-            merge(parse_recipe(text), tmp_path / f"{example.name}-ray", executor=RayExecutor(workers=2), progress=False,
-                  out_shard_bytes=150_000)  # fmt: skip
+            merge(
+                parse_recipe(text),
+                tmp_path / f"{example.name}-ray",
+                executor=RayExecutor(workers=2),
+                progress=False,
+                out_shard_bytes=150_000,
+            )
             assert digests(tmp_path / f"{example.name}-ray") == want, example.name
     finally:
         ray.shutdown()

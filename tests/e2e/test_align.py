@@ -54,18 +54,32 @@ def _random_biases(model: transformers.PreTrainedModel) -> transformers.PreTrain
 
 def _llama(seed: int, bias: bool = False) -> transformers.PreTrainedModel:
     cfg = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
-        vocab_size=61, max_position_embeddings=64, attention_bias=bias, mlp_bias=bias, tie_word_embeddings=False,
-    )  # fmt: skip
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=61,
+        max_position_embeddings=64,
+        attention_bias=bias,
+        mlp_bias=bias,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(seed)
     return _random_biases(transformers.LlamaForCausalLM(cfg).eval())
 
 
 def _bert(seed: int) -> transformers.PreTrainedModel:
     cfg = transformers.BertConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=61,
-        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )  # fmt: skip
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=61,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     torch.manual_seed(seed)
     return _random_biases(transformers.BertModel(cfg).eval())
 
@@ -283,8 +297,10 @@ def test_nonlocal_merge_alignment_repairs_variance_collapse(record_property: Cal
     for label, net in nets.items():
         loss[label], acc[label] = _loss_acc(net, x_eval, y_eval)
         ratio[label] = [s / e for s, e in zip(_mean_std(net, x_eval), expert_std)]
-    figures = {k: {"loss": round(loss[k], 4), "accuracy": round(acc[k], 4), "std_ratio": [round(r, 3) for r in ratio[k]]}
-               for k in nets}  # fmt: skip
+    figures = {
+        k: {"loss": round(loss[k], 4), "accuracy": round(acc[k], 4), "std_ratio": [round(r, 3) for r in ratio[k]]}
+        for k in nets
+    }
     record_property("nonlocal_figures", json.dumps(figures))
     log.info("non-local merge: %s", figures)
     # Averaging unrelated units collapses the hidden activations; alignment largely undoes it.
@@ -334,8 +350,18 @@ def test_align_cli_writes_permuted_model_and_expert(tmp_path, capsys) -> None:
         (dirs[name] / "tokenizer_config.json").write_text(json.dumps({"source": name}))
     assert (dirs["b"] / "model.safetensors.index.json").exists()
     out_b, out_eb = tmp_path / "b-aligned", tmp_path / "eb-aligned"
-    argv = ["align", "--reference", str(dirs["a"]), "--model", str(dirs["b"]), "--out", str(out_b),
-            "--also", f"{dirs['eb']}:{out_eb}", "-q"]  # fmt: skip
+    argv = [
+        "align",
+        "--reference",
+        str(dirs["a"]),
+        "--model",
+        str(dirs["b"]),
+        "--out",
+        str(out_b),
+        "--also",
+        f"{dirs['eb']}:{out_eb}",
+        "-q",
+    ]
     # An output that is an input (or the folder holding it) is refused even with --overwrite.
     for bad in (dirs["b"], dirs["a"], tmp_path):
         with pytest.raises(AlignmentError, match="the input model"):
@@ -372,8 +398,21 @@ def test_align_cli_writes_permuted_model_and_expert(tmp_path, capsys) -> None:
     )
     small.save_pretrained(tmp_path / "small")
     capsys.readouterr()
-    assert main(["align", "--reference", str(tmp_path / "small"), "--model", str(dirs["b"]),
-                 "--out", str(tmp_path / "x"), "-q"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "align",
+                "--reference",
+                str(tmp_path / "small"),
+                "--model",
+                str(dirs["b"]),
+                "--out",
+                str(tmp_path / "x"),
+                "-q",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("raymerge: error: shape [48, 32] in model") and err.count("\n") == 1
     assert f"(file {tmp_path / 'small'}, tensor model.layers.0.mlp.gate_proj.weight)" in err

@@ -17,21 +17,55 @@ transformers = pytest.importorskip("transformers")
 
 ARCHS = {
     "gpt2": dict(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32),
-    "mistral": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, vocab_size=64),
-    "qwen2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=64),
-    "gemma": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=1, head_dim=8, vocab_size=64),
-    "phi3": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=4, vocab_size=64, pad_token_id=0),
-    "mixtral": dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, vocab_size=64, num_local_experts=4),
+    "mistral": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+    ),
+    "qwen2": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+    ),
+    "gemma": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=8,
+        vocab_size=64,
+    ),
+    "phi3": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=64,
+        pad_token_id=0,
+    ),
+    "mixtral": dict(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        num_local_experts=4,
+    ),
     "t5": dict(d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8, vocab_size=64),
     "bert": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=64),
-    "vit": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16,
-                patch_size=8),
-}  # fmt: skip
+    "vit": dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16, patch_size=8
+    ),
+}
 
 
 def _family(root, arch):
@@ -59,7 +93,9 @@ def _family(root, arch):
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_merge_loads_and_matches_reference(arch, tmp_path):
     cls, (base, e1, e2) = _family(tmp_path, arch)
-    ta = parse_recipe(recipe_text("task_arithmetic", base, [e1, e2], {"lambda": 0.7}, [{"weight": 1.0}, {"weight": 0.5}]))
+    ta = parse_recipe(
+        recipe_text("task_arithmetic", base, [e1, e2], {"lambda": 0.7}, [{"weight": 1.0}, {"weight": 0.5}])
+    )
     merge(ta, tmp_path / "ta", progress=False)
     loaded = cls.from_pretrained(str(tmp_path / "ta"))  # loads with no missing or unexpected keys
     b, x1, x2 = load_dir(base), load_dir(e1), load_dir(e2)
@@ -84,5 +120,8 @@ def test_merge_loads_and_matches_reference(arch, tmp_path):
         for k in fallback:
             mean = (x1[k].double() + x2[k].double()) / 2
             assert (out[k].double() - mean).abs().max() <= 1e-6, (method, k)
-    assert not any(("position" in k or "wpe" in k or "relative_attention_bias" in k) and t.method == "actmat"
-                   for t in plan.tasks for k in [t.tensor])  # fmt: skip
+    assert not any(
+        ("position" in k or "wpe" in k or "relative_attention_bias" in k) and t.method == "actmat"
+        for t in plan.tasks
+        for k in [t.tensor]
+    )

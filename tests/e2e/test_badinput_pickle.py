@@ -85,8 +85,9 @@ def test_bin_merge_equals_safetensors_twin(family, tmp_path, sharded):
     bins = [bin_twin(m, tmp_path / f"bin-{m.name}", sharded=sharded) for m in (base, *experts)]
     ref = recipe_text("ties", base, experts, {"density": 0.4}, [{"weight": 1.0}] * 3)
     st = merge(parse_recipe(ref), tmp_path / "st", progress=False, out_shard_bytes=150_000)
-    text = recipe_text("ties", bins[0], bins[1:], {"density": 0.4}, [{"weight": 1.0}] * 3,
-                       extra="raymerge:\n  allow_pickle_bin: true")  # fmt: skip
+    text = recipe_text(
+        "ties", bins[0], bins[1:], {"density": 0.4}, [{"weight": 1.0}] * 3, extra="raymerge:\n  allow_pickle_bin: true"
+    )
     figures = merge(parse_recipe(text), tmp_path / "bin", progress=False, out_shard_bytes=150_000)
     assert digests(tmp_path / "bin") == digests(tmp_path / "st")
     # Tensor bytes are read in place from the zip records, exactly the spans the safetensors run reads.
@@ -131,8 +132,14 @@ def test_malicious_pickle_is_refused_even_with_opt_in(family, tmp_path):
     state = torch.load(evil / "pytorch_model.bin", weights_only=True)
     state["model.norm.weight"] = _Payload(marker)
     torch.save(state, evil / "pytorch_model.bin")
-    text = recipe_text("task_arithmetic", base, [evil, experts[1]], None, [{"weight": 1.0}] * 2,
-                       extra="raymerge:\n  allow_pickle_bin: true")  # fmt: skip
+    text = recipe_text(
+        "task_arithmetic",
+        base,
+        [evil, experts[1]],
+        None,
+        [{"weight": 1.0}] * 2,
+        extra="raymerge:\n  allow_pickle_bin: true",
+    )
     with pytest.raises(CheckpointError) as exc:
         merge(parse_recipe(text), tmp_path / "out", progress=False)
     msg = str(exc.value)

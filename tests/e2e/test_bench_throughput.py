@@ -11,11 +11,32 @@ from benchmarks import throughput
 
 @pytest.mark.slow
 def test_throughput_smoke_tiny(tmp_path):
-    rc = throughput.main([
-        "--size", "tiny", "--experts", "2", "--methods", "ties,actmat", "--executors", "local", "--peers", "none",
-        "--workers", "1,2", "--growth", "tiny,small", "--workdir", str(tmp_path / "work"),
-        "--results-dir", str(tmp_path / "res"), "--stem", "smoke", "--sample-interval", "0.02",
-    ])  # fmt: skip
+    rc = throughput.main(
+        [
+            "--size",
+            "tiny",
+            "--experts",
+            "2",
+            "--methods",
+            "ties,actmat",
+            "--executors",
+            "local",
+            "--peers",
+            "none",
+            "--workers",
+            "1,2",
+            "--growth",
+            "tiny,small",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--results-dir",
+            str(tmp_path / "res"),
+            "--stem",
+            "smoke",
+            "--sample-interval",
+            "0.02",
+        ]
+    )
     assert rc == 0
     res = json.loads((tmp_path / "res" / "smoke.json").read_text())
     assert (tmp_path / "res" / "smoke.png").stat().st_size > 10_000

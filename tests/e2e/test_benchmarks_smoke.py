@@ -13,8 +13,16 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_quality_smoke(tmp_path: Path) -> None:
     # A subprocess, as a user runs it: the CLI, the torch thread setting and the cache stay out of
     # this test process.
-    cmd = [sys.executable, "-m", "benchmarks.quality", "--smoke", "--results-dir", str(tmp_path),
-           "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.quality",
+        "--smoke",
+        "--results-dir",
+        str(tmp_path),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "quality_smoke.json").read_text())

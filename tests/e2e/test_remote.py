@@ -23,9 +23,12 @@ def test_http_merge_matches_local_and_reads_only_needed_bytes(tmp_path, family):
     merge(parse_recipe(local), tmp_path / "local", progress=False)
     with RangeServer(root) as srv:
         remote = recipe_text(
-            "task_arithmetic", f"{srv.url}/{base.name}", [f"{srv.url}/{e.name}" for e in experts],
-            {"lambda": 0.5}, [{"weight": 1.0}] * 3,
-        )  # fmt: skip
+            "task_arithmetic",
+            f"{srv.url}/{base.name}",
+            [f"{srv.url}/{e.name}" for e in experts],
+            {"lambda": 0.5},
+            [{"weight": 1.0}] * 3,
+        )
         merge(parse_recipe(remote), tmp_path / "remote", progress=False, workers=2)
         sent = srv.bytes_sent
         ranged = [r for r in srv.requests if r[0] == "GET" and r[2]]
@@ -65,9 +68,12 @@ def test_transient_5xx_are_retried_and_permanent_ones_fail_clearly(tmp_path, fam
     base, experts = family
     with RangeServer(base.parent) as srv:
         text = recipe_text(
-            "task_arithmetic", f"{srv.url}/{base.name}", [f"{srv.url}/{e.name}" for e in experts],
-            None, [{"weight": 1.0}] * 3,
-        )  # fmt: skip
+            "task_arithmetic",
+            f"{srv.url}/{base.name}",
+            [f"{srv.url}/{e.name}" for e in experts],
+            None,
+            [{"weight": 1.0}] * 3,
+        )
         srv.fail_ranged = 3  # three failures in a row, then the server recovers
         merge(parse_recipe(text), tmp_path / "flaky", progress=False, workers=1)
         assert srv.fail_ranged == 0
@@ -92,8 +98,12 @@ def test_verify_over_http_checks_receipts_with_range_reads(tmp_path, family):
     base, experts = family
     out = tmp_path / "served" / "merged"
     out.parent.mkdir()
-    merge(parse_recipe(recipe_text("ties", base, experts, None, [{"weight": 1.0, "density": 0.5}] * 3)), out,
-          progress=False, out_shard_bytes=100_000)  # fmt: skip
+    merge(
+        parse_recipe(recipe_text("ties", base, experts, None, [{"weight": 1.0, "density": 0.5}] * 3)),
+        out,
+        progress=False,
+        out_shard_bytes=100_000,
+    )
     with RangeServer(out.parent) as srv:
         url = f"{srv.url}/merged"
         cli = [sys.executable, "-m", "raymerge.cli", "verify", url]
@@ -108,8 +118,9 @@ def test_verify_over_http_checks_receipts_with_range_reads(tmp_path, family):
         raw[victim["offset"]] ^= 0x01
         shard.write_bytes(bytes(raw))
         bad = subprocess.run(cli, capture_output=True, text=True)
-        missing = subprocess.run([sys.executable, "-m", "raymerge.cli", "verify", f"{url}-nothing-here"],
-                                 capture_output=True, text=True)  # fmt: skip
+        missing = subprocess.run(
+            [sys.executable, "-m", "raymerge.cli", "verify", f"{url}-nothing-here"], capture_output=True, text=True
+        )
     assert bad.returncode != 0
     line = bad.stderr.strip()
     assert "checksum" in line and victim["tensor"] in line and f"{url}/{victim['shard']}" in line, line

@@ -187,9 +187,13 @@ def s3(family) -> Iterator[S3]:
     proxy = S3Proxy(server.get_host_and_port())
     with pytest.MonkeyPatch.context() as mp:
         for k, v in {
-            "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_ENDPOINT_URL": proxy.url, "AWS_MAX_ATTEMPTS": "1", "AWS_EC2_METADATA_DISABLED": "true",
-        }.items():  # fmt: skip
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": proxy.url,
+            "AWS_MAX_ATTEMPTS": "1",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }.items():
             mp.setenv(k, v)
         mp.delenv("AWS_PROFILE", raising=False)
         s3fs.S3FileSystem.clear_instance_cache()
@@ -244,8 +248,13 @@ def test_s3_in_s3_out_bit_identical_with_range_reads_only(s3, family, tmp_path):
     tensor_bytes = build_plan(parse_recipe(local_text)).read_bytes
     s3.proxy.reset()
     out = "s3://out/ta"
-    figures = merge(parse_recipe(recipe_text(method, s3.base, s3.experts, params, per_model)), out,
-                    progress=False, out_shard_bytes=150_000, workers=2)  # fmt: skip
+    figures = merge(
+        parse_recipe(recipe_text(method, s3.base, s3.experts, params, per_model)),
+        out,
+        progress=False,
+        out_shard_bytes=150_000,
+        workers=2,
+    )
 
     # (a) the output, downloaded, is byte for byte the local merge and passes `raymerge verify`.
     got = remote_files(s3, out)
@@ -278,8 +287,11 @@ def test_s3_tasks_read_only_their_tensors(s3, family, tmp_path):
     base, experts = family
     method, params, per_model = TA
     plan = build_plan(parse_recipe(recipe_text(method, s3.base, s3.experts, params, per_model)))
-    picked = [t for t in plan.tasks if t.tensor in ("model.layers.1.post_attention_layernorm.weight",
-                                                    "model.layers.1.self_attn.k_proj.weight")]  # fmt: skip
+    picked = [
+        t
+        for t in plan.tasks
+        if t.tensor in ("model.layers.1.post_attention_layernorm.weight", "model.layers.1.self_attn.k_proj.weight")
+    ]
     assert len(picked) == 2
     staging = tmp_path / "partial"
     staging.mkdir()
@@ -317,8 +329,12 @@ def test_s3_5xx_are_retried_by_the_engine(s3, family, tmp_path, caplog):
     stats = s3.proxy.inject("HEAD", r"^models/expert2/.*\.safetensors$", 1)
     uploads = s3.proxy.inject("PUT", r"^out/flaky/model\.safetensors$", 2)
     caplog.set_level(logging.WARNING, logger="raymerge.engine.storage")
-    merge(parse_recipe(recipe_text(method, s3.base, s3.experts, params, per_model)), "s3://out/flaky",
-          progress=False, workers=1)  # fmt: skip
+    merge(
+        parse_recipe(recipe_text(method, s3.base, s3.experts, params, per_model)),
+        "s3://out/flaky",
+        progress=False,
+        workers=1,
+    )
     assert reads.remaining == stats.remaining == uploads.remaining == 0
     injected = [e for e in s3.proxy.log if e.injected]
     assert len(injected) == 6
@@ -336,8 +352,9 @@ def test_s3_5xx_are_retried_by_the_engine(s3, family, tmp_path, caplog):
     s3.proxy.reset()
     s3.proxy.inject("GET", r"^models/expert0/.*\.safetensors$", -1, ranged=True)
     with pytest.raises(CheckpointError, match="failed after 5 attempts") as exc:
-        merge(parse_recipe(recipe_text(method, s3.base, s3.experts, params, per_model)), "s3://out/dead",
-              progress=False)  # fmt: skip
+        merge(
+            parse_recipe(recipe_text(method, s3.base, s3.experts, params, per_model)), "s3://out/dead", progress=False
+        )
     assert "s3://models/expert0/" in str(exc.value) and "\n" not in str(exc.value)
     assert not remote_files(s3, "s3://out/dead")
 
@@ -345,8 +362,12 @@ def test_s3_5xx_are_retried_by_the_engine(s3, family, tmp_path, caplog):
 def test_s3_failed_upload_never_looks_like_a_model_and_resumes(s3, family, tmp_path):
     base, experts = family
     method, params, per_model = TA
-    merge(parse_recipe(recipe_text(method, base, experts, params, per_model)), tmp_path / "local", progress=False,
-          out_shard_bytes=150_000)  # fmt: skip
+    merge(
+        parse_recipe(recipe_text(method, base, experts, params, per_model)),
+        tmp_path / "local",
+        progress=False,
+        out_shard_bytes=150_000,
+    )
     recipe = parse_recipe(recipe_text(method, s3.base, s3.experts, params, per_model))
     s3.proxy.reset()
     s3.proxy.inject("PUT", r"^out/cut/model\.safetensors\.index\.json$", -1)  # the last object never lands
@@ -391,8 +412,11 @@ def test_s3_overwrite_replaces_the_model_and_removes_stale_objects(s3, family, t
     assert "upload s3://out/ow" in bar and "100%" in bar, bar[-2000:]
     assert s3.proxy.exchanges("PUT") and sum(e.received for e in s3.proxy.exchanges("PUT", "^out/ow/")) >= total
     assert "model.safetensors" in after and not any(n.startswith("model-") for n in after)
-    ops = [(e.method, e.path.removeprefix("out/ow/")) for e in s3.proxy.log
-           if e.method in ("PUT", "DELETE") and e.path.startswith("out/ow/") and "write-probe" not in e.path]  # fmt: skip
+    ops = [
+        (e.method, e.path.removeprefix("out/ow/"))
+        for e in s3.proxy.log
+        if e.method in ("PUT", "DELETE") and e.path.startswith("out/ow/") and "write-probe" not in e.path
+    ]
     # The old model stops being loadable first; the new one becomes loadable last.
     assert ops[0] == ("DELETE", "model.safetensors") or ops[0] == ("DELETE", "model.safetensors.index.json")
     assert ops[-2:] == [("PUT", "model.safetensors"), ("PUT", "model.safetensors.index.json")]
@@ -412,14 +436,23 @@ def test_s3_bin_expert_with_opt_in(s3, family, tmp_path):
     s3.fs.put_file(str(experts[0] / "config.json"), "models/binexpert/config.json")
     size = os.path.getsize(tmp_path / "pytorch_model.bin")
     params = [{"weight": 1.0}, {"weight": 0.5}]
-    text = recipe_text("task_arithmetic", s3.base, ["s3://models/binexpert", s3.experts[1]], None, params,
-                       extra="raymerge:\n  allow_pickle_bin: true")  # fmt: skip
+    text = recipe_text(
+        "task_arithmetic",
+        s3.base,
+        ["s3://models/binexpert", s3.experts[1]],
+        None,
+        params,
+        extra="raymerge:\n  allow_pickle_bin: true",
+    )
     with pytest.raises(CheckpointError, match="allow_pickle_bin"):
         build_plan(parse_recipe(text.replace("allow_pickle_bin: true", "allow_pickle_bin: false")))
     s3.proxy.reset()
     merge(parse_recipe(text), tmp_path / "from-s3", progress=False)
-    merge(parse_recipe(recipe_text("task_arithmetic", base, [experts[0], experts[1]], None, params)),
-          tmp_path / "local", progress=False)  # fmt: skip
+    merge(
+        parse_recipe(recipe_text("task_arithmetic", base, [experts[0], experts[1]], None, params)),
+        tmp_path / "local",
+        progress=False,
+    )
     assert local_digests(tmp_path / "from-s3") == local_digests(tmp_path / "local")
     gets = s3.proxy.exchanges("GET", r"binexpert/pytorch_model\.bin$")
     assert gets and all(e.range for e in gets)
@@ -476,8 +509,24 @@ def test_s3_align_and_tact_fold_publish_to_s3_like_merges(s3, family, tmp_path):
     # A made-up correction of one MLP projection of the base (folding switches Llama's mlp_bias on).
     n = 176  # the tiny family's intermediate_size
     point, stat = "model.layers.0.mlp.gate_proj", torch.ones(n, dtype=torch.float64)
-    corr = Corrections("t", (PointCorrection(point, torch.linspace(0.9, 1.1, n), torch.linspace(-0.1, 0.1, n),
-                                             stat, stat, stat, stat, point, "linear"),), 1e-6, 1)  # fmt: skip
+    corr = Corrections(
+        "t",
+        (
+            PointCorrection(
+                point,
+                torch.linspace(0.9, 1.1, n),
+                torch.linspace(-0.1, 0.1, n),
+                stat,
+                stat,
+                stat,
+                stat,
+                point,
+                "linear",
+            ),
+        ),
+        1e-6,
+        1,
+    )
     fold_corrections(base, corr, tmp_path / "f")
     s3.proxy.reset()
     assert fold_corrections(base, corr, "s3://out/folded") == "s3://out/folded"

@@ -147,8 +147,23 @@ def test_offload_is_really_used(llama):
 
 def test_cli_stats_and_clean_errors(llama, tmp_path, capfd):
     model_dir, data = llama
-    ok = subprocess.run([*RAYMERGE, "stats", str(model_dir), "--data", str(data), "--out", str(tmp_path / "s"),
-                         "--points", "*.mlp.gate_proj", "-q"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    ok = subprocess.run(
+        [
+            *RAYMERGE,
+            "stats",
+            str(model_dir),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "s"),
+            "--points",
+            "*.mlp.gate_proj",
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert ok.returncode == 0, ok.stderr
     assert "grams" in ok.stdout and (tmp_path / "s" / "grams.safetensors").exists()
     assert set(read_moments(tmp_path / "s" / "moments.safetensors")) == {

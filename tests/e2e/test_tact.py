@@ -76,10 +76,22 @@ def test_corrected_model_matches_expert_at_every_point(case, request):
     # Control: corrections computed from the *uncorrected* merged model at every point (not point
     # by point) miss the expert's statistics downstream of the first point.
     plain = _moments_with(merged, data, expert, None, names)
-    naive = Corrections("t", tuple(
-        type(p)(p.point, *(x.float() for x in correction(want[p.point], plain[p.point], corr.eps)),
-                p.expert_mean, p.expert_std, p.merged_mean, p.merged_std)
-        for p in corr.points), corr.eps, corr.tokens)  # fmt: skip
+    naive = Corrections(
+        "t",
+        tuple(
+            type(p)(
+                p.point,
+                *(x.float() for x in correction(want[p.point], plain[p.point], corr.eps)),
+                p.expert_mean,
+                p.expert_std,
+                p.merged_mean,
+                p.merged_std,
+            )
+            for p in corr.points
+        ),
+        corr.eps,
+        corr.tokens,
+    )
     off = _moments_with(merged, data, expert, naive, names)
     worst = max((off[n].std - want[n].std).abs().max().item() for n in names[1:])
     assert worst > 1e-2
@@ -87,9 +99,11 @@ def test_corrected_model_matches_expert_at_every_point(case, request):
 
 @pytest.mark.parametrize(
     ("case", "points"),
-    [("bert_case", "default"),  # post-LayerNorm outputs and intermediate.dense: all foldable
-     ("llama_case", ["*.self_attn.o_proj", "*.mlp.gate_proj"])],  # Linear outputs; biases switched on
-)  # fmt: skip
+    [
+        ("bert_case", "default"),  # post-LayerNorm outputs and intermediate.dense: all foldable
+        ("llama_case", ["*.self_attn.o_proj", "*.mlp.gate_proj"]),
+    ],  # Linear outputs; biases switched on
+)
 def test_folded_model_equals_hooked_model(case, points, request, tmp_path):
     kind, expert, merged, data = request.getfixturevalue(case)
     corr = compute_corrections(expert, merged, data, points, task="t", require_foldable=True)
@@ -128,8 +142,24 @@ def test_corrections_file_and_cli(bert_case, tmp_path, capsys):
     from raymerge.cli import main
 
     _, expert, merged, data = bert_case
-    args = ["tact", "compute", "--expert", str(expert), "--merged", str(merged), "--data", data.files[0],
-            "--task", "qa", "--out", str(tmp_path), "--batch-size", "6", "--fold", "-q"]  # fmt: skip
+    args = [
+        "tact",
+        "compute",
+        "--expert",
+        str(expert),
+        "--merged",
+        str(merged),
+        "--data",
+        data.files[0],
+        "--task",
+        "qa",
+        "--out",
+        str(tmp_path),
+        "--batch-size",
+        "6",
+        "--fold",
+        "-q",
+    ]
     assert main(args) == 0
     path = tmp_path / "corrections" / "qa.safetensors"
     corr = Corrections.load(path)
@@ -147,8 +177,22 @@ def test_corrections_file_and_cli(bert_case, tmp_path, capsys):
         main(["tact", "fold", "--merged", str(merged), "--corrections", str(path), "--out", str(tmp_path / "qa")]) == 2
     )
     assert "exists" in capsys.readouterr().err
-    assert main(["tact", "fold", "--merged", str(merged), "--corrections", str(path), "--out", str(tmp_path / "qa"),
-                 "--overwrite"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "tact",
+                "fold",
+                "--merged",
+                str(merged),
+                "--corrections",
+                str(path),
+                "--out",
+                str(tmp_path / "qa"),
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
 
 
 def test_point_affine_is_per_channel():
@@ -167,8 +211,17 @@ def _norm_correction(point: str, channels: int) -> Corrections:
     """A made-up correction of one LayerNorm's output (foldable into γ and β, no statistics needed)."""
     g = torch.Generator().manual_seed(3)
     stat = torch.ones(channels, dtype=torch.float64)
-    p = PointCorrection(point, 1 + 0.1 * torch.rand(channels, generator=g), 0.1 * torch.randn(channels, generator=g),
-                        0 * stat, stat, 0 * stat, stat, point, "norm")  # fmt: skip
+    p = PointCorrection(
+        point,
+        1 + 0.1 * torch.rand(channels, generator=g),
+        0.1 * torch.randn(channels, generator=g),
+        0 * stat,
+        stat,
+        0 * stat,
+        stat,
+        point,
+        "norm",
+    )
     return Corrections("t", (p,), 1e-6, 1)
 
 

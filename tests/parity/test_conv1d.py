@@ -88,14 +88,18 @@ def test_regmean_on_gpt2_matches_fusion_bench_on_the_same_grams(gpt2_family, tmp
         grams.append(load_file(str(tmp_path / f"stats{i}" / "grams.safetensors")))
     assert {f"transformer.h.{b}.{s[: -len('.weight')]}" for b in (0, 1) for s in CONV1D} <= set(grams[0])
     per_model = [{"grams": str(tmp_path / f"stats{i}" / "grams.safetensors")} for i in range(3)]
-    merge(parse_recipe(recipe_text("regmean", None, experts, {"alpha": 0.95}, per_model)), tmp_path / "out",
-          progress=False)  # fmt: skip
+    merge(
+        parse_recipe(recipe_text("regmean", None, experts, {"alpha": 0.95}, per_model)),
+        tmp_path / "out",
+        progress=False,
+    )
     ours = load_dir(tmp_path / "out")
     sds = [load_dir(e) for e in experts]
     conv = [n for n in ours if _is_conv1d(n)]
     params = {n: [sd[n].double() for sd in sds] for n in conv}
-    ref = merging_with_regmean_weights(params, [{k: v.double() for k, v in g.items()} for g in grams], 0.95,
-                                       weight_transpose=False)  # fmt: skip
+    ref = merging_with_regmean_weights(
+        params, [{k: v.double() for k, v in g.items()} for g in grams], 0.95, weight_transpose=False
+    )
     for n in conv:
         err = ((ours[n].double() - ref[n]).norm() / ref[n].norm()).item()
         assert err <= 1e-5, (n, err)

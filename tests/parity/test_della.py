@@ -93,14 +93,21 @@ def test_zero_epsilon_is_dare_ties():
     base, experts = _problem(seed=4)
     pm = [{"weight": 1.0, "density": 0.6, "epsilon": 0.0}] * 3
     shared = {**DELLA, "normalize": False}
-    assert torch.equal(_merged("della", base, experts, pm, 9, shared=shared),
-                       _merged("dare_ties", base, experts, pm, 9, shared=shared))  # fmt: skip
+    assert torch.equal(
+        _merged("della", base, experts, pm, 9, shared=shared), _merged("dare_ties", base, experts, pm, 9, shared=shared)
+    )
 
 
 def test_density_one_keeps_everything_and_zero_drops_everything():
     base, experts = _problem(seed=5)
-    keep = _merged("della_linear", base, experts, [{"weight": 1.0, "density": 1.0, "epsilon": 0.15}] * 3, 10,
-                   shared={**DELLA, "normalize": False})  # fmt: skip
+    keep = _merged(
+        "della_linear",
+        base,
+        experts,
+        [{"weight": 1.0, "density": 1.0, "epsilon": 0.15}] * 3,
+        10,
+        shared={**DELLA, "normalize": False},
+    )
     want = base + sum(e - base for e in experts)
     assert torch.allclose(keep, want, atol=1e-6)
     drop = _merged("della_linear", base, experts, [{"weight": 1.0, "density": 0.0, "epsilon": 0.15}] * 3, 10)
@@ -109,14 +116,17 @@ def test_density_one_keeps_everything_and_zero_drops_everything():
 
 def test_density_plus_epsilon_outside_the_unit_interval_is_refused_while_planning(family, tmp_path):
     base, experts = family
-    bad = parse_recipe(recipe_text("della", base, experts, None, [{"weight": 1.0, "density": 0.1, "epsilon": 0.15}] * 3))
+    bad = parse_recipe(
+        recipe_text("della", base, experts, None, [{"weight": 1.0, "density": 0.1, "epsilon": 0.15}] * 3)
+    )
     with pytest.raises(RecipeError, match=r"density ± epsilon must lie inside \(0, 1\)"):
         build_plan(bad)
     r = tmp_path / "r.yaml"
     r.write_text(recipe_text("della", base, experts, None, [{"weight": 1.0, "density": 0.9, "epsilon": 0.15}] * 3))
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "raymerge.cli", "run", str(r), str(out), "-q"],
-                          capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "raymerge.cli", "run", str(r), str(out), "-q"], capture_output=True, text=True
+    )
     assert proc.returncode != 0 and "epsilon" in proc.stderr and "della" in proc.stderr
     assert not out.exists()
 

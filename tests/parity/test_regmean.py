@@ -117,8 +117,11 @@ def test_regmean_from_collected_grams_matches_fusion_bench(tmp_path):
         batches.append([{"input_ids": ids[lo : lo + 4]} for lo in range(0, 12, 4)])
         collect_stats(e, DataSpec((str(tmp_path / f"task{i}.pt"),), batch_size=4), tmp_path / f"stats{i}")
     per_model = [{"grams": str(tmp_path / f"stats{i}" / "grams.safetensors")} for i in range(3)]
-    merge(parse_recipe(recipe_text("regmean", None, experts, {"alpha": 0.95}, per_model)), tmp_path / "out",
-          progress=False)  # fmt: skip
+    merge(
+        parse_recipe(recipe_text("regmean", None, experts, {"alpha": 0.95}, per_model)),
+        tmp_path / "out",
+        progress=False,
+    )
     ours = load_dir(tmp_path / "out")
 
     class Trainer:  # the three members regmean_merging uses

@@ -170,8 +170,13 @@ def test_gram_path_falls_back_to_the_svd_on_rank_deficient_inputs(method, monkey
     g = torch.Generator().manual_seed(4)
     rows, cols, n = 48, 40, 3
     base = 0.02 * torch.randn(rows, cols, generator=g, dtype=torch.float64)
-    experts = [base + torch.randn(rows, 2, generator=g, dtype=torch.float64)
-               @ torch.randn(2, cols, generator=g, dtype=torch.float64) * 1e-2 for _ in range(n)]  # fmt: skip
+    experts = [
+        base
+        + torch.randn(rows, 2, generator=g, dtype=torch.float64)
+        @ torch.randn(2, cols, generator=g, dtype=torch.float64)
+        * 1e-2
+        for _ in range(n)
+    ]
     exact = METHODS[method].fn(base, experts, _args(method, n, svd="exact"))
     calls = _count_svds(monkeypatch)
     fast = METHODS[method].fn(base, experts, _args(method, n))
@@ -225,11 +230,14 @@ def test_streams_one_expert_at_a_time(method, passes):
     assert METHODS[method].streams_experts
 
 
-@pytest.mark.parametrize(("method", "params"), [
-    ("tsv_m", {}),
-    ("iso_c", {"alpha": 1.5}),  # also checks that norms and embeddings get base + alpha·mean τ
-    ("iso_cts", {"common_space_fraction": 0.8}),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [
+        ("tsv_m", {}),
+        ("iso_c", {"alpha": 1.5}),  # also checks that norms and embeddings get base + alpha·mean τ
+        ("iso_cts", {"common_space_fraction": 0.8}),
+    ],
+)
 def test_engine_end_to_end_matches_fusion_bench(family, tmp_path, method, params):
     from fusion_bench.utils.state_dict_arithmetic import state_dict_add, state_dict_mul, state_dict_sub
 

@@ -148,8 +148,9 @@ def test_rescale_restores_the_l1_norm_with_factor_about_one_over_density(rows):
         assert torch.allclose(kept[mask], delta[mask] * factor, atol=1e-6)
         assert abs(float(factor) - 1 / density) < 0.05 / density
         # without rescale the kept entries are the task vector's own
-        plain = _merged("dare_linear", base, experts, [{"weight": 1.0, "density": density}], rows,
-                        shared={**GTA, "rescale": False})  # fmt: skip
+        plain = _merged(
+            "dare_linear", base, experts, [{"weight": 1.0, "density": density}], rows, shared={**GTA, "rescale": False}
+        )
         assert torch.equal((plain - base) != 0, mask)
 
 

@@ -57,9 +57,10 @@ def test_peak_rss_is_this_process_not_an_inherited_parent_peak():
         "import resource; print(peak_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
     )
     ballast = bytearray(600 << 20)
-    ballast[:: 4096] = b"\1" * len(ballast[:: 4096])  # touch every page: the parent's peak is now > 600 MiB
-    ours, inherited = map(int, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                              check=True).stdout.split())  # fmt: skip
+    ballast[::4096] = b"\1" * len(ballast[::4096])  # touch every page: the parent's peak is now > 600 MiB
+    ours, inherited = map(
+        int, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    )
     del ballast
     if sys.platform.startswith("linux"):
         assert inherited > 600 << 20  # the kernel behaviour this guards against
@@ -78,8 +79,12 @@ def test_local_executor_gives_the_caller_its_torch_thread_count_back(family, tmp
     prev = torch.get_num_threads()
     try:
         torch.set_num_threads(1)  # differs from the pool's cpu_count // workers on any multi-core box
-        merge(parse_recipe(recipe_text("task_arithmetic", base, experts, {"weight": 0.5})), tmp_path / "o",
-              progress=False, workers=1)  # fmt: skip
+        merge(
+            parse_recipe(recipe_text("task_arithmetic", base, experts, {"weight": 0.5})),
+            tmp_path / "o",
+            progress=False,
+            workers=1,
+        )
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(prev)

@@ -51,12 +51,18 @@ def _reference(method, models, name, blocks):
 @pytest.mark.parametrize("split", [False, True])
 def test_actmat_split_fused(packed, tmp_path, split):
     dirs, models = packed
-    text = recipe_text("actmat", dirs["base"], [dirs[f"e{i}"] for i in range(3)],
-                       extra=f"raymerge: {{split_fused: {str(split).lower()}}}")  # fmt: skip
+    text = recipe_text(
+        "actmat",
+        dirs["base"],
+        [dirs[f"e{i}"] for i in range(3)],
+        extra=f"raymerge: {{split_fused: {str(split).lower()}}}",
+    )
     merge(parse_recipe(text), tmp_path / "out", progress=False)
     out = load_dir(tmp_path / "out")
-    for name, blocks in [("model.layers.0.self_attn.qkv_proj.weight", [32, 16, 16]),
-                         ("model.layers.0.mlp.gate_up_proj.weight", [48, 48])]:  # fmt: skip
+    for name, blocks in [
+        ("model.layers.0.self_attn.qkv_proj.weight", [32, 16, 16]),
+        ("model.layers.0.mlp.gate_up_proj.weight", [48, 48]),
+    ]:
         ref = _reference("actmat", models, name, blocks if split else [sum(blocks)])
         other = _reference("actmat", models, name, [sum(blocks)] if split else blocks)
         err = ((out[name].double() - ref).norm() / ref.norm()).item()
@@ -75,7 +81,13 @@ def test_split_fused_refuses_inconsistent_config(packed, tmp_path):
     for f in dirs["base"].iterdir():
         (bad / f.name).write_bytes(f.read_bytes())
     (bad / "config.json").write_text(json.dumps({**CONFIG, "num_key_value_heads": 4}))
-    text = recipe_text("ties", bad, [dirs["e0"], dirs["e1"]], None, [{"weight": 1, "density": 0.5}] * 2,
-                       extra="raymerge: {split_fused: true}")  # fmt: skip
+    text = recipe_text(
+        "ties",
+        bad,
+        [dirs["e0"], dirs["e1"]],
+        None,
+        [{"weight": 1, "density": 0.5}] * 2,
+        extra="raymerge: {split_fused: true}",
+    )
     with pytest.raises(PlanError, match="qkv_proj"):
         merge(parse_recipe(text), tmp_path / "out", progress=False)

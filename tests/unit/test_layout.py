@@ -26,13 +26,18 @@ def _imports(path: Path) -> set[str]:
 
 def test_engine_never_imports_cluster_or_ray():
     offenders = {
-        str(p.relative_to(ROOT)): sorted(m for m in _imports(p) if m.split(".")[0] == "ray" or
-                                         m.startswith("raymerge.cluster") or m.startswith("raymerge.cli"))
+        str(p.relative_to(ROOT)): sorted(
+            m
+            for m in _imports(p)
+            if m.split(".")[0] == "ray" or m.startswith("raymerge.cluster") or m.startswith("raymerge.cli")
+        )
         for p in (ROOT / "engine").rglob("*.py")
-    }  # fmt: skip
+    }
     assert not {k: v for k, v in offenders.items() if v}
 
 
 def test_no_source_module_over_600_lines():
-    sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for d in SOURCE_DIRS for p in (ROOT / d).rglob("*.py")}
+    sizes = {
+        str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for d in SOURCE_DIRS for p in (ROOT / d).rglob("*.py")
+    }
     assert sizes and not {k: n for k, n in sizes.items() if n > MAX_LINES}

@@ -179,8 +179,11 @@ def test_density_edges_and_negative_weights_merge(family, tmp_path):
     xs = [load_dir(e) for e in experts]
 
     # density 0: every task vector trimmed away, the merge is the base itself
-    merge(parse_recipe(recipe_text("ties", base, experts, {"density": 0.0}, [{"weight": 1}] * 3)),
-          tmp_path / "d0", progress=False)  # fmt: skip
+    merge(
+        parse_recipe(recipe_text("ties", base, experts, {"density": 0.0}, [{"weight": 1}] * 3)),
+        tmp_path / "d0",
+        progress=False,
+    )
     out = load_dir(tmp_path / "d0")
     assert all(torch.equal(out[k], b[k]) for k in b)
 
@@ -200,8 +203,11 @@ def test_density_edges_and_negative_weights_merge(family, tmp_path):
 
     # task arithmetic with negative weights and a negative lambda
     pm = [{"weight": -1.0}, {"weight": 0.5}, {"weight": -0.25}]
-    merge(parse_recipe(recipe_text("task_arithmetic", base, experts, {"lambda": -0.5}, pm)), tmp_path / "ta",
-          progress=False)  # fmt: skip
+    merge(
+        parse_recipe(recipe_text("task_arithmetic", base, experts, {"lambda": -0.5}, pm)),
+        tmp_path / "ta",
+        progress=False,
+    )
     out = load_dir(tmp_path / "ta")
     ref = b[k].double() - 0.5 * sum(p["weight"] * (x[k].double() - b[k].double()) for p, x in zip(pm, xs, strict=True))
     assert (out[k].double() - ref).abs().max() < 1e-5

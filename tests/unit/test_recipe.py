@@ -63,7 +63,10 @@ def test_yaml_tags_that_build_python_objects_are_refused(tmp_path):
     "text,key",
     [
         ("merge_method: ties\nmerge_method: linear\nbase_model: b\nmodels: [{model: e}]\n", "merge_method"),
-        ("merge_method: ties\nbase_model: b\nmodels:\n  - model: e\n    parameters: {weight: 1, weight: 2}\n", "weight"),
+        (
+            "merge_method: ties\nbase_model: b\nmodels:\n  - model: e\n    parameters: {weight: 1, weight: 2}\n",
+            "weight",
+        ),
         ("merge_method: ties\nbase_model: b\nmodels: [{model: e, model: f}]\n", "model"),
     ],
 )

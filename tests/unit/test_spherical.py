@@ -45,7 +45,9 @@ def test_multislerp_balanced_antipodes():
     assert exc.value.tensor == "w"
 
 
-@pytest.mark.parametrize("shared", [{}, {"nuslerp_flatten": False}, {"nuslerp_flatten": False, "nuslerp_row_wise": True}])
+@pytest.mark.parametrize(
+    "shared", [{}, {"nuslerp_flatten": False}, {"nuslerp_flatten": False, "nuslerp_row_wise": True}]
+)
 def test_nuslerp_colinear_inputs_interpolate_linearly_and_chunking_does_not_matter(shared):
     x = torch.randn(6, 10)
     out = _run("nuslerp", None, [x, 2 * x], [{"weight": 1.0}, {"weight": 3.0}], shared, chunk_rows=4)
@@ -53,8 +55,9 @@ def test_nuslerp_colinear_inputs_interpolate_linearly_and_chunking_does_not_matt
     y = torch.randn(6, 10)
     whole = _run("nuslerp", None, [x, y], [{"weight": 1.0}, {"weight": 1.0}], shared)
     for rows in (1, 4):
-        assert torch.allclose(_run("nuslerp", None, [x, y], [{"weight": 1.0}, {"weight": 1.0}], shared, rows),
-                              whole, atol=1e-6)  # fmt: skip
+        assert torch.allclose(
+            _run("nuslerp", None, [x, y], [{"weight": 1.0}, {"weight": 1.0}], shared, rows), whole, atol=1e-6
+        )
     # halfway between two orthogonal unit vectors: the slerp midpoint, not the chord's
     e0, e1 = torch.eye(2)[0].reshape(1, 2), torch.eye(2)[1].reshape(1, 2)
     mid = _run("nuslerp", None, [e0, e1], [{"weight": 1.0}, {"weight": 1.0}])

@@ -22,8 +22,9 @@ def _digest(path) -> dict[str, str]:
 
 def _ties(family, **extra):
     base, experts = family
-    return parse_recipe(recipe_text("ties", base, experts, {"density": 0.4}, [{"weight": 1.0}] * 3,
-                                    extra="out_dtype: bfloat16"))  # fmt: skip
+    return parse_recipe(
+        recipe_text("ties", base, experts, {"density": 0.4}, [{"weight": 1.0}] * 3, extra="out_dtype: bfloat16")
+    )
 
 
 def test_interrupted_run_resumes_bit_identical(family, tmp_path, monkeypatch):
@@ -95,8 +96,9 @@ def test_tokenizer_files_are_copied_from_base(family, tmp_path):
     for f in base.iterdir():
         (src / f.name).symlink_to(f)
     (src / "tokenizer.json").write_text('{"version": "1.0"}')
-    recipe = parse_recipe(recipe_text("task_arithmetic", src, experts, None, [{"weight": 0.3}] * 3,
-                                      extra="tokenizer_source: base"))  # fmt: skip
+    recipe = parse_recipe(
+        recipe_text("task_arithmetic", src, experts, None, [{"weight": 0.3}] * 3, extra="tokenizer_source: base")
+    )
     merge(recipe, tmp_path / "out", progress=False)
     assert (tmp_path / "out" / "tokenizer.json").read_text() == '{"version": "1.0"}'
 
@@ -105,8 +107,9 @@ def test_transformers_loads_output_and_logits_match(family, tmp_path):
     transformers = pytest.importorskip("transformers")
     base, experts = family
     weights = [0.5, 0.3, 0.2]
-    recipe = parse_recipe(recipe_text("task_arithmetic", base, experts, {"lambda": 0.9},
-                                      [{"weight": w} for w in weights]))  # fmt: skip
+    recipe = parse_recipe(
+        recipe_text("task_arithmetic", base, experts, {"lambda": 0.9}, [{"weight": w} for w in weights])
+    )
     out = tmp_path / "out"
     merge(recipe, out, progress=False, out_shard_bytes=120_000)
     model = transformers.AutoModelForCausalLM.from_pretrained(str(out), torch_dtype=torch.float32).eval()
@@ -163,8 +166,9 @@ def small_fs(tmp_path):
 
 def test_output_larger_than_the_disk_fails_before_compute(family, small_fs):
     base, experts = family
-    recipe = parse_recipe(recipe_text("task_arithmetic", base, experts, None, [{"weight": 1.0}] * 3,
-                                      extra="out_dtype: float64"))  # fmt: skip
+    recipe = parse_recipe(
+        recipe_text("task_arithmetic", base, experts, None, [{"weight": 1.0}] * 3, extra="out_dtype: float64")
+    )
     big = small_fs / "big"
     with pytest.raises(OutputError, match="not enough disk space"):
         merge(recipe, big, progress=False)  # ~1.3 MB of float64 on a 1 MiB disk
@@ -211,8 +215,11 @@ def test_tasks_round_trip_through_json(family, tmp_path):
     for i in range(3):  # include auxiliary inputs (RegMean's Grams) in the round trip
         from safetensors.torch import save_file
 
-        mats = {k.removesuffix(".weight"): torch.eye(v.shape[1]) for k, v in load_dir(base).items()
-                if v.dim() == 2 and "embed" not in k and "lm_head" not in k}  # fmt: skip
+        mats = {
+            k.removesuffix(".weight"): torch.eye(v.shape[1])
+            for k, v in load_dir(base).items()
+            if v.dim() == 2 and "embed" not in k and "lm_head" not in k
+        }
         save_file(mats, str(tmp_path / f"g{i}.safetensors"))
         files.append({"grams": str(tmp_path / f"g{i}.safetensors")})
     for recipe in (_ties(family), parse_recipe(recipe_text("regmean", None, experts, None, files))):
@@ -229,10 +236,14 @@ def test_output_that_is_or_contains_an_input_is_refused_even_with_overwrite(fami
     root = tmp_path / "models"
     shutil.copytree(base.parent, root)
     before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
-    recipe = parse_recipe(recipe_text("task_arithmetic", root / base.name, [root / e.name for e in experts],
-                                      None, [{"weight": 1.0}] * 3))  # fmt: skip
-    for out, what in ((root / experts[1].name, "is the input"), (root, "contains the input"),
-                      (root / ".." / root.name / base.name, "is the input")):  # fmt: skip
+    recipe = parse_recipe(
+        recipe_text("task_arithmetic", root / base.name, [root / e.name for e in experts], None, [{"weight": 1.0}] * 3)
+    )
+    for out, what in (
+        (root / experts[1].name, "is the input"),
+        (root, "contains the input"),
+        (root / ".." / root.name / base.name, "is the input"),
+    ):
         with pytest.raises(OutputError, match=what):
             merge(recipe, out, overwrite=True, progress=False)
     assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
