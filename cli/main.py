@@ -37,10 +37,11 @@ def _load(args: argparse.Namespace) -> Recipe:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from raymerge.engine.executor import default_memory_budget
+    from raymerge.engine.executor import default_memory_budget, placement_for
 
     recipe = _load(args)
-    plan = build_plan(recipe, out_shard_bytes=args.out_shard_size)
+    where = placement_for(args.device or recipe.raymerge.device, args.device_memory)
+    plan = build_plan(recipe, out_shard_bytes=args.out_shard_size, placement=where)
     budget = args.memory_budget or default_memory_budget()
     summary = plan.summary()
     summary["memory_budget"] = budget
@@ -52,23 +53,28 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 "read_bytes": t.read_bytes,
                 "write_bytes": t.write_bytes,
                 "est_host_bytes": t.est_host_bytes,
+                "est_device_bytes": t.est_device_bytes,
                 "flops": t.flops,
             }
             for t in plan.tasks
         ]
         print(json.dumps(summary, indent=1))
     else:
+        dev_budget = f"{fmt_bytes(where.device_memory)} per device" if where.device_memory else "not known"
         print(f"method      {summary['method']}  ({len(plan.models)} models)")
         print(f"tensors     {summary['tensors']}  in {summary['tasks']} tasks  {summary['tasks_by_class']}")
         print(f"read        {fmt_bytes(summary['read_bytes'])}")
         print(f"write       {fmt_bytes(summary['write_bytes'])}  in {len(plan.shards)} shard(s)")
+        print(f"device      {plan.device}" + (f"  ({dev_budget})" if plan.device != "cpu" else ""))
         print(f"peak task   {fmt_bytes(summary['peak_task_host_bytes'])} host  (budget {fmt_bytes(budget)})")
+        if plan.device != "cpu":
+            print(f"            {fmt_bytes(summary['peak_task_device_bytes'])} device  ({dev_budget})")
         print(f"flops       {summary['flops']:.3g}")
-        biggest = sorted(plan.tasks, key=lambda t: -t.est_host_bytes)[:5]
-        print("largest tasks:")
+        biggest = sorted(plan.tasks, key=lambda t: (-t.est_host_bytes - t.est_device_bytes, t.id))[:5]
+        print(f"largest tasks:{'host':>59} {'device':>12}")
         for t in biggest:
-            print(f"  {t.id:<60} {fmt_bytes(t.est_host_bytes):>12}")
-    check_budget(plan, budget)
+            print(f"  {t.id:<60} {fmt_bytes(t.est_host_bytes):>12} {fmt_bytes(t.est_device_bytes):>12}")
+    check_budget(plan, budget, where.device_memory)
     return 0
 
 
@@ -91,6 +97,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         recipe,
         args.out,
         executor=executor_for(args),
+        device_memory=args.device_memory,
         memory_budget=args.memory_budget,
         out_shard_bytes=args.out_shard_size,
         overwrite=args.overwrite,

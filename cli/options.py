@@ -78,6 +78,23 @@ PLAN_OPTIONS = (
         ),
     ),
     Option(
+        "--device",
+        dict(
+            choices=["auto", "cpu", "cuda"],
+            default=None,
+            help="compute device (default: the recipe's raymerge.device, auto); `plan --device cuda` plans for "
+            "a machine with an accelerator, whether or not this one has it",
+        ),
+    ),
+    Option(
+        "--device-memory",
+        dict(
+            type=parse_size,
+            default=None,
+            help="memory of one accelerator (default: the first CUDA device's); tasks must fit it",
+        ),
+    ),
+    Option(
         "--allow-pickle",
         dict(
             action="store_true",
@@ -89,7 +106,6 @@ PLAN_OPTIONS = (
 RUN_OPTIONS = (
     *PLAN_OPTIONS,
     Option("--workers", dict(type=int, default=None, help="concurrent tasks per node (default: min(4, cores))")),
-    Option("--device", dict(choices=["auto", "cpu", "cuda"], default=None, help="compute device")),
     Option("--overwrite", dict(action="store_true", help="replace an existing output directory")),
 )
 

@@ -68,7 +68,14 @@ class RayExecutor:
         self.address = address
 
     def run(
-        self, tasks: Sequence[TensorTask], staging_dir: str, *, budget: int, device: str, on_done: OnDone
+        self,
+        tasks: Sequence[TensorTask],
+        staging_dir: str,
+        *,
+        budget: int,
+        device: str,
+        on_done: OnDone,
+        device_budget: int | None = None,
     ) -> ExecutionReport:
         """Run ``tasks``; ``on_done(task, receipt)`` is called in this thread per finished task."""
         if not tasks:
@@ -100,6 +107,7 @@ class RayExecutor:
                 run_id=uuid.uuid4().hex,
                 on_done=on_done,
                 progress=progress,
+                device_budget=device_budget,
                 originals=originals,
             )
             try:

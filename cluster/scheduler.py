@@ -84,8 +84,10 @@ class UnitScheduler:
         on_done: Callable[[TensorTask, Receipt], None],
         progress: ClusterProgress,
         originals: dict[str, TensorTask],
+        device_budget: int | None = None,
     ) -> None:
         self.nodes = {n.node_id: n for n in nodes}
+        self.device_budget = device_budget
         for n in nodes:
             n.memory = Admission(budget)
         self.budget = budget
@@ -157,6 +159,16 @@ class UnitScheduler:
                 pool = [n for n in alive if n.gpus] if unit.accelerator and self.use_gpus else alive
                 if not pool:
                     raise RaymergeError("every Ray node with a GPU has died", hint="run again to resume")
+                # An actor computes one unit at a time (its compute lock), so per actor the device
+                # admission rule is: each unit alone fits the device.
+                budget = self.device_budget if unit.accelerator and self.use_gpus else None
+                if budget is not None and unit.est_device_bytes > budget:
+                    raise RaymergeError(
+                        f"unit needs {unit.est_device_bytes / 2**30:.1f} GiB of device memory, "
+                        f"one GPU has {budget / 2**30:.1f} GiB",
+                        tensor=unit.tasks[0].tensor,
+                        hint="use GPUs with more memory, or --device cpu",
+                    )
                 if not any(n.sees(unit.input_files) for n in pool):
                     unseen = sorted(f for f in unit.input_files if all(f in n.missing_files for n in pool))
                     raise RaymergeError(

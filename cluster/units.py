@@ -22,14 +22,15 @@ from raymerge.engine.storage import is_local, local_path
 class WorkUnit:
     """Tasks run back to back by one worker; sizes in bytes.
 
-    ``est_host_bytes`` is the declared peak host memory (the largest task's, since tasks run one
-    at a time); ``input_files`` are the local input shard paths, which a node must see to run it.
+    ``est_host_bytes`` / ``est_device_bytes`` are the declared peak host and device memory (the
+    largest task's, since tasks run one at a time); ``input_files`` are the local input shard paths, which a node must see to run it.
     """
 
     id: str
     tasks: tuple[TensorTask, ...]
     accelerator: bool
     est_host_bytes: int
+    est_device_bytes: int
     read_bytes: int
     write_bytes: int
     input_files: frozenset[str]
@@ -42,6 +43,7 @@ class WorkUnit:
             tasks=tuple(tasks),
             accelerator=accelerator,
             est_host_bytes=max(t.est_host_bytes for t in tasks),
+            est_device_bytes=max(t.est_device_bytes for t in tasks),
             read_bytes=sum(t.read_bytes for t in tasks),
             write_bytes=sum(t.write_bytes for t in tasks),
             input_files=frozenset(local_path(r.url) for t in tasks for r in t.inputs if is_local(r.url)),

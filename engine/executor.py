@@ -19,7 +19,7 @@ import psutil
 import torch
 
 from raymerge.engine.methods import get_method
-from raymerge.engine.plan import TensorTask
+from raymerge.engine.plan import Placement, TensorTask
 
 if TYPE_CHECKING:  # task.py imports the device rule from here
     from raymerge.engine.task import Receipt
@@ -41,14 +41,22 @@ class Executor(Protocol):
     ``run`` calls ``on_done(task, receipt)`` in the caller's thread once per finished task; the
     first task error is re-raised after the tasks already running have finished (their receipts
     still arrive), so the journal stays consistent for a resume. ``budget`` bounds the declared
-    peak host bytes of running tasks per node; ``device`` is ``auto``, ``cpu`` or ``cuda``.
+    peak host bytes of running tasks per node, ``device_budget`` (when known) their declared
+    device bytes per accelerator; ``device`` is ``auto``, ``cpu`` or ``cuda``.
     """
 
     name: str
     workers: int
 
     def run(
-        self, tasks: Sequence[TensorTask], staging_dir: str, *, budget: int, device: str, on_done: OnDone
+        self,
+        tasks: Sequence[TensorTask],
+        staging_dir: str,
+        *,
+        budget: int,
+        device: str,
+        on_done: OnDone,
+        device_budget: int | None = None,
     ) -> ExecutionReport: ...
 
 
@@ -65,7 +73,7 @@ class Admission:
     in_use: int = 0
 
     def fits(self, nbytes: int) -> bool:
-        return self.in_use == 0 or self.in_use + nbytes <= self.budget
+        return self.in_use == 0 or nbytes == 0 or self.in_use + nbytes <= self.budget
 
     def take(self, nbytes: int) -> None:
         self.in_use += nbytes
@@ -75,15 +83,24 @@ class Admission:
 
 
 def wants_accelerator(task: TensorTask, device: str) -> bool:
-    """The one device rule: whether ``task`` computes on an accelerator under the run's ``device``.
-
-    ``cpu`` keeps everything on CPU; ``cuda`` sends every merge there; ``auto`` sends only methods
-    that declare ``prefers_accelerator`` (dense linear algebra), since elementwise work is bound
-    by reading and gains nothing from a copy to the device. Copies never go to an accelerator.
-    """
+    """The one device rule (``MethodSpec.runs_on_accelerator``): whether ``task`` computes on an
+    accelerator under the run's ``device``. Copies never do."""
     if task.action != "merge" or device == "cpu":
         return False
-    return device == "cuda" or get_method(task.method).prefers_accelerator
+    return get_method(task.method).runs_on_accelerator(device)
+
+
+def placement_for(device: str, device_memory: int | None = None) -> Placement:
+    """Where a run on this machine computes, for planning: ``auto`` is ``cpu`` without CUDA here
+    (unless ``device_memory`` says the plan is for a machine with an accelerator); the device
+    memory defaults to the first CUDA device's."""
+    if device == "cpu":
+        return Placement("cpu")
+    if device_memory is None and torch.cuda.is_available():
+        device_memory = int(torch.cuda.get_device_properties(0).total_memory)
+    if device == "auto" and device_memory is None:
+        return Placement("cpu")
+    return Placement(device, device_memory)
 
 
 def task_device(task: TensorTask, device: str) -> torch.device:
@@ -130,6 +147,7 @@ __all__ = [
     "default_memory_budget",
     "default_workers",
     "peak_rss_bytes",
+    "placement_for",
     "task_device",
     "wants_accelerator",
 ]

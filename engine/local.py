@@ -1,8 +1,9 @@
 """``LocalExecutor``: a thread pool in this process that admits tasks by declared memory, not by count.
 
 Torch kernels and mmap page faults release the GIL, so threads overlap I/O and compute. A task is
-admitted by the executors' one rule (``executor.Admission``): while the declared peak bytes of
-running tasks plus its own stay under the budget.
+admitted by the executors' one rule (``executor.Admission``), applied twice: while the declared
+peak host bytes of running tasks plus its own stay under the memory budget, and their declared
+device bytes under the accelerator's memory.
 """
 
 from __future__ import annotations
@@ -30,12 +31,22 @@ class LocalExecutor:
         self.workers = workers or default_workers()
 
     def run(
-        self, tasks: Sequence[TensorTask], staging_dir: str, *, budget: int, device: str, on_done: OnDone
+        self,
+        tasks: Sequence[TensorTask],
+        staging_dir: str,
+        *,
+        budget: int,
+        device: str,
+        on_done: OnDone,
+        device_budget: int | None = None,
     ) -> ExecutionReport:
-        """Run ``tasks`` on the pool under ``budget``; the first failure cancels what has not started."""
+        """Run ``tasks`` on the pool under ``budget`` (host) and ``device_budget`` (this process's
+        one accelerator); the first failure cancels what has not started."""
         read0 = READ_STATS.bytes_read
         workers = self.workers
         gate = Admission(budget)
+        # Without a known device budget every task fits it (a budget as large as any task's figure).
+        device_gate = Admission(device_budget if device_budget is not None else 1 << 62)
         lock = threading.Lock()
         # Split the cores between workers so concurrent tasks do not oversubscribe the CPU. The thread
         # count is per thread in torch, so it is set in each pool thread (and it fixes reduction
@@ -49,6 +60,7 @@ class LocalExecutor:
             finally:
                 with lock:
                     gate.give(task.est_host_bytes)
+                    device_gate.give(task.est_device_bytes)
 
         # Some torch builds apply set_num_threads process-wide: give a library caller its count back.
         prev_threads = torch.get_num_threads()
@@ -77,12 +89,17 @@ class LocalExecutor:
 
             for task in tasks:
                 # Wait for a free worker and for memory without holding a pool slot.
-                while not errors and (len(running) >= workers or not gate.fits(task.est_host_bytes)):
+                while not errors and (
+                    len(running) >= workers
+                    or not gate.fits(task.est_host_bytes)
+                    or not device_gate.fits(task.est_device_bytes)
+                ):
                     drain()
                 if errors:
                     break
                 with lock:
                     gate.take(task.est_host_bytes)
+                    device_gate.take(task.est_device_bytes)
                 running.add(pool.submit(job, task))
             while running:
                 drain()

@@ -13,7 +13,7 @@ from typing import Any
 from tqdm import tqdm
 
 from raymerge.engine import __version__
-from raymerge.engine.executor import Executor, default_memory_budget, peak_rss_bytes
+from raymerge.engine.executor import Executor, default_memory_budget, peak_rss_bytes, placement_for
 from raymerge.engine.local import LocalExecutor
 from raymerge.engine.plan import DEFAULT_SHARD_BYTES, MergePlan, TensorTask, build_plan, check_budget
 from raymerge.engine.recipe import Recipe
@@ -90,6 +90,7 @@ def merge(
     overwrite: bool = False,
     progress: bool = True,
     device: str | None = None,
+    device_memory: int | None = None,
 ) -> RunFigures:
     """Merge ``recipe`` into the model directory ``out``; resumes a staged run of the same plan.
 
@@ -100,7 +101,8 @@ def merge(
     ``workers`` threads in this process; ``raymerge.cluster.RayExecutor`` runs them on a Ray
     cluster. Every executor runs the same ``run_task`` on the same plan, so outputs are
     bit-identical. ``memory_budget`` (bytes, per node) bounds the declared peak host memory of
-    running tasks; default: half the available RAM.
+    running tasks; default: half the available RAM. ``device_memory`` (bytes, one accelerator)
+    bounds their declared device memory; default: the first CUDA device's total memory.
     """
     t0 = time.perf_counter()
     read0 = READ_STATS.bytes_read  # headers, read while planning
@@ -108,8 +110,9 @@ def merge(
     runner = executor or LocalExecutor(workers)
     # ``auto`` is resolved per task: dense linear algebra goes to CUDA, elementwise work stays on CPU.
     dev = device or recipe.raymerge.device
-    plan = build_plan(recipe, out_shard_bytes=out_shard_bytes)
-    check_budget(plan, budget)
+    where = placement_for(dev, device_memory)
+    plan = build_plan(recipe, out_shard_bytes=out_shard_bytes, placement=where)
+    check_budget(plan, budget, where.device_memory)
     staging = Staging(out, plan, overwrite=overwrite, progress=progress)
     receipts = staging.prepare()
     resumed = len(receipts)
@@ -134,7 +137,9 @@ def merge(
 
     planning_read = READ_STATS.bytes_read - read0
     try:
-        report = runner.run(todo, str(staging.dir), budget=budget, device=dev, on_done=on_done)
+        report = runner.run(
+            todo, str(staging.dir), budget=budget, device=dev, on_done=on_done, device_budget=where.device_memory
+        )
     except BaseException:
         staging.close()
         bar.close()

@@ -18,15 +18,18 @@ from __future__ import annotations
 
 from raymerge.engine.methods import gram, selection, spectral, spherical, task_arithmetic  # noqa: F401  (they register)
 from raymerge.engine.methods.chunks import ChunkedFn, ChunkSource, InMemorySource, register_chunked
-from raymerge.engine.methods.masks import RESIDENT_SELECT_ELEMENTS
 from raymerge.engine.methods.registry import (
     METHODS,
     REQUIRED,
+    RESIDENT_SELECT_ELEMENTS,
+    Footprint,
+    MemoryModel,
     MergeArgs,
     MergeFn,
     MethodSpec,
     Param,
     Scope,
+    WorkShape,
     get_method,
     register,
 )
@@ -37,12 +40,15 @@ __all__ = [
     "RESIDENT_SELECT_ELEMENTS",
     "ChunkSource",
     "ChunkedFn",
+    "Footprint",
+    "MemoryModel",
     "InMemorySource",
     "MergeArgs",
     "MergeFn",
     "MethodSpec",
     "Param",
     "Scope",
+    "WorkShape",
     "get_method",
     "register",
     "register_chunked",

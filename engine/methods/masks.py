@@ -22,7 +22,7 @@ from typing import Any, Literal
 import torch
 
 from raymerge.engine.methods.chunks import ChunkSource
-from raymerge.engine.methods.registry import MergeArgs
+from raymerge.engine.methods.registry import RESIDENT_SELECT_ELEMENTS, MergeArgs
 
 # ---------------------------------------------------------------------------------------------
 # exact rank selection over chunks
@@ -187,9 +187,8 @@ def ranked_mask(key: int, start: int, probs: torch.Tensor) -> torch.Tensor:
 # sparsifiers: a per-expert plan made in statistics passes, applied chunk by chunk
 
 
-# Up to this many elements, |Δ| is kept in memory for the two selection passes instead of being
-# recomputed from the inputs (it costs 4 bytes per element, within a few chunks' worth).
-RESIDENT_SELECT_ELEMENTS = 1 << 24
+# Up to RESIDENT_SELECT_ELEMENTS elements (registry.py, where the memory model counts it), |Δ| is
+# kept in memory for the two selection passes instead of being recomputed from the inputs.
 
 
 def resident(numel: int) -> bool:

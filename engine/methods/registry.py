@@ -92,6 +92,56 @@ MergeFn = Callable[[torch.Tensor | None, Sequence[torch.Tensor], MergeArgs], tor
 
 ALL_CLASSES = frozenset({"linear", "embedding", "vector", "other"})
 
+# At most this many elements of a chunked method's tensor get a resident int32 rank/selection
+# scratch (4 bytes each); larger tensors rank in passes instead (see ``masks``).
+RESIDENT_SELECT_ELEMENTS = 1 << 24
+
+
+@dataclass(frozen=True)
+class WorkShape:
+    """What one task's memory depends on; counts in elements, item sizes in bytes per element.
+
+    ``numel``: elements of the task's span; ``work_numel``: elements computed at once (one row
+    chunk for chunked methods, else ``numel``); ``chunk_shape``: the span's shape as the method
+    sees it (out × in for oriented methods); ``chunk_rows``: rows one read moves; ``inputs``:
+    tensors read per element (base + experts); ``experts``: task vectors merged; ``in_item``,
+    ``compute_item``, ``out_item``, ``stats_item``: the stored inputs, the compute dtype, the
+    output dtype, and the statistics/solve dtype of dense linear algebra (8 for fp64).
+    """
+
+    numel: int
+    work_numel: int
+    chunk_shape: tuple[int, ...]
+    chunk_rows: int
+    inputs: int
+    experts: int
+    in_item: int
+    compute_item: int
+    out_item: int
+    stats_item: int = 8
+
+    @property
+    def row_numel(self) -> int:
+        rows = self.chunk_shape[0] if self.chunk_shape else 1
+        return self.numel // rows if rows else 0
+
+    @property
+    def chunk_numel(self) -> int:
+        """Elements of one row chunk as a task reads it (never more than the span)."""
+        return min(self.numel, max(1, self.chunk_rows) * max(1, self.row_numel))
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Declared peak bytes of a task: in host memory and in accelerator memory."""
+
+    host: int
+    device: int = 0
+
+
+# memory(shape, on_accelerator) -> the task's peak bytes, host and device.
+MemoryModel = Callable[[WorkShape, bool], Footprint]
+
 
 @dataclass(frozen=True)
 class MethodSpec:
@@ -143,12 +193,48 @@ class MethodSpec:
     aux_param: str | None = None
     check: Callable[[Mapping[str, Any], Sequence[Mapping[str, Any]]], str | None] | None = None
     oriented: bool = False
+    memory: MemoryModel | None = None
 
     def param(self, name: str) -> Param | None:
         for p in self.params:
             if p.name == name:
                 return p
         return None
+
+    def runs_on_accelerator(self, device: str) -> bool:
+        """The device rule for a merge with this method: ``cpu`` never, ``cuda`` always, ``auto``
+        when the method declares ``prefers_accelerator`` (elementwise work is bound by reading
+        and gains nothing from a copy to the device)."""
+        return device == "cuda" or (device == "auto" and self.prefers_accelerator)
+
+    def footprint(self, shape: WorkShape, on_accelerator: bool) -> Footprint:
+        """Peak host and device bytes of one task: the method's own ``memory`` model, else the
+        generic one built from ``work_buffers`` and ``extra_bytes``.
+
+        Generic model: ``work_buffers`` compute-dtype buffers of ``work_numel`` elements plus
+        ``extra_bytes``, the inputs resident at once (two for a method that streams experts),
+        the output (one chunk for a chunked method) and a chunked method's selection scratch.
+        On CPU all of it is host memory. On an accelerator the inputs arrive in row chunks
+        (host: one stored chunk and its converted copy) and leave in row chunks (host: one
+        output chunk); the inputs in the compute dtype, the work buffers and the scratch are
+        device memory.
+        """
+        if self.memory is not None:
+            return self.memory(shape, on_accelerator)
+        s = shape
+        held = 2 if self.streams_experts else s.inputs
+        compute = self.work_buffers(s.experts) * s.work_numel * s.compute_item + self.extra_bytes(
+            s.chunk_shape, s.compute_item
+        )
+        select = 4 * s.numel if self.chunked and s.numel <= RESIDENT_SELECT_ELEMENTS else 0
+        if not on_accelerator:
+            out = s.work_numel * s.out_item if self.chunked else s.numel * s.out_item
+            return Footprint(host=compute + s.work_numel * s.in_item * held + out + select)
+        chunk = s.chunk_numel
+        return Footprint(
+            host=chunk * (s.in_item + s.compute_item) + chunk * s.out_item,
+            device=compute + s.work_numel * s.compute_item * held + select + chunk * s.out_item,
+        )
 
 
 METHODS: dict[str, MethodSpec] = {}

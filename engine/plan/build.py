@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from raymerge.engine.arch import is_embedding_name, num_layers
 from raymerge.engine.errors import CheckpointError
+from raymerge.engine.plan.estimates import Placement
 from raymerge.engine.plan.layout import lay_out, tensor_order
 from raymerge.engine.plan.tasks import PlanContext, tensor_tasks
 from raymerge.engine.plan.types import DEFAULT_SHARD_BYTES, MergePlan, TensorTask
@@ -51,8 +52,16 @@ def check_agreement(ckpts: list[Checkpoint], ref: Checkpoint) -> None:
                 )
 
 
-def build_plan(recipe: Recipe, *, out_shard_bytes: int = DEFAULT_SHARD_BYTES) -> MergePlan:
-    """Open every checkpoint's headers, validate them and lay out tasks and output shards."""
+def build_plan(
+    recipe: Recipe, *, out_shard_bytes: int = DEFAULT_SHARD_BYTES, placement: Placement | None = None
+) -> MergePlan:
+    """Open every checkpoint's headers, validate them and lay out tasks and output shards.
+
+    ``placement`` (default: CPU) says where accelerator-friendly tasks will compute; it sets
+    their declared host and device memory, nothing they write (except that ``precision: auto``
+    statistics that would not fit ``placement.device_memory`` in fp64 are planned in fp32).
+    """
+    where = placement or Placement()
     method = recipe.method
     urls = recipe.model_urls()
     ckpts = {u: open_checkpoint(u, allow_pickle=recipe.raymerge.allow_pickle_bin) for u in urls}
@@ -77,6 +86,7 @@ def build_plan(recipe: Recipe, *, out_shard_bytes: int = DEFAULT_SHARD_BYTES) ->
         n_layers=num_layers(config, ref.entries),
         compute_dtype=dtype_from_name(recipe.raymerge.compute_dtype) if recipe.raymerge.compute_dtype else None,
         aux_cache={},
+        placement=where,
     )
     names = sorted(ref.entries, key=tensor_order)
     layout = lay_out(names, ref.entries, out_tag, out_shard_bytes)
@@ -86,7 +96,17 @@ def build_plan(recipe: Recipe, *, out_shard_bytes: int = DEFAULT_SHARD_BYTES) ->
     tok = recipe.tokenizer_source
     tokenizer_from = base_url if tok in (None, "base") else tok
     out_dtype_name = str(DTYPES[out_tag][0]).replace("torch.", "") if out_tag else None
-    return MergePlan(recipe, tuple(urls), tuple(tasks), layout.shards, config, out_dtype_name, tokenizer_from)
+    return MergePlan(
+        recipe,
+        tuple(urls),
+        tuple(tasks),
+        layout.shards,
+        config,
+        out_dtype_name,
+        tokenizer_from,
+        device=where.device,
+        device_memory=where.device_memory,
+    )
 
 
 __all__ = ["build_plan", "check_agreement"]

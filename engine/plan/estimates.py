@@ -1,55 +1,66 @@
-"""Declared peak memory of a task, and the budget check that refuses what cannot fit.
+"""Declared peak memory of a task (host and accelerator), and the budget check that refuses what
+cannot fit.
 
-The method's own memory model (``MethodSpec.work_buffers`` full-size compute buffers and
-``extra_bytes`` such as an in×in Gram) is combined here with what running any task holds besides:
-the inputs resident at once, the output buffer, and the selection scratch of chunked methods.
+Each method's memory model lives with the method (``MethodSpec.footprint``: its own ``memory``
+model, or the generic one built from ``work_buffers`` and ``extra_bytes``). Here the planner
+decides where a task computes (``Placement``), asks the model for both figures, and falls back to
+fp32 statistics where fp64 ones would not fit the accelerator (``precision: auto`` only).
 Executors admit tasks by these figures (``executor.Admission``); ``check_budget`` refuses a plan
-whose largest task cannot fit, naming the tensor.
+whose largest task cannot fit either budget, naming the tensor and both sizes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from raymerge.engine.errors import PlanError
-from raymerge.engine.methods import RESIDENT_SELECT_ELEMENTS, MethodSpec
+from raymerge.engine.methods import Footprint, MethodSpec, WorkShape
 from raymerge.engine.plan.types import MergePlan
 
 
 @dataclass(frozen=True)
-class TaskShape:
-    """What a task's memory depends on: element counts and item sizes, all in elements or bytes.
+class Placement:
+    """Where the run computes: ``device`` is the run's setting (``cpu``, ``cuda`` or ``auto``,
+    already resolved against the machine the plan is for: ``auto`` without an accelerator there
+    is ``cpu``); ``device_memory`` is the memory of one accelerator in bytes, if known."""
 
-    ``numel``: elements of the task's span; ``work_numel``: elements computed at once (one row
-    chunk for chunked methods); ``chunk_shape``: the span's shape as the method sees it;
-    ``inputs``: tensors read per element (base + experts); ``experts``: task vectors merged.
+    device: str = "cpu"
+    device_memory: int | None = None
+
+    def accelerated(self, spec: MethodSpec) -> bool:
+        return self.device != "cpu" and spec.runs_on_accelerator(self.device)
+
+
+def stats_item(shared: dict[str, Any]) -> int:
+    """Bytes per element of the statistics/solve dtype a task will use (fp64 unless told fp32)."""
+    return 4 if shared.get("precision") == "fp32" else 8
+
+
+def task_footprint(spec: MethodSpec, shape: WorkShape, shared: dict[str, Any], where: Placement) -> Footprint:
+    """The task's declared peaks; may set ``shared["precision"] = "fp32"`` (see the module doc).
+
+    An accelerator task under ``precision: auto`` whose fp64 statistics exceed ``device_memory``
+    plans them in fp32 instead (half the bytes; README "Scale" states the error against fp64);
+    the choice is recorded in the task, so it is part of the plan and of its fingerprint.
     """
-
-    numel: int
-    work_numel: int
-    chunk_shape: tuple[int, ...]
-    inputs: int
-    experts: int
-    in_item: int
-    compute_item: int
-    out_item: int
-
-
-def host_bytes(spec: MethodSpec, s: TaskShape) -> int:
-    """Peak host bytes of one merge task running ``spec`` on a span of shape ``s``."""
-    resident_in = s.work_numel * s.in_item * (2 if spec.streams_experts else s.inputs)
-    out = s.work_numel * s.out_item if spec.chunked else s.numel * s.out_item
-    select = 4 * s.numel if spec.chunked and s.numel <= RESIDENT_SELECT_ELEMENTS else 0
-    return (
-        spec.work_buffers(s.experts) * s.work_numel * s.compute_item
-        + spec.extra_bytes(s.chunk_shape, s.compute_item)
-        + resident_in
-        + out
-        + select
-    )
+    on_acc = where.accelerated(spec)
+    fp = spec.footprint(shape, on_acc)
+    if (
+        on_acc
+        and where.device_memory is not None
+        and fp.device > where.device_memory
+        and shared.get("precision") == "auto"
+        and shape.stats_item == 8
+    ):
+        narrow = spec.footprint(WorkShape(**{**shape.__dict__, "stats_item": 4}), on_acc)
+        if narrow.device < fp.device:
+            shared["precision"] = "fp32"
+            return narrow
+    return fp
 
 
-def task_flops(spec: MethodSpec, s: TaskShape) -> int:
+def task_flops(spec: MethodSpec, s: WorkShape) -> int:
     """The method's FLOP model, or about ten operations per element and expert."""
     return spec.flops(s.chunk_shape, s.experts) if spec.flops else 10 * s.numel * max(1, s.experts)
 
@@ -63,15 +74,26 @@ def fmt_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def check_budget(plan: MergePlan, budget: int) -> None:
-    """Refuse a plan whose biggest task cannot fit the memory budget, naming the tensor."""
+def check_budget(plan: MergePlan, budget: int, device_budget: int | None = None) -> None:
+    """Refuse a plan whose biggest task cannot fit the host budget or one accelerator's memory.
+
+    The error names the tensor and both of its figures against both budgets.
+    """
     for t in plan.tasks:
-        if t.est_host_bytes > budget:
-            raise PlanError(
-                f"task needs about {fmt_bytes(t.est_host_bytes)} but the memory budget is {fmt_bytes(budget)}",
-                tensor=t.tensor,
-                hint="raise --memory-budget, or choose a method that can be row-chunked",
+        host_over = t.est_host_bytes > budget
+        dev_over = device_budget is not None and t.est_device_bytes > device_budget
+        if host_over or dev_over:
+            parts = [f"{fmt_bytes(t.est_host_bytes)} of host memory (memory budget {fmt_bytes(budget)})"]
+            if t.est_device_bytes or dev_over:
+                have = f" (one device has {fmt_bytes(device_budget)})" if device_budget is not None else ""
+                parts.append(f"{fmt_bytes(t.est_device_bytes)} of device memory{have}")
+            hint = (
+                "raise --memory-budget, run it on an accelerator (--device cuda), or choose a method that can be "
+                "row-chunked"
+                if host_over
+                else "use a device with more memory, set precision: fp32, or run it on CPU (--device cpu)"
             )
+            raise PlanError(f"task needs about {' and '.join(parts)}", tensor=t.tensor, hint=hint)
 
 
-__all__ = ["TaskShape", "check_budget", "fmt_bytes", "host_bytes", "task_flops"]
+__all__ = ["Placement", "check_budget", "fmt_bytes", "stats_item", "task_flops", "task_footprint"]

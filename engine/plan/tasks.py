@@ -18,8 +18,8 @@ import torch
 
 from raymerge.engine.arch import classify, fused_blocks, linear_layout
 from raymerge.engine.errors import CheckpointError, RecipeError
-from raymerge.engine.methods import METHODS, MethodSpec
-from raymerge.engine.plan.estimates import TaskShape, host_bytes, task_flops
+from raymerge.engine.methods import METHODS, MethodSpec, WorkShape
+from raymerge.engine.plan.estimates import Placement, stats_item, task_flops, task_footprint
 from raymerge.engine.plan.types import OutputRef, TensorRef, TensorTask
 from raymerge.engine.recipe import Recipe, resolve_for_tensor
 from raymerge.engine.storage import DTYPES, TAG_OF_DTYPE, Checkpoint, TensorEntry, open_checkpoint, open_shard
@@ -31,7 +31,8 @@ class PlanContext:
 
     ``base_url`` is the reference model (the base, or the first expert without one); ``inputs``
     are the URLs each merge task reads, base first when the method takes one; ``aux_cache``
-    keeps auxiliary statistics (RegMean's Grams) open across tensors.
+    keeps auxiliary statistics (RegMean's Grams) open across tensors; ``placement`` says where
+    accelerator-friendly work computes, for the memory figures.
     """
 
     recipe: Recipe
@@ -45,6 +46,7 @@ class PlanContext:
     n_layers: int
     compute_dtype: torch.dtype | None
     aux_cache: dict[str, Checkpoint]
+    placement: Placement
 
 
 def copy_task(ctx: PlanContext, name: str, cls: str, out: tuple[str, int]) -> TensorTask:
@@ -116,16 +118,20 @@ def tensor_tasks(ctx: PlanContext, name: str, out: tuple[str, int], out_tag: str
     for r0, r1 in spans:
         numel = (r1 - r0) * row_numel if e.shape else e.numel
         chunk_shape = (r1 - r0, *e.shape[1:]) if e.shape else ()
-        shape = TaskShape(
+        shared = dict(params.shared)
+        shape = WorkShape(
             numel=numel,
             work_numel=min(numel, chunk_rows * row_numel) if spec.chunked and e.shape else numel,
             chunk_shape=chunk_shape[::-1] if turned else chunk_shape,
+            chunk_rows=chunk_rows,
             inputs=len(refs),
             experts=len(ctx.experts),
             in_item=e.itemsize,
             compute_item=c_item,
             out_item=out_item,
+            stats_item=stats_item(shared),
         )
+        fp = task_footprint(spec, shape, shared, ctx.placement)
         out_bytes = numel * out_item
         tasks.append(
             TensorTask(
@@ -138,7 +144,7 @@ def tensor_tasks(ctx: PlanContext, name: str, out: tuple[str, int], out_tag: str
                 row_end=r1,
                 inputs=refs,
                 has_base=ctx.has_base,
-                shared=params.shared,
+                shared=shared,
                 per_model=params.per_model,
                 seed=seed,
                 compute_dtype=TAG_OF_DTYPE[compute],
@@ -147,7 +153,8 @@ def tensor_tasks(ctx: PlanContext, name: str, out: tuple[str, int], out_tag: str
                 aux=aux,
                 aux_names=aux_names,
                 layout=layout,
-                est_host_bytes=host_bytes(spec, shape),
+                est_host_bytes=fp.host,
+                est_device_bytes=fp.device,
                 read_bytes=numel * e.itemsize * len(refs) + sum(a.end - a.start for a in aux),
                 write_bytes=out_bytes,
                 flops=task_flops(spec, shape),

@@ -52,8 +52,9 @@ class TensorTask:
     """One self-contained unit of work: merge rows [row_start, row_end) of one tensor.
 
     ``action`` is ``merge`` (run ``method``) or ``copy`` (take the base model's bytes, for
-    non-float buffers). ``est_host_bytes`` is the declared peak host memory, which executors use
-    for admission; ``read_bytes``/``write_bytes`` are exact I/O volumes.
+    non-float buffers). ``est_host_bytes`` and ``est_device_bytes`` are the declared peak host and
+    accelerator memory, which executors use for admission; ``read_bytes``/``write_bytes`` are
+    exact I/O volumes.
     """
 
     id: str
@@ -80,6 +81,8 @@ class TensorTask:
     aux_names: tuple[str, ...] = ()
     # How a linear weight is stored: "out_in" (nn.Linear) or "in_out" (GPT-2's Conv1D).
     layout: str = "out_in"
+    # Declared peak accelerator memory, where the plan places the task on one (else 0).
+    est_device_bytes: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,6 +97,9 @@ class TensorTask:
         o = d["output"]
         d["output"] = OutputRef(**{**o, "shape": tuple(o["shape"])})
         return cls(**d)
+
+
+_ESTIMATES = frozenset({"est_host_bytes", "est_device_bytes", "flops"})
 
 
 @dataclass(frozen=True)
@@ -115,6 +121,9 @@ class MergePlan:
     config: dict[str, Any]
     out_dtype: str | None
     tokenizer_from: str | None
+    # Where the plan placed accelerator work (``cpu`` or ``cuda``) and the device memory it assumed.
+    device: str = "cpu"
+    device_memory: int | None = None
 
     @property
     def read_bytes(self) -> int:
@@ -128,14 +137,23 @@ class MergePlan:
     def peak_task_bytes(self) -> int:
         return max((t.est_host_bytes for t in self.tasks), default=0)
 
+    @property
+    def peak_task_device_bytes(self) -> int:
+        return max((t.est_device_bytes for t in self.tasks), default=0)
+
     def fingerprint(self) -> str:
-        """A hash of everything that determines the output bytes (for safe resume)."""
+        """A hash of everything that determines the output bytes (for safe resume).
+
+        Estimates are left out: they depend on where the run computes, not on what it writes, so
+        a merge interrupted on one device resumes on another.
+        """
         h = hashlib.sha256()
         for s in self.shards:
             h.update(s.name.encode())
             h.update(s.header)
         for t in self.tasks:
-            h.update(json.dumps(t.to_json(), sort_keys=True, default=str).encode())
+            d = {k: v for k, v in t.to_json().items() if k not in _ESTIMATES}
+            h.update(json.dumps(d, sort_keys=True, default=str).encode())
         return h.hexdigest()
 
     def summary(self) -> dict[str, Any]:
@@ -152,7 +170,10 @@ class MergePlan:
             "shards": [{"name": s.name, "bytes": s.size, "tensors": len(s.tensors)} for s in self.shards],
             "read_bytes": self.read_bytes,
             "write_bytes": self.write_bytes,
+            "device": self.device,
+            "device_memory": self.device_memory,
             "peak_task_host_bytes": self.peak_task_bytes,
+            "peak_task_device_bytes": self.peak_task_device_bytes,
             "flops": sum(t.flops for t in self.tasks),
             "fingerprint": self.fingerprint(),
         }

@@ -350,7 +350,7 @@ def test_placement_keeps_each_node_under_budget(family):
     mib = 1 << 20
 
     def unit(i: int, size: int) -> WorkUnit:
-        return WorkUnit(f"u{i}", (task,), False, size * mib, 0, 0, frozenset())
+        return WorkUnit(f"u{i}", (task,), False, size * mib, 0, 0, 0, frozenset())
 
     nodes = [NodeState(f"{i}" * 56, "127.0.0.1", cpus=4, gpus=0, slots=4, cpus_per_slot=1) for i in range(2)]
     sched = UnitScheduler(
