@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, overload
 
@@ -20,7 +20,7 @@ from raymerge.engine.executor import task_device
 from raymerge.engine.methods import MergeArgs, get_method
 from raymerge.engine.methods.precision import prepare_device
 from raymerge.engine.plan import TensorTask
-from raymerge.engine.storage import DTYPES, ShardReader, open_shard, row_span
+from raymerge.engine.storage import DTYPES, ShardReader, TensorEntry, open_shard, row_span
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,12 @@ class LazyTensors(Sequence[torch.Tensor]):
             yield self._item(i)
 
 
+def moves_by_chunks(dev: torch.device) -> bool:
+    """Whether whole-tensor inputs and results cross between host and ``dev`` in row chunks: on an
+    accelerator, so the host holds one chunk at a time (on CPU the tensors are host memory anyway)."""
+    return dev.type != "cpu"
+
+
 class ExpertStream(LazyTensors):
     """The experts of a task as a lazy sequence: each access reads that expert's rows afresh
     (zero-copy from the mapping, then cast to the compute dtype on the compute device), so a
@@ -104,13 +110,17 @@ class ExpertStream(LazyTensors):
         ref = self.task.inputs[i]
         r0 = self.task.row_start if r0 is None else r0
         r1 = self.task.row_end if r1 is None else r1
-        view = self.readers[i].read_rows(ref.entry(self.task.tensor), r0, r1)
-        self.bytes_read += view.numel() * view.element_size()
-        x = view.to(device=self.dev, dtype=self.compute)
-        if x.data_ptr() != view.data_ptr():
-            # x is a converted copy: hand the mapped pages back now rather than at task end, so a
-            # task's resident set is one chunk per input, not the whole tensor of every input.
-            self.readers[i].release(*row_span(ref.entry(self.task.tensor), r0, r1))
+        entry = ref.entry(self.task.tensor)
+        if moves_by_chunks(self.dev) and entry.shape and r1 - r0 > self.task.chunk_rows > 0:
+            x = self._to_device_by_chunks(i, entry, r0, r1)
+        else:
+            view = self.readers[i].read_rows(entry, r0, r1)
+            self.bytes_read += view.numel() * view.element_size()
+            x = view.to(device=self.dev, dtype=self.compute)
+            if x.data_ptr() != view.data_ptr():
+                # x is a converted copy: hand the mapped pages back now rather than at task end, so a
+                # task's resident set is one chunk per input, not the whole tensor of every input.
+                self.readers[i].release(*row_span(entry, r0, r1))
         key = (i, r0, r1)
         if key not in self.checked and not bool(torch.isfinite(x).all()):
             raise CheckpointError(
@@ -121,6 +131,22 @@ class ExpertStream(LazyTensors):
             )
         self.checked.add(key)  # multi-pass methods re-read chunks; check each once
         return x
+
+    def _to_device_by_chunks(self, i: int, entry: TensorEntry, r0: int, r1: int) -> torch.Tensor:
+        """Rows [r0, r1) of input ``i`` on the accelerator, moved ``chunk_rows`` at a time, so the
+        host holds one chunk (and its mapped pages) at a time, never the whole tensor."""
+        out = torch.empty((r1 - r0, *entry.shape[1:]), dtype=self.compute, device=self.dev)
+        step = self.task.chunk_rows
+        for a in range(r0, r1, step):
+            b = min(r1, a + step)
+            view = self.readers[i].read_rows(entry, a, b)
+            self.bytes_read += view.numel() * view.element_size()
+            out[a - r0 : b - r0].copy_(view)
+            if self.dev.type == "cuda":
+                torch.cuda.current_stream(self.dev).synchronize()  # the copy is done with the pages
+            del view
+            self.readers[i].release(*row_span(entry, a, b))
+        return out
 
     def __len__(self) -> int:
         return len(self.readers) - self.first
@@ -197,6 +223,22 @@ class TaskChunks:
         return self._rows(self.stream.first + t, r0, r1)
 
 
+def _write_pieces(
+    pieces: Iterable[torch.Tensor], out_dtype: torch.dtype, path: str, offset: int, task: TensorTask
+) -> tuple[int, int]:
+    """Write consecutive row pieces of a result (on any device) through host buffers of one piece;
+    returns (CRC32 of all the bytes, bytes written), the same CRC as one whole write."""
+    crc, written = 0, 0
+    for piece in pieces:
+        data = tensor_bytes(piece.to(dtype=out_dtype).cpu().contiguous())
+        crc = zlib.crc32(data, crc)
+        pwrite_all(path, data, offset + written)
+        written += len(data)
+    if written != task.output.nbytes:
+        raise TaskError(f"produced {written} bytes, plan expects {task.output.nbytes}", tensor=task.tensor)
+    return crc, written
+
+
 def run_task(task: TensorTask, staging_dir: str, device: str = "cpu") -> Receipt:
     """Execute ``task`` and write its output bytes into ``staging_dir/<shard>`` at its offset."""
     t0 = time.perf_counter()
@@ -208,17 +250,13 @@ def run_task(task: TensorTask, staging_dir: str, device: str = "cpu") -> Receipt
         path = os.path.join(staging_dir, task.output.shard)
         out_dtype = DTYPES[task.output.dtype][0]
         method = get_method(task.method) if task.action == "merge" else None
-        if method is not None and method.chunked is not None:
+        # A method that reads weights as out × in gets a Conv1D weight (in × out) transposed, whole.
+        turned = method is not None and method.oriented and task.layout == "in_out"  # set on linear weights only
+        if method is not None and method.chunked is not None and not turned:
             stream = ExpertStream(task, readers, 1 if task.has_base else 0, dev)
             args = MergeArgs(task.shared, task.per_model, None, task.tensor, task.seed)
-            crc, written = 0, 0
-            for piece in method.chunked(TaskChunks(stream, task), args):
-                data = tensor_bytes(piece.to(dtype=out_dtype).cpu())
-                crc = zlib.crc32(data, crc)
-                pwrite_all(path, data, task.output.offset + written)
-                written += len(data)
-            if written != task.output.nbytes:
-                raise TaskError(f"produced {written} bytes, plan expects {task.output.nbytes}", tensor=task.tensor)
+            pieces = method.chunked(TaskChunks(stream, task), args)
+            crc, written = _write_pieces(pieces, out_dtype, path, task.output.offset, task)
             return Receipt(task.id, task.tensor, crc, written, stream.bytes_read, time.perf_counter() - t0, str(dev))
         if task.action == "copy":
             out = readers[0].read_rows(entries[0], task.row_start, task.row_end)
@@ -229,8 +267,6 @@ def run_task(task: TensorTask, staging_dir: str, device: str = "cpu") -> Receipt
             base = stream.load(0) if task.has_base else None
             gen = torch.Generator().manual_seed(task.seed) if method.random else None
             args = MergeArgs(task.shared, task.per_model, gen, task.tensor, task.seed, AuxStream(task, dev))
-            # A method that reads weights as out × in gets a Conv1D weight (in × out) transposed.
-            turned = method.oriented and task.layout == "in_out"  # the plan sets in_out on linear weights only
             try:
                 if turned:
                     merged = method.fn(base.T if base is not None else None, Transposed(stream), args).T
@@ -239,6 +275,14 @@ def run_task(task: TensorTask, staging_dir: str, device: str = "cpu") -> Receipt
             except torch.OutOfMemoryError as exc:
                 raise TaskError(f"out of memory on {dev}: {exc}", tensor=task.tensor) from None
             del base
+            if moves_by_chunks(dev) and merged.dim() >= 1 and merged.shape[0] > task.chunk_rows > 0:
+                # One chunk at a time through the host: its share of the task stays O(chunk).
+                step = task.chunk_rows
+                rows = (merged[a : a + step] for a in range(0, merged.shape[0], step))
+                crc, written = _write_pieces(rows, out_dtype, path, task.output.offset, task)
+                return Receipt(
+                    task.id, task.tensor, crc, written, stream.bytes_read, time.perf_counter() - t0, str(dev)
+                )
             out = merged.to(dtype=out_dtype).cpu().contiguous()
             read_bytes = stream.bytes_read
         data = tensor_bytes(out)

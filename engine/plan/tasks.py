@@ -121,7 +121,7 @@ def tensor_tasks(ctx: PlanContext, name: str, out: tuple[str, int], out_tag: str
         shared = dict(params.shared)
         shape = WorkShape(
             numel=numel,
-            work_numel=min(numel, chunk_rows * row_numel) if spec.chunked and e.shape else numel,
+            work_numel=min(numel, chunk_rows * row_numel) if spec.chunked and e.shape and not turned else numel,
             chunk_shape=chunk_shape[::-1] if turned else chunk_shape,
             chunk_rows=chunk_rows,
             inputs=len(refs),
