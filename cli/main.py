@@ -29,7 +29,7 @@ def _load(args: argparse.Namespace) -> Recipe:
     """The recipe file with command-line opt-ins applied (``--allow-pickle``)."""
     from raymerge.engine.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, strict=args.strict)
     if args.allow_pickle and not recipe.raymerge.allow_pickle_bin:
         options = recipe.raymerge.model_copy(update={"allow_pickle_bin": True})
         recipe = recipe.model_copy(update={"raymerge": options})
@@ -284,7 +284,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     sp.set_defaults(fn=cmd_align)
     add_data_commands(sub)
+    _no_abbreviations(p)
     return p
+
+
+def _no_abbreviations(parser: argparse.ArgumentParser) -> None:
+    """Refuse abbreviated long options everywhere: ``run R --out DIR`` must not be read as
+    ``--out-shard-size DIR`` (argparse's default), but fail naming ``--out``."""
+    parser.allow_abbrev = False
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _no_abbreviations(child)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -95,6 +95,14 @@ PLAN_OPTIONS = (
         ),
     ),
     Option(
+        "--strict",
+        dict(
+            action="store_true",
+            help="refuse recipe parameters the method does not use (mergekit, and raymerge by default, "
+            "ignore them with a warning)",
+        ),
+    ),
+    Option(
         "--allow-pickle",
         dict(
             action="store_true",

@@ -1,7 +1,9 @@
 """Recipes: mergekit's YAML schema where the two overlap, plus a ``raymerge:`` section.
 
-Parsing is strict: unknown keys, methods and parameters are errors with a "did you mean"
-suggestion. Parameter values follow mergekit: a scalar, a gradient (list of numbers interpolated
+Parsing is strict where a mistake is likely: unknown keys, methods and parameter names are
+errors with a "did you mean" suggestion. A parameter that some method knows but this one does not
+use (``weight`` given to slerp, ``normalize`` to model_stock) is what mergekit ignores, so it is
+ignored here too, with one warning line (``strict=True``, ``--strict``: an error). Parameter values follow mergekit: a scalar, a gradient (list of numbers interpolated
 over layer depth), or conditionals ``[{filter: substring, value: …}, …]``; per-model settings
 take precedence over top-level ones, which take precedence over the method's default.
 """
@@ -9,6 +11,7 @@ take precedence over top-level ones, which take precedence over the method's def
 from __future__ import annotations
 
 import difflib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,8 @@ from raymerge.engine.arch import layer_index
 from raymerge.engine.errors import RecipeError
 from raymerge.engine.methods import METHODS, MethodSpec, Param, Scope
 from raymerge.engine.storage import dtype_from_name
+
+log = logging.getLogger(__name__)
 
 _UNSUPPORTED = {
     "slices": "layer slicing/stacking is not supported; list whole models under `models`",
@@ -169,12 +174,29 @@ def _is_gradient(value: Any) -> bool:
     return False
 
 
-def _check_params(params: dict[str, Any], method: MethodSpec, scope_ok: set[Scope], where: str) -> None:
+def known_parameters() -> frozenset[str]:
+    """Every parameter name some registered method takes (mergekit's names where they overlap)."""
+    return frozenset(p.name for spec in METHODS.values() for p in spec.params)
+
+
+def _check_params(
+    params: dict[str, Any], method: MethodSpec, scope_ok: set[Scope], where: str, strict: bool = False
+) -> None:
+    """Validate ``params`` for ``method`` in place: an unknown name is an error with a suggestion; a
+    name only other methods use is dropped with a warning (an error when ``strict``)."""
     names = [p.name for p in method.params]
-    for key, value in params.items():
+    for key in list(params):
+        value = params[key]
         spec = method.param(key)
         if spec is None:
-            raise RecipeError(f"{where}: method {method.name!r} has no parameter {key!r}", hint=suggest(key, names))
+            if key not in known_parameters() or strict:
+                raise RecipeError(
+                    f"{where}: method {method.name!r} has no parameter {key!r}",
+                    hint=suggest(key, names) if key not in known_parameters() else "remove it, or run without --strict",
+                )
+            log.warning("%s: method %r does not use parameter %r; ignored (as mergekit does)", where, method.name, key)
+            del params[key]
+            continue
         if spec.scope not in scope_ok:
             raise RecipeError(f"{where}: {key!r} is a shared parameter; set it under the top-level `parameters`")
         _validate_setting(value, f"{where}.{key}")
@@ -218,8 +240,8 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
 
 
-def parse_recipe(text: str, origin: str = "<recipe>") -> Recipe:
-    """Parse and validate recipe YAML (safe loader only)."""
+def parse_recipe(text: str, origin: str = "<recipe>", *, strict: bool = False) -> Recipe:
+    """Parse and validate recipe YAML (safe loader only); ``strict``: unused parameters are errors."""
     try:
         raw = load_yaml(text)
     except yaml.YAMLError as exc:
@@ -245,8 +267,11 @@ def parse_recipe(text: str, origin: str = "<recipe>") -> Recipe:
         if not isinstance(m, dict) or "model" not in m:
             raise RecipeError(f"models[{i}] must be a mapping with a `model` key", file=origin)
         _check_keys(m, {"model", "parameters"}, f"{origin}: models[{i}]")
-        _check_params(m.get("parameters") or {}, method, {Scope.MODEL}, f"models[{i}] ({m['model']}).parameters")
-    _check_params(raw.get("parameters") or {}, method, {Scope.MODEL, Scope.SHARED}, "parameters")
+        if isinstance(m.get("parameters"), dict):
+            where = f"models[{i}] ({m['model']}).parameters"
+            _check_params(m["parameters"], method, {Scope.MODEL}, where, strict)
+    if isinstance(raw.get("parameters"), dict):
+        _check_params(raw["parameters"], method, {Scope.MODEL, Scope.SHARED}, "parameters", strict)
     if isinstance(raw.get("raymerge"), dict):
         _check_keys(raw["raymerge"], set(RaymergeOptions.model_fields), f"{origin}: raymerge")
     for key in ("dtype", "out_dtype"):
@@ -306,13 +331,13 @@ def _check_structure(recipe: Recipe, origin: str) -> None:
             raise RecipeError(f"method {method.name!r} needs top-level parameter {p.name!r}", file=origin)
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def load_recipe(path: str | Path, *, strict: bool = False) -> Recipe:
     """Read a recipe file; relative model paths are taken as given (relative to the cwd)."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise RecipeError(f"cannot read recipe: {exc.strerror}", file=str(path)) from None
-    return parse_recipe(text, str(path))
+    return parse_recipe(text, str(path), strict=strict)
 
 
 _NOT_FOUND = object()

@@ -211,6 +211,15 @@ EXAMPLES: tuple[Example, ...] = (
     E("median", "median", shared={"lambda": 0.9}, ray=True, reference=_median(0.9)),
     # ---- spherical
     E("slerp", "slerp", models="pairwise", shared={"t": "[0.1, 0.9]"}, mergekit="slerp"),
+    # mergekit's own tests give every model a `weight`, which slerp does not use: both tools ignore it.
+    E(
+        "slerp_unused_weight",
+        "slerp",
+        models="pairwise",
+        shared={"t": 0.4},
+        per_model=[{"weight": 1.0}],
+        mergekit="slerp",
+    ),
     E("multislerp", "multislerp", base=False, per_model=_weights(1.0, 0.5, "[0.2, 1.0]"), mergekit="multislerp"),
     E(
         "multislerp_base",

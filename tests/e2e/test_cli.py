@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -186,3 +187,13 @@ def test_align_also_pairs_split_between_urls():
     assert _also_pair("https://h/m:/o") == ("https://h/m", "/o")
     with pytest.raises(argparse.ArgumentTypeError):
         _also_pair("s3://only-one")
+
+
+def test_abbreviated_long_options_are_refused(tmp_path, capsys):
+    """argparse would read `--out DIR` as `--out-shard-size DIR`; a mergekit habit must fail clearly."""
+    from raymerge.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o")])
+    assert exc.value.code != 0
+    assert "unrecognized arguments: --out" in capsys.readouterr().err

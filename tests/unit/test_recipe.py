@@ -75,3 +75,34 @@ def test_duplicate_yaml_keys_are_refused(text, key):
     with pytest.raises(RecipeError, match=f"duplicate key '{key}'") as exc:
         parse_recipe(text, "dup.yaml")
     assert "dup.yaml" in str(exc.value)
+
+
+def test_a_parameter_only_other_methods_use_is_ignored_with_a_warning(caplog):
+    """mergekit's own recipes give `weight` to slerp and `normalize` to model_stock: mergekit ignores
+    them, so raymerge does too (one warning), while a misspelt name is still an error."""
+    import logging
+
+    text = (
+        "merge_method: slerp\nbase_model: b\nmodels:\n  - model: b\n  - model: a\n    parameters: {weight: 0.5}\n"
+        "parameters: {t: 0.3, normalize: true}\n"
+    )
+    with caplog.at_level(logging.WARNING, logger="raymerge.engine.recipe"):
+        recipe = parse_recipe(text)
+    assert recipe.parameters == {"t": 0.3}
+    assert all(not m.parameters for m in recipe.models)
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 2 and "'weight'; ignored" in warned[0] and "'normalize'; ignored" in warned[1]
+    with pytest.raises(RecipeError, match="has no parameter 'weight'.*without --strict"):
+        parse_recipe(text, strict=True)
+    with pytest.raises(RecipeError, match="did you mean 't'"):
+        parse_recipe(text.replace("t: 0.3", "tt: 0.3"))
+
+
+def test_strict_flag_on_the_command_line(tmp_path, capsys):
+    from raymerge.cli import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("merge_method: model_stock\nbase_model: b\nmodels: [x, y]\nparameters: {normalize: true}\n")
+    assert main(["plan", str(recipe), "--strict"]) != 0
+    err = capsys.readouterr().err
+    assert "has no parameter 'normalize'" in err and "Traceback" not in err
