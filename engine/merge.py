@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 import sys
 import time
@@ -50,8 +51,14 @@ class RunFigures:
 def model_card(plan: MergePlan, figures: RunFigures) -> str:
     """A Hugging Face README recording the recipe, the inputs and the run's figures."""
     recipe = plan.recipe
+    inputs = ([recipe.base_model] if recipe.base_model else []) + [
+        u for u in recipe.expert_urls() if u != recipe.base_model
+    ]
     lines = [
         "---",
+        "base_model:",
+        *(f"- {json.dumps(u)}" for u in inputs),  # a JSON string is a YAML string, quoted safely
+        "base_model_relation: merge",
         "library_name: transformers",
         "tags:",
         "- merge",

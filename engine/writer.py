@@ -27,10 +27,13 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+from raymerge.engine import __version__
 from raymerge.engine.errors import OutputError
 from raymerge.engine.plan import MergePlan, OutputShard
 from raymerge.engine.publish import INDEX, META, TOKENIZER_FILES, ModelPublication, copy_side_files
 from raymerge.engine.task import Receipt
+
+MERGE_CONFIG = "mergekit_config.yml"
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +179,10 @@ class Staging:
         plan = self.plan
         weight_map = {name: s.name for s in plan.shards for name in s.tensors}
         total = sum(t.output.nbytes for t in plan.tasks)
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        index = {
+            "metadata": {"total_size": total, "raymerge_version": __version__},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
         (self.dir / INDEX).write_text(json.dumps(index, indent=2))
         config = dict(plan.config)
         if plan.out_dtype:
@@ -188,6 +194,8 @@ class Staging:
         if plan.tokenizer_from:
             copy_side_files(plan.tokenizer_from, self.dir, TOKENIZER_FILES)
         (self.dir / "README.md").write_text(card, encoding="utf-8")
+        # mergekit's name for the recipe as run, which tools that read mergekit outputs look for.
+        (self.dir / MERGE_CONFIG).write_text(plan.recipe.source or "", encoding="utf-8")
         # Where each task's bytes are, so `raymerge verify` can recompute every checksum later.
         ordered = [{**receipts[t.id].to_json(), "shard": t.output.shard, "offset": t.output.offset} for t in plan.tasks]
         (self.meta / "receipts.json").write_text(json.dumps(ordered))

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 import raymerge.engine.local as local_executor
 from raymerge.engine.errors import OutputError
@@ -87,6 +88,15 @@ def test_output_metadata(family, tmp_path):
     tensors = load_dir(out)
     assert all(t.dtype == torch.bfloat16 for t in tensors.values())
     assert index["metadata"]["total_size"] == sum(t.numel() * 2 for t in tensors.values())
+    # mergekit's conventions: the recipe as run, and a card whose front matter lists the inputs.
+    from raymerge.engine import __version__
+
+    assert index["metadata"]["raymerge_version"] == __version__
+    assert (out / "mergekit_config.yml").read_text() == recipe.source
+    front = yaml.safe_load(card.split("---")[1])
+    base, experts = family
+    assert front["base_model"] == [str(base), *map(str, experts)] and front["base_model_relation"] == "merge"
+    assert front["library_name"] == "transformers" and "merge" in front["tags"]
 
 
 def test_tokenizer_files_are_copied_from_base(family, tmp_path):
