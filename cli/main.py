@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from raymerge.cli.data import add_data_commands
-from raymerge.cli.options import PLAN_OPTIONS, RUN_OPTIONS, add_options, forward
+from raymerge.cli.options import MERGEKIT_OPTIONS, PLAN_OPTIONS, RUN_OPTIONS, add_options, forward
 from raymerge.engine import __version__
 from raymerge.engine.errors import RaymergeError
 from raymerge.engine.executor import Executor
@@ -102,7 +102,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         out_shard_bytes=args.out_shard_size,
         overwrite=args.overwrite,
         progress=not args.quiet,
-        device=args.device,
+        device="cuda" if args.cuda else args.device,
+        copy_tokenizer=args.copy_tokenizer,
     )
     print(format_figures(figures))
     print(f"wrote {Path(args.out).absolute() if is_local(args.out) else args.out}")
@@ -119,7 +120,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         args.recipe,
         args.out,
         address=address,
-        run_args=forward(args, RUN_OPTIONS),
+        run_args=forward(args, (*RUN_OPTIONS, *MERGEKIT_OPTIONS)),
         wait=not args.no_wait,
         job_id=args.job_id,
     )
@@ -234,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("recipe", help="recipe YAML (mergekit schema + raymerge keys)")
     sp.add_argument("out", help="output model directory (published atomically)")
     add_options(sp, RUN_OPTIONS)
+    add_options(sp.add_argument_group("mergekit-yaml's flags, accepted"), MERGEKIT_OPTIONS)
     sp.add_argument("--executor", choices=["local", "ray"], default="local", help="where tasks run")
     sp.add_argument(
         "--address", default=None, help="Ray cluster to join (auto | HOST:PORT); default: embedded local Ray"
@@ -245,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("recipe", help="recipe YAML (mergekit schema + raymerge keys)")
     sp.add_argument("--out", required=True, help="output model directory, on storage every node mounts")
     add_options(sp, RUN_OPTIONS)
+    add_options(sp.add_argument_group("mergekit-yaml's flags, accepted"), MERGEKIT_OPTIONS)
     sp.add_argument(
         "--address", default=None, help="Ray dashboard URL (default: $RAY_API_SERVER_ADDRESS or http://127.0.0.1:8265)"
     )

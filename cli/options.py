@@ -16,7 +16,7 @@ from raymerge.engine.plan import DEFAULT_SHARD_BYTES
 
 _UNITS = {
     "": 1,
-    "b": 1,
+    "b": 10**9,  # mergekit's K/M/B suffixes (its --out-shard-size default is "5B", five billion)
     "k": 10**3,
     "kb": 10**3,
     "kib": 2**10,
@@ -33,10 +33,11 @@ _UNITS = {
 
 
 def parse_size(text: str) -> int:
-    """``"2GiB"`` → 2147483648; plain integers are bytes."""
+    """``"2GiB"`` → 2147483648; plain integers are bytes; ``K``, ``M``, ``B`` (mergekit's habit) are
+    thousands, millions and billions, so mergekit's ``--out-shard-size 5B`` means what it does there."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     if not m or m.group(2).lower() not in _UNITS:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 500MB, 2GiB, 1073741824)")
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 500MB, 2GiB, 5B, 1073741824)")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
@@ -60,6 +61,8 @@ class Option:
             return []
         if self.kwargs.get("action") == "store_true":
             return [self.flag] if value else []
+        if self.kwargs.get("action") is argparse.BooleanOptionalAction:
+            return [self.flag if value else "--no-" + self.flag.removeprefix("--")]
         return [self.flag, str(value)]
 
 
@@ -118,6 +121,35 @@ RUN_OPTIONS = (
 )
 
 
+# mergekit-yaml's flags, so its command lines work on `raymerge run` (each help says what it maps to).
+MERGEKIT_OPTIONS = (
+    Option("--cuda", dict(action="store_true", help="mergekit's flag: the same as --device cuda")),
+    Option(
+        "--copy-tokenizer",
+        dict(
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help="write the tokenizer files of tokenizer_source (default; mergekit's flag)",
+        ),
+    ),
+    Option(
+        "--lazy-unpickle",
+        dict(action="store_true", help="mergekit's flag; no effect: raymerge always reads lazily (see --allow-pickle)"),
+    ),
+    Option(
+        "--allow-crimes",
+        dict(
+            action="store_true",
+            help="mergekit's flag; no effect: raymerge merges any models whose tensors agree in names and shapes",
+        ),
+    ),
+    Option(
+        "--trust-remote-code",
+        dict(action="store_true", help="mergekit's flag; no effect: merging never runs model code"),
+    ),
+)
+
+
 def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> None:
     for opt in options:
         opt.add_to(parser)
@@ -128,4 +160,4 @@ def forward(args: argparse.Namespace, options: Sequence[Option]) -> list[str]:
     return [a for opt in options for a in opt.as_args(getattr(args, opt.dest))]
 
 
-__all__ = ["PLAN_OPTIONS", "RUN_OPTIONS", "Option", "add_options", "forward", "parse_size"]
+__all__ = ["MERGEKIT_OPTIONS", "PLAN_OPTIONS", "RUN_OPTIONS", "Option", "add_options", "forward", "parse_size"]

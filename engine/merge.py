@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -98,6 +99,7 @@ def merge(
     progress: bool = True,
     device: str | None = None,
     device_memory: int | None = None,
+    copy_tokenizer: bool = True,
 ) -> RunFigures:
     """Merge ``recipe`` into the model directory ``out``; resumes a staged run of the same plan.
 
@@ -110,6 +112,8 @@ def merge(
     bit-identical. ``memory_budget`` (bytes, per node) bounds the declared peak host memory of
     running tasks; default: half the available RAM. ``device_memory`` (bytes, one accelerator)
     bounds their declared device memory; default: the first CUDA device's total memory.
+    ``copy_tokenizer=False`` leaves the tokenizer files out of the output (mergekit's
+    ``--no-copy-tokenizer``).
     """
     t0 = time.perf_counter()
     read0 = READ_STATS.bytes_read  # headers, read while planning
@@ -119,6 +123,8 @@ def merge(
     dev = device or recipe.raymerge.device
     where = placement_for(dev, device_memory)
     plan = build_plan(recipe, out_shard_bytes=out_shard_bytes, placement=where)
+    if not copy_tokenizer:
+        plan = dataclasses.replace(plan, tokenizer_from=None)
     check_budget(plan, budget, where.device_memory)
     staging = Staging(out, plan, overwrite=overwrite, progress=progress)
     receipts = staging.prepare()

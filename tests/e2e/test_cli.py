@@ -197,3 +197,36 @@ def test_abbreviated_long_options_are_refused(tmp_path, capsys):
         main(["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o")])
     assert exc.value.code != 0
     assert "unrecognized arguments: --out" in capsys.readouterr().err
+
+
+def test_a_mergekit_yaml_command_line_runs(family, tmp_path):
+    """mergekit-yaml's flags are accepted by `raymerge run`: 5B is five billion bytes per shard,
+    --no-copy-tokenizer leaves the tokenizer out, the rest change nothing."""
+    from raymerge.cli import main, parse_size
+
+    base, experts = family
+    tok = tmp_path / "base"
+    shutil.copytree(base, tok)
+    (tok / "tokenizer.json").write_text("{}")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(recipe_text("task_arithmetic", tok, experts, per_model=[{"weight": 0.3}] * 3))
+    flags = ["--out-shard-size", "5B", "--lazy-unpickle", "--allow-crimes", "--trust-remote-code", "-q"]
+    assert parse_size("5B") == 5 * 10**9 and parse_size("500M") == 5 * 10**8 and parse_size("1024") == 1024
+    assert main(["run", str(recipe), str(tmp_path / "a"), *flags, "--no-copy-tokenizer"]) == 0
+    assert main(["run", str(recipe), str(tmp_path / "b"), *flags, "--copy-tokenizer"]) == 0
+    assert not (tmp_path / "a" / "tokenizer.json").exists() and (tmp_path / "b" / "tokenizer.json").exists()
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_submit_forwards_every_run_option():
+    """`submit` rebuilds `raymerge run`'s flags from the one declaration of them."""
+    from raymerge.cli.main import build_parser
+    from raymerge.cli.options import MERGEKIT_OPTIONS, RUN_OPTIONS, forward
+
+    argv = ["submit", "r.yaml", "--out", "o", "--memory-budget", "2GiB", "--workers", "3", "--device", "cuda"]
+    argv += ["--device-memory", "80GiB", "--overwrite", "--strict", "--no-copy-tokenizer", "--out-shard-size", "1GB"]
+    args = build_parser().parse_args(argv)
+    got = forward(args, (*RUN_OPTIONS, *MERGEKIT_OPTIONS))
+    again = build_parser().parse_args(["run", "r.yaml", "o", *got])
+    for opt in (*RUN_OPTIONS, *MERGEKIT_OPTIONS):
+        assert getattr(again, opt.dest) == getattr(args, opt.dest), opt.flag
