@@ -30,7 +30,6 @@ _UNSUPPORTED = {
     "slices": "layer slicing/stacking is not supported; list whole models under `models`",
     "modules": "per-module recipes are not supported; list whole models under `models`",
     "tokenizer": "tokenizer surgery is not supported; use `tokenizer_source: base`",
-    "chat_template": "chat_template is not supported; edit tokenizer_config.json after merging",
 }
 
 
@@ -100,6 +99,7 @@ class Recipe(BaseModel):
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    chat_template: str | None = None
     name: str | None = None
     raymerge: RaymergeOptions = Field(default_factory=RaymergeOptions)
     source: str = ""

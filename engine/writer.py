@@ -27,7 +27,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from raymerge.engine import __version__
+from raymerge.engine import __version__, chat_template
 from raymerge.engine.errors import OutputError
 from raymerge.engine.plan import MergePlan, OutputShard
 from raymerge.engine.publish import INDEX, META, TOKENIZER_FILES, ModelPublication, copy_side_files
@@ -193,6 +193,8 @@ class Staging:
             (self.dir / "config.json").write_text(json.dumps(config, indent=2))
         if plan.tokenizer_from:
             copy_side_files(plan.tokenizer_from, self.dir, TOKENIZER_FILES)
+        if plan.chat_template:
+            chat_template.write(self.dir, plan.chat_template)
         (self.dir / "README.md").write_text(card, encoding="utf-8")
         # mergekit's name for the recipe as run, which tools that read mergekit outputs look for.
         (self.dir / MERGE_CONFIG).write_text(plan.recipe.source or "", encoding="utf-8")

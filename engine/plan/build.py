@@ -5,6 +5,7 @@ Reads headers only (never tensor data) and fails early on any disagreement betwe
 
 from __future__ import annotations
 
+from raymerge.engine import chat_template
 from raymerge.engine.arch import is_embedding_name, num_layers
 from raymerge.engine.errors import CheckpointError
 from raymerge.engine.plan.estimates import Placement
@@ -106,6 +107,7 @@ def build_plan(
         tokenizer_from,
         device=where.device,
         device_memory=where.device_memory,
+        chat_template=chat_template.resolve(recipe.chat_template, urls) if recipe.chat_template else None,
     )
 
 

@@ -124,6 +124,8 @@ class MergePlan:
     # Where the plan placed accelerator work (``cpu`` or ``cuda``) and the device memory it assumed.
     device: str = "cpu"
     device_memory: int | None = None
+    # The recipe's chat template, resolved (``chat_template.resolve``), for the output's tokenizer files.
+    chat_template: str | None = None
 
     @property
     def read_bytes(self) -> int:

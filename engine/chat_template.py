@@ -1,0 +1,71 @@
+"""The recipe's ``chat_template``: ``auto``, a template name, or a literal Jinja template.
+
+``auto`` takes the template most of the input models ship (in ``tokenizer_config.json`` or
+``chat_template.jinja``; the first in recipe order among equals), as mergekit does; a name picks
+one of the templates below; anything with Jinja markup is used as written. The merged model gets
+it where transformers reads it: ``tokenizer_config.json``'s ``chat_template`` and
+``chat_template.jinja``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+from raymerge.engine.errors import RecipeError
+from raymerge.engine.storage import join_url, read_text
+
+# ChatML: each message as <|im_start|>ROLE, newline, content, <|im_end|>.
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+NAMED = {"chatml": CHATML}
+
+
+def model_template(url: str) -> str | None:
+    """The chat template a model directory ships, if any."""
+    text = read_text(join_url(url, "chat_template.jinja"))
+    if text:
+        return text
+    raw = read_text(join_url(url, "tokenizer_config.json"))
+    if not raw:
+        return None
+    try:
+        value = json.loads(raw).get("chat_template")
+    except (ValueError, AttributeError):
+        return None
+    if isinstance(value, list):  # named templates: [{"name": "default", "template": ...}, ...]
+        value = next((t.get("template") for t in value if isinstance(t, dict) and t.get("name") == "default"), None)
+    return value if isinstance(value, str) and value else None
+
+
+def resolve(spec: str, models: Sequence[str]) -> str | None:
+    """The template ``spec`` names for a merge of ``models`` (None: ``auto`` and no model has one)."""
+    if spec == "auto":
+        found = [t for t in (model_template(m) for m in models) if t]
+        return Counter(found).most_common(1)[0][0] if found else None
+    if spec in NAMED:
+        return NAMED[spec]
+    if "{{" in spec or "{%" in spec:
+        return spec
+    raise RecipeError(
+        f"unknown chat_template {spec!r}",
+        hint=f"use auto, one of {', '.join(sorted(NAMED))}, or a literal Jinja template",
+    )
+
+
+def write(directory: Path, template: str) -> None:
+    """Put ``template`` where transformers reads it in a model ``directory``."""
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    config["chat_template"] = template
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    (directory / "chat_template.jinja").write_text(template, encoding="utf-8")
+
+
+__all__ = ["CHATML", "NAMED", "model_template", "resolve", "write"]
