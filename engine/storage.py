@@ -18,6 +18,7 @@ import logging
 import mmap
 import os
 import posixpath
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -98,6 +99,26 @@ class ReadStats:
 READ_STATS = ReadStats()
 
 
+# Linux's MAP_NORESERVE (Python 3.11's mmap module does not name it).
+_MAP_NORESERVE = 0x4000 if sys.platform.startswith("linux") else 0
+
+
+def _map_private(fd: int, url: str) -> mmap.mmap:
+    """A private (copy-on-write) mapping of the whole file: writable, which ``torch.frombuffer``
+    needs, without copying; pages are shared with the page cache until written, and nothing is.
+
+    MAP_NORESERVE keeps the kernel from reserving swap for the copy-on-write pages: without it,
+    under Linux's default heuristic overcommit, a file larger than RAM plus swap (a multi-TB
+    statistics file, a huge single-file checkpoint) could not be mapped at all.
+    """
+    try:
+        return mmap.mmap(fd, 0, flags=mmap.MAP_PRIVATE | _MAP_NORESERVE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except OSError as exc:
+        raise CheckpointError(
+            f"cannot map the file: {exc.strerror}", file=url, hint="check vm.overcommit_memory, or shard the file"
+        ) from None
+
+
 class ShardReader:
     """Byte-range access to one safetensors file: mmap for local paths, range reads otherwise.
 
@@ -119,9 +140,7 @@ class ShardReader:
             try:
                 self.size = os.fstat(fd).st_size
                 if self.size > 0:
-                    # ACCESS_COPY gives a writable private view, which torch.frombuffer needs,
-                    # without copying: pages are shared with the page cache until written.
-                    self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+                    self._mm = _map_private(fd, url)
             finally:
                 os.close(fd)
         else:

@@ -87,9 +87,9 @@ def check_budget(plan: MergePlan, budget: int, device_budget: int | None = None)
             if t.est_device_bytes or dev_over:
                 have = f" (one device has {fmt_bytes(device_budget)})" if device_budget is not None else ""
                 parts.append(f"{fmt_bytes(t.est_device_bytes)} of device memory{have}")
+            elsewhere = ", run it on an accelerator (--device cuda)" if plan.device == "cpu" else ""
             hint = (
-                "raise --memory-budget, run it on an accelerator (--device cuda), or choose a method that can be "
-                "row-chunked"
+                f"raise --memory-budget{elsewhere}, or choose a method that can be row-chunked"
                 if host_over
                 else "use a device with more memory, set precision: fp32, or run it on CPU (--device cpu)"
             )
