@@ -91,6 +91,23 @@ def moves_by_chunks(dev: torch.device) -> bool:
     return dev.type != "cpu"
 
 
+def move_rows(
+    reader: ShardReader, entry: TensorEntry, r0: int, r1: int, dtype: torch.dtype, dev: torch.device, step: int
+) -> torch.Tensor:
+    """Rows [r0, r1) of a stored tensor on ``dev`` in ``dtype``, moved ``step`` rows at a time, so the
+    host holds one chunk (and its mapped pages) at a time, never the whole tensor."""
+    out = torch.empty((r1 - r0, *entry.shape[1:]), dtype=dtype, device=dev)
+    for a in range(r0, r1, max(1, step)):
+        b = min(r1, a + max(1, step))
+        view = reader.read_rows(entry, a, b)
+        out[a - r0 : b - r0].copy_(view)
+        if dev.type == "cuda":
+            torch.cuda.current_stream(dev).synchronize()  # the copy is done with the pages
+        del view
+        reader.release(*row_span(entry, a, b))
+    return out
+
+
 class ExpertStream(LazyTensors):
     """The experts of a task as a lazy sequence: each access reads that expert's rows afresh
     (zero-copy from the mapping, then cast to the compute dtype on the compute device), so a
@@ -133,19 +150,8 @@ class ExpertStream(LazyTensors):
         return x
 
     def _to_device_by_chunks(self, i: int, entry: TensorEntry, r0: int, r1: int) -> torch.Tensor:
-        """Rows [r0, r1) of input ``i`` on the accelerator, moved ``chunk_rows`` at a time, so the
-        host holds one chunk (and its mapped pages) at a time, never the whole tensor."""
-        out = torch.empty((r1 - r0, *entry.shape[1:]), dtype=self.compute, device=self.dev)
-        step = self.task.chunk_rows
-        for a in range(r0, r1, step):
-            b = min(r1, a + step)
-            view = self.readers[i].read_rows(entry, a, b)
-            self.bytes_read += view.numel() * view.element_size()
-            out[a - r0 : b - r0].copy_(view)
-            if self.dev.type == "cuda":
-                torch.cuda.current_stream(self.dev).synchronize()  # the copy is done with the pages
-            del view
-            self.readers[i].release(*row_span(entry, a, b))
+        out = move_rows(self.readers[i], entry, r0, r1, self.compute, self.dev, self.task.chunk_rows)
+        self.bytes_read += (r1 - r0) * entry.row_bytes()
         return out
 
     def __len__(self) -> int:
@@ -169,7 +175,8 @@ class Transposed(LazyTensors):
 
 
 class AuxStream(LazyTensors):
-    """A task's per-expert auxiliary matrices, read on demand in the compute dtype and device."""
+    """A task's per-expert auxiliary matrices, read on demand in the compute dtype and device (on an
+    accelerator in row chunks, like the inputs)."""
 
     def __init__(self, task: TensorTask, dev: torch.device) -> None:
         self.task = task
@@ -181,7 +188,11 @@ class AuxStream(LazyTensors):
     def _item(self, i: int) -> torch.Tensor:
         ref, name = self.task.aux[i], self.task.aux_names[i]
         reader = open_shard(ref.url)
-        x = reader.read_rows(ref.entry(name)).to(device=self.dev, dtype=DTYPES[self.task.compute_dtype][0])
+        entry, dtype = ref.entry(name), DTYPES[self.task.compute_dtype][0]
+        if moves_by_chunks(self.dev) and entry.shape and entry.shape[0] > self.task.chunk_rows > 0:
+            x = move_rows(reader, entry, 0, entry.shape[0], dtype, self.dev, self.task.chunk_rows)
+        else:
+            x = reader.read_rows(entry).to(device=self.dev, dtype=dtype)
         if not bool(torch.isfinite(x).all()):
             raise CheckpointError("statistics contain NaN or Inf", file=ref.url, tensor=name)
         return x
@@ -254,7 +265,7 @@ def run_task(task: TensorTask, staging_dir: str, device: str = "cpu") -> Receipt
         turned = method is not None and method.oriented and task.layout == "in_out"  # set on linear weights only
         if method is not None and method.chunked is not None and not turned:
             stream = ExpertStream(task, readers, 1 if task.has_base else 0, dev)
-            args = MergeArgs(task.shared, task.per_model, None, task.tensor, task.seed)
+            args = MergeArgs(task.shared, task.per_model, None, task.tensor, task.seed, AuxStream(task, dev))
             pieces = method.chunked(TaskChunks(stream, task), args)
             crc, written = _write_pieces(pieces, out_dtype, path, task.output.offset, task)
             return Receipt(task.id, task.tensor, crc, written, stream.bytes_read, time.perf_counter() - t0, str(dev))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 import torch
 
 import raymerge.engine.local as executor
@@ -92,17 +93,33 @@ def test_local_executor_gives_the_caller_its_torch_thread_count_back(family, tmp
         torch.set_num_threads(prev)
 
 
-def test_accelerator_row_chunk_transfers_write_the_same_bytes(family, tmp_path, monkeypatch):
-    """On an accelerator, whole-tensor tasks (spectral methods) read their inputs and write their
-    result in row chunks through the host. Forced on CPU here, the bytes and CRCs are unchanged."""
+@pytest.mark.parametrize("method", ["tsv_m", "regmean"])
+def test_accelerator_row_chunk_transfers_write_the_same_bytes(method, family, tmp_path, monkeypatch):
+    """On an accelerator, whole-tensor tasks (spectral methods, RegMean and its Gram matrices) read
+    their inputs and write their result in row chunks through the host. Forced on CPU here, the
+    bytes and CRCs are unchanged."""
     import json
+
+    from safetensors.torch import save_file
 
     import raymerge.engine.task as task_mod
 
     from conftest import recipe_text
 
     base, experts = family
-    text = recipe_text("tsv_m", base, experts, extra="raymerge: {chunk_bytes: 4096}")
+    per_model = None
+    if method == "regmean":  # per-expert input Grams, one in x in matrix per linear layer
+        per_model = []
+        for i in range(len(experts)):
+            g = torch.Generator().manual_seed(i)
+            mats = {}
+            for name, w in load_dir(base).items():
+                if w.dim() == 2 and "embed" not in name and "lm_head" not in name:
+                    x = torch.randn(3 * w.shape[1], w.shape[1], generator=g)
+                    mats[name.removesuffix(".weight")] = x.T @ x / x.shape[0]
+            save_file(mats, str(tmp_path / f"g{i}.safetensors"))
+            per_model.append({"grams": str(tmp_path / f"g{i}.safetensors")})
+    text = recipe_text(method, base, experts, per_model=per_model, extra="raymerge: {chunk_bytes: 4096}")
     merge(parse_recipe(text), tmp_path / "whole", progress=False, workers=1)
     calls = []
     real = task_mod.moves_by_chunks
