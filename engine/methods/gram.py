@@ -1,11 +1,13 @@
 """Gram-family merges: one streaming reduction over experts, then a method-specific solve.
 
 For a linear weight of shape [out, in] and task vectors Δ_t = expert_t − base, experts are read
-one at a time and reduced to
+one at a time, each in row chunks, and reduced to
 
-    S = Σ_t w_t Δ_tᵀΔ_t   (in × in)      R = Σ_t w_t Δ_t (Δ_tᵀΔ_t)   (out × in)      ΣΔ_t
+    S = Σ_t w_t C_t   (in × in)      R = Σ_t w_t Δ_t C_t   (out × in)      ΣΔ_t (WUDI only)
 
-so memory is O(in² + out·in) whatever the number of experts. Then:
+with C_t = Δ_tᵀΔ_t. Per expert, a first pass over its row chunks accumulates C_t += δᵀδ and
+‖Δ_t‖² (and ΣΔ_t's rows); then S += w_t C_t; a second pass accumulates R's rows += w_t δ C_t
+(WUDI's w_t = 1/‖Δ_t‖² is known after the first pass). Then:
 
 * **ACTMat** (Hameed et al., arXiv 2604.01329): w_t = 1, Δ* = R S⁺, the RegMean closed form with
   the data-free covariance estimate C_t ≈ Δ_tᵀΔ_t. S⁺ comes from ``eigh`` of the symmetric S with
@@ -13,106 +15,64 @@ so memory is O(in² + out·in) whatever the number of experts. Then:
   W* = (Σ W_t C_t)(Σ C_t)⁺ = W₀·S S⁺ + Δ*.
 * **RegMean** (Jin et al., ICLR 2023), the data-based original: W* = (Σ_t W_t G̃_t)(Σ_t G̃_t)⁻¹
   with each expert's input Gram G_t = XᵀX/N (given per expert by the ``grams`` parameter) and
-  G̃_t = G_t with off-diagonal entries × ``alpha``. Solved by Cholesky, falling back to the
-  ``eigh`` pseudo-inverse when Σ G̃_t is singular; never an explicit inverse.
+  G̃_t = G_t with off-diagonal entries × ``alpha``. B = Σ W_t G̃_t accumulates by row chunks.
+  Solved by Cholesky, falling back to the ``eigh`` pseudo-inverse when Σ G̃_t is singular; never
+  an explicit inverse.
 * **WUDI** (Cheng et al., ICML 2025): w_t = 1/‖Δ_t‖_F², minimising Σ_t ‖(M − Δ_t)Δ_tᵀ‖²/‖Δ_t‖².
   ``solver: adam`` reproduces the paper (M₀ = ΣΔ_t, ``steps`` Adam steps at ``lr`` in fp32) with
-  the analytic gradient 2(M S − R): no T×out×out products, no autograd. ``solver: spectral``
-  is the closed form of gradient flow, M = M₀ − M₀ V f Vᵀ + R V (f/λ) Vᵀ with S = V Λ Vᵀ and
-  f = 1 − exp(−λ t); ``solver: adaptive`` keeps f = 1 on the top K = ⌈(Σ√λ)²/Σλ⌉ eigen-
-  directions and 0 elsewhere; ``solver: closed_form`` is the exact minimiser R S⁺.
+  the analytic gradient 2(M S − R): no T×out×out products, no autograd. Row i of the gradient
+  depends only on row i of M and Adam is entry-wise, so each block of rows runs its own
+  ``steps`` (the same iterates as one whole-matrix run, up to fp32 rounding of the products).
+  ``solver: spectral`` is the closed form of gradient flow, M = M₀ − M₀ V f Vᵀ + R V (f/λ) Vᵀ
+  with S = V Λ Vᵀ and f = 1 − exp(−λ t); ``solver: adaptive`` keeps f = 1 on the top
+  K = ⌈(Σ√λ)²/Σλ⌉ eigendirections and 0 elsewhere; ``solver: closed_form`` is the exact
+  minimiser R S⁺.
+
+Every output is produced row block by row block (base rows + λ·Δ* rows) and handed out in the
+task's row chunks. The streaming lives in ``gram_stream``, the memory and FLOP models in
+``gram_memory``, the eigen-solves in ``eigh``.
+
+Memory: S and one C_t (in × in), R (out × in; ΣΔ too for WUDI) in the statistics dtype, plus
+row blocks: O(in² + out·in), independent of the number of experts, and never a whole Δ_t (the
+70B down_proj, out 8192 × in 28672, holds 14 GiB in fp64 on CPU instead of ~38). The solve adds
+eigenvectors and workspace (``eigh``: 2n² in all above ``eigh.IN_PLACE_BYTES`` on CPU, 4n² below,
+3n² on CUDA); RegMean's Cholesky factor is n². On an accelerator all of that is device memory and
+the host holds only the row chunks in flight. ``gram_memory`` states the model term by term; on
+CPU it bounds the peak resident-set growth measured as tests/parity/test_memory_model.py measures
+it by 1.03–1.39× (out × in from 512 × 3072 to 3072 × 512, 4 fp32 experts). Rows are read in
+chunks but multiplied in blocks of at least ``gram_stream.BLOCK_ROWS`` rows, so the rank-k
+updates of C_t stay compute-bound whatever the chunk size. Each expert is read twice and the base
+2T + 1 times (page cache or range reads), the price of never holding a whole Δ_t.
 
 Precision: statistics and solves run in fp64 on CPU and on GPUs with full-rate FP64, fp32
 elsewhere (``precision``). TF32 never touches the statistics or the eigen-solves, whatever the
 process-wide switch says: S⁺ amplifies TF32's ~5e-4 rounding of S by cond(S) (measured on an H100:
 ACTMat in fp32 with TF32 gave 105 % relative error, without it 3e-3). WUDI's Adam loop runs in fp32,
 as in the reference implementation, and may use TF32 there (``tf32: true``): its gradient does not
-invert S, so the rounding stays at the 1e-3 level.
+invert S, so the rounding stays at the 1e-3 level. In fp64, chunked and whole-tensor runs differ
+only in the blocking of the products: ≤ 4e-15 relative on the merged task vector with a
+well-conditioned S, ≤ 3e-12 with nearly low-rank task vectors (S⁺ amplifies the rounding); the
+bounded CPU eigen-solver (SciPy ``syevr``) agrees with torch's ``syevd`` as closely (1.5e-14,
+3.1e-12). WUDI's Adam arithmetic is ``torch.optim.Adam``'s bit for bit.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
+from raymerge.engine.methods.chunks import ChunkSource
+from raymerge.engine.methods.eigh import Pseudoinverse, sym_eigh, symmetrize_
+from raymerge.engine.methods.gram_memory import gram_flops, memory_model, regmean_flops
+from raymerge.engine.methods.gram_stream import BlockReader, gram_stats, pieces, register_gram, row_blocks
 from raymerge.engine.methods.precision import stats_dtype, tf32
-from raymerge.engine.methods.registry import REQUIRED, MergeArgs, MethodSpec, Param, Scope, register
+from raymerge.engine.methods.registry import REQUIRED, MergeArgs, Param, Scope
 
 S_ = Scope.SHARED
-
-
-@dataclass
-class GramStats:
-    """Accumulated statistics of one linear weight over experts."""
-
-    S: torch.Tensor  # in × in, Σ w_t Δ_tᵀΔ_t
-    R: torch.Tensor  # out × in, Σ w_t Δ_t Δ_tᵀΔ_t
-    delta_sum: torch.Tensor  # out × in, Σ Δ_t
-    count: int
-    sq_norms: list[float]
-
-
-def gram_stats(base: torch.Tensor, experts: Sequence[torch.Tensor], weighting: str, dtype: torch.dtype) -> GramStats:
-    """Stream over ``experts`` once and accumulate S, R, ΣΔ (weights 1 or 1/‖Δ‖²)."""
-    rows, cols = base.shape
-    S = torch.zeros(cols, cols, dtype=dtype, device=base.device)
-    R = torch.zeros(rows, cols, dtype=dtype, device=base.device)
-    total = torch.zeros(rows, cols, dtype=dtype, device=base.device)
-    base_d = base.to(dtype)
-    norms: list[float] = []
-    n = 0
-    for x in experts:
-        d = x.to(dtype) - base_d
-        del x
-        sq = float((d * d).sum())
-        norms.append(sq)
-        w = 1.0 if weighting == "none" else (1.0 / sq if sq > 0 else 0.0)
-        c = d.T @ d
-        S.add_(c, alpha=w)
-        # Δ(ΔᵀΔ) = (ΔΔᵀ)Δ: for wide matrices (out < in) the out×out product is the cheaper one.
-        R.add_((d @ d.T) @ d if rows < cols else d @ c, alpha=w)
-        total.add_(d)
-        del c, d
-        n += 1
-    return GramStats(S, R, total, n, norms)
-
-
-def _eigh(S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigen-decomposition of the symmetric S (symmetrised first against rounding)."""
-    lam, V = torch.linalg.eigh((S + S.T) / 2)
-    return lam, V
-
-
-def pinv_apply(R: torch.Tensor, S: torch.Tensor, rcond: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """R S⁺ via ``eigh``; cut-off ``rcond``·λ_max (default max(dim)·eps, as ``torch.linalg.pinv``).
-
-    Returns (R S⁺, the projector-onto-range basis V_kept) so callers can form S S⁺ = V Vᵀ.
-    """
-    lam, V = _eigh(S)
-    if rcond is None:
-        rcond = S.shape[0] * torch.finfo(S.dtype).eps
-    top = lam.abs().max() if lam.numel() else torch.tensor(0.0)
-    keep = lam > rcond * top
-    Vk = V[:, keep]
-    return ((R @ Vk) / lam[keep]) @ Vk.T, Vk
-
-
-# ---------------------------------------------------------------------------------------------
-# what every Gram method shares: its memory model, the numerics parameters, the planner traits
-
-
-def _gram_extra(shape: tuple[int, ...], item: int) -> int:
-    cols = shape[1] if len(shape) == 2 else 0
-    return 4 * cols * cols * 8  # S, one C_t, eigenvectors and a temporary, fp64 at worst
-
-
-def _gram_flops(shape: tuple[int, ...], n: int) -> int:
-    rows, cols = (shape + (1, 1))[:2]
-    return n * 4 * rows * cols * cols + 10 * cols**3
 
 
 _COMMON = (
@@ -133,60 +93,81 @@ _GRAM: dict[str, Any] = {
     "fallback": "mean",
     "streams_experts": True,
     "prefers_accelerator": True,
-    "work_buffers": lambda n: 14,
-    "extra_bytes": _gram_extra,
-    "flops": _gram_flops,
+    "flops": gram_flops,
 }
 
 
-def actmat(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: MergeArgs) -> torch.Tensor:
-    """ACTMat: W = W₀ + λ·R S⁺ with C_t = Δ_tᵀΔ_t (or weight mode W₀ S S⁺ + R S⁺)."""
-    assert base is not None
+def actmat(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
+    """ACTMat: W = W₀ + λ·R S⁺ with C_t = Δ_tᵀΔ_t (or weight mode W₀ S S⁺ + λ·R S⁺)."""
     p = args.shared
-    dtype = stats_dtype(str(p["precision"]), base.device)
+    lam_ = float(p["lambda"])
+    blocks = row_blocks(src.ranges)
+    reader = BlockReader(blocks, str(p["precision"]))
     with tf32(False):
-        st = gram_stats(base, experts, "none", dtype)
+        st = gram_stats(src, reader, blocks, "none", with_sum=False)
+        S, R, origin = st.S, st.R, st.origin
+        del st
+        symmetrize_(S)
         ridge = float(p["ridge"])
-        S = st.S
         if ridge > 0:
-            S = S + ridge * (torch.diagonal(S).mean()) * torch.eye(S.shape[0], dtype=dtype, device=S.device)
-        delta, Vk = pinv_apply(st.R, S, None if p["rcond"] < 0 else float(p["rcond"]))
-        if p["merge_mode"] == "weight":
-            projected = (base.to(dtype) @ Vk) @ Vk.T
-            return (projected + float(p["lambda"]) * delta).to(base.dtype)
-    return (base.to(dtype) + float(p["lambda"]) * delta).to(base.dtype)
+            S.diagonal().add_(ridge * float(S.diagonal().mean()))
+        eig, V = sym_eigh(S)
+        del S
+        pinv = Pseudoinverse(eig, V, None if p["rcond"] < 0 else float(p["rcond"]))
+        del V
+        for block in blocks:
+            rows = slice(block[0][0] - origin, block[-1][1] - origin)
+            base = reader.read(src.base, block)
+            delta = pinv.apply(R[rows])
+            if p["merge_mode"] == "weight":
+                out = pinv.project(base)
+                out.add_(delta.mul_(lam_))
+            else:
+                out = delta.mul_(lam_).add_(base)
+            del delta
+            yield from pieces(out.to(reader.compute), block)
 
 
-register(
-    MethodSpec(
-        "actmat",
-        actmat,
-        (
-            *_COMMON,
-            Param(
-                "merge_mode", str, S_, "delta", "delta: W₀ + R S⁺ | weight: (Σ W_t C_t)(Σ C_t)⁺", ("delta", "weight")
-            ),
-            Param("ridge", float, S_, 0.0, "add ridge·mean(diag S) to S's diagonal before solving", low=0.0),
-            Param("rcond", float, S_, -1.0, "eigenvalue cut-off relative to λ_max (negative: pinv default)"),
-        ),
-        "https://arxiv.org/abs/2604.01329",
-        **_GRAM,
-    )
+register_gram(
+    "actmat",
+    actmat,
+    (
+        *_COMMON,
+        Param("merge_mode", str, S_, "delta", "delta: W₀ + R S⁺ | weight: (Σ W_t C_t)(Σ C_t)⁺", ("delta", "weight")),
+        Param("ridge", float, S_, 0.0, "add ridge·mean(diag S) to S's diagonal before solving", low=0.0),
+        Param("rcond", float, S_, -1.0, "eigenvalue cut-off relative to λ_max (negative: pinv default)"),
+    ),
+    "https://arxiv.org/abs/2604.01329",
+    memory=memory_model("actmat"),
+    **_GRAM,
 )
 
 
 def wudi_adam(M0: torch.Tensor, S: torch.Tensor, R: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
-    """``steps`` of torch Adam on Σ_t‖(M−Δ_t)Δ_tᵀ‖²/‖Δ_t‖² from M₀, using the gradient 2(M S − R)."""
-    M = torch.nn.Parameter(M0.to(torch.float32).clone())
+    """``steps`` of Adam (β = 0.9, 0.999, ε = 1e-8) on Σ_t‖(M−Δ_t)Δ_tᵀ‖²/‖Δ_t‖² from M₀, using the
+    gradient 2(M S − R); rows of M₀ and R with the whole S, in fp32.
+
+    The arithmetic is ``torch.optim.Adam``'s (its single-tensor path, operation for operation), written
+    out so that no optimizer or autograd machinery is involved: the first ``torch.optim.Adam`` of a
+    process imports ~75 MiB of modules, and its buffers are these four: M, its gradient and the
+    two moments (plus the denominator while it is formed).
+    """
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    M = M0.to(torch.float32, copy=True)
     S32, R32 = S.to(torch.float32), R.to(torch.float32)
-    opt = torch.optim.Adam([M], lr=lr)
-    for _ in range(steps):
-        with torch.no_grad():
-            g = M @ S32
-            g.sub_(R32).mul_(2)
-        M.grad = g
-        opt.step()
-    return M.detach()
+    exp_avg, exp_avg_sq = torch.zeros_like(M), torch.zeros_like(M)
+    for k in range(1, steps + 1):
+        g = M @ S32
+        g.sub_(R32).mul_(2)
+        exp_avg.lerp_(g, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        del g
+        step = float(k)
+        denom = exp_avg_sq.sqrt()
+        denom.div_((1 - beta2**step) ** 0.5).add_(eps)
+        M.addcdiv_(exp_avg, denom, value=-(lr / (1 - beta1**step)))
+        del denom
+    return M
 
 
 def wudi_filter(lam: torch.Tensor, solver: str, t: float, keep_fraction: float) -> torch.Tensor:
@@ -208,123 +189,182 @@ def wudi_filter(lam: torch.Tensor, solver: str, t: float, keep_fraction: float) 
     return f
 
 
-def wudi(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: MergeArgs) -> torch.Tensor:
+def _wudi_rows(
+    solver: str, S: torch.Tensor, R: torch.Tensor, M0: torch.Tensor, p: Any
+) -> Callable[[slice], torch.Tensor]:
+    """The rows of WUDI's merged task vector M for a slice of rows, in the statistics dtype; the
+    solve (eigen-decomposition, fp32 copy of S) happens here, once. Consumes S."""
+    if solver == "adam":
+        S32 = S.to(torch.float32)
+        del S
+        steps, lr, fast = int(p["steps"]), float(p["lr"]), bool(p["tf32"])
+
+        def adam(rows: slice) -> torch.Tensor:
+            with tf32(fast):
+                return wudi_adam(M0[rows], S32, R[rows], steps, lr).to(R.dtype)
+
+        return adam
+    if solver not in ("spectral", "adaptive", "closed_form"):  # validated by the recipe layer
+        raise ValueError(f"unknown WUDI solver {solver!r}")
+    lam, V = sym_eigh(symmetrize_(S))
+    del S
+    if solver == "closed_form":
+        pinv = Pseudoinverse(lam, V)
+        del V
+        return lambda rows: pinv.apply(R[rows])
+    f = wudi_filter(lam, solver, float(p["t"]), float(p["keep_fraction"]))
+    safe = torch.where(lam > 0, lam, torch.ones_like(lam))
+    gain = torch.where(lam > 0, f / safe, torch.zeros_like(lam))
+
+    def spectral(rows: slice) -> torch.Tensor:
+        m0 = M0[rows]
+        y = m0 @ V
+        out = y.mul_(f) @ V.T  # M₀ V f Vᵀ
+        torch.sub(m0, out, out=out)
+        y = torch.matmul(R[rows], V, out=y)
+        return out.addmm_(y.mul_(gain), V.T)  # + R V (f/λ) Vᵀ
+
+    return spectral
+
+
+def wudi(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
     """WUDI-Merging: ACTMat's objective with per-task weights 1/‖Δ_t‖²; Adam or closed forms."""
-    assert base is not None
     p = args.shared
-    solver = str(p["solver"])
-    dtype = stats_dtype(str(p["precision"]), base.device)
+    lam_ = float(p["lambda"])
+    blocks = row_blocks(src.ranges)
+    reader = BlockReader(blocks, str(p["precision"]))
     with tf32(False):
-        st = gram_stats(base, experts, "inv_sq_norm", dtype)
-        if solver == "adam":
-            with tf32(bool(p["tf32"])):
-                merged = wudi_adam(st.delta_sum, st.S, st.R, int(p["steps"]), float(p["lr"])).to(dtype)
-        elif solver == "closed_form":
-            merged, _ = pinv_apply(st.R, st.S)
-        elif solver in ("spectral", "adaptive"):
-            lam, V = _eigh(st.S)
-            f = wudi_filter(lam, solver, float(p["t"]), float(p["keep_fraction"]))
-            safe = torch.where(lam > 0, lam, torch.ones_like(lam))
-            gain = torch.where(lam > 0, f / safe, torch.zeros_like(lam))
-            M0 = st.delta_sum
-            merged = M0 - ((M0 @ V) * f) @ V.T + ((st.R @ V) * gain) @ V.T
-        else:  # validated by the recipe layer; kept for direct callers
-            raise ValueError(f"unknown WUDI solver {solver!r}")
-    return (base.to(dtype) + float(p["lambda"]) * merged).to(base.dtype)
+        st = gram_stats(src, reader, blocks, "inv_sq_norm", with_sum=True)
+        S, R, M0, origin = st.S, st.R, st.delta_sum, st.origin
+        del st
+        assert M0 is not None
+        merged_rows = _wudi_rows(str(p["solver"]), S, R, M0, p)
+        del S
+        for block in blocks:
+            merged = merged_rows(slice(block[0][0] - origin, block[-1][1] - origin))
+            base = reader.read(src.base, block)
+            out = merged.mul_(lam_).add_(base)
+            yield from pieces(out.to(reader.compute), block)
 
 
-register(
-    MethodSpec(
-        "wudi",
-        wudi,
-        (
-            *_COMMON,
-            _TF32,
-            Param(
-                "solver",
-                str,
-                S_,
-                "adam",
-                "adam | spectral | adaptive | closed_form",
-                ("adam", "spectral", "adaptive", "closed_form"),
-            ),
-            Param("steps", int, S_, 300, "Adam steps", low=1),
-            Param("lr", float, S_, 1e-5, "Adam learning rate", low=0.0, low_open=True),
-            Param("t", float, S_, 300.0, "spectral filter time f = 1 − exp(−λt)", low=0.0, low_open=True),
-            Param(
-                "keep_fraction",
-                float,
-                S_,
-                1.0,
-                "spectral: keep only this fraction of top eigendirections",
-                low=0.0,
-                high=1.0,
-                low_open=True,
-            ),
+register_gram(
+    "wudi",
+    wudi,
+    (
+        *_COMMON,
+        _TF32,
+        Param(
+            "solver",
+            str,
+            S_,
+            "adam",
+            "adam | spectral | adaptive | closed_form",
+            ("adam", "spectral", "adaptive", "closed_form"),
         ),
-        "https://arxiv.org/abs/2503.08099",
-        **_GRAM,
-    )
+        Param("steps", int, S_, 300, "Adam steps", low=1),
+        Param("lr", float, S_, 1e-5, "Adam learning rate", low=0.0, low_open=True),
+        Param("t", float, S_, 300.0, "spectral filter time f = 1 − exp(−λt)", low=0.0, low_open=True),
+        Param(
+            "keep_fraction",
+            float,
+            S_,
+            1.0,
+            "spectral: keep only this fraction of top eigendirections",
+            low=0.0,
+            high=1.0,
+            low_open=True,
+        ),
+    ),
+    "https://arxiv.org/abs/2503.08099",
+    memory=memory_model("wudi"),
+    **_GRAM,
 )
 
 
-def shrink_off_diagonal(G: torch.Tensor, alpha: float) -> torch.Tensor:
-    """RegMean's G̃ = α·G + (1 − α)·diag(G): off-diagonal entries scaled by α, diagonal kept."""
-    if alpha == 1:
-        return G
-    out = G * alpha
-    out.diagonal().add_(G.diagonal(), alpha=1 - alpha)
-    return out
+def shrink_off_diagonal_(G: torch.Tensor, alpha: float) -> torch.Tensor:
+    """RegMean's G̃ = α·G + (1 − α)·diag(G), in place: off-diagonal entries scaled by α, the
+    diagonal kept (as α·G_ii + (1 − α)·G_ii, the out-of-place formula's rounding); returns G."""
+    if alpha != 1:
+        diag = G.diagonal().clone()
+        G.mul_(alpha)
+        G.diagonal().add_(diag, alpha=1 - alpha)
+    return G
 
 
-def regmean(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: MergeArgs) -> torch.Tensor:
+def _cholesky_apply(L: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """B A⁻¹ for A = L Lᵀ, never forming A⁻¹: Bᵀ solved against L, then Lᵀ, as LAPACK's potrs does
+    (bit for bit ``torch.cholesky_solve(B.T, L).T``, which would also copy L for every block)."""
+    return torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, B.T, upper=False), upper=True).T
+
+
+def regmean(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
     """RegMean: W* = (Σ W_t G̃_t)(Σ G̃_t)⁻¹ from per-expert input Grams, one expert at a time."""
     p = args.shared
     alpha = float(p["alpha"])
+    if len(args.aux) != src.n_experts:
+        raise ValueError(f"regmean needs one Gram matrix per expert (args.aux), got {len(args.aux)}")
+    blocks = row_blocks(src.ranges)
+    reader = BlockReader(blocks, str(p["precision"]))
+    origin, end = blocks[0][0][0], blocks[-1][-1][1]
     with tf32(False):
         A: torch.Tensor | None = None
         B: torch.Tensor | None = None
-        out_dtype = None
-        for x, G in zip(experts, args.aux, strict=True):
-            dtype = stats_dtype(str(p["precision"]), x.device)
-            out_dtype = x.dtype
-            g = shrink_off_diagonal(G.to(dtype), alpha)
-            xb = x.to(dtype) @ g  # W_t G̃_t (G̃ is symmetric)
+        for t in range(src.n_experts):
+            G = args.aux[t]
+            g = G.to(stats_dtype(str(p["precision"]), G.device))
+            if alpha != 1 and g.data_ptr() == G.data_ptr():
+                g = g.clone()  # never scale the caller's matrix
+            del G
+            shrink_off_diagonal_(g, alpha)
             A = g.clone() if A is None else A.add_(g)
-            B = xb if B is None else B.add_(xb)
-            del x, G, g, xb
-        assert A is not None and B is not None and out_dtype is not None
-        A = (A + A.T) / 2
+            for block in blocks:
+                x = reader.read(functools.partial(src.expert, t), block)
+                if B is None:
+                    B = torch.zeros(end - origin, x.shape[1], dtype=x.dtype, device=x.device)
+                B[block[0][0] - origin : block[-1][1] - origin].addmm_(x, g)  # W_t G̃_t (G̃ is symmetric)
+            del g
+        assert A is not None and B is not None
+        symmetrize_(A)
         chol, info = torch.linalg.cholesky_ex(A)
         # Cholesky can "succeed" on a numerically singular matrix; trust it only when the factor's
         # diagonal shows a condition number the pinv cut-off would keep whole.
         d = chol.diagonal()
         cutoff = A.shape[0] * torch.finfo(A.dtype).eps
+        solve: Callable[[torch.Tensor], torch.Tensor]
         if int(info) == 0 and float((d.min() / d.max()) ** 2) > cutoff:
-            merged = torch.cholesky_solve(B.T, chol).T  # B A⁻¹ without forming A⁻¹
+            del A, d
+            solve = functools.partial(_cholesky_apply, chol)
         else:
-            merged, _ = pinv_apply(B, A)
-    return merged.to(out_dtype)
+            del chol, d
+            lam, V = sym_eigh(A, bounded=True)
+            del A
+            solve = Pseudoinverse(lam, V).apply
+            del V
+        for block in blocks:
+            merged = solve(B[block[0][0] - origin : block[-1][1] - origin])
+            yield from pieces(merged.to(reader.compute), block)
 
 
-register(
-    MethodSpec(
-        "regmean",
-        regmean,
-        (
-            Param("grams", str, Scope.MODEL, REQUIRED, "directory or .safetensors file of this expert's input Grams"),
-            Param(
-                "alpha",
-                float,
-                S_,
-                0.95,
-                "off-diagonal scale of the Grams (1 = exact RegMean, 0 = diagonal only)",
-                low=0.0,
-                high=1.0,
-            ),
-            _COMMON[1],
+register_gram(
+    "regmean",
+    regmean,
+    (
+        Param("grams", str, Scope.MODEL, REQUIRED, "directory or .safetensors file of this expert's input Grams"),
+        Param(
+            "alpha",
+            float,
+            S_,
+            0.95,
+            "off-diagonal scale of the Grams (1 = exact RegMean, 0 = diagonal only)",
+            low=0.0,
+            high=1.0,
         ),
-        "https://arxiv.org/abs/2212.09849",
-        **{**_GRAM, "aux_param": "grams", "needs_base": False},
-    )
+        _COMMON[1],
+    ),
+    "https://arxiv.org/abs/2212.09849",
+    memory=memory_model("regmean"),
+    **{**_GRAM, "aux_param": "grams", "needs_base": False, "flops": regmean_flops},
 )
+
+
+__all__ = ["actmat", "regmean", "shrink_off_diagonal_", "wudi", "wudi_adam", "wudi_filter"]

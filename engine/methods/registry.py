@@ -106,7 +106,8 @@ class WorkShape:
     sees it (out × in for oriented methods); ``chunk_rows``: rows one read moves; ``inputs``:
     tensors read per element (base + experts); ``experts``: task vectors merged; ``in_item``,
     ``compute_item``, ``out_item``, ``stats_item``: the stored inputs, the compute dtype, the
-    output dtype, and the statistics/solve dtype of dense linear algebra (8 for fp64).
+    output dtype, and the statistics/solve dtype of dense linear algebra (8 for fp64); ``params``:
+    the task's method parameters, for models that depend on them (WUDI's solver).
     """
 
     numel: int
@@ -119,6 +120,7 @@ class WorkShape:
     compute_item: int
     out_item: int
     stats_item: int = 8
+    params: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def row_numel(self) -> int:

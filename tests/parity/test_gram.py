@@ -202,3 +202,176 @@ def test_gram_methods_on_cuda(tf32, precision):
     assert _rel(out, ref) <= (1e-6 if fp64 else 1e-2)
     w = METHODS["wudi"].fn(zero, dev, MergeArgs(_defaults("wudi", precision=precision, tf32=tf32), [{}] * 8)).cpu()
     assert _rel(w, _fb_wudi(deltas, 300)) <= (1e-4 if not tf32 else 1e-2)
+
+
+# ---- row-chunked streaming, the bounded eigen-solver, the memory model
+
+
+def _chunked(name, base, experts, args, chunk_rows):
+    """The method's chunked function over ``chunk_rows``-row chunks of in-memory tensors."""
+    from raymerge.engine.methods import InMemorySource
+
+    src = InMemorySource(base, experts, chunk_rows=chunk_rows)
+    return src.assemble(METHODS[name].chunked(src, args))
+
+
+CHUNKED_CASES = [
+    ("actmat", {}),
+    ("actmat", {"merge_mode": "weight"}),
+    ("actmat", {"ridge": 0.1, "rcond": 1e-6}),
+    ("wudi", {"solver": "spectral", "t": 50.0}),
+    ("wudi", {"solver": "spectral", "keep_fraction": 0.5}),
+    ("wudi", {"solver": "adaptive"}),
+    ("wudi", {"solver": "closed_form"}),
+]
+
+
+@pytest.mark.parametrize("block_rows", [1, 256])
+@pytest.mark.parametrize("name,over", CHUNKED_CASES)
+def test_chunked_equals_whole_tensor_path(name, over, block_rows, monkeypatch):
+    """Small row chunks (each its own block, or gathered into blocks of ≥ 256 rows) give the
+    whole-tensor result to fp64 rounding: only the blocking of the products differs (full-rank
+    task vectors, so that S⁺ does not amplify that rounding by a large condition number)."""
+    from raymerge.engine.methods import gram_stream
+
+    shape = (600, 40)
+    deltas = [d.double() for d in _task_vectors(shape, 3, seed=21, rank=40)]
+    base = torch.randn(*shape, dtype=torch.float64) * 0.02
+    experts = [base + d for d in deltas]
+    args = MergeArgs(_defaults(name, **over), [{}] * 3)
+    whole = METHODS[name].fn(base, experts, args)  # blocks of 256 rows
+    monkeypatch.setattr(gram_stream, "BLOCK_ROWS", block_rows)
+    chunked = _chunked(name, base, experts, args, chunk_rows=7)
+    assert _rel(chunked - base, whole - base) <= 1e-12
+
+
+def test_wudi_adam_chunked_equals_whole_in_fp32(monkeypatch):
+    """Adam runs per row block: each row's iterates are the whole-matrix ones, up to fp32 rounding of
+    the products (blocks of 7 rows against one block of all rows)."""
+    from raymerge.engine.methods import gram_stream
+
+    deltas = _task_vectors((90, 48), 4, seed=4)
+    zero = torch.zeros(90, 48)
+    args = MergeArgs(_defaults("wudi", steps=40, lr=1e-4), [{}] * 4)
+    whole = METHODS["wudi"].fn(zero, deltas, args)
+    monkeypatch.setattr(gram_stream, "BLOCK_ROWS", 1)
+    assert _rel(_chunked("wudi", zero, deltas, args, chunk_rows=7), whole) <= 1e-6
+
+
+def test_wudi_adam_is_torch_adam_bit_for_bit():
+    from raymerge.engine.methods.gram import wudi_adam
+
+    g = torch.Generator().manual_seed(0)
+    M0 = torch.randn(40, 30, generator=g, dtype=torch.float64) * 1e-3
+    X = torch.randn(30, 30, generator=g, dtype=torch.float64)
+    S, R = X @ X.T, torch.randn(40, 30, generator=g, dtype=torch.float64) * 1e-3
+    M = torch.nn.Parameter(M0.float().clone())
+    opt = torch.optim.Adam([M], lr=1e-3)
+    for _ in range(50):
+        with torch.no_grad():
+            M.grad = (M @ S.float()).sub_(R.float()).mul_(2)
+        opt.step()
+    assert torch.equal(wudi_adam(M0, S, R, 50, 1e-3), M.detach())
+
+
+@pytest.mark.parametrize("name,over", [*CHUNKED_CASES, ("wudi", {"solver": "spectral", "t": 1e9})])
+def test_bounded_eigensolver_matches_default_path(name, over, monkeypatch):
+    """Above ``IN_PLACE_BYTES`` (forced to 0 here) the CPU solve goes through SciPy's syevr on S
+    itself, without V[:, keep] copies; the merge agrees with torch's eigh path."""
+    from raymerge.engine.methods import eigh
+
+    deltas = [d.double() for d in _task_vectors((64, 48), 4, seed=9, rank=5)]
+    base = torch.randn(64, 48, dtype=torch.float64) * 0.02
+    experts = [base + d for d in deltas]
+    args = MergeArgs(_defaults(name, **over), [{}] * 4)
+    default = METHODS[name].fn(base, experts, args)
+    monkeypatch.setattr(eigh, "IN_PLACE_BYTES", 0)
+    bounded = METHODS[name].fn(base, experts, args)
+    assert _rel(bounded - base, default - base) <= 1e-9
+
+
+def test_bounded_eigensolver_works_in_place():
+    """SciPy decomposes S in its own memory: S is overwritten, and the only new allocation of
+    n² size is V (numpy's allocations are traced: a copy of S would double the peak)."""
+    import tracemalloc
+
+    from raymerge.engine.methods import eigh
+
+    n = 400
+    X = torch.randn(n, 30, dtype=torch.float64)
+    S = eigh.symmetrize_(X @ X.T + torch.eye(n, dtype=torch.float64))
+    before = S.clone()
+    ref_lam, ref_V = torch.linalg.eigh(before)
+    old = eigh.IN_PLACE_BYTES
+    eigh.IN_PLACE_BYTES = 0
+    try:
+        tracemalloc.start()
+        lam, V = eigh.sym_eigh(S)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        eigh.IN_PLACE_BYTES = old
+    assert peak < 1.5 * n * n * 8, peak / (n * n * 8)
+    assert not torch.equal(S, before)  # LAPACK used S as its workspace
+    assert V.data_ptr() != S.data_ptr()
+    assert (lam - ref_lam).abs().max() <= 1e-10 * ref_lam.abs().max()
+    assert ((before @ V - V * lam).norm() / before.norm()).item() <= 1e-12
+
+
+def test_symmetrize_in_place_is_the_out_of_place_formula():
+    from raymerge.engine.methods.eigh import symmetrize_
+
+    for n in (1, 5, 511, 512, 1300):
+        S = torch.randn(n, n, dtype=torch.float64)
+        ref = (S + S.T) / 2
+        assert torch.equal(symmetrize_(S), ref), n
+
+
+def _shape(out, inn, experts=8, in_item=2, stats_item=8, chunk_bytes=4 << 20):
+    from raymerge.engine.methods import WorkShape
+
+    rows = max(1, chunk_bytes // (inn * 4))
+    numel = out * inn
+    return WorkShape(
+        numel, min(numel, rows * inn), (out, inn), rows, experts + 1, experts, in_item, 4, in_item, stats_item
+    )
+
+
+def test_memory_model_70b_down_proj_fits_24_gib_on_cpu():
+    """The issue's target: ACTMat on a 70B down_proj (out 8192 × in 28672, 8 bf16 experts, fp32
+    compute, fp64 statistics) is declared within 24 GiB of host memory on CPU."""
+    s = _shape(8192, 28672)
+    for name in ("actmat", "wudi"):
+        fp = METHODS[name].footprint(s, False)
+        assert fp.host <= 24 << 30, (name, fp.host / 2**30)
+        assert fp.device == 0
+    # S and one C_t are 12.25 GiB, R 1.75 GiB: the model counts them
+    assert METHODS["actmat"].footprint(s, False).host >= 14 << 30
+
+
+def test_memory_model_on_accelerator_keeps_the_host_at_chunk_size():
+    small, large = _shape(1024, 4096), _shape(16384, 53248)
+    for name in ("actmat", "wudi", "regmean"):
+        a, b = METHODS[name].footprint(small, True), METHODS[name].footprint(large, True)
+        assert abs(a.host - b.host) <= 8 << 20, name
+        assert b.host <= 64 << 20, name
+        assert b.device > 2 * 53248**2 * 8, name  # S and C_t in fp64 on the device
+    # fp32 statistics halve the device figure's n² terms
+    assert METHODS["actmat"].footprint(_shape(16384, 53248, stats_item=4), True).device < b.device * 0.6
+
+
+def test_wudi_memory_depends_on_the_solver_when_the_shape_says_it():
+    from dataclasses import dataclass
+
+    from raymerge.engine.methods import WorkShape
+
+    s = _shape(512, 3072, experts=4, in_item=4)
+
+    @dataclass(frozen=True)
+    class WithParams(WorkShape):
+        params: dict | None = None
+
+    adam = METHODS["wudi"].footprint(WithParams(**s.__dict__, params={"solver": "adam"}), False)
+    spectral = METHODS["wudi"].footprint(WithParams(**s.__dict__, params={"solver": "spectral"}), False)
+    unknown = METHODS["wudi"].footprint(s, False)
+    assert adam.host < spectral.host == unknown.host  # without the solver: the largest

@@ -150,3 +150,42 @@ def test_regmean_from_collected_grams_matches_fusion_bench(tmp_path):
             avg = sum(m.state_dict()[name] for m in models) / 3
             assert ((avg - r).norm() / r.norm()).item() > 1e-2  # not trivially the plain average
     assert regmean_tensors == 14
+
+
+@pytest.mark.parametrize("block_rows", [1, 256])
+@pytest.mark.parametrize("singular", [False, True])
+def test_regmean_chunked_equals_whole_tensor_path(block_rows, singular, monkeypatch):
+    """B = Σ W_t G̃_t accumulated over 7-row chunks (each its own block, or gathered into blocks of
+    ≥ 256 rows) and solved block by block gives the whole-tensor result; on the Cholesky path and
+    on the pseudo-inverse path."""
+    from raymerge.engine.methods import InMemorySource, gram_stream
+
+    torch.manual_seed(2)
+    if singular:
+        basis = torch.randn(32, 9, dtype=torch.float64)
+        grams = [basis @ torch.diag(torch.rand(9, dtype=torch.float64) + 0.5) @ basis.T for _ in range(3)]
+    else:
+        grams = _grams(32, 3, seed=4)
+    ws = [torch.randn(600, 32, dtype=torch.float64) for _ in range(3)]
+    args = _args(grams, 0.95 if not singular else 1.0)
+    whole = METHODS["regmean"].fn(None, ws, args)  # blocks of 256 rows
+    monkeypatch.setattr(gram_stream, "BLOCK_ROWS", block_rows)
+    src = InMemorySource(None, ws, chunk_rows=7)
+    chunked = src.assemble(METHODS["regmean"].chunked(src, args))
+    assert ((chunked - whole).norm() / whole.norm()).item() <= 1e-12
+
+
+def test_regmean_does_not_scale_the_callers_grams():
+    grams = _grams(16, 2, seed=3)
+    kept = [g.clone() for g in grams]
+    METHODS["regmean"].fn(None, [torch.randn(8, 16, dtype=torch.float64) for _ in range(2)], _args(grams, 0.5))
+    assert all(torch.equal(g, k) for g, k in zip(grams, kept))
+
+
+def test_cholesky_apply_is_cholesky_solve():
+    from raymerge.engine.methods.gram import _cholesky_apply
+
+    A = sum(_grams(40, 2, seed=6))
+    L = torch.linalg.cholesky(A)
+    B = torch.randn(30, 40, dtype=torch.float64)
+    assert torch.equal(_cholesky_apply(L, B), torch.cholesky_solve(B.T, L).T)
