@@ -18,7 +18,10 @@ keys (the plain mean of the experts at the default alpha = 1). Unlike FusionBenc
 Memory: experts are streamed (TSV-M and Iso-C read each once, Iso-CTS twice). They are read by
 index and never bound to a name, so the previous one is freed before the next is read (a loop
 variable, or enumerate's cached tuple, would keep it alive during the read). Besides one expert,
-a method holds the fp64 factors Ū (rows×r) and V̄ᵀ (r×cols), or the fp64 sum, and one SVD.
+a method holds the factors Ū (rows×r) and V̄ᵀ (r×cols), or the sum, in the solve dtype, and one
+SVD. Each method's memory model (``_Live``, ``_memory``) lists those buffers phase by phase, in
+the solve dtype the plan records (``WorkShape.stats_item``), for CPU tasks (host memory) and for
+accelerator tasks (device memory; the host holds row chunks in flight).
 
 Precision: task vectors are formed in the compute dtype (as FusionBench subtracts state dicts in
 the model dtype), then SVDs and products run in the Gram methods' ``precision: auto`` dtype: fp64
@@ -37,7 +40,8 @@ path; fp32 always uses the exact SVD. ``svd: exact`` skips the Gram path.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -47,9 +51,16 @@ from raymerge.engine.errors import RecipeError
 # One meaning of ``precision: auto`` and ``tf32`` for every dense-linear-algebra method.
 from raymerge.engine.methods.precision import stats_dtype as solve_dtype
 from raymerge.engine.methods.precision import tf32 as _tf32
-from raymerge.engine.methods.registry import MergeArgs, MethodSpec, Param, Scope, register
-
-_F64 = 8  # bytes per fp64 element, for memory estimates
+from raymerge.engine.methods.registry import (
+    Footprint,
+    MemoryModel,
+    MergeArgs,
+    MethodSpec,
+    Param,
+    Scope,
+    WorkShape,
+    register,
+)
 
 
 def _task_vector(x: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -161,7 +172,7 @@ def _opts(args: MergeArgs, base: torch.Tensor) -> tuple[torch.dtype, bool, float
 
 
 # ---------------------------------------------------------------------------------------------
-# what every spectral method shares: SVD cost estimates, the numerics parameters, the traits
+# what every spectral method shares: memory and SVD cost models, the numerics parameters, the traits
 
 
 def _dims(shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -169,31 +180,121 @@ def _dims(shape: tuple[int, ...]) -> tuple[int, int, int]:
     return rows, cols, min(rows, cols)
 
 
-def _svd_bytes(rows: int, cols: int) -> int:
-    """Peak bytes of one thin fp64 SVD besides its input: LAPACK's copy, U, Vᵀ and workspace.
-
-    The 6·r² workspace term bounds the RSS growth measured for CPU ``torch.linalg.svd`` at
-    4096×2048, 3072×3072 and 8192×1024 (2.9–6.3 input sizes in all).
-    """
-    r = min(rows, cols)
-    return _F64 * (rows * cols + rows * r + r * cols + 6 * r * r)
-
-
 def _svd_flops(rows: int, cols: int) -> int:
     r, big = min(rows, cols), max(rows, cols)
     return 6 * big * r * r + 20 * r**3
 
 
-def _factor_bytes(shape: tuple[int, ...]) -> int:
-    """Concatenated factors Ū (rows×r), σ̄, V̄ᵀ (r×cols) in fp64."""
-    rows, cols, r = _dims(shape)
-    return _F64 * (rows * r + r + r * cols)
+# Memory. A method's model lists the live buffers of each phase of its function; the task's peak
+# is its largest phase plus the inputs held throughout (``_Live.held``). Every SVD step is charged
+# as the exact SVD whatever ``svd`` says: the Gram path hands over to it on rank-deficient inputs
+# (low-rank fine-tunes do that), and its own buffers are smaller. On CPU all of it is host memory,
+# checked against the measured resident-set growth of real tasks by
+# tests/parity/test_memory_model.py (with glibc's mmap threshold pinned, as executors must run
+# tasks: glibc's default dynamic threshold keeps up to 64 MiB of freed buffers resident per
+# arena). On an accelerator the phases are device memory and the host holds row chunks in flight.
+
+# Resident bytes a CPU task adds besides its buffers: MKL's cached BLAS buffers (its fast memory
+# manager keeps them), library code paged in on first use, small allocations (measured 2–6 MiB).
+_CPU_RESIDUE = 8 << 20
 
 
-def _finish_bytes(shape: tuple[int, ...]) -> int:
-    """Polar factors plus the dense fp64 product at the end."""
-    rows, cols, r = _dims(shape)
-    return _F64 * (rows * r + r * cols + rows * cols)
+@dataclass(frozen=True)
+class _Live:
+    """The sizes a spectral task's phases are made of, in bytes unless named otherwise.
+
+    ``rows``×``cols`` (r = the smaller) is the matrix as the method sees it, ``n`` its elements;
+    ``s``, ``c``, ``i``, ``o``: bytes per element of the solve, compute, stored and output dtypes;
+    ``held``: the inputs resident for the whole task; ``cur``: the expert being read, beyond
+    ``held``; ``device``: the phases are accelerator memory (other SVD workspace and writing).
+    """
+
+    rows: int
+    cols: int
+    r: int
+    n: int
+    s: int
+    c: int
+    i: int
+    o: int
+    held: int
+    cur: int
+    device: bool
+
+    @classmethod
+    def of(cls, w: WorkShape, device: bool) -> _Live:
+        rows, cols, r = _dims(w.chunk_shape)
+        n, c = w.numel, w.compute_item
+        if device or w.in_item != w.compute_item:
+            # Inputs are converted copies (on CPU the stream drops each one's mapped pages once
+            # copied): the base stays, one expert at a time passes through.
+            held, cur = n * c * (w.inputs - w.experts), n * c
+        else:
+            # Zero-copy views of the mapped files: each input's pages, once read, stay resident until
+            # the task ends (``run_task`` releases them then), so all of them count.
+            held, cur = n * w.in_item * w.inputs, 0
+        return cls(rows, cols, r, n, w.stats_item, c, w.in_item, w.out_item, held, cur, device)
+
+    def mat(self, m: int, k: int) -> int:
+        """An m×k matrix in the solve dtype."""
+        return self.s * m * k
+
+    def svd(self, m: int, k: int) -> int:
+        """One thin SVD of an m×k matrix besides its input: the solver's copy of it, U, Vᵀ, and
+        5.5·r² of workspace, which bounds CPU ``torch.linalg.svd`` (MKL gesdd: 3–4.1·r² measured
+        at 512×512 to 4096×1024, wide and tall, plus an r×r buffer MKL keeps from one call to the
+        next). It also bounds the Gram path (Gram matrix, ``eigh`` and its workspace, one factor)
+        and ``Solver.polar`` either way, whose product U Vᵀ takes the room of the freed copy and
+        workspace.
+
+        On CUDA one more m×k matrix is assumed, not measured (no CUDA where this was calibrated):
+        cuSOLVER's gesvdj workspace, or the transposed copy and workspace of the gesvd fallback
+        torch runs when gesvdj does not converge; ``eigh`` (syevd, about 2·r²) fits the same figure.
+        """
+        r = min(m, k)
+        own = self.s * (m * k + m * r + r * k) + self.s * 11 * r * r // 2
+        return own + self.mat(m, k) if self.device else own
+
+    def read(self) -> int:
+        """Reading one input, beyond ``held``: a converted copy (with the stored pages it is made
+        from, dropped afterwards), and the stream's finiteness check (``torch.isfinite``: a copy
+        of |x| and three boolean masks)."""
+        check = self.n * (self.c + 3)
+        return self.cur + max(self.n * self.i, check) if self.cur else check
+
+    def task_vector(self) -> int:
+        """Forming one τ_t: the expert, the difference in the compute dtype, τ in the solve dtype
+        (more than ``read`` for a solve dtype of 4 or 8 bytes)."""
+        return self.cur + self.n * (self.c + self.s)
+
+    def finish(self) -> int:
+        """``_finish`` and writing: δ in the solve dtype, then ``add_``'s promoted copy of the base
+        or the rounded result; then the result and its output copy (two where a Conv1D result is
+        made contiguous; from an accelerator rows leave one chunk at a time, see ``_memory``)."""
+        result = self.n * self.c + (0 if self.device else 2 * self.n * self.o)
+        return max(self.n * self.s + max(self.n * self.s, self.n * self.c), result)
+
+
+def _memory(phases: Callable[[_Live, int], int]) -> MemoryModel:
+    """A spectral method's ``MemoryModel`` from ``phases(live, experts)``: its peak besides the
+    held inputs.
+
+    CPU: host = held inputs + the largest phase + ``_CPU_RESIDUE``. Accelerator: the inputs reach
+    the device one row chunk at a time (host: the stored chunk and its converted copy), the result
+    leaves the same way (host: the output chunk and a contiguous copy of it, for ``Transposed``
+    results), so host bytes do not grow with the layer; the device holds the base, the phases
+    and one output chunk.
+    """
+
+    def memory(w: WorkShape, on_accelerator: bool) -> Footprint:
+        live = _Live.of(w, on_accelerator)
+        peak = live.held + phases(live, w.experts)
+        if not on_accelerator:
+            return Footprint(host=peak + _CPU_RESIDUE)
+        chunk = w.chunk_numel
+        return Footprint(host=chunk * (w.in_item + w.compute_item + 2 * w.out_item), device=peak + chunk * w.out_item)
+
+    return memory
 
 
 S = Scope.SHARED
@@ -224,7 +325,6 @@ _SPECTRAL: dict[str, Any] = {
     "fallback": "mean_task_vector",
     "streams_experts": True,
     "prefers_accelerator": True,
-    "work_buffers": lambda n: 2,  # τ_t in the compute dtype and the result
 }
 
 
@@ -241,6 +341,17 @@ def mean_task_vector(base: torch.Tensor | None, experts: Sequence[torch.Tensor],
     return total.div_(n).sub_(base).mul_(alpha).add_(base)
 
 
+def _mean_task_vector_memory(w: WorkShape, on_accelerator: bool) -> Footprint:
+    """Held inputs, the running sum, then reading one input or the output copy. Tasks are row
+    chunks (``row_separable``), so on an accelerator the host holds one input chunk and its
+    converted copy, then the output chunk."""
+    live = _Live.of(w, on_accelerator)
+    peak = live.held + w.numel * w.compute_item + max(live.read(), w.numel * w.out_item)
+    if not on_accelerator:
+        return Footprint(host=peak + _CPU_RESIDUE)
+    return Footprint(host=w.chunk_numel * (w.in_item + w.compute_item + w.out_item), device=peak)
+
+
 register(
     MethodSpec(
         "mean_task_vector",
@@ -249,7 +360,7 @@ register(
         "base + alpha · mean task vector",
         row_separable=True,
         streams_experts=True,
-        work_buffers=lambda n: 2,
+        memory=_mean_task_vector_memory,
     )
 )
 
@@ -284,11 +395,17 @@ def tsv_m(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: Merg
     return _finish(base, delta, alpha)
 
 
-def _tsv_extra(shape: tuple[int, ...], item: int) -> int:
-    rows, cols, r = _dims(shape)
-    per_task = _F64 * rows * cols + _svd_bytes(rows, cols)  # τ in fp64 and its SVD
-    polar = max(_svd_bytes(rows, r), _svd_bytes(r, cols)) + _F64 * max(rows, cols) * r
-    return _factor_bytes(shape) + max(per_task, polar, _finish_bytes(shape))
+def _tsv_phases(m: _Live, n_tasks: int) -> int:
+    kept = n_tasks * tsv_rank(m.r, n_tasks)  # columns of Ū, rows of V̄ᵀ
+    u, vh = m.mat(m.rows, kept), m.mat(kept, m.cols)
+    factors = u + vh + m.s * kept  # written slice by slice: every page is touched by the end
+    return max(
+        factors + m.task_vector(),
+        factors + m.n * m.s + m.svd(m.rows, m.cols),  # τ_t and its SVD
+        factors + m.svd(m.rows, kept),
+        u + vh + m.svd(kept, m.cols),  # Ū's polar factor, V̄ᵀ and its polar work
+        u + vh + m.finish(),
+    )
 
 
 def _tsv_flops(shape: tuple[int, ...], n: int) -> int:
@@ -302,7 +419,7 @@ register(
         tsv_m,
         (_ALPHA, *_NUMERICS),
         "https://arxiv.org/abs/2412.00081",
-        extra_bytes=_tsv_extra,
+        memory=_memory(_tsv_phases),
         flops=_tsv_flops,
         **_SPECTRAL,
     )
@@ -330,9 +447,13 @@ def iso_c(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: Merg
     return _finish(base, delta.mul_(s.mean()), alpha)
 
 
-def _iso_c_extra(shape: tuple[int, ...], item: int) -> int:
-    rows, cols, _ = _dims(shape)
-    return _F64 * rows * cols + max(_svd_bytes(rows, cols), _finish_bytes(shape))
+def _iso_c_phases(m: _Live, n_tasks: int) -> int:
+    total = m.n * m.s
+    return max(
+        total + m.cur + m.n * (m.c + m.s),  # the sum, τ_t in the compute dtype, add_'s promoted copy
+        total + m.svd(m.rows, m.cols),
+        m.finish(),
+    )
 
 
 def _iso_c_flops(shape: tuple[int, ...], n: int) -> int:
@@ -346,7 +467,7 @@ register(
         iso_c,
         (_ALPHA, *_NUMERICS),
         "https://arxiv.org/abs/2502.04959",
-        extra_bytes=_iso_c_extra,
+        memory=_memory(_iso_c_phases),
         flops=_iso_c_flops,
         **_SPECTRAL,
     )
@@ -400,8 +521,19 @@ def iso_cts(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: Me
     return _finish(base, delta.mul_(s_cat.mean()), alpha)
 
 
-def _iso_cts_extra(shape: tuple[int, ...], item: int) -> int:
-    return _factor_bytes(shape) + _tsv_extra(shape, item)
+def _iso_cts_phases(m: _Live, n_tasks: int) -> int:
+    u, vh = m.mat(m.rows, m.r), m.mat(m.r, m.cols)
+    factors = u + vh + m.s * m.r  # allocated before pass 1, touched from the common SVD on
+    tau = m.n * m.s
+    # The projection of a τ_t (u_cᵀτ_t, k_c×cols) is smaller than the SVD that follows it.
+    return max(
+        m.cur + m.n * m.c + 2 * tau,  # pass 1: the sum, as in Iso-C
+        factors + tau + m.svd(m.rows, m.cols),  # the common space; later each τ_t's SVD
+        factors + m.task_vector(),
+        factors + m.svd(m.rows, m.r),
+        u + vh + m.s * m.r + m.svd(m.r, m.cols),
+        u + vh + m.finish(),
+    )
 
 
 def _iso_cts_flops(shape: tuple[int, ...], n: int) -> int:
@@ -427,7 +559,7 @@ register(
             *_NUMERICS,
         ),
         "https://arxiv.org/abs/2502.04959",
-        extra_bytes=_iso_cts_extra,
+        memory=_memory(_iso_cts_phases),
         flops=_iso_cts_flops,
         **_SPECTRAL,
     )

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from raymerge.engine.merge import merge
-from raymerge.engine.methods import METHODS, MergeArgs
+from raymerge.engine.methods import METHODS, MergeArgs, WorkShape
 from raymerge.engine.methods.spectral import iso_cts_split, tsv_rank
 from raymerge.engine.recipe import parse_recipe
 
@@ -276,8 +276,12 @@ def test_plan_estimates_cover_the_svd_work(method):
     assert spec.applies_to == frozenset({"linear"}) and spec.fallback == "mean_task_vector"
     assert spec.prefers_accelerator and spec.flops is not None
     rows, cols = 4096, 1024
-    # at least the fp64 task vector and its two factors
-    assert spec.extra_bytes((rows, cols), 4) >= 8 * (rows * cols + rows * cols + cols * cols)
+    n = rows * cols
+    shape = WorkShape(n, n, (rows, cols), 256, 9, 8, 4, 4, 4)
+    # at least the inputs, the fp64 task vector and its two factors, on CPU and on an accelerator
+    svd_work = 8 * (n + n + cols * cols)
+    assert spec.footprint(shape, False).host >= 9 * 4 * n + svd_work
+    assert spec.footprint(shape, True).device >= 4 * n + svd_work
     assert spec.flops((rows, cols), 8) > 8 * rows * cols * cols
 
 
