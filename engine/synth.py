@@ -2,7 +2,10 @@
 
 Experts are the base plus structured task vectors: a low-rank component (what fine-tuning tends
 to produce) and a sparse component, each from its own seed. Files are written tensor by tensor,
-so building a multi-GB checkpoint never holds more than one tensor in memory.
+so building a multi-GB checkpoint never holds more than one tensor in memory. Header-only
+checkpoints (``make_header_only_family``, ``make_header_only_grams``) have real headers over
+sparse files with no data: Llama 3 70B and 405B families to plan against, in seconds and a few
+MiB of disk.
 """
 
 from __future__ import annotations
@@ -87,6 +90,9 @@ SHAPES: dict[str, LlamaShape] = {
     # Benchmarked as layer subsets (dataclasses.replace(shape, layers=n)): same widths, fewer layers.
     "70b": LlamaShape(vocab=32000, hidden=8192, layers=80, intermediate=28672, heads=64, kv_heads=8),
     "405b": LlamaShape(vocab=128256, hidden=16384, layers=126, intermediate=53248, heads=128, kv_heads=8),
+    # Llama 3 / 3.1 at full size (head_dim 128, 128k vocabulary, untied): for header-only plans.
+    "llama3-70b": LlamaShape(vocab=128256, hidden=8192, layers=80, intermediate=28672, heads=64, kv_heads=8),
+    "llama3-405b": LlamaShape(vocab=128256, hidden=16384, layers=126, intermediate=53248, heads=128, kv_heads=8),
 }
 
 
@@ -124,6 +130,63 @@ def task_vector(
     return low.reshape(shape)
 
 
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _shard_files(
+    specs: list[tuple[str, tuple[int, ...]]], item: int, shard_bytes: int | None, stem: str = "model"
+) -> list[tuple[str, list[tuple[str, tuple[int, ...]]]]]:
+    """Group ``specs`` (in order) into shards of at most ``shard_bytes`` the way Hugging Face names
+    them: ``model.safetensors`` alone, else ``model-0000i-of-0000n.safetensors``."""
+    groups: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    fill = 0
+    for name, shape in specs:
+        nb = item * _numel(shape)
+        if shard_bytes and groups[-1] and fill + nb > shard_bytes:
+            groups.append([])
+            fill = 0
+        groups[-1].append((name, shape))
+        fill += nb
+    n = len(groups)
+    names = [f"{stem}.safetensors" if n == 1 else f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    return list(zip(names, groups, strict=True))
+
+
+def _shard_rows(
+    group: list[tuple[str, tuple[int, ...]]], tag: str, item: int
+) -> tuple[list[tuple[str, str, tuple[int, ...], int, int]], int]:
+    """Header rows ``(name, tag, shape, start, end)`` packed from offset 0, and the data bytes."""
+    rows = []
+    pos = 0
+    for name, shape in group:
+        nb = item * _numel(shape)
+        rows.append((name, tag, shape, pos, pos + nb))
+        pos += nb
+    return rows, pos
+
+
+def _write_metadata(
+    path: Path,
+    weight_map: dict[str, str],
+    n_files: int,
+    config: dict[str, object] | None,
+    tokenizer: bool,
+    total_size: int | None = None,
+) -> None:
+    if n_files > 1:
+        meta: dict[str, object] = {} if total_size is None else {"total_size": total_size}
+        index = {"metadata": meta, "weight_map": weight_map}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    if config is not None:
+        (path / "config.json").write_text(json.dumps(config, indent=2))
+    if tokenizer:
+        (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 256, "source": str(path.name)}))
+
+
 def write_checkpoint(
     path: str | Path,
     tensors: Iterator[tuple[str, torch.Tensor]] | list[tuple[str, torch.Tensor]],
@@ -136,30 +199,14 @@ def write_checkpoint(
     """Stream tensors (in ``specs`` order) into HF-layout safetensors shards plus metadata."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    item = DTYPES[TAG_OF_DTYPE[dtype]][1]
-    groups: list[list[tuple[str, tuple[int, ...]]]] = [[]]
-    fill = 0
-    for name, shape in specs:
-        nb = item * int(torch.tensor(shape).prod()) if shape else item
-        if shard_bytes and groups[-1] and fill + nb > shard_bytes:
-            groups.append([])
-            fill = 0
-        groups[-1].append((name, shape))
-        fill += nb
-    names = [
-        "model.safetensors" if len(groups) == 1 else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        for i in range(len(groups))
-    ]
+    tag = TAG_OF_DTYPE[dtype]
+    item = DTYPES[tag][1]
+    files = _shard_files(specs, item, shard_bytes)
     it = iter(tensors)
     weight_map: dict[str, str] = {}
-    for fname, group in zip(names, groups, strict=True):
-        rows = []
-        pos = 0
-        for name, shape in group:
-            nb = item * int(torch.tensor(shape).prod()) if shape else item
-            rows.append((name, TAG_OF_DTYPE[dtype], shape, pos, pos + nb))
-            pos += nb
-            weight_map[name] = fname
+    for fname, group in files:
+        rows, _ = _shard_rows(group, tag, item)
+        weight_map.update((name, fname) for name, _ in group)
         header = shard_header(rows)
         with open(path / fname, "wb") as f:
             f.write(len(header).to_bytes(8, "little"))
@@ -168,13 +215,43 @@ def write_checkpoint(
                 got_name, t = next(it)
                 assert got_name == name and tuple(t.shape) == tuple(shape), (got_name, name)
                 f.write(tensor_bytes(t.to(dtype)))
-    if len(groups) > 1:
-        index = {"metadata": {}, "weight_map": weight_map}
-        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    if config is not None:
-        (path / "config.json").write_text(json.dumps(config, indent=2))
-    if tokenizer:
-        (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 256, "source": str(path.name)}))
+    _write_metadata(path, weight_map, len(files), config, tokenizer)
+    return path
+
+
+def write_header_only_checkpoint(
+    path: str | Path,
+    specs: list[tuple[str, tuple[int, ...]]],
+    dtype: torch.dtype,
+    config: dict[str, object] | None,
+    shard_bytes: int | None = None,
+    tokenizer: bool = True,
+) -> Path:
+    """Write real safetensors headers for ``specs`` whose data sections are holes.
+
+    Each shard is the 8-byte little-endian header length, the JSON header (dtype, shape and
+    ``data_offsets`` exactly as for real data), then a file truncated up to its full size without
+    writing a byte: a sparse file that passes strict header validation, reads as zeros and takes
+    ~4 KiB of disk however large the tensors. Sharded and indexed like ``write_checkpoint``
+    (``shard_bytes`` per shard); for planning and header-level tests of frontier-size models.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tag = TAG_OF_DTYPE[dtype]
+    item = DTYPES[tag][1]
+    files = _shard_files(specs, item, shard_bytes)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for fname, group in files:
+        rows, data_bytes = _shard_rows(group, tag, item)
+        weight_map.update((name, fname) for name, _ in group)
+        total += data_bytes
+        header = shard_header(rows)
+        with open(path / fname, "wb") as f:
+            f.write(len(header).to_bytes(8, "little"))
+            f.write(header)
+            f.truncate(8 + len(header) + data_bytes)
+    _write_metadata(path, weight_map, len(files), config, tokenizer, total_size=total)
     return path
 
 
@@ -212,3 +289,62 @@ def make_family(
     ]
     os.sync()
     return base, experts
+
+
+# Hugging Face's default max_shard_size ("5GB").
+HF_SHARD_BYTES = 5 * 10**9
+
+
+def make_header_only_family(
+    root: str | Path,
+    shape: LlamaShape | str,
+    n_experts: int,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    shard_bytes: int | None = HF_SHARD_BYTES,
+) -> tuple[Path, list[Path]]:
+    """A base and ``n_experts`` experts under ``root`` (``base``, ``expert0`` …) with real headers
+    and no data (``write_header_only_checkpoint``): what ``raymerge plan`` needs of a 405B family,
+    in milliseconds per checkpoint and a few KiB of disk per shard. The experts' files are identical
+    (planning reads headers only); ``make_family``'s layout and return value otherwise.
+    """
+    shp = SHAPES[shape] if isinstance(shape, str) else shape
+    root = Path(root)
+    specs = shp.tensors()
+    cfg = shp.config(dtype)
+    base = write_header_only_checkpoint(root / "base", specs, dtype, cfg, shard_bytes)
+    experts = [
+        write_header_only_checkpoint(root / f"expert{e}", specs, dtype, cfg, shard_bytes) for e in range(n_experts)
+    ]
+    return base, experts
+
+
+def gram_specs(shape: LlamaShape | str) -> list[tuple[str, tuple[int, int]]]:
+    """RegMean's statistics for ``shape``: one ``[in, in]`` input Gram per linear layer, keyed by
+    module name (``model.layers.0.mlp.down_proj``) as ``raymerge stats`` writes them."""
+    shp = SHAPES[shape] if isinstance(shape, str) else shape
+    return [
+        (name.removesuffix(".weight"), (s[1], s[1]))
+        for name, s in shp.tensors()
+        if name.startswith("model.layers.") and len(s) == 2
+    ]
+
+
+def make_header_only_grams(
+    path: str | Path,
+    shape: LlamaShape | str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    shard_bytes: int | None = HF_SHARD_BYTES,
+) -> Path:
+    """Header-only input Grams for RegMean (``gram_specs``), as a directory in Hugging Face layout
+    (``shard_bytes`` per shard) or, with ``shard_bytes=None``, the one file ``path/grams.safetensors``
+    that ``raymerge stats`` writes. Returns what a recipe's ``grams`` parameter should name.
+    """
+    path = Path(path)
+    out = write_header_only_checkpoint(path, list(gram_specs(shape)), dtype, None, shard_bytes, tokenizer=False)
+    if shard_bytes is None:
+        single = out / "grams.safetensors"
+        (out / "model.safetensors").rename(single)
+        return single
+    return out
