@@ -27,7 +27,6 @@ from raymerge.engine.storage import dtype_from_name
 log = logging.getLogger(__name__)
 
 _UNSUPPORTED = {
-    "slices": "layer slicing/stacking is not supported; list whole models under `models`",
     "modules": "per-module recipes are not supported; list whole models under `models`",
     "tokenizer": "tokenizer surgery is not supported; use `tokenizer_source: base`",
 }
@@ -87,12 +86,46 @@ class ModelEntry(BaseModel):
     parameters: dict[str, Any] = Field(default_factory=dict)
 
 
-class Recipe(BaseModel):
-    """A validated recipe. ``source`` keeps the original YAML text for the model card."""
+class SliceSource(BaseModel):
+    """One input of an output slice: blocks [start, end) of ``model``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    models: list[ModelEntry]
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class SliceEntry(BaseModel):
+    """One output slice (mergekit's ``OutputSliceDefinition``): its sources' blocks merged in step."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sources: list[SliceSource]
+    base_model: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        """Blocks this slice contributes to the output."""
+        lo, hi = self.sources[0].layer_range
+        return hi - lo
+
+    def source(self, url: str) -> SliceSource:
+        return next(s for s in self.sources if s.model == url)
+
+
+class Recipe(BaseModel):
+    """A validated recipe. ``source`` keeps the original YAML text for the model card.
+
+    Exactly one of ``models`` (whole models merged tensor by tensor) and ``slices`` (output blocks
+    stacked from block ranges of the inputs, mergekit's frankenmerge / depth up-scaling syntax).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    models: list[ModelEntry] = Field(default_factory=list)
+    slices: list[SliceEntry] = Field(default_factory=list)
     merge_method: str
     base_model: str | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
@@ -108,14 +141,36 @@ class Recipe(BaseModel):
     def method(self) -> MethodSpec:
         return METHODS[self.merge_method]
 
+    def slice_base(self, s: SliceEntry) -> str | None:
+        """The base of one output slice: its own ``base_model``, else the recipe's."""
+        return s.base_model or self.base_model
+
+    def slice_has_base(self, s: SliceEntry) -> bool:
+        """Whether the slice's tasks read a base (first input) besides the experts."""
+        base = self.slice_base(s)
+        return self.method.needs_base or (base is not None and not self.method.includes_base_in_inputs)
+
+    def slice_experts(self, s: SliceEntry) -> list[str]:
+        """A slice's models merged against its base, in source order (all for base-free methods)."""
+        base = self.slice_base(s)
+        if self.method.includes_base_in_inputs or not base:
+            return [x.model for x in s.sources]
+        return [x.model for x in s.sources if x.model != base]
+
     def expert_urls(self) -> list[str]:
         """The models merged against the base, in recipe order (all models for base-free methods)."""
+        if self.slices:
+            return list(dict.fromkeys(u for s in self.slices for u in self.slice_experts(s)))
         if self.method.includes_base_in_inputs or not self.base_model:
             return [m.model for m in self.models]
         return [m.model for m in self.models if m.model != self.base_model]
 
     def model_urls(self) -> list[str]:
         """Every checkpoint the merge reads: base first (when used), then the experts."""
+        if self.slices:
+            bases = [self.base_model] if self.base_model else []
+            urls = [*bases, *(u for s in self.slices for u in [s.base_model, *(x.model for x in s.sources)] if u)]
+            return list(dict.fromkeys(urls))
         experts = self.expert_urls()
         if self.base_model and not self.method.includes_base_in_inputs:
             return [self.base_model, *experts]
@@ -259,7 +314,12 @@ def parse_recipe(text: str, origin: str = "<recipe>", *, strict: bool = False) -
         raise RecipeError(f"unknown merge_method {method_name!r}", file=origin, hint=suggest(str(method_name), METHODS))
     method = METHODS[method_name]
     models = raw.get("models")
-    if not isinstance(models, list) or not models:
+    if "slices" in raw:
+        if models is not None:
+            raise RecipeError("give either `models` or `slices`, not both", file=origin)
+        _parse_slices(raw["slices"], method, origin, strict)
+        models = []
+    elif not isinstance(models, list) or not models:
         raise RecipeError("recipe needs a non-empty `models` list", file=origin)
     for i, m in enumerate(models):
         if isinstance(m, str):
@@ -296,8 +356,94 @@ def parse_recipe(text: str, origin: str = "<recipe>", *, strict: bool = False) -
     return recipe
 
 
+def _parse_slices(slices: Any, method: MethodSpec, origin: str, strict: bool) -> None:
+    """Check mergekit's ``slices`` syntax in place (keys, layer ranges, parameters), before pydantic."""
+    if not isinstance(slices, list) or not slices:
+        raise RecipeError("recipe needs a non-empty `slices` list of {sources: [...]}", file=origin)
+    for i, sl in enumerate(slices):
+        where = f"slices[{i}]"
+        if not isinstance(sl, dict) or "sources" not in sl:
+            raise RecipeError(f"{where} must be a mapping with a `sources` list", file=origin)
+        if "residual_weight" in sl:
+            log.warning("%s: residual_weight is ignored (as mergekit does)", where)
+            del sl["residual_weight"]
+        _check_keys(sl, {"sources", "base_model", "parameters"}, f"{origin}: {where}")
+        sources = sl["sources"]
+        if not isinstance(sources, list) or not sources:
+            raise RecipeError(f"{where}.sources must be a non-empty list", file=origin)
+        for j, src in enumerate(sources):
+            at = f"{where}.sources[{j}]"
+            if not isinstance(src, dict) or "model" not in src or "layer_range" not in src:
+                raise RecipeError(f"{at} must be a mapping with `model` and `layer_range: [start, end]`", file=origin)
+            _check_keys(src, {"model", "layer_range", "parameters"}, f"{origin}: {at}")
+            lr = src["layer_range"]
+            ints = isinstance(lr, list) and len(lr) == 2 and all(type(v) is int for v in lr)
+            if not ints or not 0 <= lr[0] < lr[1]:
+                raise RecipeError(
+                    f"{at}.layer_range must be [start, end] with 0 <= start < end, got {lr!r}", file=origin
+                )
+            if isinstance(src.get("parameters"), dict):
+                _check_params(src["parameters"], method, {Scope.MODEL}, f"{at} ({src['model']}).parameters", strict)
+            if src.get("parameters") is None:
+                src.pop("parameters", None)
+        if isinstance(sl.get("parameters"), dict):
+            _check_params(sl["parameters"], method, {Scope.MODEL, Scope.SHARED}, f"{where}.parameters", strict)
+        if sl.get("parameters") is None:
+            sl.pop("parameters", None)
+        lengths = [s["layer_range"][1] - s["layer_range"][0] for s in sources]
+        if len(set(lengths)) > 1:
+            raise RecipeError(f"{where}: every source must span the same number of layers, got {lengths}", file=origin)
+
+
+def _check_slices(recipe: Recipe, origin: str) -> None:
+    """Per output slice: a base where the method needs one (and among the sources when it is read),
+    the method's number of models, no model twice, and every required per-model parameter."""
+    method = recipe.method
+    for i, s in enumerate(recipe.slices):
+        where = f"slices[{i}]"
+        base = recipe.slice_base(s)
+        if method.needs_base and not base:
+            raise RecipeError(f"{where}: method {method.name!r} needs `base_model`", file=origin)
+        urls = [x.model for x in s.sources]
+        dup = {u for u in urls if urls.count(u) > 1}
+        if dup:
+            raise RecipeError(f"{where}: model {sorted(dup)[0]!r} is listed twice", file=origin)
+        if recipe.slice_has_base(s) and base not in urls:
+            raise RecipeError(
+                f"{where}: base model {base!r} is not one of the slice's sources",
+                file=origin,
+                hint="list the base with the same layer_range as the others",
+            )
+        n = len(recipe.slice_experts(s))
+        if n < method.min_experts or (method.max_experts is not None and n > method.max_experts):
+            most = "" if method.max_experts is None else f" and at most {method.max_experts}"
+            raise RecipeError(
+                f"{where}: method {method.name!r} needs at least {method.min_experts}{most} model(s) besides "
+                f"the base, got {n}",
+                file=origin,
+            )
+        for p in method.params:
+            if not p.required:
+                continue
+            if p.scope == Scope.SHARED and p.name not in s.parameters and p.name not in recipe.parameters:
+                raise RecipeError(f"{where}: method {method.name!r} needs parameter {p.name!r}", file=origin)
+            if p.scope == Scope.MODEL:
+                for url in recipe.slice_experts(s):
+                    if not any(p.name in d for d in (s.source(url).parameters, s.parameters, recipe.parameters)):
+                        raise RecipeError(
+                            f"{where}: model {url!r} needs parameter {p.name!r} for method {method.name!r}",
+                            file=origin,
+                        )
+
+
 def _check_structure(recipe: Recipe, origin: str) -> None:
     method = recipe.method
+    if recipe.slices:
+        _check_slices(recipe, origin)
+        ts = recipe.tokenizer_source
+        if ts not in (None, "base") and ts not in recipe.model_urls():
+            raise RecipeError(f"tokenizer_source {ts!r} is neither `base` nor one of the models", file=origin)
+        return
     if method.needs_base and not recipe.base_model:
         raise RecipeError(f"method {method.name!r} needs `base_model`", file=origin)
     n = len(recipe.expert_urls())

@@ -10,6 +10,7 @@ from raymerge.engine.arch import is_embedding_name, num_layers
 from raymerge.engine.errors import CheckpointError
 from raymerge.engine.plan.estimates import Placement
 from raymerge.engine.plan.layout import lay_out, tensor_order
+from raymerge.engine.plan.slices import slice_sources, stacked_config, whole_model_sources
 from raymerge.engine.plan.tasks import PlanContext, tensor_tasks
 from raymerge.engine.plan.types import DEFAULT_SHARD_BYTES, MergePlan, TensorTask
 from raymerge.engine.recipe import Recipe
@@ -58,6 +59,9 @@ def build_plan(
 ) -> MergePlan:
     """Open every checkpoint's headers, validate them and lay out tasks and output shards.
 
+    A sliced recipe stacks blocks of its inputs (``slices.slice_sources``); the output's config
+    then records the new block count.
+
     ``placement`` (default: CPU) says where accelerator-friendly tasks will compute; it sets
     their declared host and device memory, nothing they write (except that ``precision: auto``
     statistics that would not fit ``placement.device_memory`` in fp64 are planned in fp32).
@@ -67,11 +71,21 @@ def build_plan(
     urls = recipe.model_urls()
     ckpts = {u: open_checkpoint(u, allow_pickle=recipe.raymerge.allow_pickle_bin) for u in urls}
     experts = recipe.expert_urls()
-    base_url = recipe.base_model if recipe.base_model else experts[0]
-    ref = ckpts[base_url]
-    check_agreement(list(ckpts.values()), ref)
-    has_base = method.needs_base or (recipe.base_model is not None and not method.includes_base_in_inputs)
-    config = dict(ref.config)
+    if recipe.slices:
+        base_url = recipe.base_model or recipe.slices[0].sources[0].model
+        ref = ckpts[base_url]
+        sources, stacked = slice_sources(recipe, ckpts)
+        config = stacked_config(dict(ref.config), stacked, ckpts)
+        n_layers = len(stacked)
+    else:
+        base_url = recipe.base_model if recipe.base_model else experts[0]
+        ref = ckpts[base_url]
+        check_agreement(list(ckpts.values()), ref)
+        has_base = method.needs_base or (recipe.base_model is not None and not method.includes_base_in_inputs)
+        inputs = ([recipe.base_model] if has_base and recipe.base_model else []) + experts
+        sources = whole_model_sources(list(ref.entries), base_url, inputs, experts, has_base)
+        config = dict(ref.config)
+        n_layers = num_layers(config, ref.entries)
     out_tag: str | None = None
     if recipe.out_dtype or recipe.dtype:
         out_tag = TAG_OF_DTYPE[dtype_from_name(recipe.out_dtype or recipe.dtype or "")]
@@ -79,21 +93,19 @@ def build_plan(
         recipe=recipe,
         ckpts=ckpts,
         base_url=base_url,
-        inputs=([recipe.base_model] if has_base and recipe.base_model else []) + experts,
-        experts=experts,
-        has_base=has_base,
         config=config,
         vocab=config.get("vocab_size") if isinstance(config.get("vocab_size"), int) else None,
-        n_layers=num_layers(config, ref.entries),
+        n_layers=n_layers,
         compute_dtype=dtype_from_name(recipe.raymerge.compute_dtype) if recipe.raymerge.compute_dtype else None,
         aux_cache={},
         placement=where,
     )
-    names = sorted(ref.entries, key=tensor_order)
-    layout = lay_out(names, ref.entries, out_tag, out_shard_bytes)
+    sources.sort(key=lambda src: tensor_order(src.name))
+    entries = {src.name: ckpts[src.ref[0]].entries[src.ref[1]] for src in sources}
+    layout = lay_out([src.name for src in sources], entries, out_tag, out_shard_bytes)
     tasks: list[TensorTask] = []
-    for name in names:
-        tasks += tensor_tasks(ctx, name, layout.offset_of[name], layout.dtype_of[name])
+    for src in sources:
+        tasks += tensor_tasks(ctx, src, layout.offset_of[src.name], layout.dtype_of[src.name])
     tok = recipe.tokenizer_source
     tokenizer_from = base_url if tok in (None, "base") else tok
     out_dtype_name = str(DTYPES[out_tag][0]).replace("torch.", "") if out_tag else None

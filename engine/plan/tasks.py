@@ -20,8 +20,9 @@ from raymerge.engine.arch import classify, fused_blocks, linear_layout
 from raymerge.engine.errors import CheckpointError, RecipeError
 from raymerge.engine.methods import METHODS, MethodSpec, WorkShape
 from raymerge.engine.plan.estimates import Placement, stats_item, task_flops, task_footprint
+from raymerge.engine.plan.slices import TensorSource
 from raymerge.engine.plan.types import OutputRef, TensorRef, TensorTask
-from raymerge.engine.recipe import Recipe, resolve_for_tensor
+from raymerge.engine.recipe import Recipe
 from raymerge.engine.storage import DTYPES, TAG_OF_DTYPE, Checkpoint, TensorEntry, open_checkpoint, open_shard
 
 
@@ -29,18 +30,15 @@ from raymerge.engine.storage import DTYPES, TAG_OF_DTYPE, Checkpoint, TensorEntr
 class PlanContext:
     """What every tensor's tasks share: the recipe, the opened checkpoints and where inputs come from.
 
-    ``base_url`` is the reference model (the base, or the first expert without one); ``inputs``
-    are the URLs each merge task reads, base first when the method takes one; ``aux_cache``
-    keeps auxiliary statistics (RegMean's Grams) open across tensors; ``placement`` says where
-    accelerator-friendly work computes, for the memory figures.
+    ``base_url`` is the reference model (the base, or the first expert without one) whose config
+    the output takes; which tensors each task reads is the ``TensorSource`` it is planned from;
+    ``aux_cache`` keeps auxiliary statistics (RegMean's Grams) open across tensors; ``placement``
+    says where accelerator-friendly work computes, for the memory figures.
     """
 
     recipe: Recipe
     ckpts: dict[str, Checkpoint]
     base_url: str
-    inputs: list[str]
-    experts: list[str]
-    has_base: bool
     config: dict[str, Any]
     vocab: int | None
     n_layers: int
@@ -49,10 +47,10 @@ class PlanContext:
     placement: Placement
 
 
-def copy_task(ctx: PlanContext, name: str, cls: str, out: tuple[str, int]) -> TensorTask:
-    """A non-float buffer: the base model's bytes, copied as stored."""
-    src = ctx.ckpts[ctx.base_url]
-    e = src.entries[name]
+def copy_task(ctx: PlanContext, name: str, ref: tuple[str, str], cls: str, out: tuple[str, int]) -> TensorTask:
+    """A non-float buffer: the bytes of tensor ``ref`` (the base model's, by model and name), copied as stored."""
+    src = ctx.ckpts[ref[0]]
+    e = src.entries[ref[1]]
     return TensorTask(
         id=name,
         tensor=name,
@@ -61,7 +59,7 @@ def copy_task(ctx: PlanContext, name: str, cls: str, out: tuple[str, int]) -> Te
         method="copy",
         row_start=0,
         row_end=e.shape[0] if e.shape else 0,
-        inputs=(TensorRef.of(src.shard_of[name], e),),
+        inputs=(TensorRef.of(src.shard_of[ref[1]], e),),
         has_base=True,
         shared={},
         per_model=(),
@@ -84,22 +82,22 @@ def method_for(ctx: PlanContext, name: str, cls: str) -> MethodSpec:
     return method
 
 
-def tensor_tasks(ctx: PlanContext, name: str, out: tuple[str, int], out_tag: str) -> list[TensorTask]:
-    """Every task of tensor ``name``, written at shard/offset ``out`` in dtype ``out_tag``."""
-    recipe = ctx.recipe
-    e = ctx.ckpts[ctx.base_url].entries[name]
+def tensor_tasks(ctx: PlanContext, src: TensorSource, out: tuple[str, int], out_tag: str) -> list[TensorTask]:
+    """Every task of output tensor ``src.name``, written at shard/offset ``out`` in dtype ``out_tag``."""
+    recipe, name = ctx.recipe, src.name
+    e = ctx.ckpts[src.ref[0]].entries[src.ref[1]]
     cls = classify(name, e, ctx.vocab)
     if cls == "buffer":
-        return [copy_task(ctx, name, cls, out)]
+        return [copy_task(ctx, name, src.ref, cls, out)]
     spec = method_for(ctx, name, cls)
-    params = resolve_for_tensor(recipe, name, ctx.n_layers, spec)
+    params = src.params(recipe, spec, ctx.n_layers)
     problem = spec.check(params.shared, params.per_model) if spec.check else None
     if problem:
         raise RecipeError(f"method {spec.name!r}: {problem}", tensor=name)
     layout = linear_layout(cls, ctx.config)
     turned = layout == "in_out" and spec.oriented  # the method sees the weight transposed
-    aux, aux_names = aux_refs(spec, params.per_model, ctx.experts, name, e, ctx.aux_cache, turned)
-    refs = tuple(TensorRef.of(ctx.ckpts[u].shard_of[name], ctx.ckpts[u].entries[name]) for u in ctx.inputs)
+    aux, aux_names = aux_refs(spec, params.per_model, src, e, ctx.aux_cache, turned)
+    refs = tuple(TensorRef.of(ctx.ckpts[u].shard_of[n], ctx.ckpts[u].entries[n]) for u, n in src.reads)
     compute = ctx.compute_dtype or (torch.float64 if e.dtype == "F64" else torch.float32)
     c_item = torch.empty((), dtype=compute).element_size()
     out_item = DTYPES[out_tag][1]
@@ -125,11 +123,12 @@ def tensor_tasks(ctx: PlanContext, name: str, out: tuple[str, int], out_tag: str
             chunk_shape=chunk_shape[::-1] if turned else chunk_shape,
             chunk_rows=chunk_rows,
             inputs=len(refs),
-            experts=len(ctx.experts),
+            experts=len(src.experts),
             in_item=e.itemsize,
             compute_item=c_item,
             out_item=out_item,
             stats_item=stats_item(shared),
+            params=shared,
         )
         fp = task_footprint(spec, shape, shared, ctx.placement)
         out_bytes = numel * out_item
@@ -143,7 +142,7 @@ def tensor_tasks(ctx: PlanContext, name: str, out: tuple[str, int], out_tag: str
                 row_start=r0,
                 row_end=r1,
                 inputs=refs,
-                has_base=ctx.has_base,
+                has_base=src.has_base,
                 shared=shared,
                 per_model=params.per_model,
                 seed=seed,
@@ -166,33 +165,33 @@ def tensor_tasks(ctx: PlanContext, name: str, out: tuple[str, int], out_tag: str
 def aux_refs(
     spec: Any,
     per_model: tuple[dict[str, Any], ...],
-    experts: list[str],
-    name: str,
+    src: TensorSource,
     e: TensorEntry,
     cache: dict[str, Checkpoint],
     turned: bool = False,
 ) -> tuple[tuple[TensorRef, ...], tuple[str, ...]]:
-    """Locate each expert's auxiliary matrix for tensor ``name`` (headers only) and check its shape.
+    """Locate each expert's auxiliary matrix for one tensor (headers only) and check its shape.
 
     A method with ``aux_param`` (RegMean: ``grams``) names, per expert, a directory or safetensors
     file holding one in×in matrix per linear layer, keyed by module name (``…mlp.up_proj``) or by
-    the weight's own name. ``turned``: the weight is stored in × out (Conv1D), so its input width
+    the weight's own name (the expert's own name of it: ``src`` says which tensor each expert
+    reads). ``turned``: the weight is stored in × out (Conv1D), so its input width
     is its first dimension.
     """
     if not spec.aux_param:
         return (), ()
     refs, names = [], []
-    module = name[: -len(".weight")] if name.endswith(".weight") else name
-    for url, p in zip(experts, per_model, strict=True):
-        src = str(p[spec.aux_param])
-        if src not in cache:
-            cache[src] = open_aux(src)
-        ck = cache[src]
+    for url, name, p in zip(src.experts, src.expert_names(), per_model, strict=True):
+        module = name[: -len(".weight")] if name.endswith(".weight") else name
+        where = str(p[spec.aux_param])
+        if where not in cache:
+            cache[where] = open_aux(where)
+        ck = cache[where]
         key = module if module in ck.entries else name
         if key not in ck.entries:
             raise CheckpointError(
                 f"no {spec.aux_param} matrix for this layer of model {url}",
-                file=src,
+                file=where,
                 tensor=module,
                 hint="collect statistics for every linear layer, or exclude it with raymerge.exclude",
             )

@@ -20,7 +20,7 @@ BASE = "merge_method: ties\nbase_model: b\nmodels:\n  - model: e1\n    parameter
         ("merge_method: ties\nmodels: [a]\n", "needs `base_model`"),
         ("merge_method: slerp\nbase_model: b\nmodels: [b, a, c]\nparameters: {t: 0.5}\n", "at most 1"),
         ("merge_method: linear\nmodels: [a, b]\n", "needs parameter 'weight'"),
-        ("slices: []\nmerge_method: linear\n", "slicing"),
+        ("slices: []\nmerge_method: linear\n", "non-empty `slices`"),
         (
             "merge_method: ties\nbase_model: b\nmodels: [a]\nparameters: {weight: 1, density: {x: 1}}\n",
             "unknown key 'x'",
