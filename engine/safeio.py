@@ -140,7 +140,8 @@ def parse_json(
         raise error(f"{what} is not valid JSON: {exc}", file=file) from None
     if expect is not None and not isinstance(value, expect):
         names = " or ".join(t.__name__ for t in (expect if isinstance(expect, tuple) else (expect,)))
-        kind = {dict: "object", list: "array"}.get(type(value), type(value).__name__)
+        kinds: dict[type, str] = {dict: "object", list: "array"}
+        kind = kinds.get(type(value), type(value).__name__)
         raise error(f"{what} holds a JSON {kind} where a {names.replace('dict', 'object')} belongs", file=file)
     return value
 
