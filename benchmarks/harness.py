@@ -53,11 +53,14 @@ def build_family(
     shard_bytes: int,
     rebuild: bool,
     layers: int | None = None,
+    vocab: int | None = None,
 ) -> tuple[Path, list[Path], bool]:
     """Return (base, experts, reused); rebuild unless a matching marker lists files that all still exist.
 
     ``layers`` keeps the named shape's widths but only that many decoder layers: the 70b and 405b
     shapes are benchmarked as layer subsets (per-layer work is identical, the total only scales).
+    ``vocab`` shrinks the embedding and LM head (a 70B family's 128256-row tables would fill the
+    disk of a one-layer benchmark; Gram and spectral methods merge them by their fallback anyway).
     """
     import dataclasses
 
@@ -68,6 +71,8 @@ def build_family(
     want = {"size": size, "experts": n_experts, "dtype": "bfloat16", "shard_bytes": shard_bytes, "seed": 0}
     if layers is not None:
         want["layers"] = layers
+    if vocab is not None:
+        want["vocab"] = vocab
     if torch.cuda.is_available():
         want["generated_on"] = "cuda"
     marker = root / MARKER
@@ -90,6 +95,7 @@ def build_family(
             shutil.rmtree(d)
     root.mkdir(parents=True, exist_ok=True)
     shape = SHAPES[size] if layers is None else dataclasses.replace(SHAPES[size], layers=layers)
+    shape = shape if vocab is None else dataclasses.replace(shape, vocab=vocab)
     print(
         f"building base + {n_experts} experts, {size} ({shape.params / 1e6:,.1f}M params each, bf16) in {root}",
         flush=True,

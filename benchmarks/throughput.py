@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -62,15 +63,20 @@ PARAMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "model_stock": ({}, {}),
     "actmat": ({}, {}),
     "wudi": ({}, {}),
+    "wudi_spectral": ({}, {"solver": "spectral"}),
     "tsv_m": ({}, {}),
     "iso_c": ({}, {}),
 }
 
 
+ALIASES = {"wudi_spectral": "wudi"}
+
+
 def write_recipe(path: Path, method: str, base: Path, experts: Sequence[Path]) -> str:
     """A recipe in mergekit's schema (so ``mergekit-yaml`` reads the same file where it has the method)."""
     per_model, global_params = PARAMS.get(method, ({}, {}))
-    lines = [f"merge_method: {method}", f"base_model: {base}", "models:"]
+    # A label such as wudi_spectral names a method with its parameters (PARAMS).
+    lines = [f"merge_method: {ALIASES.get(method, method)}", f"base_model: {base}", "models:"]
     for e in experts:
         lines.append(f"  - model: {e}")
         if per_model:
@@ -83,6 +89,12 @@ def write_recipe(path: Path, method: str, base: Path, experts: Sequence[Path]) -
     text = "\n".join(lines)
     path.write_text(text)
     return text
+
+
+def peak_device(figures: str | None) -> int | None:
+    """The ``peak device X GiB`` of raymerge's figures line, in bytes."""
+    m = re.search(r"peak device ([0-9.]+) GiB", figures or "")
+    return int(float(m.group(1)) * GIB) if m else None
 
 
 def parse_size(spec: str) -> tuple[str, int | None]:
@@ -129,8 +141,22 @@ class Matrix:
             cmd += ["--workers", str(workers)]
         r = self._measure(label, cmd, out)
         r["figures_line"] = figures_line(self.root / f"{label}.log")
+        r["peak_device_bytes"] = peak_device(r["figures_line"])
+        r.update(self.declared(recipe, device))
         r.update(tool="raymerge", method=method, executor=executor, workers=workers, device=device, out=str(out))
         return r
+
+    def declared(self, recipe: Path, device: str) -> dict[str, Any]:
+        """The plan's declared peaks per task (``raymerge plan --json``) for this recipe and device."""
+        cmd = [console_script("raymerge"), "plan", str(recipe), "--json", "--memory-budget", self.args.memory_budget]
+        cmd += ["--device", device]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=self.env, check=False)
+        try:
+            plan = json.loads(proc.stdout)
+        except ValueError:
+            return {"declared": None}
+        keys = ("peak_task_host_bytes", "peak_task_device_bytes")
+        return {"declared": {k: plan.get(k) for k in keys}}
 
     def peer(self, method: str, device: str) -> dict[str, Any] | None:
         recipe = self.root / f"{method}.yaml"
@@ -166,14 +192,16 @@ def device_for(method: str, device: str) -> str:
 
     from raymerge.engine.methods import get_method
 
-    return "cuda" if torch.cuda.is_available() and get_method(method).prefers_accelerator else "cpu"
+    return (
+        "cuda" if torch.cuda.is_available() and get_method(ALIASES.get(method, method)).prefers_accelerator else "cpu"
+    )
 
 
 def run_matrix(args: argparse.Namespace, checkpoint: Path | None = None) -> dict[str, Any]:
     """The method × executor matrix and the scaling sweep; ``checkpoint`` gets the runs so far after each one."""
     name, layers = parse_size(args.size)
     root = args.workdir / size_label(name, layers)
-    base, experts, reused = build_family(root, name, args.experts, args.shard_bytes, args.rebuild, layers)
+    base, experts, reused = build_family(root, name, args.experts, args.shard_bytes, args.rebuild, layers, args.vocab)
     m = Matrix(args, root, base, experts)
     print(f"inputs: {len(m.inputs)} shards, {m.input_bytes / GIB:.2f} GiB ({'reused' if reused else 'built'})")
     floor = m.floor()
@@ -338,22 +366,32 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def gib(n: int | None) -> str:
+    return f"{n / GIB:.2f}" if n is not None else ""
+
+
+def declared(run: dict[str, Any]) -> str:
+    d = run.get("declared") or {}
+    return f"{gib(d.get('peak_task_host_bytes'))} / {gib(d.get('peak_task_device_bytes'))}" if d else ""
+
+
 def summary_table(results: dict[str, Any]) -> str:
     """Markdown table of the matrix (what the README's Figures section shows)."""
     mx = results["matrix"]
     rows = [
-        "| method | tool | executor | device | wall s | GB/s | × I/O floor | peak RSS GiB | × peer wall | × peer RSS |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | tool | executor | device | wall s | GB/s | × I/O floor | peak RSS GiB | peak device GiB "
+        "| declared task host / device GiB | × peer wall | × peer RSS |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in mx["runs"]:
         if r["returncode"] != 0:
-            rows.append(f"| {r['method']} | {r['tool']} | {r['executor']} | {r['device']} | failed | | | | | |")
+            rows.append(f"| {r['method']} | {r['tool']} | {r['executor']} | {r['device']} | failed | | | | | | | |")
             continue
         vs_wall, vs_rss = r.get("wall_over_peer"), r.get("peak_rss_over_peer")
         rows.append(
             f"| {r['method']} | {r['tool']} | {r['executor']} | {r['device']} | {r['wall_s']:.1f} | {r['read_gbps']:.2f}"
-            f" | {r['wall_over_io_floor']:.1f} | {r['peak_rss_bytes'] / GIB:.2f}"
-            f" | {f'**{vs_wall:.2f}**' if vs_wall else ''} | {f'**{vs_rss:.2f}**' if vs_rss else ''} |"
+            f" | {r['wall_over_io_floor']:.1f} | {r['peak_rss_bytes'] / GIB:.2f} | {gib(r.get('peak_device_bytes'))}"
+            f" | {declared(r)} | {f'**{vs_wall:.2f}**' if vs_wall else ''} | {f'**{vs_rss:.2f}**' if vs_rss else ''} |"
         )
     return "\n".join(rows)
 
@@ -407,6 +445,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)
     p.add_argument("--stem", default=None, help="results file stem (default throughput_<size>[_<gpu>])")
     p.add_argument("--sample-interval", type=float, default=0.05)
+    p.add_argument("--vocab", type=int, default=None, help="embedding rows (default: the shape's own)")
     p.add_argument("--rebuild", action="store_true")
     p.add_argument("--keep-outputs", action="store_true")
     return p.parse_args(argv)

@@ -29,9 +29,11 @@ OnDone = Callable[[TensorTask, "Receipt"], None]
 
 @dataclass(frozen=True)
 class ExecutionReport:
-    """What an executor measured while running tasks: bytes its workers fetched from the inputs."""
+    """What an executor measured while running tasks: bytes its workers fetched from the inputs,
+    and the peak of the accelerator memory its tasks allocated (None where it did not measure one)."""
 
     bytes_read: int
+    peak_device_bytes: int | None = None
 
 
 class Executor(Protocol):

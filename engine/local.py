@@ -44,6 +44,10 @@ class LocalExecutor:
         one accelerator); the first failure cancels what has not started."""
         read0 = READ_STATS.bytes_read
         workers = self.workers
+        cuda = device != "cpu" and torch.cuda.is_available()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            device0 = torch.cuda.memory_allocated()
         gate = Admission(budget)
         # Without a known device budget every task fits it (a budget as large as any task's figure).
         device_gate = Admission(device_budget if device_budget is not None else 1 << 62)
@@ -105,7 +109,9 @@ class LocalExecutor:
                 drain()
         if errors:
             raise errors[0]
-        return ExecutionReport(bytes_read=READ_STATS.bytes_read - read0)
+        # The caching allocator's high-water mark over the run: what tasks held at once on the device.
+        peak = torch.cuda.max_memory_allocated() - device0 if cuda else None
+        return ExecutionReport(bytes_read=READ_STATS.bytes_read - read0, peak_device_bytes=peak)
 
 
 __all__ = ["LocalExecutor"]

@@ -44,6 +44,7 @@ class RunFigures:
     workers: int
     executor: str
     device: str
+    peak_device_bytes: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -175,6 +176,7 @@ def merge(
         workers=runner.workers,
         executor=runner.name,
         device=dev,
+        peak_device_bytes=report.peak_device_bytes,
     )
     staging.commit(receipts, model_card(plan, figures))
     return figures
@@ -186,6 +188,7 @@ def format_figures(f: RunFigures) -> str:
         f"{f.method}: {f.tensors} tensors / {f.tasks} tasks ({f.tasks_resumed} resumed) from {f.models} models; "
         f"read {f.bytes_read / gib:.2f} GiB, wrote {f.bytes_written / gib:.2f} GiB in {f.wall_seconds:.1f} s "
         f"({f.read_gbps:.2f} GB/s); peak RSS {f.peak_rss_bytes / gib:.2f} GiB (budget {f.memory_budget / gib:.1f} GiB)"
+        + (f"; peak device {f.peak_device_bytes / gib:.2f} GiB" if f.peak_device_bytes is not None else "")
     )
 
 

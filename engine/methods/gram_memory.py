@@ -64,10 +64,12 @@ def _eigh_bytes(n: int, item: int, on_accelerator: bool, bounded: bool = False) 
 
     CPU below ``IN_PLACE_BYTES`` (unless ``bounded``): S, V and syevd's 1 + 6n + 2n² workspace
     (measured: 3.05n² + 6 MiB above S at n = 3072); above it: S (overwritten), V and syevr's O(n)
-    workspace. CUDA (assumed, not measured here): torch copies S into V and cuSOLVER's syevd asks
-    for about n² elements of workspace, so 3n²."""
+    workspace. CUDA: ``torch.linalg.eigh`` allocates 5.0n² beyond S (H200, torch 2.11, fp64,
+    n = 4096, 11008 and 28672; ``benchmarks/cuda_solvers.py``), so 6n² with S; the pseudo-inverse's
+    copy of the kept eigenvectors comes after the workspace is freed. ``bounded`` (RegMean's
+    fallback after a failed Cholesky) keeps 3n²: not reached by the measured cases."""
     if on_accelerator:
-        return 3 * n * n * item + 64 * n * item
+        return (3 if bounded else 6) * n * n * item + 64 * n * item
     if bounded or in_place(n, item):
         return 2 * n * n * item + 64 * n * item
     return 4 * n * n * item + 256 * n * item

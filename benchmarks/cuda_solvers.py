@@ -1,0 +1,120 @@
+"""Where the Gram and spectral methods spend their time on a GPU: the dense solves, timed alone.
+
+fp64 ``eigh`` at the input widths of the 7B, 70B and 405B ``down_proj`` (ACTMat / WUDI's one
+solve per tensor), the thin SVD by each cuSOLVER driver at a 7B shape, and TSV-M on one 7B
+``down_proj`` with 8 synthetic experts, with how often its Gram path handed over to the exact SVD.
+
+    python -m benchmarks.cuda_solvers --out results.json [--eigh 4096,11008,28672]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> float:
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize(device)
+    return round(time.perf_counter() - t0, 4)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--eigh", default="4096,11008,28672")
+    p.add_argument("--experts", type=int, default=8)
+    args = p.parse_args()
+    dev = torch.device("cuda")
+    g = torch.Generator(dev).manual_seed(0)
+    res: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+
+    def save() -> None:
+        args.out.write_text(json.dumps(res, indent=1))
+
+    # warm-up: cuSOLVER handles and kernels
+    a = torch.randn(256, 256, dtype=torch.float64, device=dev, generator=g)
+    torch.linalg.eigh(a @ a.T)
+    torch.linalg.svd(a)
+    res["eigh_fp64_s"] = {}
+    for n in (int(x) for x in args.eigh.split(",") if x):
+        x = torch.randn(n, 64, dtype=torch.float64, device=dev, generator=g)
+        s = x @ x.T + torch.eye(n, dtype=torch.float64, device=dev)
+        del x
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+        res["eigh_fp64_s"][n] = {
+            "seconds": timed(lambda s=s: torch.linalg.eigh(s), dev),
+            "peak_over_n2": round((torch.cuda.max_memory_allocated(dev) - before) / (8 * n * n), 2),
+        }
+        del s
+        torch.cuda.empty_cache()
+        print("eigh", n, res["eigh_fp64_s"][n], flush=True)
+        save()
+    res["svd_fp64_s"] = {}
+    for shape in ((4096, 11008), (4096, 4096)):
+        m = torch.randn(*shape, dtype=torch.float64, device=dev, generator=g)
+        for driver in ("gesvd", "gesvdj", "gesvda"):
+            try:
+                t = timed(lambda m=m, d=driver: torch.linalg.svd(m, full_matrices=False, driver=d), dev)
+            except RuntimeError as exc:
+                t = f"failed: {str(exc)[:80]}"
+            res["svd_fp64_s"][f"{shape[0]}x{shape[1]}:{driver}"] = t
+            print("svd", shape, driver, t, flush=True)
+            save()
+        gram = timed(lambda m=m: torch.linalg.eigh(m @ m.T), dev)
+        res["svd_fp64_s"][f"{shape[0]}x{shape[1]}:gram_eigh"] = gram
+        del m
+    from raymerge.engine.methods import METHODS, MergeArgs
+    from raymerge.engine.methods import spectral as sp
+    from raymerge.engine.synth import base_tensor, task_vector
+
+    name, shape = "model.layers.0.mlp.down_proj.weight", (4096, 11008)
+    base = base_tensor(name, shape, 0, "cuda")
+    experts = [base + task_vector(name, shape, e, 0, device="cuda") for e in range(args.experts)]
+    fallbacks: list[int] = []
+    real_solver = sp.Solver
+
+    class Counting(real_solver):  # type: ignore[misc, valid-type]
+        def __init__(self, *a: Any, **k: Any) -> None:
+            super().__init__(*a, **k)
+            fallbacks.append(0)
+            self._slot = len(fallbacks) - 1
+
+        def top(self, *a: Any, **k: Any) -> Any:
+            out = super().top(*a, **k)
+            fallbacks[self._slot] = self.fallbacks
+            return out
+
+        def polar(self, *a: Any, **k: Any) -> Any:
+            out = super().polar(*a, **k)
+            fallbacks[self._slot] = self.fallbacks
+            return out
+
+    sp.Solver = Counting
+    try:
+        for method, over in (("tsv_m", {}), ("tsv_m", {"svd": "exact"}), ("iso_c", {}), ("actmat", {})):
+            spec = METHODS[method]
+            shared = {q.name: q.default for q in spec.params} | over
+            margs = MergeArgs(shared, [{}] * len(experts))
+            key = method + ("" if not over else ":" + ",".join(f"{k}={v}" for k, v in over.items()))
+            res.setdefault("method_s", {})[key] = timed(lambda s=spec, m=margs: s.fn(base, experts, m), dev)
+            res.setdefault("gram_fallbacks", {})[key] = fallbacks[-1] if fallbacks and method != "actmat" else None
+            print(key, res["method_s"][key], "fallbacks", res["gram_fallbacks"][key], flush=True)
+            save()
+    finally:
+        sp.Solver = real_solver
+    save()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
