@@ -69,7 +69,7 @@ def _renderer(stem: str) -> Callable[[dict[str, Any]], str]:
         from benchmarks.throughput import scaling_growth_table
 
         return scaling_growth_table
-    if stem.startswith("throughput"):
+    if stem.startswith(("throughput", "frontier")):
         return throughput_table
     if stem.startswith("quality"):
         # the longest module name that prefixes the stem renders it (quality_nonlocal_mlp before quality_nonlocal)
