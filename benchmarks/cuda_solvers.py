@@ -19,12 +19,79 @@ from typing import Any
 import torch
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def timed(fn: Callable[[], Any], device: torch.device) -> float:
-    torch.cuda.synchronize(device)
+    sync(device)
     t0 = time.perf_counter()
     fn()
-    torch.cuda.synchronize(device)
+    sync(device)
     return round(time.perf_counter() - t0, 4)
+
+
+def tsv_layer(n_experts: int, dev: torch.device, div: int = 1) -> list[dict[str, Any]]:
+    """TSV-M on each weight of one Llama-2-7B layer, with every top-k / polar step timed."""
+    from raymerge.engine.methods import METHODS, MergeArgs
+    from raymerge.engine.methods import spectral as sp
+    from raymerge.engine.synth import base_tensor, task_vector
+
+    steps: list[dict[str, Any]] = []
+    orig_top, orig_polar = sp.Solver.top, sp.Solver.polar
+
+    def top2(self: Any, a: torch.Tensor, k: int) -> Any:
+        f = self.fallbacks
+        sync(dev)
+        t0 = time.perf_counter()
+        out = orig_top(self, a, k)
+        sync(dev)
+        steps.append(
+            {
+                "step": "top",
+                "shape": list(a.shape),
+                "k": k,
+                "fallback": self.fallbacks - f,
+                "s": round(time.perf_counter() - t0, 4),
+            }
+        )
+        return out
+
+    def polar2(self: Any, a: torch.Tensor, try_gram: bool = True, values: bool = True) -> Any:
+        f = self.fallbacks
+        sync(dev)
+        t0 = time.perf_counter()
+        out = orig_polar(self, a, try_gram, values)
+        sync(dev)
+        steps.append(
+            {
+                "step": "polar",
+                "shape": list(a.shape),
+                "fallback": self.fallbacks - f,
+                "s": round(time.perf_counter() - t0, 4),
+            }
+        )
+        return out
+
+    sp.Solver.top, sp.Solver.polar = top2, polar2  # type: ignore[method-assign]
+    rows: list[dict[str, Any]] = []
+    try:
+        spec = METHODS["tsv_m"]
+        margs = MergeArgs({q.name: q.default for q in spec.params}, [{}] * n_experts)
+        for short, full in (("q_proj", (4096, 4096)), ("gate_proj", (11008, 4096)), ("down_proj", (4096, 11008))):
+            shape = (full[0] // div, full[1] // div)
+            name = f"model.layers.0.x.{short}.weight"
+            base = base_tensor(name, shape, 0, dev.type)
+            experts = [base + task_vector(name, shape, e, 0, device=dev.type) for e in range(n_experts)]
+            steps.clear()
+            total = timed(lambda b=base, x=experts: spec.fn(b, x, margs), dev)
+            rows.append({"tensor": short, "shape": list(shape), "s": total, "steps": list(steps)})
+            print("tsv_m", short, total, [(s["step"], s["fallback"], s["s"]) for s in steps], flush=True)
+            del base, experts
+    finally:
+        sp.Solver.top, sp.Solver.polar = orig_top, orig_polar  # type: ignore[method-assign]
+    return rows
 
 
 def main() -> int:
@@ -32,9 +99,18 @@ def main() -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--eigh", default="4096,11008,28672")
     p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--svd", action=argparse.BooleanOptionalAction, default=True, help="time the SVD drivers")
+    p.add_argument("--layer", action="store_true", help="TSV-M per tensor of one 7B layer, each SVD step timed")
+    p.add_argument("--only-layer", action="store_true", help="just that (on --device, shapes divided by --div)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--div", type=int, default=1)
     args = p.parse_args()
+    if args.only_layer:
+        rows = tsv_layer(args.experts, torch.device(args.device), args.div)
+        args.out.write_text(json.dumps({"tsv_m_layer": rows}, indent=1))
+        return 0
     dev = torch.device("cuda")
-    g = torch.Generator(dev).manual_seed(0)
+    g = torch.Generator(dev.type).manual_seed(0)
     res: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
 
     def save() -> None:
@@ -60,7 +136,7 @@ def main() -> int:
         print("eigh", n, res["eigh_fp64_s"][n], flush=True)
         save()
     res["svd_fp64_s"] = {}
-    for shape in ((4096, 11008), (4096, 4096)):
+    for shape in ((4096, 11008), (4096, 4096)) if args.svd else ():
         m = torch.randn(*shape, dtype=torch.float64, device=dev, generator=g)
         for driver in ("gesvd", "gesvdj", "gesvda"):
             try:
@@ -99,6 +175,9 @@ def main() -> int:
             fallbacks[self._slot] = self.fallbacks
             return out
 
+    if args.layer:
+        res["tsv_m_layer"] = tsv_layer(args.experts, dev, args.div)
+        save()
     sp.Solver = Counting
     try:
         for method, over in (("tsv_m", {}), ("tsv_m", {"svd": "exact"}), ("iso_c", {}), ("actmat", {})):
