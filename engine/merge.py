@@ -17,7 +17,7 @@ from tqdm import tqdm
 from raymerge.engine import __version__
 from raymerge.engine.executor import Executor, default_memory_budget, peak_rss_bytes, placement_for
 from raymerge.engine.local import LocalExecutor
-from raymerge.engine.plan import DEFAULT_SHARD_BYTES, MergePlan, TensorTask, build_plan, check_budget
+from raymerge.engine.plan import DEFAULT_SHARD_BYTES, MergePlan, Placement, TensorTask, build_plan, check_budget
 from raymerge.engine.recipe import Recipe
 from raymerge.engine.storage import READ_STATS
 from raymerge.engine.task import Receipt
@@ -128,6 +128,30 @@ def merge(
     check_budget(plan, budget, where.device_memory)
     staging = Staging(out, plan, overwrite=overwrite, progress=progress)
     receipts = staging.prepare()
+    try:
+        figures = _run(
+            plan, staging, receipts, runner, budget=budget, dev=dev, where=where, t0=t0, read0=read0, progress=progress
+        )
+    finally:
+        staging.release()  # the journal is closed and the output's lock released on every way out
+    return figures
+
+
+def _run(
+    plan: MergePlan,
+    staging: Staging,
+    receipts: dict[str, Receipt],
+    runner: Executor,
+    *,
+    budget: int,
+    dev: str,
+    where: Placement,
+    t0: float,
+    read0: int,
+    progress: bool,
+) -> RunFigures:
+    """Run the tasks not yet done into a prepared (locked) staging area and publish it."""
+    recipe = plan.recipe
     resumed = len(receipts)
     todo: list[TensorTask] = [t for t in plan.tasks if t.id not in receipts]
     total_io = sum(t.read_bytes + t.write_bytes for t in todo)
@@ -153,11 +177,8 @@ def merge(
         report = runner.run(
             todo, str(staging.dir), budget=budget, device=dev, on_done=on_done, device_budget=where.device_memory
         )
-    except BaseException:
-        staging.close()
+    finally:
         bar.close()
-        raise
-    bar.close()
     wall = time.perf_counter() - t0
     read = planning_read + report.bytes_read
     figures = RunFigures(
