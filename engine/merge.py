@@ -127,7 +127,8 @@ def merge(
         plan = dataclasses.replace(plan, tokenizer_from=None)
     check_budget(plan, budget, where.device_memory)
     staging = Staging(out, plan, overwrite=overwrite, progress=progress)
-    receipts = staging.prepare()
+    receipts = staging.prepare(threads=_task_threads(runner))
+    _pin_threads(runner, staging.threads)
     try:
         figures = _run(
             plan, staging, receipts, runner, budget=budget, dev=dev, where=where, t0=t0, read0=read0, progress=progress
@@ -135,6 +136,27 @@ def merge(
     finally:
         staging.release()  # the journal is closed and the output's lock released on every way out
     return figures
+
+
+def _task_threads(runner: Executor) -> int | None:
+    """The torch threads per task of an executor that has one count for all tasks (the local one)."""
+    count = getattr(runner, "task_threads", None)
+    return int(count()) if callable(count) else None
+
+
+def _pin_threads(runner: Executor, staged: int | None) -> None:
+    """Resume with the torch thread count the staged run started with.
+
+    Reductions in matmuls and sums split their work by thread count, so Gram and spectral methods
+    (ACTMat, WUDI, TSV-M, …) round differently with another count; the staged tasks were computed
+    with ``staged`` threads, and the rest must be too for the output to be bit-identical to an
+    undisturbed run. Changing ``--workers`` on a resume changes how many tasks run at once, not this.
+    """
+    now = _task_threads(runner)
+    if staged is None or now is None or now == staged:
+        return
+    log.warning("resuming with %d torch threads per task, as the staged run started (not %d)", staged, now)
+    runner.threads = staged  # type: ignore[attr-defined]
 
 
 def _run(

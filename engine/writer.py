@@ -97,15 +97,22 @@ class Staging:
         self._journal_lock = threading.Lock()
         self._journal: int | None = None
         self._last_sync = 0.0
+        self.threads: int | None = None
 
     @property
     def meta(self) -> Path:
         return self.dir / META
 
-    def prepare(self) -> dict[str, Receipt]:
+    def prepare(self, threads: int | None = None) -> dict[str, Receipt]:
         """Lock the output, create or check and reopen the staging area; return the receipts of
         tasks already done whose bytes still match. Nothing here computes: every refusal comes
-        before the first task."""
+        before the first task.
+
+        ``threads`` (torch threads per task, when the executor has one count) is recorded in a new
+        staging area; ``self.threads`` is then the count the staged run started with, which a
+        resume must use for bit-identical results (None: not recorded).
+        """
+        self.threads = threads
         pub = self.publication
         pub.check(self.plan.models, hint="write the merge to a new directory")
         if pub.final is not None and not pub.final.parent.exists():
@@ -178,15 +185,21 @@ class Staging:
         if not regular_or_absent(plan_file, self.dir):
             return None
         try:
-            staged = read_json(plan_file, error=OutputError, what="staged plan").get("fingerprint")
+            record = read_json(plan_file, error=OutputError, what="staged plan")
         except OutputError:
             return None  # torn by a crash while it was written: the run had not started any task
+        threads = record.get("threads")
+        staged = record.get("fingerprint")
+        if isinstance(staged, str) and staged == self.plan.fingerprint():
+            ok = isinstance(threads, int) and not isinstance(threads, bool) and threads > 0
+            self.threads = threads if ok else None
         return staged if isinstance(staged, str) else None
 
     def _create(self, fingerprint: str) -> None:
         self.publication.start()
         self.meta.mkdir()
-        text = json.dumps({"fingerprint": fingerprint, "summary": self.plan.summary()}, indent=1)
+        record = {"fingerprint": fingerprint, "threads": self.threads, "summary": self.plan.summary()}
+        text = json.dumps(record, indent=1)
         self._write_file(self.meta / "plan.json", text.encode())
         try:
             for shard in self.plan.shards:
