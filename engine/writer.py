@@ -121,9 +121,15 @@ class Staging:
             self.dir.parent.mkdir(parents=True, exist_ok=True)
         self.lock.acquire()
         try:
-            self._stale_old_output()
-            done = self._open_staging()
-            self._open_journal()
+            try:
+                self._stale_old_output()
+                done = self._open_staging()
+                self._open_journal()
+            except OSError as exc:  # permissions, a vanished path, a full disk while repairing
+                where = Path(exc.filename) if exc.filename else self.dir
+                raise self._io_error(
+                    exc, where, self.plan.write_bytes, "cannot prepare the staging directory"
+                ) from None
         except BaseException:
             self.release()
             raise
@@ -401,8 +407,8 @@ class Staging:
         if missing:
             raise OutputError(f"{len(missing)} task(s) have no receipt; not publishing", tensor=missing[0])
         self.close()
-        self.check_staged(receipts)
         try:
+            self.check_staged(receipts)
             return self._publish(receipts, card)
         except OSError as exc:
             full = disk_full(exc, self.dir, self._metadata_bytes(card), self.dir)

@@ -139,3 +139,29 @@ def test_disk_filled_by_someone_else_mid_run_on_a_real_small_filesystem(family, 
     assert figures.tasks_resumed > 0
     assert _digest(out) == clean
     verify_model(out)
+
+
+def test_file_size_limit_is_one_line_and_leaves_nothing(family, tmp_path):
+    """RLIMIT_FSIZE (EFBIG) is reported like a full disk: before any compute, nothing left behind."""
+    import resource
+    import sys
+
+    recipe = tmp_path / "ties.yml"
+    recipe.write_text(_recipe(family).source)
+    out = tmp_path / "out"
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "raymerge.cli", "run", str(recipe), str(out), "--out-shard-size", "100000", "--quiet"],
+        capture_output=True,
+        text=True,
+        preexec_fn=limit,
+        timeout=300,
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("raymerge: error: file-size limit reached: the merge needs "), lines[0]
+    assert "nothing was computed" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ties.yml"]

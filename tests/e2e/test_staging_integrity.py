@@ -240,8 +240,13 @@ def test_stale_old_output_is_cleaned_or_explained_before_any_compute(family, cle
     assert _digest(out) == clean and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two_renames"])
 @pytest.mark.parametrize("kind", ["file", "symlink"])
-def test_overwrite_of_a_file_or_symlink_leaves_no_old_path(family, clean, tmp_path, kind):
+def test_overwrite_of_a_file_or_symlink_leaves_no_old_path(family, clean, tmp_path, monkeypatch, kind, exchange):
+    import raymerge.engine.publish as publish
+
+    if not exchange:  # a file system without renameat2(RENAME_EXCHANGE)
+        monkeypatch.setattr(publish, "_exchange", lambda a, b: False)
     out = tmp_path / "out"
     if kind == "file":
         out.write_text("a file in the way")
