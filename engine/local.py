@@ -27,8 +27,15 @@ class LocalExecutor:
 
     name = "local"
 
-    def __init__(self, workers: int | None = None) -> None:
+    def __init__(self, workers: int | None = None, threads: int | None = None) -> None:
         self.workers = workers or default_workers()
+        # Torch intra-op threads per task. Reductions split by thread count, so Gram and spectral
+        # results depend on it: a resume runs with the count its run started with (``merge``).
+        self.threads = threads
+
+    def task_threads(self) -> int:
+        """Torch threads each task computes with: ``threads``, else the cores split between workers."""
+        return self.threads or max(1, (os.cpu_count() or 1) // max(1, self.workers))
 
     def run(
         self,
@@ -55,7 +62,7 @@ class LocalExecutor:
         # Split the cores between workers so concurrent tasks do not oversubscribe the CPU. The thread
         # count is per thread in torch, so it is set in each pool thread (and it fixes reduction
         # order, which keeps BLAS-heavy methods bit-identical to the Ray executor's slots).
-        threads = max(1, (os.cpu_count() or 1) // max(1, workers))
+        threads = self.task_threads()
         errors: list[BaseException] = []
 
         def job(task: TensorTask) -> tuple[TensorTask, Receipt]:

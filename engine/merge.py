@@ -17,7 +17,7 @@ from tqdm import tqdm
 from raymerge.engine import __version__
 from raymerge.engine.executor import Executor, default_memory_budget, peak_rss_bytes, placement_for
 from raymerge.engine.local import LocalExecutor
-from raymerge.engine.plan import DEFAULT_SHARD_BYTES, MergePlan, TensorTask, build_plan, check_budget
+from raymerge.engine.plan import DEFAULT_SHARD_BYTES, MergePlan, Placement, TensorTask, build_plan, check_budget
 from raymerge.engine.recipe import Recipe
 from raymerge.engine.storage import READ_STATS
 from raymerge.engine.task import Receipt
@@ -128,7 +128,53 @@ def merge(
         plan = dataclasses.replace(plan, tokenizer_from=None)
     check_budget(plan, budget, where.device_memory)
     staging = Staging(out, plan, overwrite=overwrite, progress=progress)
-    receipts = staging.prepare()
+    receipts = staging.prepare(threads=_task_threads(runner))
+    _pin_threads(runner, staging.threads)
+    try:
+        figures = _run(
+            plan, staging, receipts, runner, budget=budget, dev=dev, where=where, t0=t0, read0=read0, progress=progress
+        )
+    finally:
+        staging.release()  # the journal is closed and the output's lock released on every way out
+    return figures
+
+
+def _task_threads(runner: Executor) -> int | None:
+    """The torch threads per task of an executor that has one count for all tasks (the local one)."""
+    count = getattr(runner, "task_threads", None)
+    return int(count()) if callable(count) else None
+
+
+def _pin_threads(runner: Executor, staged: int | None) -> None:
+    """Resume with the torch thread count the staged run started with.
+
+    Reductions in matmuls and sums split their work by thread count, so Gram and spectral methods
+    (ACTMat, WUDI, TSV-M, …) round differently with another count; the staged tasks were computed
+    with ``staged`` threads, and the rest must be too for the output to be bit-identical to an
+    undisturbed run. Changing ``--workers`` on a resume changes how many tasks run at once, not this.
+    """
+    now = _task_threads(runner)
+    if staged is None or now is None or now == staged:
+        return
+    log.warning("resuming with %d torch threads per task, as the staged run started (not %d)", staged, now)
+    runner.threads = staged  # type: ignore[attr-defined]
+
+
+def _run(
+    plan: MergePlan,
+    staging: Staging,
+    receipts: dict[str, Receipt],
+    runner: Executor,
+    *,
+    budget: int,
+    dev: str,
+    where: Placement,
+    t0: float,
+    read0: int,
+    progress: bool,
+) -> RunFigures:
+    """Run the tasks not yet done into a prepared (locked) staging area and publish it."""
+    recipe = plan.recipe
     resumed = len(receipts)
     todo: list[TensorTask] = [t for t in plan.tasks if t.id not in receipts]
     total_io = sum(t.read_bytes + t.write_bytes for t in todo)
@@ -154,11 +200,8 @@ def merge(
         report = runner.run(
             todo, str(staging.dir), budget=budget, device=dev, on_done=on_done, device_budget=where.device_memory
         )
-    except BaseException:
-        staging.close()
+    finally:
         bar.close()
-        raise
-    bar.close()
     wall = time.perf_counter() - t0
     read = planning_read + report.bytes_read
     figures = RunFigures(

@@ -11,12 +11,14 @@ import time
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, overload
 
 import torch
 
 from raymerge.engine.errors import CheckpointError, OutputError, TaskError
 from raymerge.engine.executor import task_device
+from raymerge.engine.guard import disk_full
 from raymerge.engine.methods import MergeArgs, get_method
 from raymerge.engine.methods.precision import prepare_device
 from raymerge.engine.plan import TensorTask
@@ -46,18 +48,24 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 
 
 def pwrite_all(path: str, data: memoryview, offset: int) -> None:
-    """Write all of ``data`` at ``offset`` (pwrite may write less than asked)."""
+    """Write all of ``data`` at ``offset`` (pwrite may write less than asked).
+
+    The shard is opened without following a symlink: a link planted in staging is never written through.
+    """
     try:
-        fd = os.open(path, os.O_WRONLY)
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
         raise OutputError(f"cannot open staging shard: {exc.strerror}", file=path) from None
+    done = 0
     try:
-        done = 0
         while done < len(data):
             done += os.pwrite(fd, data[done:], offset + done)
     except OSError as exc:
+        full = disk_full(exc, Path(path), len(data) - done, Path(path).parent)
+        if full is not None:
+            raise full from None
         raise OutputError(
-            f"write failed: {exc.strerror}", file=path, hint="free space and run again to resume"
+            f"write failed: {exc.strerror}", file=path, hint="fix the cause and run the same command again to resume"
         ) from None
     finally:
         os.close(fd)
