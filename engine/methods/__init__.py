@@ -7,7 +7,7 @@ registry is complete. See docs/adding-a-method.md.
 * ``task_arithmetic`` — linear, mean, task arithmetic, TIES, DARE, DELLA, breadcrumbs, SCE, consensus
 * ``spherical`` — slerp, multislerp, nuslerp, karcher, Model Stock
 * ``selection`` — nearswap, Arcee Fusion, RAM, RAM+, passthrough
-* ``gram`` — ACTMat, WUDI, RegMean;  ``spectral`` — TSV-M, Iso-C, Iso-CTS
+* ``gram`` — ACTMat, WUDI, RegMean;  ``spectral`` — TSV-M, Iso-C, Iso-CTS (their SVD work in ``polar``)
 
 Shared machinery: ``registry`` (names, parameters, ``MethodSpec``), ``chunks`` (row-chunked
 sources and the chunked-method adapter), ``masks`` (rank cuts, hashed random masks, sparsifiers),

@@ -350,7 +350,7 @@ def _with_spectrum(m, k, cond, seed=0):
 @pytest.mark.parametrize("shape", [(200, 200), (300, 120), (120, 300)], ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("cond", [1e2, 1e6, 1e9])
 def test_newton_polar_is_as_accurate_as_the_svd(shape, cond):
-    from raymerge.engine.methods.spectral import polar_newton
+    from raymerge.engine.methods.polar import polar_newton
 
     a, truth = _with_spectrum(*shape, cond)
     u, _, vh = torch.linalg.svd(a, full_matrices=False)
@@ -361,7 +361,7 @@ def test_newton_polar_is_as_accurate_as_the_svd(shape, cond):
 
 
 def test_newton_polar_hands_nearly_singular_matrices_to_the_svd():
-    from raymerge.engine.methods.spectral import polar_newton
+    from raymerge.engine.methods.polar import polar_newton
 
     assert polar_newton(_with_spectrum(150, 150, 1e13)[0]) is None
     assert polar_newton(torch.zeros(40, 40, dtype=torch.float64)) is None
@@ -372,12 +372,12 @@ def test_newton_path_matches_fusion_bench(method, monkeypatch):
     """With the iteration enabled on CPU (it runs on accelerators) and the Gram path failing, as it
     does on large square factor matrices and always on Iso-C's square sums, the methods still
     match FusionBench."""
-    from raymerge.engine.methods import spectral
+    from raymerge.engine.methods import polar
 
-    monkeypatch.setattr(spectral, "NEWTON_ON_CPU", True)
-    monkeypatch.setattr(spectral, "_polar_gram", lambda a: None)
+    monkeypatch.setattr(polar, "NEWTON_ON_CPU", True)
+    monkeypatch.setattr(polar, "_polar_gram", lambda a: None)
     calls = []
-    real = spectral.polar_newton
-    monkeypatch.setattr(spectral, "polar_newton", lambda a: calls.append(a.shape) or real(a))
+    real = polar.polar_newton
+    monkeypatch.setattr(polar, "polar_newton", lambda a: calls.append(a.shape) or real(a))
     _check_parity(method, (96, 96), 8, "cpu", precision="fp64")
     assert calls, "the iteration did not run"
