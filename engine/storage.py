@@ -417,6 +417,32 @@ def _read_index(index_url: str, index: dict[str, Any]) -> dict[str, str]:
     return {tname: _safe_shard_name(shard, index_url) for tname, shard in weight_map.items()}
 
 
+_CONFIG_INTS = (
+    "num_hidden_layers",
+    "hidden_size",
+    "intermediate_size",
+    "vocab_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+)
+
+
+def _check_config(config: dict[str, Any], file: str) -> dict[str, Any]:
+    """The keys raymerge itself reads from ``config.json`` have the types transformers gives them."""
+    for key in ("model_type", "torch_dtype", "dtype"):
+        if config.get(key) is not None and not isinstance(config[key], str):
+            raise CheckpointError(f"config.json: {key} must be a string, got {config[key]!r:.60}", file=file)
+    archs = config.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise CheckpointError(f"config.json: architectures must be a list of names, got {archs!r:.60}", file=file)
+    for key in _CONFIG_INTS:
+        v = config.get(key)
+        if v is not None and (type(v) is not int or v < 0):
+            raise CheckpointError(f"config.json: {key} must be a whole number >= 0, got {v!r:.60}", file=file)
+    return config
+
+
 def check_model_dir(url: str) -> None:
     """Refuse a local model path that is not a directory (a file, a device, a FIFO) with one line."""
     if not is_local(url):
@@ -446,7 +472,8 @@ def open_checkpoint(url: str, *, allow_pickle: bool = False) -> Checkpoint:
     """
     url = url.rstrip("/") if not is_local(url) else url
     check_model_dir(url)
-    config: dict[str, Any] = read_json_file(join_url(url, "config.json"), what="config.json") or {}
+    cfg_url = join_url(url, "config.json")
+    config: dict[str, Any] = _check_config(read_json_file(cfg_url, what="config.json") or {}, cfg_url)
     index_url = join_url(url, "model.safetensors.index.json")
     index = read_json_file(index_url, what="index")
     shard_names: dict[str, str] = {}

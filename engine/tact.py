@@ -445,7 +445,7 @@ def fold_corrections(
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(staging / shard), metadata={"format": "pt"})
             del tensors
         for name in copied:
-            shutil.copyfile(src / name, staging / name)
+            shutil.copy2(src / name, staging / name)
         (staging / "config.json").write_text(json.dumps(cfg_json, indent=2))
         if index_path.exists():
             index = read_json(index_path, error=TactError, what="index")

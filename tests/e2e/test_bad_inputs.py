@@ -395,3 +395,23 @@ def test_unforeseen_exception_is_one_line_and_a_log_file(tmp_path, capsys, monke
     assert log.parent == tmp_path
     text = log.read_text()
     assert "Traceback" in text and "in boom" in text and "u:pw" not in text
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("model_type", {}),
+        ("num_hidden_layers", "x"),
+        ("num_hidden_layers", -1),
+        ("architectures", 5),
+        ("vocab_size", []),
+    ],
+)
+def test_config_values_of_the_wrong_type(models, tmp_path, capsys, key, value):
+    import json
+
+    base, experts = models
+    cfg = experts[0] / "config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), key: value}))
+    _, line = _main(capsys, "run", str(_recipe(tmp_path, base, experts)), str(tmp_path / "out"), "-q")
+    assert key in line and str(cfg) in line
