@@ -41,8 +41,10 @@ from raymerge.engine.headers import (
 )
 from raymerge.engine.pickle_bin import PICKLE_INDEX, PICKLE_OPT_IN, PICKLE_SINGLE, is_pickle_shard, torch_zip_entries
 from raymerge.engine.safeio import SMALL_FILE_BYTES, check_size, decode_text, parse_json, read_optional
+from raymerge.engine.urls import RedactingFilter
 
 log = logging.getLogger(__name__)
+log.addFilter(RedactingFilter())  # retry warnings name URLs, also in Ray workers where the CLI set up no handler
 T = TypeVar("T")
 
 

@@ -26,3 +26,20 @@ def test_error_lines_and_log_records_are_redacted():
     assert "u:p" not in str(err) and "https://***@h/x" in str(err)
     record = logging.LogRecord("t", logging.WARNING, __file__, 1, "read of %s failed", ("https://u:p@h/a",), None)
     assert RedactingFilter().filter(record) and record.getMessage() == "read of https://***@h/a failed"
+
+
+def test_storage_retry_warnings_are_redacted_without_the_cli(caplog):
+    """Ray workers log through the storage logger with no CLI handler: its own filter redacts."""
+    from raymerge.engine import storage
+
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) == 1:
+            raise ConnectionError("reset by peer")
+        return b"ok"
+
+    with caplog.at_level(logging.WARNING, logger="raymerge.engine.storage"):
+        assert storage.with_retries(flaky, "https://u:pw@h/m/config.json", "read") == b"ok"
+    assert "https://***@h/m/config.json" in caplog.text and "u:pw" not in caplog.text
