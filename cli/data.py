@@ -11,7 +11,7 @@ import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from raymerge.cli.options import parse_size
+from raymerge.cli.options import positive_int, positive_size
 from raymerge.engine.errors import RaymergeError
 
 if TYPE_CHECKING:
@@ -152,9 +152,11 @@ def _add_data_options(sp: argparse.ArgumentParser) -> None:
     )
     sp.add_argument("--tokenizer", default=None, help="tokenizer directory for text data (default: the model's)")
     sp.add_argument("--text-field", default="text", help="JSON key holding the text (default: text)")
-    sp.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default 8)")
-    sp.add_argument("--max-length", type=int, default=512, help="truncate text to this many tokens (default 512)")
-    sp.add_argument("--max-examples", type=int, default=None, help="use at most this many examples")
+    sp.add_argument("--batch-size", type=positive_int, default=8, help="examples per forward pass (default 8)")
+    sp.add_argument(
+        "--max-length", type=positive_int, default=512, help="truncate text to this many tokens (default 512)"
+    )
+    sp.add_argument("--max-examples", type=positive_int, default=None, help="use at most this many examples")
     sp.add_argument(
         "--points",
         nargs="+",
@@ -166,13 +168,15 @@ def _add_data_options(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where forward passes run")
     sp.add_argument(
         "--memory-budget",
-        type=parse_size,
+        type=positive_size,
         default=None,
         help="host memory for weights and statistics; larger models are offloaded to disk",
     )
     sp.add_argument("--offload", action="store_true", help="always load through accelerate with disk offload")
     sp.add_argument("--executor", choices=["local", "ray"], default="local", help="where forward passes run")
-    sp.add_argument("--actors", type=int, default=2, help="Ray actors, each with a shard of the data (default 2)")
+    sp.add_argument(
+        "--actors", type=positive_int, default=2, help="Ray actors, each with a shard of the data (default 2)"
+    )
     sp.add_argument("--address", default=None, help="Ray cluster to join (auto | HOST:PORT); default: embedded")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 

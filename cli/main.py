@@ -11,9 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
+import traceback
 from pathlib import Path
+from typing import NoReturn
 
 from raymerge.cli.data import add_data_commands
 from raymerge.cli.options import MERGEKIT_OPTIONS, PLAN_OPTIONS, RUN_OPTIONS, add_options, forward
@@ -23,6 +26,7 @@ from raymerge.engine.executor import Executor
 from raymerge.engine.plan import build_plan, check_budget, fmt_bytes
 from raymerge.engine.recipe import Recipe
 from raymerge.engine.storage import is_local
+from raymerge.engine.urls import RedactingFilter, redact, redact_text
 
 
 def _load(args: argparse.Namespace) -> Recipe:
@@ -106,7 +110,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         copy_tokenizer=args.copy_tokenizer,
     )
     print(format_figures(figures))
-    print(f"wrote {Path(args.out).absolute() if is_local(args.out) else args.out}")
+    print(f"wrote {Path(args.out).absolute() if is_local(args.out) else redact(args.out)}")
     return 0
 
 
@@ -216,17 +220,44 @@ def cmd_align(args: argparse.Namespace) -> int:
     )
     drop = 100 * (1 - rep.distance_after / rep.distance_before) if rep.distance_before else 0.0
     print(
-        f"aligned {args.model} to {args.reference}: {rep.permutations} permutations, {rep.moved_units} of "
+        f"aligned {redact(args.model)} to {redact(args.reference)}: {rep.permutations} permutations, {rep.moved_units} of "
         f"{rep.units} units moved; weight distance {rep.distance_before:.6g} -> {rep.distance_after:.6g} "
         f"({drop:.1f}% lower) in {rep.seconds:.1f} s"
     )
     for out in rep.outputs:
-        print(f"wrote {out}")
+        print(f"wrote {redact(str(out))}")
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported as the one ``raymerge: error:`` line every other
+    refusal is (argparse's default prints the whole usage block first)."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"raymerge: error: {redact_text(message)} (see `{self.prog} --help`)\n")
+        sys.exit(2)
+
+
+def report_internal_error(exc: BaseException) -> int:
+    """An exception nothing anticipated: one line naming it, and the traceback in a log file."""
+    text = redact_text("".join(traceback.format_exception(exc)))
+    try:
+        fd, log_path = tempfile.mkstemp(prefix="raymerge-error-", suffix=".log")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(f"raymerge {__version__}: {' '.join(sys.argv)}\n{text}")
+        where = f"traceback in {log_path}"
+    except OSError as err:
+        where = f"no traceback saved: {err.strerror}"
+    message = " ".join(redact_text(str(exc)).split())[:500]
+    print(
+        f"raymerge: error: internal error: {type(exc).__name__}: {message} (please report; {where})",
+        file=sys.stderr,
+    )
+    return 70  # EX_SOFTWARE
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="raymerge", description="Out-of-core merging of fine-tuned models.")
+    p = _Parser(prog="raymerge", description="Out-of-core merging of fine-tuned models.")
     p.add_argument("--version", action="version", version=f"raymerge {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -318,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    for handler in logging.getLogger().handlers:  # no model URL's credentials in any log line
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
     try:
         return int(args.fn(args))
     except RaymergeError as exc:
@@ -326,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("raymerge: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - the last resort: one line, the traceback in a file
+        return report_internal_error(exc)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,29 @@ def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     if not m or m.group(2).lower() not in _UNITS:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 500MB, 2GiB, 5B, 1073741824)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    try:
+        return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    except OverflowError:
+        raise argparse.ArgumentTypeError(f"size too large: {text!r}") from None
+
+
+def positive_size(text: str) -> int:
+    """``parse_size``, refusing zero (a budget or shard of 0 bytes is a mistake, not a default)."""
+    size = parse_size(text)
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 bytes, got {text!r}")
+    return size
+
+
+def positive_int(text: str) -> int:
+    """A count of at least 1 (``--workers``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -70,12 +92,12 @@ class Option:
 PLAN_OPTIONS = (
     Option(
         "--out-shard-size",
-        dict(type=parse_size, default=DEFAULT_SHARD_BYTES, help="bytes per output shard (default 5GiB)"),
+        dict(type=positive_size, default=DEFAULT_SHARD_BYTES, help="bytes per output shard (default 5GiB)"),
     ),
     Option(
         "--memory-budget",
         dict(
-            type=parse_size,
+            type=positive_size,
             default=None,
             help="host memory for running tasks, per node (default: half the available RAM)",
         ),
@@ -92,7 +114,7 @@ PLAN_OPTIONS = (
     Option(
         "--device-memory",
         dict(
-            type=parse_size,
+            type=positive_size,
             default=None,
             help="memory of one accelerator (default: the first CUDA device's); tasks must fit it",
         ),
@@ -116,7 +138,9 @@ PLAN_OPTIONS = (
 )
 RUN_OPTIONS = (
     *PLAN_OPTIONS,
-    Option("--workers", dict(type=int, default=None, help="concurrent tasks per node (default: min(4, cores))")),
+    Option(
+        "--workers", dict(type=positive_int, default=None, help="concurrent tasks per node (default: min(4, cores))")
+    ),
     Option("--overwrite", dict(action="store_true", help="replace an existing output directory")),
 )
 
@@ -160,4 +184,14 @@ def forward(args: argparse.Namespace, options: Sequence[Option]) -> list[str]:
     return [a for opt in options for a in opt.as_args(getattr(args, opt.dest))]
 
 
-__all__ = ["MERGEKIT_OPTIONS", "PLAN_OPTIONS", "RUN_OPTIONS", "Option", "add_options", "forward", "parse_size"]
+__all__ = [
+    "MERGEKIT_OPTIONS",
+    "PLAN_OPTIONS",
+    "RUN_OPTIONS",
+    "Option",
+    "add_options",
+    "forward",
+    "parse_size",
+    "positive_int",
+    "positive_size",
+]

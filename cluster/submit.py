@@ -23,8 +23,10 @@ from typing import Any
 import yaml
 
 from raymerge.engine.errors import RaymergeError, RecipeError
-from raymerge.engine.recipe import parse_recipe
+from raymerge.engine.recipe import parse_recipe, read_recipe_text
+from raymerge.engine.safeio import load_yaml
 from raymerge.engine.storage import is_local
+from raymerge.engine.urls import redact, redact_text
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ def _absolute(path: Any) -> Any:
 def portable_recipe(text: str, origin: str) -> str:
     """The recipe with relative local model paths made absolute (validated first); else unchanged."""
     parse_recipe(text, origin)  # fail here, not on the cluster, on a malformed recipe
-    raw = yaml.safe_load(text)
+    raw = load_yaml(text, file=origin, error=RecipeError, what="recipe")
     if not isinstance(raw, dict):
         raise RecipeError("a recipe must be a mapping", file=origin)
     changed = False
@@ -82,10 +84,7 @@ def submit_merge(
     from ray import exceptions as ray_exceptions
     from ray.job_submission import JobSubmissionClient
 
-    try:
-        text = Path(recipe_path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise RecipeError(f"cannot read recipe: {exc.strerror}", file=recipe_path) from None
+    text = read_recipe_text(recipe_path)  # bounded and strict, like `raymerge run`
     recipe = portable_recipe(text, recipe_path)
     out_abs = _absolute(out)
     _use_local_auth_token()
@@ -108,7 +107,9 @@ def submit_merge(
             )
         except RuntimeError as exc:
             raise RaymergeError(f"the Ray Jobs API refused the job: {exc}", hint="see the dashboard's logs") from None
-    print(f"raymerge: submitted job {submitted} to {address}: {command}", file=sys.stderr, flush=True)
+    print(
+        f"raymerge: submitted job {submitted} to {redact(address)}: {redact_text(command)}", file=sys.stderr, flush=True
+    )
     if not wait:
         return 0
     try:
@@ -116,7 +117,7 @@ def submit_merge(
         status, info = _wait_terminal(client, submitted)
     except KeyboardInterrupt:
         print(
-            f"raymerge: detached; job {submitted} keeps running (ray job stop {submitted} --address {address})",
+            f"raymerge: detached; job {submitted} keeps running (ray job stop {submitted} --address {redact(address)})",
             file=sys.stderr,
         )
         return 130
@@ -125,7 +126,7 @@ def submit_merge(
         return 0
     code = getattr(info, "driver_exit_code", None)
     message = getattr(info, "message", "") or ""
-    print(f"raymerge: job {submitted} {status.lower()}: {message.strip()}", file=sys.stderr)
+    print(f"raymerge: job {submitted} {status.lower()}: {redact_text(message.strip())}", file=sys.stderr)
     return int(code) if isinstance(code, int) and code > 0 else 1
 
 

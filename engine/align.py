@@ -35,6 +35,7 @@ from scipy.optimize import linear_sum_assignment
 from tqdm import tqdm
 
 from raymerge.engine.errors import AlignmentError
+from raymerge.engine.outpath import check_output_path
 from raymerge.engine.permutation import (
     Permutation,
     PermutationSpec,
@@ -47,7 +48,9 @@ from raymerge.engine.permutation import (
     unit_index,
 )
 from raymerge.engine.publish import INDEX, META, SIDE_FILES, ModelPublication, copy_side_files
+from raymerge.engine.sidefiles import check_side_files
 from raymerge.engine.storage import Checkpoint, open_checkpoint, open_shard
+from raymerge.engine.urls import redact
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +291,8 @@ def align_checkpoints(
     from safetensors.torch import save
 
     start = time.perf_counter()
+    for dst in [out, *(d for _, d in also)]:
+        check_output_path(str(dst))
     ref_ckpt, model_ckpt = open_checkpoint(reference), open_checkpoint(model)
     jobs = [(model_ckpt, out)] + [(open_checkpoint(src), dst) for src, dst in also]
     pubs = [ModelPublication(dst, overwrite=overwrite, progress=progress, error=AlignmentError) for _, dst in jobs]
@@ -302,6 +307,8 @@ def align_checkpoints(
     _check_pair(spec, {k: e.shape for k, e in ref_ckpt.entries.items()}, shapes, ref_ckpt.url, model_ckpt.url)
     for ckpt, _ in jobs[1:]:
         _check_pair(spec, shapes, {k: e.shape for k, e in ckpt.entries.items()}, model_ckpt.url, ckpt.url)
+    for ckpt, _ in jobs:  # copied into the outputs: refuse an unsafe side file before any work
+        check_side_files(ckpt.url, SIDE_FILES)
     for t in spec.tensors:
         if not model_ckpt.entries[t].is_float:
             raise AlignmentError("permuted tensors must be floating point", file=model_ckpt.url, tensor=t)
@@ -336,8 +343,8 @@ def align_checkpoints(
         seconds=0.0,
     )
     summary = {
-        "reference": ref_ckpt.url,
-        "model": model_ckpt.url,
+        "reference": redact(ref_ckpt.url),  # written into the outputs: no credentials
+        "model": redact(model_ckpt.url),
         "method": "weight_matching",
         "heads": heads,
         "seed": seed,

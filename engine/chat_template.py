@@ -10,12 +10,17 @@ it where transformers reads it: ``tokenizer_config.json``'s ``chat_template`` an
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from raymerge.engine.errors import RecipeError
-from raymerge.engine.storage import join_url, read_text
+from raymerge.engine.errors import CheckpointError, RecipeError
+from raymerge.engine.safeio import parse_json, read_json
+from raymerge.engine.storage import join_url, read_blob, read_text
+
+log = logging.getLogger(__name__)
+TEMPLATE_BYTES = 1 << 20  # a chat template is a few kB
 
 # ChatML: each message as <|im_start|>ROLE, newline, content, <|im_end|>.
 CHATML = (
@@ -29,16 +34,19 @@ NAMED = {"chatml": CHATML}
 
 def model_template(url: str) -> str | None:
     """The chat template a model directory ships, if any."""
-    text = read_text(join_url(url, "chat_template.jinja"))
+    text = read_text(join_url(url, "chat_template.jinja"), limit=TEMPLATE_BYTES, what="chat_template.jinja")
     if text:
         return text
-    raw = read_text(join_url(url, "tokenizer_config.json"))
+    config_url = join_url(url, "tokenizer_config.json")
+    raw = read_blob(config_url, what="tokenizer_config.json")
     if not raw:
         return None
     try:
-        value = json.loads(raw).get("chat_template")
-    except (ValueError, AttributeError):
+        config = parse_json(raw, file=config_url, error=CheckpointError, what="tokenizer_config.json")
+    except CheckpointError as exc:  # a model's broken tokenizer file does not stop the merge
+        log.warning("ignoring its chat template: %s", exc)
         return None
+    value = config.get("chat_template")
     if isinstance(value, list):  # named templates: [{"name": "default", "template": ...}, ...]
         value = next((t.get("template") for t in value if isinstance(t, dict) and t.get("name") == "default"), None)
     return value if isinstance(value, str) and value else None
@@ -62,7 +70,9 @@ def resolve(spec: str, models: Sequence[str]) -> str | None:
 def write(directory: Path, template: str) -> None:
     """Put ``template`` where transformers reads it in a model ``directory``."""
     config_path = directory / "tokenizer_config.json"
-    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    config = {}
+    if config_path.exists():
+        config = read_json(config_path, error=CheckpointError, what="tokenizer_config.json")
     config["chat_template"] = template
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False))
     (directory / "chat_template.jinja").write_text(template, encoding="utf-8")

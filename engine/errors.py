@@ -6,6 +6,8 @@ saying what to do; the CLI prints ``str(err)`` as one line and exits non-zero.
 
 from __future__ import annotations
 
+from raymerge.engine.urls import redact_text
+
 
 class RaymergeError(Exception):
     """Base class: a message, optional file/tensor context and a hint for the user."""
@@ -33,7 +35,7 @@ class RaymergeError(Exception):
         text = " ".join(parts)
         if self.hint:
             text += f"; {self.hint}"
-        return text
+        return redact_text(text)  # a model URL's credentials never reach an error line
 
 
 class RecipeError(RaymergeError):

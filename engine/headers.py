@@ -7,12 +7,12 @@ functions of bytes: reading them from files and URLs is ``storage``'s job.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import torch
 
 from raymerge.engine.errors import HeaderError
+from raymerge.engine.safeio import parse_json
 
 # safetensors dtype tag -> (torch dtype, bytes per element)
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
@@ -33,6 +33,7 @@ FLOAT_TAGS = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 TAG_OF_DTYPE = {dt: tag for tag, (dt, _) in DTYPES.items()}
 # A header larger than this is refused before any allocation (safetensors uses 100 MB).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_DIMS = 64  # torch's limit on a tensor's dimensions
 
 
 def dtype_from_name(name: str) -> torch.dtype:
@@ -102,12 +103,12 @@ def parse_header(raw: bytes, file_size: int, file: str) -> tuple[dict[str, Tenso
     inside the file, tensors may not overlap, and each byte range must match dtype × shape.
     """
     data_start = 8 + len(raw)
+    # Strict: a duplicate tensor name is refused (json.loads would keep the hidden second entry).
     try:
-        obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HeaderError(f"header is not valid UTF-8 JSON: {exc}", file=file) from None
-    if not isinstance(obj, dict):
-        raise HeaderError("header JSON is not an object", file=file)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise HeaderError(f"header is not UTF-8 JSON (bad byte at {exc.start})", file=file) from None
+    obj = parse_json(text, file=file, expect=dict, error=HeaderError, what="header")
     metadata_raw = obj.pop("__metadata__", None) or {}
     if not isinstance(metadata_raw, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata_raw.items()
@@ -127,6 +128,8 @@ def parse_header(raw: bytes, file_size: int, file: str) -> tuple[dict[str, Tenso
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
         ):
             raise HeaderError(f"bad shape {shape!r}", file=file, tensor=name)
+        if len(shape) > MAX_DIMS:
+            raise HeaderError(f"{len(shape)} dimensions; at most {MAX_DIMS} are supported", file=file, tensor=name)
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2

@@ -15,12 +15,17 @@ from typing import Any
 from tqdm import tqdm
 
 from raymerge.engine import __version__
+from raymerge.engine.errors import PlanError
 from raymerge.engine.executor import Executor, default_memory_budget, peak_rss_bytes, placement_for
 from raymerge.engine.local import LocalExecutor
+from raymerge.engine.outpath import check_output_path
 from raymerge.engine.plan import DEFAULT_SHARD_BYTES, MergePlan, Placement, TensorTask, build_plan, check_budget
+from raymerge.engine.publish import TOKENIZER_FILES
 from raymerge.engine.recipe import Recipe
+from raymerge.engine.sidefiles import check_side_files
 from raymerge.engine.storage import READ_STATS
 from raymerge.engine.task import Receipt
+from raymerge.engine.urls import redact
 from raymerge.engine.writer import Staging
 
 log = logging.getLogger(__name__)
@@ -53,8 +58,10 @@ class RunFigures:
 def model_card(plan: MergePlan, figures: RunFigures) -> str:
     """A Hugging Face README recording the recipe, the inputs and the run's figures."""
     recipe = plan.recipe
-    inputs = ([recipe.base_model] if recipe.base_model else []) + [
-        u for u in recipe.expert_urls() if u != recipe.base_model
+    inputs = [
+        redact(u)
+        for u in ([recipe.base_model] if recipe.base_model else [])
+        + [u for u in recipe.expert_urls() if u != recipe.base_model]
     ]
     lines = [
         "---",
@@ -67,7 +74,7 @@ def model_card(plan: MergePlan, figures: RunFigures) -> str:
         "- raymerge",
         f"- {recipe.merge_method}",
         "---",
-        f"# {recipe.name or Path(plan.recipe.base_model or plan.models[0]).name + '-' + recipe.merge_method}",
+        f"# {recipe.name or Path(redact(plan.recipe.base_model or plan.models[0])).name + '-' + recipe.merge_method}",
         "",
         f"Merged with [raymerge](https://github.com/raymerge/raymerge) {__version__} using "
         f"**{recipe.merge_method}** ({recipe.method.reference}) on {_dt.date.today().isoformat()}.",
@@ -76,8 +83,8 @@ def model_card(plan: MergePlan, figures: RunFigures) -> str:
         "",
     ]
     if recipe.base_model:
-        lines.append(f"- base: `{recipe.base_model}`")
-    lines += [f"- `{u}`" for u in recipe.expert_urls()]
+        lines.append(f"- base: `{redact(recipe.base_model)}`")
+    lines += [f"- `{redact(u)}`" for u in recipe.expert_urls()]
     fused = "split into blocks (q/k/v, gate/up)" if recipe.raymerge.split_fused else "merged as stored"
     lines += ["", f"Packed projections (qkv_proj, gate_up_proj): {fused}."]
     lines += ["", "## Recipe", "", "```yaml", (recipe.source or "").rstrip(), "```", "", "## Run", ""]
@@ -117,7 +124,12 @@ def merge(
     ``--no-copy-tokenizer``).
     """
     t0 = time.perf_counter()
+    check_output_path(str(out))
     read0 = READ_STATS.bytes_read  # headers, read while planning
+    if memory_budget is not None and memory_budget <= 0:
+        raise PlanError(f"memory budget must be more than 0 bytes, got {memory_budget}")
+    if workers is not None and workers < 1:
+        raise PlanError(f"workers must be at least 1, got {workers}")
     budget = memory_budget or default_memory_budget()
     runner = executor or LocalExecutor(workers)
     # ``auto`` is resolved per task: dense linear algebra goes to CUDA, elementwise work stays on CPU.
@@ -127,6 +139,8 @@ def merge(
     if not copy_tokenizer:
         plan = dataclasses.replace(plan, tokenizer_from=None)
     check_budget(plan, budget, where.device_memory)
+    if plan.tokenizer_from:  # refuse an unsafe tokenizer file now, not after the compute
+        check_side_files(plan.tokenizer_from, TOKENIZER_FILES)
     staging = Staging(out, plan, overwrite=overwrite, progress=progress)
     receipts = staging.prepare(threads=_task_threads(runner))
     _pin_threads(runner, staging.threads)

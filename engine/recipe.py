@@ -12,19 +12,22 @@ from __future__ import annotations
 
 import difflib
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from raymerge.engine.arch import layer_index
 from raymerge.engine.errors import RecipeError
 from raymerge.engine.methods import METHODS, MethodSpec, Param, Scope
+from raymerge.engine.safeio import decode_text, load_yaml, read_regular
 from raymerge.engine.storage import dtype_from_name
+from raymerge.engine.urls import redact_text
 
 log = logging.getLogger(__name__)
+RECIPE_BYTES = 4 << 20  # a recipe is a few kB; literal chat templates make it tens
 
 _UNSUPPORTED = {
     "modules": "per-module recipes are not supported; list whole models under `models`",
@@ -76,6 +79,16 @@ class RaymergeOptions(BaseModel):
     def _device(cls, v: str) -> str:
         if v not in ("auto", "cpu", "cuda") and not v.startswith("cuda:"):
             raise ValueError("device must be auto, cpu or cuda")
+        return v
+
+    @field_validator("exclude")
+    @classmethod
+    def _exclude(cls, v: list[str]) -> list[str]:
+        for pattern in v:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"exclude pattern {pattern!r} is not a valid regex: {exc}") from None
         return v
 
 
@@ -267,49 +280,17 @@ def _check_params(
             _coerce(v, spec, where, method.name)
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """The safe loader, refusing a mapping that repeats a key (YAML's spec forbids it; PyYAML would
-    silently keep the last value, so `merge_method` given twice would run the second method)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
-            try:
-                hash(key)
-            except TypeError:
-                continue  # the base constructor reports unhashable keys
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping",
-                    node.start_mark,
-                    f"duplicate key {key!r} (first given on line {seen[key] + 1})",
-                    key_node.start_mark,
-                )
-            seen[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep=deep)
-
-
-def load_yaml(text: str) -> Any:
-    """YAML through the safe loader with duplicate keys refused."""
-    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-
-
 def parse_recipe(text: str, origin: str = "<recipe>", *, strict: bool = False) -> Recipe:
     """Parse and validate recipe YAML (safe loader only); ``strict``: unused parameters are errors."""
-    try:
-        raw = load_yaml(text)
-    except yaml.YAMLError as exc:
-        problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        what = f"{problem}{where}" if problem else " ".join(str(exc).split())
-        raise RecipeError(f"recipe is not valid YAML: {what}", file=origin) from None
+    raw = load_yaml(text, file=origin, error=RecipeError, what="recipe")
     if not isinstance(raw, dict):
         raise RecipeError("recipe must be a YAML mapping", file=origin)
     _check_keys(raw, RECIPE_KEYS, origin)
     if "merge_method" not in raw:
         raise RecipeError("recipe needs `merge_method`", file=origin, hint="valid: " + ", ".join(sorted(METHODS)))
     method_name = raw["merge_method"]
+    if not isinstance(method_name, str):
+        raise RecipeError(f"merge_method must be a method name, got {method_name!r}", file=origin)
     if method_name not in METHODS:
         raise RecipeError(f"unknown merge_method {method_name!r}", file=origin, hint=suggest(str(method_name), METHODS))
     method = METHODS[method_name]
@@ -347,7 +328,7 @@ def parse_recipe(text: str, origin: str = "<recipe>", *, strict: bool = False) -
         if m.get("parameters") is None:
             m.pop("parameters", None)
     try:
-        recipe = Recipe(**raw, source=text)
+        recipe = Recipe(**raw, source=redact_text(text))  # written into the output: no credentials
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in first["loc"])
@@ -479,11 +460,13 @@ def _check_structure(recipe: Recipe, origin: str) -> None:
 
 def load_recipe(path: str | Path, *, strict: bool = False) -> Recipe:
     """Read a recipe file; relative model paths are taken as given (relative to the cwd)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise RecipeError(f"cannot read recipe: {exc.strerror}", file=str(path)) from None
-    return parse_recipe(text, str(path), strict=strict)
+    return parse_recipe(read_recipe_text(path), str(path), strict=strict)
+
+
+def read_recipe_text(path: str | Path) -> str:
+    """A recipe file's text: a regular file of at most ``RECIPE_BYTES``, UTF-8."""
+    data = read_regular(path, limit=RECIPE_BYTES, error=RecipeError, what="recipe")
+    return decode_text(data, file=str(path), error=RecipeError, what="recipe")
 
 
 _NOT_FOUND = object()

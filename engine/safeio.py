@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from typing import Any
+
+import yaml
 
 from raymerge.engine.errors import RaymergeError
 
@@ -20,6 +23,7 @@ from raymerge.engine.errors import RaymergeError
 SMALL_FILE_BYTES = 64 << 20  # config.json, indexes, journals, receipts, recipes
 MAX_JSON_DEPTH = 64
 MAX_INT_DIGITS = 40
+MAX_YAML_NODES = 100_000  # nodes after alias expansion: a recipe has hundreds
 
 
 def read_regular(
@@ -34,13 +38,33 @@ def read_regular(
     Opened non-blocking so a FIFO cannot hang the open; the kind and size are checked on the
     open descriptor, so the file cannot be swapped between the check and the read.
     """
-    name = os.fspath(path)
+    data = _read(os.fspath(path), limit, error, what, missing_ok=False)
+    assert data is not None
+    return data
+
+
+def read_optional(
+    path: str | os.PathLike[str],
+    *,
+    limit: int = SMALL_FILE_BYTES,
+    error: type[RaymergeError] = RaymergeError,
+    what: str = "file",
+) -> bytes | None:
+    """``read_regular``, or None when the file does not exist (a missing optional side file)."""
+    return _read(os.fspath(path), limit, error, what, missing_ok=True)
+
+
+def _read(name: str, limit: int, error: type[RaymergeError], what: str, *, missing_ok: bool) -> bytes | None:
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
+        if missing_ok:
+            return None
         raise error(f"{what} does not exist", file=name) from None
     except IsADirectoryError:
         raise error(f"{what} is a directory, not a file", file=name) from None
+    except NotADirectoryError:
+        raise error(f"{what} cannot exist: a path component above it is a file, not a directory", file=name) from None
     except OSError as exc:
         raise error(f"cannot open {what}: {exc.strerror}", file=name) from None
     try:
@@ -49,8 +73,7 @@ def read_regular(
             raise error(f"{what} is a directory, not a file", file=name)
         if not stat.S_ISREG(st.st_mode):
             raise error(f"{what} is not a regular file (a FIFO, socket or device)", file=name)
-        if st.st_size > limit:
-            raise error(f"{what} is {st.st_size} bytes, more than the {limit}-byte limit for it", file=name)
+        check_size(st.st_size, limit, file=name, error=error, what=what)
         chunks, left = [], limit + 1
         while left > 0:
             try:
@@ -69,6 +92,31 @@ def read_regular(
         os.close(fd)
 
 
+def check_size(
+    size: int, limit: int, *, file: str, error: type[RaymergeError] = RaymergeError, what: str = "file"
+) -> None:
+    """Refuse ``size`` bytes over ``limit`` (remote reads ask for at most ``limit + 1`` bytes and call this)."""
+    if size > limit:
+        raise error(f"{what} is larger than the {limit}-byte limit for it", file=file)
+
+
+def require_regular(
+    path: str | os.PathLike[str], *, error: type[RaymergeError] = RaymergeError, what: str = "file"
+) -> None:
+    """Refuse what is missing or not a regular file before a library opens it (a FIFO would block)."""
+    name = os.fspath(path)
+    try:
+        st = os.stat(name)
+    except FileNotFoundError:
+        raise error(f"{what} does not exist", file=name) from None
+    except OSError as exc:
+        raise error(f"cannot open {what}: {exc.strerror}", file=name) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise error(f"{what} is a directory, not a file", file=name)
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"{what} is not a regular file (a FIFO, socket or device)", file=name)
+
+
 def decode_text(data: bytes, *, file: str, error: type[RaymergeError] = RaymergeError, what: str = "file") -> str:
     """UTF-8 text (a leading BOM is dropped), or one error naming the file."""
     try:
@@ -77,24 +125,19 @@ def decode_text(data: bytes, *, file: str, error: type[RaymergeError] = Raymerge
         raise error(f"{what} is not UTF-8 text (byte {exc.start})", file=file) from None
 
 
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)  # a JSON string (an unterminated one runs to the end)
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
 def _nesting_depth(text: str) -> int:
-    """Deepest bracket nesting outside JSON strings (a linear scan, no recursion)."""
+    """Deepest bracket nesting outside JSON strings, without recursion (the strings are cut out
+    by one regex pass, then only the brackets are visited)."""
     depth = deepest = 0
-    in_str = escaped = False
-    for ch in text:
-        if in_str:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_str = False
-        elif ch == '"':
-            in_str = True
-        elif ch in "[{":
+    for ch in _BRACKET.findall(_STRING.sub("", text)):
+        if ch in "[{":
             depth += 1
             deepest = max(deepest, depth)
-        elif ch in "]}":
+        else:
             depth -= 1
     return deepest
 
@@ -158,3 +201,81 @@ def read_json(
     name = os.fspath(path)
     data = read_regular(name, limit=limit, error=error, what=what)
     return parse_json(data, file=name, expect=expect, error=error, what=what)
+
+
+class _StrictYamlLoader(yaml.SafeLoader):
+    """The safe loader, refusing a mapping that repeats a key (YAML's spec forbids it; PyYAML would
+    silently keep the last value, so `merge_method` given twice would run the second method), and
+    a document whose node graph, with every alias expanded, exceeds ``MAX_YAML_NODES`` — a
+    "billion laughs" alias bomb is a few hundred bytes that expand to billions of nodes."""
+
+    def get_single_node(self) -> yaml.Node | None:
+        node = super().get_single_node()
+        if node is not None and _expanded_nodes(node) > MAX_YAML_NODES:
+            raise _Refused(f"its aliases expand to more than {MAX_YAML_NODES} nodes")
+        return node
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            try:
+                hash(key)
+            except TypeError:
+                continue  # the base constructor reports unhashable keys
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"duplicate key {key!r} (first given on line {seen[key] + 1})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_nodes(root: yaml.Node) -> int:
+    """How many nodes the graph under ``root`` has once aliases are expanded, counted without
+    expanding them: each distinct node's count is computed once (iteratively, post-order), and a
+    cycle counts as over the limit."""
+    counts: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        if done:
+            on_path.discard(key)
+            counts[key] = min(1 + sum(counts[id(c)] for c in children), MAX_YAML_NODES + 1)
+            continue
+        if key in counts:
+            continue
+        if key in on_path:
+            return MAX_YAML_NODES + 1  # a recursive alias
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if id(c) not in counts)
+    return counts[id(root)]
+
+
+def load_yaml(text: str, *, file: str, error: type[RaymergeError] = RaymergeError, what: str = "file") -> Any:
+    """YAML through the safe loader: duplicate keys refused, alias expansion and nesting bounded;
+    any failure is one ``error`` naming the file (with the line and column where YAML says)."""
+    if _nesting_depth(text) > MAX_JSON_DEPTH * 4:  # flow-style nesting; block nesting is bounded by indentation
+        raise error(f"{what} nests more than {MAX_JSON_DEPTH * 4} levels deep", file=file)
+    try:
+        return yaml.load(text, Loader=_StrictYamlLoader)  # noqa: S506 - a SafeLoader subclass
+    except _Refused as exc:
+        raise error(f"{what} is refused: {exc}", file=file) from None
+    except RecursionError:
+        raise error(f"{what} nests too deep", file=file) from None
+    except yaml.YAMLError as exc:
+        problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        detail = f"{problem}{where}" if problem else " ".join(str(exc).split())
+        raise error(f"{what} is not valid YAML: {detail}", file=file) from None

@@ -13,11 +13,11 @@ re-exported here, the one module the rest of the engine reads checkpoints throug
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import mmap
 import os
 import posixpath
+import stat
 import sys
 import threading
 import time
@@ -40,8 +40,11 @@ from raymerge.engine.headers import (
     row_span,
 )
 from raymerge.engine.pickle_bin import PICKLE_INDEX, PICKLE_OPT_IN, PICKLE_SINGLE, is_pickle_shard, torch_zip_entries
+from raymerge.engine.safeio import SMALL_FILE_BYTES, check_size, decode_text, parse_json, read_optional
+from raymerge.engine.urls import RedactingFilter
 
 log = logging.getLogger(__name__)
+log.addFilter(RedactingFilter())  # retry warnings name URLs, also in Ray workers where the CLI set up no handler
 T = TypeVar("T")
 
 
@@ -67,9 +70,10 @@ def join_url(base: str, name: str) -> str:
 
 
 def output_overlap(out: str, inputs: Sequence[str]) -> tuple[str, str] | None:
-    """``(input, "is" | "contains")`` for the first input whose directory the output ``out`` is,
-    or lies under; ``None`` if none. Replacing such an output would delete the inputs it reads.
-    Local paths are compared after resolving symlinks and ``..``; URLs as normalised strings."""
+    """``(input, "is" | "contains" | "lies inside")`` for the first input whose directory the output
+    ``out`` is, lies under, or holds; ``None`` if none. Replacing such an output would delete the
+    inputs it reads, and writing inside an input's directory would change that model. Local paths
+    are compared after resolving symlinks and ``..``; URLs as normalised strings."""
     if is_local(out):
         target, sep = os.path.realpath(local_path(out)), os.sep
         pairs = [(m, os.path.realpath(local_path(m))) for m in inputs if is_local(m)]
@@ -81,6 +85,8 @@ def output_overlap(out: str, inputs: Sequence[str]) -> tuple[str, str] | None:
             return model, "is"
         if path.startswith(target.rstrip(sep) + sep):
             return model, "contains"
+        if target.startswith(path.rstrip(sep) + sep):
+            return model, "lies inside"
     return None
 
 
@@ -134,11 +140,14 @@ class ShardReader:
         if is_local(url):
             path = local_path(url)
             try:
-                fd = os.open(path, os.O_RDONLY)
+                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the open
             except OSError as exc:
                 raise CheckpointError(f"cannot open shard: {exc.strerror}", file=url) from None
             try:
-                self.size = os.fstat(fd).st_size
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise CheckpointError("shard is not a regular file (a directory, FIFO or device)", file=url)
+                self.size = st.st_size
                 if self.size > 0:
                     self._mm = _map_private(fd, url)
             finally:
@@ -296,33 +305,46 @@ def clear_shard_cache() -> None:
         _READERS.clear()
 
 
-def read_blob(url: str) -> bytes | None:
+def read_blob(
+    url: str, *, limit: int = SMALL_FILE_BYTES, error: type[RaymergeError] = CheckpointError, what: str = "file"
+) -> bytes | None:
     """Read a small whole file (config, index, tokenizer) or return None if it does not exist.
 
-    Remote reads are retried like range reads: a transient error must not look like a missing file.
+    At most ``limit`` bytes: a local file must be a regular file no larger (``safeio``), and a
+    remote one is read only up to ``limit + 1`` bytes, so ``/dev/zero`` or a huge object is refused
+    instead of filling memory. Remote reads are retried like range reads: a transient error must
+    not look like a missing file.
     """
     if is_local(url):
-        try:
-            with open(local_path(url), "rb") as f:
-                return f.read()
-        except (FileNotFoundError, NotADirectoryError):
-            return None
+        return read_optional(local_path(url), limit=limit, error=error, what=what)
     fs, path = _split_url(url)
+
+    def bounded() -> bytes:
+        with fs.open(path, "rb") as f:
+            return bytes(f.read(limit + 1))
+
     try:
-        return bytes(with_retries(lambda: fs.cat_file(path), url, "read", missing_ok=True))
+        data = with_retries(bounded, url, "read", missing_ok=True, error=error)
     except FileNotFoundError:
         return None
+    check_size(len(data), limit, file=url, error=error, what=what)
+    return data
 
 
-def read_text(url: str) -> str | None:
+def read_text(
+    url: str, *, limit: int = SMALL_FILE_BYTES, error: type[RaymergeError] = CheckpointError, what: str = "file"
+) -> str | None:
     """Read a small UTF-8 text file (config, index) or return None if it does not exist."""
-    raw = read_blob(url)
-    if raw is None:
-        return None
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise CheckpointError(f"not UTF-8 text: {exc}", file=url) from None
+    raw = read_blob(url, limit=limit, error=error, what=what)
+    return None if raw is None else decode_text(raw, file=url, error=error, what=what)
+
+
+def read_json_file(
+    url: str, *, expect: type | tuple[type, ...] = dict, error: type[RaymergeError] = CheckpointError, what: str
+) -> Any:
+    """A small JSON file at a path or URL, parsed strictly (``safeio.parse_json``); None if missing."""
+    raw = read_blob(url, error=error, what=what)
+    return None if raw is None else parse_json(raw, file=url, expect=expect, error=error, what=what)
 
 
 def exists(url: str) -> bool:
@@ -383,15 +405,64 @@ def _safe_shard_name(name: Any, index_url: str) -> str:
     return name
 
 
-def _read_index(index_url: str, text: str) -> dict[str, str]:
+def _read_index(index_url: str, index: dict[str, Any]) -> dict[str, str]:
     """An index's weight_map (tensor name -> shard file name), shard names checked."""
-    try:
-        index = json.loads(text)
-        weight_map = index["weight_map"]
-        assert isinstance(weight_map, dict)
-    except (json.JSONDecodeError, KeyError, AssertionError, TypeError):
-        raise CheckpointError("index is not valid JSON with a weight_map object", file=index_url) from None
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError("index has no weight_map object", file=index_url)
+    if not weight_map:
+        raise CheckpointError(
+            "index has an empty weight_map: the checkpoint has no tensors",
+            file=index_url,
+            hint="the index is truncated or was written by a failed save",
+        )
     return {tname: _safe_shard_name(shard, index_url) for tname, shard in weight_map.items()}
+
+
+_CONFIG_INTS = (
+    "num_hidden_layers",
+    "hidden_size",
+    "intermediate_size",
+    "vocab_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+)
+
+
+def _check_config(config: dict[str, Any], file: str) -> dict[str, Any]:
+    """The keys raymerge itself reads from ``config.json`` have the types transformers gives them."""
+    for key in ("model_type", "torch_dtype", "dtype"):
+        if config.get(key) is not None and not isinstance(config[key], str):
+            raise CheckpointError(f"config.json: {key} must be a string, got {config[key]!r:.60}", file=file)
+    archs = config.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise CheckpointError(f"config.json: architectures must be a list of names, got {archs!r:.60}", file=file)
+    for key in _CONFIG_INTS:
+        v = config.get(key)
+        if v is not None and (type(v) is not int or v < 0):
+            raise CheckpointError(f"config.json: {key} must be a whole number >= 0, got {v!r:.60}", file=file)
+    return config
+
+
+def check_model_dir(url: str) -> None:
+    """Refuse a local model path that is not a directory (a file, a device, a FIFO) with one line."""
+    if not is_local(url):
+        return
+    path = local_path(url)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise CheckpointError(
+            "model directory does not exist", file=path, hint="point the recipe at a Hugging Face model directory"
+        ) from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot open model directory: {exc.strerror}", file=path) from None
+    if not stat.S_ISDIR(st.st_mode):
+        kind = "a file" if stat.S_ISREG(st.st_mode) else "a device, FIFO or socket"
+        raise CheckpointError(
+            f"model path is {kind}, not a directory", file=path, hint="point the recipe at a model directory"
+        )
 
 
 def open_checkpoint(url: str, *, allow_pickle: bool = False) -> Checkpoint:
@@ -402,26 +473,21 @@ def open_checkpoint(url: str, *, allow_pickle: bool = False) -> Checkpoint:
     ``allow_pickle``, and then only through ``torch_zip_entries`` (weights_only unpickling).
     """
     url = url.rstrip("/") if not is_local(url) else url
+    check_model_dir(url)
     cfg_url = join_url(url, "config.json")
-    cfg_text = read_text(cfg_url)
-    config: dict[str, Any] = {}
-    if cfg_text is not None:
-        try:
-            config = json.loads(cfg_text)
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"config.json is not valid JSON: {exc}", file=cfg_url) from None
+    config: dict[str, Any] = _check_config(read_json_file(cfg_url, what="config.json") or {}, cfg_url)
     index_url = join_url(url, "model.safetensors.index.json")
-    index_text = read_text(index_url)
+    index = read_json_file(index_url, what="index")
     shard_names: dict[str, str] = {}
-    if index_text is not None:
-        shard_names = _read_index(index_url, index_text)
+    if index is not None:
+        shard_names = _read_index(index_url, index)
         files = sorted(set(shard_names.values()))
     elif exists(join_url(url, "model.safetensors")):
         files = ["model.safetensors"]
     else:
         index_url = join_url(url, PICKLE_INDEX)
-        index_text = read_text(index_url)
-        if index_text is not None:
+        index = read_json_file(index_url, what="index")
+        if index is not None:
             pickled = index_url
         elif exists(join_url(url, PICKLE_SINGLE)):
             pickled = join_url(url, PICKLE_SINGLE)
@@ -440,8 +506,8 @@ def open_checkpoint(url: str, *, allow_pickle: bool = False) -> Checkpoint:
             )
         if not allow_pickle:
             raise CheckpointError("checkpoint has only pickle weights", file=pickled, hint=PICKLE_OPT_IN)
-        if index_text is not None:
-            shard_names = _read_index(index_url, index_text)
+        if index is not None:
+            shard_names = _read_index(index_url, index)
             files = sorted(set(shard_names.values()))
             bad = [f for f in files if not is_pickle_shard(f)]
             if bad:
@@ -494,7 +560,9 @@ __all__ = [
     "open_shard",
     "output_overlap",
     "parse_header",
+    "check_model_dir",
     "read_blob",
+    "read_json_file",
     "read_text",
     "row_span",
     "with_retries",

@@ -37,7 +37,10 @@ from torch import nn
 
 from raymerge.engine.arch import BIAS_FLAGS
 from raymerge.engine.errors import RaymergeError
+from raymerge.engine.outpath import check_output_path
 from raymerge.engine.publish import INDEX, ModelPublication
+from raymerge.engine.safeio import parse_json, read_json, require_regular
+from raymerge.engine.sidefiles import check_side_file
 from raymerge.engine.stats import (
     Batch,
     DataSpec,
@@ -124,23 +127,27 @@ class Corrections:
 
     @staticmethod
     def load(path: str | Path) -> Corrections:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
+        require_regular(path, error=TactError, what="corrections file")
         try:
             with safe_open(str(path), "pt") as f:
                 meta = f.metadata() or {}
                 if meta.get("raymerge") != FORMAT:
                     raise TactError("not a raymerge TACT corrections file", file=str(path))
-                producers = json.loads(meta.get("producers", "{}"))
+                producers = parse_json(
+                    meta.get("producers", "{}"), file=str(path), error=TactError, what="corrections' producers"
+                )
+                points = parse_json(meta.get("points", ""), file=str(path), expect=list, error=TactError, what="points")
                 pts = []
-                for name in json.loads(meta["points"]):
+                for name in points:
                     prod, kind = producers.get(name, [None, None])
                     vals = {
                         k: f.get_tensor(f"{name}.{k}")
                         for k in ("scale", "shift", "expert_mean", "expert_std", "merged_mean", "merged_std")
                     }
                     pts.append(PointCorrection(name, producer=prod, producer_kind=kind, **vals))
-        except (OSError, KeyError, json.JSONDecodeError) as exc:
+        except (OSError, KeyError, TypeError, ValueError, SafetensorError) as exc:
             raise TactError(f"cannot read corrections: {exc}", file=str(path)) from None
         return Corrections(
             meta["task"],
@@ -332,7 +339,7 @@ def _bias_plan(
     from accelerate import init_empty_weights
 
     cfg_path = Path(model_dir) / "config.json"
-    cfg_json = json.loads(cfg_path.read_text())
+    cfg_json = read_json(cfg_path, error=TactError, what="config.json")
     if not need:
         return cfg_json, {}
     cls, config = model_class(model_dir)
@@ -362,6 +369,17 @@ def _bias_plan(
     return cfg_json, added
 
 
+def _weight_map(index_path: Path) -> dict[str, str]:
+    index = read_json(index_path, error=TactError, what="index")
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise TactError("index has no non-empty weight_map object", file=str(index_path))
+    for shard in set(weight_map.values()):  # shards are read from, and written into, one directory
+        if not isinstance(shard, str) or not shard or "/" in shard or "\\" in shard or shard in (".", ".."):
+            raise TactError(f"index names shard {shard!r}, which is not a plain file name", file=str(index_path))
+    return weight_map
+
+
 def fold_corrections(
     merged_dir: str | Path, corrections: Corrections | str | Path, out_dir: str | Path, *, overwrite: bool = False
 ) -> Path | str:
@@ -380,6 +398,7 @@ def fold_corrections(
 
     corr = corrections if isinstance(corrections, Corrections) else Corrections.load(corrections)
     src = Path(merged_dir)
+    check_output_path(str(out_dir))
     pub = ModelPublication(out_dir, overwrite=overwrite, error=TactError)
     pub.check([str(src)], role="merged model", hint="write the folded model to a new directory")
     folds = _compose(corr)
@@ -392,13 +411,15 @@ def fold_corrections(
                 file=str(src),
                 tensor=f"{prod}.weight",
             )
+    # Side files (tokenizer, generation config) go along; each is checked before any work.
+    skip = ("config.json", INDEX, "tact.json")
+    side = sorted(f.name for f in src.iterdir() if not f.name.endswith(".safetensors") and f.name not in skip)
+    copied = [n for n in side if not (src / n).is_dir() and check_side_file(str(src), n)]
     need = {p for p in folds if f"{p}.bias" not in shapes}
     cfg_json, added = _bias_plan(str(src), shapes, need)
     index_path = src / INDEX
     weight_map: dict[str, str] = (
-        json.loads(index_path.read_text())["weight_map"]
-        if index_path.exists()
-        else dict.fromkeys(shapes, "model.safetensors")
+        _weight_map(index_path) if index_path.exists() else dict.fromkeys(shapes, "model.safetensors")
     )
     extra_in: dict[str, list[str]] = {}
     for name in added:
@@ -423,12 +444,11 @@ def fold_corrections(
                     tensors[bn] = (b.double() * A + S).to(b.dtype)
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(staging / shard), metadata={"format": "pt"})
             del tensors
-        for f in src.iterdir():
-            if f.is_file() and not f.name.endswith(".safetensors") and f.name not in ("config.json", index_path.name):
-                shutil.copy2(f, staging / f.name)
+        for name in copied:
+            shutil.copy2(src / name, staging / name)
         (staging / "config.json").write_text(json.dumps(cfg_json, indent=2))
         if index_path.exists():
-            index = json.loads(index_path.read_text())
+            index = read_json(index_path, error=TactError, what="index")
             index["weight_map"] = dict(sorted(weight_map.items()))
             (staging / index_path.name).write_text(json.dumps(index, indent=2))
         (staging / "tact.json").write_text(

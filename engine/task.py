@@ -268,6 +268,8 @@ def run_task(task: TensorTask, staging_dir: str, device: str = "cpu") -> Receipt
     try:
         path = os.path.join(staging_dir, task.output.shard)
         out_dtype = DTYPES[task.output.dtype][0]
+        if task.output.nbytes == 0:  # a tensor with a 0-sized dimension: nothing to read, merge or write
+            return Receipt(task.id, task.tensor, 0, 0, 0, time.perf_counter() - t0, str(dev))
         method = get_method(task.method) if task.action == "merge" else None
         # A method that reads weights as out × in gets a Conv1D weight (in × out) transposed, whole.
         turned = method is not None and method.oriented and task.layout == "in_out"  # set on linear weights only

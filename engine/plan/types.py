@@ -14,6 +14,7 @@ from typing import Any
 
 from raymerge.engine.recipe import Recipe
 from raymerge.engine.storage import TensorEntry
+from raymerge.engine.urls import redact
 
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 
@@ -165,7 +166,7 @@ class MergePlan:
             by_class[t.tensor_class] = by_class.get(t.tensor_class, 0) + 1
         return {
             "method": self.recipe.merge_method,
-            "models": list(self.models),
+            "models": [redact(m) for m in self.models],  # printed and staged: no credentials
             "tensors": len({t.tensor for t in self.tasks}),
             "tasks": len(self.tasks),
             "tasks_by_class": by_class,

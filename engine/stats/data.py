@@ -8,7 +8,6 @@ every statistic; ``batch_tokens`` counts the rows a batch contributes.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import torch
 
 from raymerge.engine.errors import StatsError
+from raymerge.engine.safeio import decode_text, parse_json, read_regular
 from raymerge.engine.stats.models import require_transformers
 
 Batch = dict[str, torch.Tensor]
@@ -47,20 +47,27 @@ class DataSpec:
         return self if self.tokenizer or not default else dataclasses.replace(self, tokenizer=str(default))
 
 
+DATA_FILE_BYTES = 4 << 30  # text data is held in memory whole; more than this is a mistake
+
+
 def _read_texts(path: str, field_name: str) -> list[str]:
     suffix = Path(path).suffix.lower()
-    try:
-        raw = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise StatsError(f"cannot read data file: {exc.strerror}", file=path) from None
+    raw = decode_text(
+        read_regular(path, limit=DATA_FILE_BYTES, error=StatsError, what="data file"),
+        file=path,
+        error=StatsError,
+        what="data file",
+    )
     if suffix == ".txt":
         return [ln for ln in raw.splitlines() if ln.strip()]
-    try:
-        items = json.loads(raw) if suffix == ".json" else [json.loads(ln) for ln in raw.splitlines() if ln.strip()]
-    except json.JSONDecodeError as exc:
-        raise StatsError(f"data file is not valid JSON: {exc}", file=path) from None
-    if not isinstance(items, list):
-        raise StatsError("a .json data file must hold a list of examples", file=path)
+    if suffix == ".json":
+        items = parse_json(raw, file=path, expect=list, error=StatsError, what="a .json data file")
+    else:
+        items = [
+            parse_json(ln, file=f"{path}:{i + 1}", expect=None, error=StatsError, what="data line")
+            for i, ln in enumerate(raw.splitlines())
+            if ln.strip()
+        ]
     texts = []
     for i, item in enumerate(items):
         if isinstance(item, str):

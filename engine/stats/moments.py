@@ -14,6 +14,9 @@ from pathlib import Path
 
 import torch
 
+from raymerge.engine.errors import StatsError
+from raymerge.engine.safeio import parse_json
+
 MOMENTS_FILE = "moments.safetensors"
 
 
@@ -94,7 +97,7 @@ def read_moments(path: str | Path) -> dict[str, Moments]:
     out: dict[str, Moments] = {}
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
-        for p in json.loads(meta.get("points", "[]")):
+        for p in parse_json(meta.get("points", "[]"), file=str(path), expect=list, error=StatsError, what="points"):
             n = int(f.get_tensor(f"{p}.count"))
             mean = f.get_tensor(f"{p}.mean")
             out[p] = Moments(n, mean, f.get_tensor(f"{p}.var") * n)

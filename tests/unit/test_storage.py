@@ -109,7 +109,7 @@ def test_sharded_and_single_layouts_read_the_same(family):
         assert torch.equal(got, ref[name]), name
 
 
-def test_output_overlap_catches_an_output_that_is_or_holds_an_input(tmp_path):
+def test_output_overlap_catches_an_output_that_is_holds_or_lies_in_an_input(tmp_path):
     from raymerge.engine.storage import output_overlap
 
     (tmp_path / "models" / "base").mkdir(parents=True)
@@ -121,7 +121,9 @@ def test_output_overlap_catches_an_output_that_is_or_holds_an_input(tmp_path):
     assert output_overlap(str(tmp_path / "link"), inputs) == (inputs[0], "contains")  # through a symlink
     assert output_overlap(f"file://{tmp_path}/models/x/../base", inputs) == (inputs[0], "is")
     assert output_overlap(str(tmp_path / "models" / "base2"), inputs) is None  # a sibling, not a prefix
-    assert output_overlap(str(tmp_path / "models" / "base" / "merged"), inputs) is None  # inside: fine
+    # Inside an input's directory: publishing would change that model (issue 17).
+    assert output_overlap(str(tmp_path / "models" / "base" / "merged"), inputs) == (inputs[0], "lies inside")
+    assert output_overlap("s3://bucket/models/expert/merged", inputs) == (inputs[1], "lies inside")
     assert output_overlap("s3://bucket/models/", inputs) == (inputs[1], "contains")
     assert output_overlap("s3://bucket/models/expert", inputs) == (inputs[1], "is")
     assert output_overlap("s3://bucket/model", inputs) is None
