@@ -161,8 +161,11 @@ class Recipe(BaseModel):
         """The models merged against the base, in recipe order (all models for base-free methods)."""
         if self.slices:
             return list(dict.fromkeys(u for s in self.slices for u in self.slice_experts(s)))
+        listed = [m.model for m in self.models]
+        if self.method.base_joins_inputs and self.base_model and self.base_model not in listed:
+            return [*listed, self.base_model]  # mergekit appends an unlisted base as one more input
         if self.method.includes_base_in_inputs or not self.base_model:
-            return [m.model for m in self.models]
+            return listed
         return [m.model for m in self.models if m.model != self.base_model]
 
     def model_urls(self) -> list[str]:

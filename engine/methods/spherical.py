@@ -200,7 +200,8 @@ register_chunked(
 
 def karcher(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
     """Karcher (Riemannian) mean of the models on the unit hypersphere, scaled by their mean norm
-    (mergekit's ``karcher``; equal weights, every listed model an input).
+    (mergekit's ``karcher``; equal weights, every listed model an input, and a ``base_model``
+    the list leaves out as one more, after them, as mergekit adds it).
 
     Every iterate of mergekit's fixed-point iteration is a combination of the unit vectors
     u_t = x_t/‖x_t‖, so the iteration runs on those coefficients with the Gram matrix G = (u_s·u_t):
@@ -267,6 +268,7 @@ register_chunked(
     "https://arxiv.org/abs/2603.04972",
     needs_base=False,
     includes_base_in_inputs=True,
+    base_joins_inputs=True,
     work_buffers=lambda n: n + 4,
 )
 
