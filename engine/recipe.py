@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from raymerge.engine.arch import layer_index
+from raymerge.engine.arch import depth_fraction, mergekit_name
 from raymerge.engine.errors import RecipeError
 from raymerge.engine.methods import METHODS, MethodSpec, Param, Scope
 from raymerge.engine.storage import dtype_from_name
@@ -524,7 +524,9 @@ def _coerce(value: Any, param: Param, where: str, method: str = "") -> Any:
 
 
 def evaluate_setting(setting: Any, tensor_name: str, t: float, param: Param, where: str) -> Any:
-    """Resolve one setting for a tensor at layer-depth ``t`` ∈ [0, 1] (mergekit semantics)."""
+    """Resolve one setting for a tensor at layer-depth ``t`` ∈ [0, 1] (mergekit semantics: a
+    gradient of any length is interpolated over [0, 1], so every length fits)."""
+    t = min(1.0, max(0.0, t))
     if isinstance(setting, dict):
         setting = [setting]
     if isinstance(setting, list):
@@ -565,14 +567,18 @@ class ResolvedParams:
 
 
 def resolve_for_tensor(
-    recipe: Recipe, tensor_name: str, num_layers: int, method: MethodSpec | None = None
+    recipe: Recipe,
+    tensor_name: str,
+    num_layers: int | dict[str, int],
+    method: MethodSpec | None = None,
+    model_type: Any = None,
 ) -> ResolvedParams:
-    """All parameters of ``method`` (default: the recipe's) for one tensor at mergekit's depth ``t``."""
-    idx = layer_index(tensor_name)
-    if idx is None:
-        t = 0.0
-    else:
-        t = idx / (num_layers - 1) if num_layers > 1 else 1.0
+    """All parameters of ``method`` (default: the recipe's) for one tensor at mergekit's depth
+    ``t``; ``num_layers``: blocks per stack (``arch.stack_depths``), or one count for all.
+    Filters match the name mergekit gives the tensor (``arch.mergekit_name``: a published MoE's
+    experts by their fused name)."""
+    t = depth_fraction(tensor_name, num_layers)
+    tensor_name = mergekit_name(tensor_name, model_type)
     method = method or recipe.method
     top = recipe.parameters
     shared = {

@@ -10,7 +10,7 @@ import os
 import time
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, overload
 
 import torch
@@ -218,6 +218,30 @@ class TaskChunks:
         for d in task.output.shape[1:]:
             row_numel *= d
         self.numel = 1 if self.scalar else (task.row_end - task.row_start) * row_numel
+        self._group: list[TaskChunks] | None = None
+
+    @property
+    def stats_sources(self) -> Sequence[TaskChunks]:
+        """This tensor, then each other stored tensor of its fused group (``task.group``), whole,
+        read through the same models on demand (opened on first use)."""
+        if self._group is None:
+            task, stream = self.stream.task, self.stream
+            self._group = []
+            for name, refs in task.group:
+                shape = refs[0].shape
+                rows = shape[0] if shape else 1
+                sib = replace(
+                    task,
+                    tensor=name,
+                    inputs=refs,
+                    row_start=0,
+                    row_end=rows,
+                    group=(),
+                    output=replace(task.output, shape=shape),
+                )
+                readers = [open_shard(r.url) for r in refs]
+                self._group.append(TaskChunks(ExpertStream(sib, readers, stream.first, stream.dev), sib))
+        return [self, *self._group]
 
     def _rows(self, i: int, r0: int, r1: int) -> torch.Tensor:
         if self.scalar:

@@ -6,7 +6,7 @@ Reads headers only (never tensor data) and fails early on any disagreement betwe
 from __future__ import annotations
 
 from raymerge.engine import chat_template
-from raymerge.engine.arch import is_embedding_name, num_layers
+from raymerge.engine.arch import fused_groups, is_embedding_name, stack_depths
 from raymerge.engine.errors import CheckpointError
 from raymerge.engine.plan.estimates import Placement
 from raymerge.engine.plan.layout import lay_out, tensor_order
@@ -76,7 +76,7 @@ def build_plan(
         ref = ckpts[base_url]
         sources, stacked = slice_sources(recipe, ckpts)
         config = stacked_config(dict(ref.config), stacked, ckpts)
-        n_layers = len(stacked)
+        n_layers: int | dict[str, int] = len(stacked)
     else:
         base_url = recipe.base_model if recipe.base_model else experts[0]
         ref = ckpts[base_url]
@@ -85,7 +85,7 @@ def build_plan(
         inputs = ([recipe.base_model] if has_base and recipe.base_model else []) + experts
         sources = whole_model_sources(list(ref.entries), base_url, inputs, experts, has_base)
         config = dict(ref.config)
-        n_layers = num_layers(config, ref.entries)
+        n_layers = stack_depths(config, ref.entries)
     out_tag: str | None = None
     if recipe.out_dtype or recipe.dtype:
         out_tag = TAG_OF_DTYPE[dtype_from_name(recipe.out_dtype or recipe.dtype or "")]
@@ -99,6 +99,7 @@ def build_plan(
         compute_dtype=dtype_from_name(recipe.raymerge.compute_dtype) if recipe.raymerge.compute_dtype else None,
         aux_cache={},
         placement=where,
+        groups=fused_groups(config.get("model_type"), ref.entries) if not recipe.slices else {},
     )
     sources.sort(key=lambda src: tensor_order(src.name))
     entries = {src.name: ckpts[src.ref[0]].entries[src.ref[1]] for src in sources}

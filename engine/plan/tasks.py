@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -41,10 +41,11 @@ class PlanContext:
     base_url: str
     config: dict[str, Any]
     vocab: int | None
-    n_layers: int
+    n_layers: int | dict[str, int]  # blocks per stack (``arch.stack_depths``), or one count
     compute_dtype: torch.dtype | None
     aux_cache: dict[str, Checkpoint]
     placement: Placement
+    groups: dict[str, tuple[str, ...]] = field(default_factory=dict)  # ``arch.fused_groups`` of the inputs
 
 
 def copy_task(ctx: PlanContext, name: str, ref: tuple[str, str], cls: str, out: tuple[str, int]) -> TensorTask:
@@ -90,7 +91,7 @@ def tensor_tasks(ctx: PlanContext, src: TensorSource, out: tuple[str, int], out_
     if cls == "buffer":
         return [copy_task(ctx, name, src.ref, cls, out)]
     spec = method_for(ctx, name, cls)
-    params = src.params(recipe, spec, ctx.n_layers)
+    params = src.params(recipe, spec, ctx.n_layers, ctx.config.get("model_type"))
     problem = spec.check(params.shared, params.per_model) if spec.check else None
     if problem:
         raise RecipeError(f"method {spec.name!r}: {problem}", tensor=name)
@@ -98,6 +99,7 @@ def tensor_tasks(ctx: PlanContext, src: TensorSource, out: tuple[str, int], out_
     turned = layout == "in_out" and spec.oriented  # the method sees the weight transposed
     aux, aux_names = aux_refs(spec, params.per_model, src, e, ctx.aux_cache, turned)
     refs = tuple(TensorRef.of(ctx.ckpts[u].shard_of[n], ctx.ckpts[u].entries[n]) for u, n in src.reads)
+    group = group_refs(ctx, spec, src)
     compute = ctx.compute_dtype or (torch.float64 if e.dtype == "F64" else torch.float32)
     c_item = torch.empty((), dtype=compute).element_size()
     out_item = DTYPES[out_tag][1]
@@ -151,15 +153,40 @@ def tensor_tasks(ctx: PlanContext, src: TensorSource, out: tuple[str, int], out_
                 chunk_rows=chunk_rows,
                 aux=aux,
                 aux_names=aux_names,
+                group=group,
                 layout=layout,
                 est_host_bytes=fp.host,
                 est_device_bytes=fp.device,
-                read_bytes=numel * e.itemsize * len(refs) + sum(a.end - a.start for a in aux),
+                read_bytes=numel * e.itemsize * len(refs)
+                + sum(a.end - a.start for a in aux)
+                + sum(r.end - r.start for _, rs in group for r in rs),
                 write_bytes=out_bytes,
                 flops=task_flops(spec, shape),
             )
         )
     return tasks
+
+
+def group_refs(ctx: PlanContext, spec: MethodSpec, src: TensorSource) -> tuple[tuple[str, tuple[TensorRef, ...]], ...]:
+    """The other stored tensors of the tensor mergekit fuses ``src.name`` into, with their inputs,
+    for a method whose statistics span it (``group_stats``); () otherwise and in sliced recipes."""
+    members = ctx.groups.get(src.name, ())
+    if not spec.group_stats or src.part is not None or len(members) < 2:
+        return ()
+    out = []
+    for other in members:
+        if other == src.name:
+            continue
+        refs = []
+        for u, _ in src.reads:
+            ck = ctx.ckpts[u]
+            if other not in ck.entries:
+                raise CheckpointError(
+                    f"model {u} has no tensor {other!r} of this tensor's expert group", file=u, tensor=other
+                )
+            refs.append(TensorRef.of(ck.shard_of[other], ck.entries[other]))
+        out.append((other, tuple(refs)))
+    return tuple(out)
 
 
 def aux_refs(
