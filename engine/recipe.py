@@ -58,7 +58,9 @@ class RaymergeOptions(BaseModel):
         4 << 20, gt=0, description="bytes of one compute-dtype input chunk (row-chunked methods and tasks)"
     )
     device: str = Field("auto", description="auto | cpu | cuda")
-    compute_dtype: str | None = Field(None, description="override the compute dtype (default float32)")
+    compute_dtype: str | None = Field(
+        None, description="default float32; mergekit: recipe dtype, mergekit's arithmetic"
+    )
     split_fused: bool = Field(
         False, description="merge packed projections (qkv_proj, gate_up_proj) block by block instead of as stored"
     )

@@ -18,6 +18,7 @@ import torch
 from raymerge.engine.errors import CheckpointError, OutputError, TaskError
 from raymerge.engine.executor import task_device
 from raymerge.engine.methods import MergeArgs, get_method
+from raymerge.engine.methods.mergekit_order import mergekit_order
 from raymerge.engine.methods.precision import prepare_device
 from raymerge.engine.plan import TensorTask
 from raymerge.engine.storage import DTYPES, ShardReader, TensorEntry, open_shard, row_span
@@ -287,6 +288,15 @@ def run_task(task: TensorTask, staging_dir: str, device: str = "cpu") -> Receipt
         method = get_method(task.method) if task.action == "merge" else None
         # A method that reads weights as out × in gets a Conv1D weight (in × out) transposed, whole.
         turned = method is not None and method.oriented and task.layout == "in_out"  # set on linear weights only
+        if method is not None and task.order == "mergekit":
+            stream = ExpertStream(task, readers, 1 if task.has_base else 0, dev)
+            fn = mergekit_order(task.method, task.shared, task.per_model)
+            assert fn is not None
+            args = MergeArgs(task.shared, task.per_model, None, task.tensor, task.seed, AuxStream(task, dev))
+            base_t = stream.load(0) if task.has_base else None
+            merged = fn(base_t, [stream.load(stream.first + i) for i in range(len(stream))], args)
+            crc, written = _write_pieces([merged], out_dtype, path, task.output.offset, task)
+            return Receipt(task.id, task.tensor, crc, written, stream.bytes_read, time.perf_counter() - t0, str(dev))
         if method is not None and method.chunked is not None and not turned:
             stream = ExpertStream(task, readers, 1 if task.has_base else 0, dev)
             args = MergeArgs(task.shared, task.per_model, None, task.tensor, task.seed, AuxStream(task, dev))

@@ -40,8 +40,9 @@ class RankCut:
 
 
 def _bits(w: torch.Tensor) -> torch.Tensor:
-    # Non-negative float32 values order exactly like their int32 bit patterns.
-    return w.to(torch.float32).contiguous().view(torch.int32).reshape(-1)
+    # Non-negative float32 values order exactly like their int32 bit patterns; abs() turns a -0.0
+    # (a zero change times a rounding-negative weight) into +0.0, whose pattern is not negative.
+    return w.to(torch.float32).abs().contiguous().view(torch.int32).reshape(-1)
 
 
 def rank_cut(chunks: Callable[[], Iterator[torch.Tensor]], n: int, r: int) -> RankCut:

@@ -5,6 +5,8 @@ Reads headers only (never tensor data) and fails early on any disagreement betwe
 
 from __future__ import annotations
 
+import torch
+
 from raymerge.engine import chat_template
 from raymerge.engine.arch import fused_groups, is_embedding_name, stack_depths
 from raymerge.engine.errors import CheckpointError
@@ -54,6 +56,15 @@ def check_agreement(ckpts: list[Checkpoint], ref: Checkpoint) -> None:
                 )
 
 
+def compute_dtype(recipe: Recipe) -> torch.dtype | None:
+    """The recipe's compute dtype: ``raymerge.compute_dtype``, where ``mergekit`` means the
+    recipe's ``dtype`` (as mergekit computes); None for the default (fp32, fp64 for fp64 inputs)."""
+    name = recipe.raymerge.compute_dtype
+    if name == "mergekit":
+        name = recipe.dtype
+    return dtype_from_name(name) if name else None
+
+
 def build_plan(
     recipe: Recipe, *, out_shard_bytes: int = DEFAULT_SHARD_BYTES, placement: Placement | None = None
 ) -> MergePlan:
@@ -96,7 +107,8 @@ def build_plan(
         config=config,
         vocab=config.get("vocab_size") if isinstance(config.get("vocab_size"), int) else None,
         n_layers=n_layers,
-        compute_dtype=dtype_from_name(recipe.raymerge.compute_dtype) if recipe.raymerge.compute_dtype else None,
+        compute_dtype=compute_dtype(recipe),
+        mergekit_order=recipe.raymerge.compute_dtype == "mergekit",
         aux_cache={},
         placement=where,
         groups=fused_groups(config.get("model_type"), ref.entries) if not recipe.slices else {},

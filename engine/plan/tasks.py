@@ -19,6 +19,7 @@ import torch
 from raymerge.engine.arch import classify, fused_blocks, linear_layout
 from raymerge.engine.errors import CheckpointError, RecipeError
 from raymerge.engine.methods import METHODS, MethodSpec, WorkShape
+from raymerge.engine.methods.mergekit_order import mergekit_order
 from raymerge.engine.plan.estimates import Placement, stats_item, task_flops, task_footprint
 from raymerge.engine.plan.slices import TensorSource
 from raymerge.engine.plan.types import OutputRef, TensorRef, TensorTask
@@ -46,6 +47,7 @@ class PlanContext:
     aux_cache: dict[str, Checkpoint]
     placement: Placement
     groups: dict[str, tuple[str, ...]] = field(default_factory=dict)  # ``arch.fused_groups`` of the inputs
+    mergekit_order: bool = False  # ``compute_dtype: mergekit``: mergekit's arithmetic where it has one
 
 
 def copy_task(ctx: PlanContext, name: str, ref: tuple[str, str], cls: str, out: tuple[str, int]) -> TensorTask:
@@ -96,6 +98,8 @@ def tensor_tasks(ctx: PlanContext, src: TensorSource, out: tuple[str, int], out_
     if problem:
         raise RecipeError(f"method {spec.name!r}: {problem}", tensor=name)
     layout = linear_layout(cls, ctx.config)
+    # mergekit's arithmetic (``methods.mergekit_order``) takes the whole tensor as stored.
+    order = "mergekit" if ctx.mergekit_order and mergekit_order(spec.name, params.shared, params.per_model) else ""
     turned = layout == "in_out" and spec.oriented  # the method sees the weight transposed
     aux, aux_names = aux_refs(spec, params.per_model, src, e, ctx.aux_cache, turned)
     refs = tuple(TensorRef.of(ctx.ckpts[u].shard_of[n], ctx.ckpts[u].entries[n]) for u, n in src.reads)
@@ -107,7 +111,9 @@ def tensor_tasks(ctx: PlanContext, src: TensorSource, out: tuple[str, int], out_
     row_numel = e.numel // rows_total if rows_total else 0
     chunk_rows = max(1, recipe.raymerge.chunk_bytes // max(1, row_numel * c_item)) if row_numel else 1
     spans: list[tuple[int, int]]
-    if spec.row_separable and len(e.shape) >= 1 and row_numel:
+    if order:
+        spans = [(0, rows_total if e.shape else 0)]
+    elif spec.row_separable and len(e.shape) >= 1 and row_numel:
         spans = [(r, min(rows_total, r + chunk_rows)) for r in range(0, rows_total, chunk_rows)] or [(0, 0)]
     elif recipe.raymerge.split_fused and (blocks := fused_blocks(name, e, ctx.config)):
         spans = list(itertools.pairwise([0, *itertools.accumulate(blocks)]))
@@ -121,7 +127,9 @@ def tensor_tasks(ctx: PlanContext, src: TensorSource, out: tuple[str, int], out_
         shared = dict(params.shared)
         shape = WorkShape(
             numel=numel,
-            work_numel=min(numel, chunk_rows * row_numel) if spec.chunked and e.shape and not turned else numel,
+            work_numel=min(numel, chunk_rows * row_numel)
+            if spec.chunked and e.shape and not (turned or order)
+            else numel,
             chunk_shape=chunk_shape[::-1] if turned else chunk_shape,
             chunk_rows=chunk_rows,
             inputs=len(refs),
@@ -153,7 +161,8 @@ def tensor_tasks(ctx: PlanContext, src: TensorSource, out: tuple[str, int], out_
                 chunk_rows=chunk_rows,
                 aux=aux,
                 aux_names=aux_names,
-                group=group,
+                group=() if order else group,
+                order=order,
                 layout=layout,
                 est_host_bytes=fp.host,
                 est_device_bytes=fp.device,
