@@ -81,3 +81,17 @@ def test_moe_tasks_carry_their_fused_group(tmp_path):
     assert tasks["model.layers.0.block_sparse_moe.gate.weight"].group == ()
     assert tasks["model.layers.0.self_attn.q_proj.weight"].group == ()
     assert TensorTask.from_json(w1.to_json()) == w1
+
+
+def test_karcher_averages_an_unlisted_base_as_mergekit(family):
+    """mergekit adds a ``base_model`` missing from ``models`` as one more input; karcher averages
+    it in, and ``plan`` counts it."""
+    from raymerge.engine.plan import build_plan
+
+    from conftest import recipe_text
+
+    base, experts = family
+    plan = build_plan(parse_recipe(recipe_text("karcher", base, experts[:2])))
+    assert plan.models == (str(experts[0]), str(experts[1]), str(base))
+    task = next(t for t in plan.tasks if t.action == "merge")
+    assert not task.has_base and len(task.inputs) == 3 and len(task.per_model) == 3
