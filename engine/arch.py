@@ -40,6 +40,96 @@ def num_layers(config: dict[str, Any], names: Iterable[str]) -> int:
     return max(idxs) + 1 if idxs else 1
 
 
+def stack_of(tensor_name: str) -> str | None:
+    """The stack a block tensor belongs to: its name up to the block index
+    (``encoder.block.3.layer.0…`` → ``encoder.block.``), None outside numbered blocks."""
+    m = LAYER_RE.search(tensor_name)
+    return tensor_name[: m.start(1)] if m else None
+
+
+def stack_depths(config: dict[str, Any], names: Iterable[str]) -> dict[str, int]:
+    """Blocks per stack (``stack_of``): mergekit counts each module's layers on its own (T5's
+    encoder and decoder, Gemma 3's text and vision towers), so a gradient spans each stack.
+
+    A stack holds one more block than its highest index; a model with a single stack takes the
+    config's count (``num_layers``) where that is at least as many."""
+    top: dict[str, int] = {}
+    for name in names:
+        m = LAYER_RE.search(name)
+        if m:
+            key = name[: m.start(1)]
+            top[key] = max(top.get(key, 0), int(m.group(1)) + 1)
+    if len(top) == 1:
+        (key, n), declared = next(iter(top.items())), num_layers(config, ())
+        top[key] = max(n, declared)
+    return top
+
+
+def depth_fraction(tensor_name: str, depths: dict[str, int] | int) -> float:
+    """mergekit's ``t`` for a tensor: block index / (blocks in its stack − 1), 1 in a one-block
+    stack, 0 outside blocks; always in [0, 1]. ``depths``: ``stack_depths``, or one count for all."""
+    m = LAYER_RE.search(tensor_name)
+    if m is None:
+        return 0.0
+    idx = int(m.group(1))
+    n = depths if isinstance(depths, int) else depths.get(tensor_name[: m.start(1)], idx + 1)
+    n = max(n, idx + 1)
+    return idx / (n - 1) if n > 1 else 1.0
+
+
+# ------------------------------------------------------------------------------------------------ experts
+
+# Model types whose published per-expert tensors mergekit reads fused, as transformers v5 holds
+# them: per layer ``mlp.experts.gate_up_proj`` = every expert's [gate; up] stacked,
+# ``mlp.experts.down_proj`` = every expert's down stacked, and the router as ``mlp.gate.weight``.
+# Each pattern: (stored name, its fused group's name); group 1 is the layer prefix.
+FUSED_EXPERTS: dict[str, tuple[tuple[re.Pattern[str], str], ...]] = {
+    "mixtral": (
+        (re.compile(r"^(.*)\.block_sparse_moe\.experts\.\d+\.w[13]\.weight$"), r"\1.mlp.experts.gate_up_proj"),
+        (re.compile(r"^(.*)\.block_sparse_moe\.experts\.\d+\.w2\.weight$"), r"\1.mlp.experts.down_proj"),
+        (re.compile(r"^(.*)\.block_sparse_moe\.gate\.weight$"), r"\1.mlp.gate.weight"),
+    ),
+    "qwen3_moe": (
+        (re.compile(r"^(.*)\.mlp\.experts\.\d+\.(?:gate|up)_proj\.weight$"), r"\1.mlp.experts.gate_up_proj"),
+        (re.compile(r"^(.*)\.mlp\.experts\.\d+\.down_proj\.weight$"), r"\1.mlp.experts.down_proj"),
+    ),
+}
+
+
+def mergekit_name(tensor_name: str, model_type: Any) -> str:
+    """The name mergekit's architecture definition gives a stored tensor, which its ``filter``
+    settings match: a published MoE's expert tensor → its fused group (``FUSED_EXPERTS``);
+    every other name as it is."""
+    for pattern, fused in FUSED_EXPERTS.get(str(model_type), ()):
+        if pattern.match(tensor_name):
+            return pattern.sub(fused, tensor_name)
+    return tensor_name
+
+
+def fused_groups(model_type: Any, names: Iterable[str]) -> dict[str, tuple[str, ...]]:
+    """For each stored tensor that mergekit reads as part of a fused expert tensor, every stored
+    tensor of that fused tensor in mergekit's order (expert by expert, gate before up), itself
+    included. Tensor-wide statistics (TIES' magnitude rank, Model Stock's cosine) run over the
+    group, as mergekit's run over its fused tensor. One pass over ``names``."""
+    if str(model_type) not in FUSED_EXPERTS:
+        return {}
+    by_fused: dict[str, list[str]] = {}
+    for name in names:
+        fused = mergekit_name(name, model_type)
+        if fused != name and fused.endswith(("gate_up_proj", "down_proj")):
+            by_fused.setdefault(fused, []).append(name)
+
+    def order(name: str) -> tuple[int, int]:
+        m = re.search(r"\.experts\.(\d+)\.(\w+)\.weight$", name)
+        return (int(m.group(1)), 0 if m.group(2) in ("w1", "gate_proj") else 1) if m else (0, 0)
+
+    out: dict[str, tuple[str, ...]] = {}
+    for members in by_fused.values():
+        group = tuple(sorted(members, key=order))
+        out.update(dict.fromkeys(group, group))
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ tensors
 
 # Names of 2-D tables that are looked up, not multiplied (token, position and type embeddings,
@@ -164,15 +254,21 @@ __all__ = [
     "BERT_LIKE",
     "BIAS_FLAGS",
     "EMBED_HINTS",
+    "FUSED_EXPERTS",
     "INPUT_MAJOR_MODEL_TYPES",
     "LAYER_RE",
     "LLAMA_LIKE",
     "MLP_PRE_MODULES",
     "block_points",
     "classify",
+    "depth_fraction",
     "fused_blocks",
+    "fused_groups",
     "is_embedding_name",
     "layer_index",
     "linear_layout",
+    "mergekit_name",
     "num_layers",
+    "stack_depths",
+    "stack_of",
 ]

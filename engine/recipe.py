@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from raymerge.engine.arch import layer_index
+from raymerge.engine.arch import depth_fraction, mergekit_name
 from raymerge.engine.errors import RecipeError
 from raymerge.engine.methods import METHODS, MethodSpec, Param, Scope
 from raymerge.engine.safeio import decode_text, load_yaml, read_regular
@@ -61,7 +61,9 @@ class RaymergeOptions(BaseModel):
         4 << 20, gt=0, description="bytes of one compute-dtype input chunk (row-chunked methods and tasks)"
     )
     device: str = Field("auto", description="auto | cpu | cuda")
-    compute_dtype: str | None = Field(None, description="override the compute dtype (default float32)")
+    compute_dtype: str | None = Field(
+        None, description="default float32; mergekit: recipe dtype, mergekit's arithmetic"
+    )
     split_fused: bool = Field(
         False, description="merge packed projections (qkv_proj, gate_up_proj) block by block instead of as stored"
     )
@@ -174,8 +176,11 @@ class Recipe(BaseModel):
         """The models merged against the base, in recipe order (all models for base-free methods)."""
         if self.slices:
             return list(dict.fromkeys(u for s in self.slices for u in self.slice_experts(s)))
+        listed = [m.model for m in self.models]
+        if self.method.base_joins_inputs and self.base_model and self.base_model not in listed:
+            return [*listed, self.base_model]  # mergekit appends an unlisted base as one more input
         if self.method.includes_base_in_inputs or not self.base_model:
-            return [m.model for m in self.models]
+            return listed
         return [m.model for m in self.models if m.model != self.base_model]
 
     def model_urls(self) -> list[str]:
@@ -504,7 +509,9 @@ def _coerce(value: Any, param: Param, where: str, method: str = "") -> Any:
 
 
 def evaluate_setting(setting: Any, tensor_name: str, t: float, param: Param, where: str) -> Any:
-    """Resolve one setting for a tensor at layer-depth ``t`` ∈ [0, 1] (mergekit semantics)."""
+    """Resolve one setting for a tensor at layer-depth ``t`` ∈ [0, 1] (mergekit semantics: a
+    gradient of any length is interpolated over [0, 1], so every length fits)."""
+    t = min(1.0, max(0.0, t))
     if isinstance(setting, dict):
         setting = [setting]
     if isinstance(setting, list):
@@ -545,14 +552,18 @@ class ResolvedParams:
 
 
 def resolve_for_tensor(
-    recipe: Recipe, tensor_name: str, num_layers: int, method: MethodSpec | None = None
+    recipe: Recipe,
+    tensor_name: str,
+    num_layers: int | dict[str, int],
+    method: MethodSpec | None = None,
+    model_type: Any = None,
 ) -> ResolvedParams:
-    """All parameters of ``method`` (default: the recipe's) for one tensor at mergekit's depth ``t``."""
-    idx = layer_index(tensor_name)
-    if idx is None:
-        t = 0.0
-    else:
-        t = idx / (num_layers - 1) if num_layers > 1 else 1.0
+    """All parameters of ``method`` (default: the recipe's) for one tensor at mergekit's depth
+    ``t``; ``num_layers``: blocks per stack (``arch.stack_depths``), or one count for all.
+    Filters match the name mergekit gives the tensor (``arch.mergekit_name``: a published MoE's
+    experts by their fused name)."""
+    t = depth_fraction(tensor_name, num_layers)
+    tensor_name = mergekit_name(tensor_name, model_type)
     method = method or recipe.method
     top = recipe.parameters
     shared = {

@@ -10,7 +10,7 @@ import os
 import time
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, overload
 
@@ -20,6 +20,7 @@ from raymerge.engine.errors import CheckpointError, OutputError, TaskError
 from raymerge.engine.executor import task_device
 from raymerge.engine.guard import disk_full
 from raymerge.engine.methods import MergeArgs, get_method
+from raymerge.engine.methods.mergekit_order import mergekit_order
 from raymerge.engine.methods.precision import prepare_device
 from raymerge.engine.plan import TensorTask
 from raymerge.engine.storage import DTYPES, ShardReader, TensorEntry, open_shard, row_span
@@ -226,6 +227,30 @@ class TaskChunks:
         for d in task.output.shape[1:]:
             row_numel *= d
         self.numel = 1 if self.scalar else (task.row_end - task.row_start) * row_numel
+        self._group: list[TaskChunks] | None = None
+
+    @property
+    def stats_sources(self) -> Sequence[TaskChunks]:
+        """This tensor, then each other stored tensor of its fused group (``task.group``), whole,
+        read through the same models on demand (opened on first use)."""
+        if self._group is None:
+            task, stream = self.stream.task, self.stream
+            self._group = []
+            for name, refs in task.group:
+                shape = refs[0].shape
+                rows = shape[0] if shape else 1
+                sib = replace(
+                    task,
+                    tensor=name,
+                    inputs=refs,
+                    row_start=0,
+                    row_end=rows,
+                    group=(),
+                    output=replace(task.output, shape=shape),
+                )
+                readers = [open_shard(r.url) for r in refs]
+                self._group.append(TaskChunks(ExpertStream(sib, readers, stream.first, stream.dev), sib))
+        return [self, *self._group]
 
     def _rows(self, i: int, r0: int, r1: int) -> torch.Tensor:
         if self.scalar:
@@ -273,6 +298,15 @@ def run_task(task: TensorTask, staging_dir: str, device: str = "cpu") -> Receipt
         method = get_method(task.method) if task.action == "merge" else None
         # A method that reads weights as out × in gets a Conv1D weight (in × out) transposed, whole.
         turned = method is not None and method.oriented and task.layout == "in_out"  # set on linear weights only
+        if method is not None and task.order == "mergekit":
+            stream = ExpertStream(task, readers, 1 if task.has_base else 0, dev)
+            fn = mergekit_order(task.method, task.shared, task.per_model)
+            assert fn is not None
+            args = MergeArgs(task.shared, task.per_model, None, task.tensor, task.seed, AuxStream(task, dev))
+            base_t = stream.load(0) if task.has_base else None
+            merged = fn(base_t, [stream.load(stream.first + i) for i in range(len(stream))], args)
+            crc, written = _write_pieces([merged], out_dtype, path, task.output.offset, task)
+            return Receipt(task.id, task.tensor, crc, written, stream.bytes_read, time.perf_counter() - t0, str(dev))
         if method is not None and method.chunked is not None and not turned:
             stream = ExpertStream(task, readers, 1 if task.has_base else 0, dev)
             args = MergeArgs(task.shared, task.per_model, None, task.tensor, task.seed, AuxStream(task, dev))

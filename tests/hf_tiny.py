@@ -136,3 +136,129 @@ def average(dirs: list[Path], dst: Path) -> Path:
     models[0].save_pretrained(str(dst))
     write_tokenizer(dst)
     return dst
+
+
+# ------------------------------------------------------------------------------------------------ other
+# architectures, as their checkpoints are published (for the parity tests against mergekit-yaml)
+
+
+def _rename(path: Path, rename) -> None:
+    """Rewrite ``path``'s model.safetensors with every tensor name passed through ``rename``."""
+    from safetensors.torch import load_file, save_file
+
+    f = path / "model.safetensors"
+    sd = load_file(str(f))
+    save_file({rename(k): v.contiguous() for k, v in sd.items()}, str(f), metadata={"format": "pt"})
+
+
+def tiny_gemma3(path: Path, seed: int = 0, text_layers: int = 3, vision_layers: int = 2) -> Path:
+    """Gemma 3 with a text and a SigLIP vision tower (4-D patch-embedding convolution), in the
+    published layout (``vision_tower.vision_model.…``) that mergekit's definition names."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = Gemma3Config(
+        text_config=dict(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=text_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=64,
+            sliding_window=16,
+        ),
+        vision_config=dict(
+            hidden_size=16,
+            intermediate_size=24,
+            num_hidden_layers=vision_layers,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=8,
+            vision_use_head=False,
+        ),
+        mm_tokens_per_image=4,
+    )
+    Gemma3ForConditionalGeneration(cfg).save_pretrained(str(path))
+    _rename(path, lambda k: k.replace("vision_tower.", "vision_tower.vision_model.", 1))
+    return path
+
+
+def tiny_t5(path: Path, seed: int = 0, encoder_layers: int = 2, decoder_layers: int = 4) -> Path:
+    """T5 (gated-GELU) whose decoder may be deeper than its encoder."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = T5Config(
+        vocab_size=VOCAB,
+        d_model=32,
+        d_kv=8,
+        d_ff=48,
+        num_layers=encoder_layers,
+        num_decoder_layers=decoder_layers,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+    )
+    T5ForConditionalGeneration(cfg).save_pretrained(str(path))
+    return path
+
+
+def tiny_mixtral(path: Path, seed: int = 0, layers: int = 2, experts: int = 3) -> Path:
+    """Mixtral, stored as published: ``block_sparse_moe.experts.E.w1/w2/w3`` and ``…gate``."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = MixtralConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=24,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=experts,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )
+    MixtralForCausalLM(cfg).save_pretrained(str(path))
+    return path
+
+
+def tiny_qwen3_moe(path: Path, seed: int = 0, layers: int = 2, experts: int = 3) -> Path:
+    """Qwen3-MoE, stored as published: ``mlp.experts.E.gate_proj/up_proj/down_proj``, ``mlp.gate``."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen3MoeConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        moe_intermediate_size=24,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_experts=experts,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )
+    Qwen3MoeForCausalLM(cfg).save_pretrained(str(path))
+    return path
+
+
+def perturbed_file(src: Path, dst: Path, seed: int, scale: float = 0.05) -> Path:
+    """``perturbed`` on the stored tensors themselves (names kept as stored): a copy of ``src``
+    with N(0, scale²·mean|p|²) noise on every float tensor."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    sd = load_file(str(src / "model.safetensors"))
+    out = {
+        k: (v + torch.randn(v.shape, generator=g) * scale * v.abs().mean()).contiguous() if v.is_floating_point() else v
+        for k, v in sd.items()
+    }
+    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst

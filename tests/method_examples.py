@@ -256,7 +256,7 @@ EXAMPLES: tuple[Example, ...] = (
     ),
     E("karcher", "karcher", base=False, mergekit="karcher"),
     E("karcher_tight", "karcher", base=False, shared={"max_iter": 50, "tol": 1e-7}, mergekit="karcher"),
-    E("karcher_with_base", "karcher", shared={"max_iter": 20}, ray=True),
+    E("karcher_with_base", "karcher", shared={"max_iter": 20}, ray=True, mergekit="karcher"),
     E("model_stock", "model_stock", mergekit="model_stock"),
     E("model_stock_filter_wise", "model_stock", shared={"filter_wise": "true"}, mergekit="model_stock"),
     # ---- entry-wise selection

@@ -27,6 +27,9 @@ class ChunkSource(Protocol):
     numel: int  # elements covered by ``ranges``
     shape: tuple[int, ...]  # the whole tensor's shape
     has_base: bool  # ``base`` is a real model (methods with an optional base use it as the origin)
+    # Sources over which tensor-wide statistics run: this one, then the other stored tensors of
+    # the tensor mergekit fuses (a MoE's experts), each over the same models; [self] otherwise.
+    stats_sources: Sequence[ChunkSource]
 
     def base(self, r0: int, r1: int) -> torch.Tensor: ...
     def expert(self, t: int, r0: int, r1: int) -> torch.Tensor: ...
@@ -51,6 +54,7 @@ class InMemorySource:
         self.n_experts = len(self._experts)
         self.vector = base.dim() <= 1
         self.numel = base.numel()
+        self.stats_sources: Sequence[ChunkSource] = [self]
 
     def base(self, r0: int, r1: int) -> torch.Tensor:
         return self._base[r0:r1]

@@ -40,8 +40,9 @@ class RankCut:
 
 
 def _bits(w: torch.Tensor) -> torch.Tensor:
-    # Non-negative float32 values order exactly like their int32 bit patterns.
-    return w.to(torch.float32).contiguous().view(torch.int32).reshape(-1)
+    # Non-negative float32 values order exactly like their int32 bit patterns; abs() turns a -0.0
+    # (a zero change times a rounding-negative weight) into +0.0, whose pattern is not negative.
+    return w.to(torch.float32).abs().contiguous().view(torch.int32).reshape(-1)
 
 
 def rank_cut(chunks: Callable[[], Iterator[torch.Tensor]], n: int, r: int) -> RankCut:
@@ -197,12 +198,20 @@ def resident(numel: int) -> bool:
     return numel <= RESIDENT_SELECT_ELEMENTS
 
 
-def _delta_chunks(src: ChunkSource, t: int) -> Callable[[], Iterator[torch.Tensor]]:
-    def gen() -> Iterator[torch.Tensor]:
-        for r0, r1 in src.ranges:
-            yield (src.expert(t, r0, r1) - src.base(r0, r1)).abs()
+def stats_numel(src: ChunkSource) -> int:
+    """Elements the tensor-wide statistics of ``src`` span (its fused group's, see ``stats_sources``)."""
+    return sum(s.numel for s in src.stats_sources)
 
-    if resident(src.numel):
+
+def _delta_chunks(src: ChunkSource, t: int) -> Callable[[], Iterator[torch.Tensor]]:
+    """|τ_t| chunk by chunk over every stats source (the tensor, then the rest of its fused group)."""
+
+    def gen() -> Iterator[torch.Tensor]:
+        for s in src.stats_sources:
+            for r0, r1 in s.ranges:
+                yield (s.expert(t, r0, r1) - s.base(r0, r1)).abs()
+
+    if resident(stats_numel(src)):
         cached = list(gen())
         return lambda: iter(cached)
     return gen
@@ -234,7 +243,7 @@ class Sparsifier:
         if kind is None or self.density >= 1:
             self.kind = None
             return
-        n = src.numel
+        n = stats_numel(src) if kind in ("magnitude", "outliers") else src.numel
         if kind == "magnitude":
             if self.density <= 0 or n == 0:
                 self.zero = True

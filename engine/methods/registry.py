@@ -153,7 +153,11 @@ class MethodSpec:
     may split the tensor into row chunks. ``work_buffers(n_experts)``: how many full-size
     compute-dtype buffers the function holds at its peak (used for memory estimates).
     ``includes_base_in_inputs``: the base model is one of the averaged inputs (linear) rather
-    than the reference point of task vectors.
+    than the reference point of task vectors. ``base_joins_inputs``: a ``base_model`` that the
+    ``models`` list leaves out is merged as one more input after them, as mergekit adds it
+    (karcher averages it in). ``group_stats``: the chunked function's tensor-wide statistics
+    read ``src.stats_sources``, so a task may hand it the other stored tensors of the tensor
+    mergekit fuses (``arch.fused_groups``: a MoE's experts) and the statistics span the group.
 
     ``applies_to``: tensor classes (see ``plan.classify``) the method handles; the others are
     merged with ``fallback`` (e.g. Gram methods average biases, norms and embeddings).
@@ -184,6 +188,8 @@ class MethodSpec:
     row_separable: bool = False
     random: bool = False
     includes_base_in_inputs: bool = False
+    base_joins_inputs: bool = False
+    group_stats: bool = False
     work_buffers: Callable[[int], int] = field(default=lambda n: n + 4)
     applies_to: frozenset[str] = ALL_CLASSES
     fallback: str | None = None

@@ -200,7 +200,8 @@ register_chunked(
 
 def karcher(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
     """Karcher (Riemannian) mean of the models on the unit hypersphere, scaled by their mean norm
-    (mergekit's ``karcher``; equal weights, every listed model an input).
+    (mergekit's ``karcher``; equal weights, every listed model an input, and a ``base_model``
+    the list leaves out as one more, after them, as mergekit adds it).
 
     Every iterate of mergekit's fixed-point iteration is a combination of the unit vectors
     u_t = x_t/‖x_t‖, so the iteration runs on those coefficients with the Gram matrix G = (u_s·u_t):
@@ -267,6 +268,7 @@ register_chunked(
     "https://arxiv.org/abs/2603.04972",
     needs_base=False,
     includes_base_in_inputs=True,
+    base_joins_inputs=True,
     work_buffers=lambda n: n + 4,
 )
 
@@ -280,7 +282,8 @@ def _stock_t(cos: torch.Tensor, k: int) -> torch.Tensor:
 def model_stock(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
     """Model Stock (Jang et al. 2024): move from the base towards the experts' mean by
     t = k·cosθ / (1 + (k−1)·cosθ), cosθ the mean pairwise cosine of task vectors over the whole
-    tensor, or per output row with ``filter_wise``."""
+    tensor, or with ``filter_wise`` per vector along the last dimension (mergekit's filters: a
+    matrix's rows, a 4-D convolution's kernel rows)."""
     k = src.n_experts
     pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
     # A 1-D tensor is a single filter (mergekit unsqueezes it), so it takes the whole-tensor path.
@@ -297,18 +300,24 @@ def model_stock(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
     if not filter_wise:
         dots = torch.zeros(len(pairs), dtype=torch.float64)
         sq = torch.zeros(k, dtype=torch.float64)
-        for r0, r1 in src.ranges:
-            base = src.base(r0, r1)
-            offs = [(src.expert(t, r0, r1) - base).double() for t in range(k)]
-            for n, (i, j) in enumerate(pairs):
-                dots[n] += (offs[i] * offs[j]).sum()
-            for i in range(k):
-                sq[i] += (offs[i] * offs[i]).sum()
+        for s in src.stats_sources:  # the tensor, then the rest of the tensor mergekit fuses
+            for r0, r1 in s.ranges:
+                base = s.base(r0, r1)
+                offs = [(s.expert(t, r0, r1) - base).double() for t in range(k)]
+                for n, (i, j) in enumerate(pairs):
+                    dots[n] += (offs[i] * offs[j]).sum()
+                for i in range(k):
+                    sq[i] += (offs[i] * offs[i]).sum()
         scalar_t = _stock_t(cosines(dots, sq), k)
     for r0, r1 in src.ranges:
         base = src.base(r0, r1)
+        rows = base.shape
         xs = [src.expert(t, r0, r1) for t in range(k)]
         if scalar_t is None:
+            # mergekit's filters run along the last dimension (a convolution's kernel width), not
+            # along the flattened row a chunk holds.
+            last = src.shape[-1] if len(src.shape) > 2 else rows[-1]
+            base, xs = base.reshape(-1, last), [x.reshape(-1, last) for x in xs]
             offs = [x - base for x in xs]
             dots = torch.stack([(offs[i] * offs[j]).sum(-1) for i, j in pairs])
             sq = torch.stack([(o * o).sum(-1) for o in offs])
@@ -316,7 +325,7 @@ def model_stock(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
         else:
             t = scalar_t.to(base.dtype)
         mean = torch.stack(xs).mean(0) if k else base
-        yield t * mean + (1 - t) * base
+        yield (t * mean + (1 - t) * base).reshape(rows)
 
 
 register_chunked(
@@ -325,5 +334,6 @@ register_chunked(
     (Param("filter_wise", bool, S, False),),
     "https://arxiv.org/abs/2403.19522",
     min_experts=2,
+    group_stats=True,
     work_buffers=lambda n: 2 * n + 6,
 )

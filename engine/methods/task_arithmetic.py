@@ -162,6 +162,7 @@ register_chunked(
     gta_params(normalize=True),
     "https://arxiv.org/abs/2306.01708",
     work_buffers=lambda n: 2 * n + 8,
+    group_stats=True,
 )
 # DARE (Yu et al. 2024): random drop with keep-probability ``density``, L1 rescale, then a sum ...
 register_chunked(
@@ -224,6 +225,7 @@ register_chunked(
     gta_params(GAMMA),
     "https://arxiv.org/abs/2312.06795",
     work_buffers=lambda n: n + 8,
+    group_stats=True,
 )
 register_chunked(
     "breadcrumbs_ties",
@@ -231,6 +233,7 @@ register_chunked(
     gta_params(GAMMA),
     "https://arxiv.org/abs/2312.06795",
     work_buffers=lambda n: 2 * n + 8,
+    group_stats=True,
 )
 
 

@@ -5,8 +5,10 @@ Reads headers only (never tensor data) and fails early on any disagreement betwe
 
 from __future__ import annotations
 
+import torch
+
 from raymerge.engine import chat_template
-from raymerge.engine.arch import is_embedding_name, num_layers
+from raymerge.engine.arch import fused_groups, is_embedding_name, stack_depths
 from raymerge.engine.errors import CheckpointError
 from raymerge.engine.plan.estimates import Placement
 from raymerge.engine.plan.layout import lay_out, tensor_order
@@ -54,6 +56,15 @@ def check_agreement(ckpts: list[Checkpoint], ref: Checkpoint) -> None:
                 )
 
 
+def compute_dtype(recipe: Recipe) -> torch.dtype | None:
+    """The recipe's compute dtype: ``raymerge.compute_dtype``, where ``mergekit`` means the
+    recipe's ``dtype`` (as mergekit computes); None for the default (fp32, fp64 for fp64 inputs)."""
+    name = recipe.raymerge.compute_dtype
+    if name == "mergekit":
+        name = recipe.dtype
+    return dtype_from_name(name) if name else None
+
+
 def build_plan(
     recipe: Recipe, *, out_shard_bytes: int = DEFAULT_SHARD_BYTES, placement: Placement | None = None
 ) -> MergePlan:
@@ -76,7 +87,7 @@ def build_plan(
         ref = ckpts[base_url]
         sources, stacked = slice_sources(recipe, ckpts)
         config = stacked_config(dict(ref.config), stacked, ckpts)
-        n_layers = len(stacked)
+        n_layers: int | dict[str, int] = len(stacked)
     else:
         base_url = recipe.base_model if recipe.base_model else experts[0]
         ref = ckpts[base_url]
@@ -85,7 +96,7 @@ def build_plan(
         inputs = ([recipe.base_model] if has_base and recipe.base_model else []) + experts
         sources = whole_model_sources(list(ref.entries), base_url, inputs, experts, has_base)
         config = dict(ref.config)
-        n_layers = num_layers(config, ref.entries)
+        n_layers = stack_depths(config, ref.entries)
     out_tag: str | None = None
     if recipe.out_dtype or recipe.dtype:
         out_tag = TAG_OF_DTYPE[dtype_from_name(recipe.out_dtype or recipe.dtype or "")]
@@ -96,9 +107,11 @@ def build_plan(
         config=config,
         vocab=config.get("vocab_size") if isinstance(config.get("vocab_size"), int) else None,
         n_layers=n_layers,
-        compute_dtype=dtype_from_name(recipe.raymerge.compute_dtype) if recipe.raymerge.compute_dtype else None,
+        compute_dtype=compute_dtype(recipe),
+        mergekit_order=recipe.raymerge.compute_dtype == "mergekit",
         aux_cache={},
         placement=where,
+        groups=fused_groups(config.get("model_type"), ref.entries) if not recipe.slices else {},
     )
     sources.sort(key=lambda src: tensor_order(src.name))
     entries = {src.name: ckpts[src.ref[0]].entries[src.ref[1]] for src in sources}

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from raymerge.engine.arch import LAYER_RE, is_embedding_name, layer_index, num_layers
+from raymerge.engine.arch import LAYER_RE, is_embedding_name, layer_index, mergekit_name, num_layers
 from raymerge.engine.errors import CheckpointError, PlanError
 from raymerge.engine.methods import MethodSpec, Scope
 from raymerge.engine.recipe import Recipe, ResolvedParams, SliceEntry, resolve_for_tensor, resolve_param
@@ -50,11 +50,15 @@ class TensorSource:
         names = dict(self.reads)
         return [names[u] for u in self.experts]
 
-    def params(self, recipe: Recipe, method: MethodSpec, n_layers: int) -> ResolvedParams:
-        """The method's parameters for this tensor, by mergekit's precedence and depth rules."""
+    def params(
+        self, recipe: Recipe, method: MethodSpec, n_layers: int | dict[str, int], model_type: Any = None
+    ) -> ResolvedParams:
+        """The method's parameters for this tensor, by mergekit's precedence and depth rules
+        (filters match mergekit's names of the tensor: ``arch.mergekit_name``)."""
         if self.part is None:
-            return resolve_for_tensor(recipe, self.name, n_layers, method)
-        return resolve_for_slice(recipe, self.part, self.name, dict(self.reads), self.t, method)
+            return resolve_for_tensor(recipe, self.name, n_layers, method, model_type)
+        names = {u: mergekit_name(n, model_type) for u, n in self.reads}
+        return resolve_for_slice(recipe, self.part, mergekit_name(self.name, model_type), names, self.t, method)
 
 
 def resolve_for_slice(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,6 +19,7 @@ import torch
 from raymerge.engine.arch import classify, fused_blocks, linear_layout
 from raymerge.engine.errors import CheckpointError, RecipeError
 from raymerge.engine.methods import METHODS, MethodSpec, WorkShape
+from raymerge.engine.methods.mergekit_order import mergekit_order
 from raymerge.engine.plan.estimates import Placement, stats_item, task_flops, task_footprint
 from raymerge.engine.plan.slices import TensorSource
 from raymerge.engine.plan.types import OutputRef, TensorRef, TensorTask
@@ -41,10 +42,12 @@ class PlanContext:
     base_url: str
     config: dict[str, Any]
     vocab: int | None
-    n_layers: int
+    n_layers: int | dict[str, int]  # blocks per stack (``arch.stack_depths``), or one count
     compute_dtype: torch.dtype | None
     aux_cache: dict[str, Checkpoint]
     placement: Placement
+    groups: dict[str, tuple[str, ...]] = field(default_factory=dict)  # ``arch.fused_groups`` of the inputs
+    mergekit_order: bool = False  # ``compute_dtype: mergekit``: mergekit's arithmetic where it has one
 
 
 def copy_task(ctx: PlanContext, name: str, ref: tuple[str, str], cls: str, out: tuple[str, int]) -> TensorTask:
@@ -90,14 +93,17 @@ def tensor_tasks(ctx: PlanContext, src: TensorSource, out: tuple[str, int], out_
     if cls == "buffer":
         return [copy_task(ctx, name, src.ref, cls, out)]
     spec = method_for(ctx, name, cls)
-    params = src.params(recipe, spec, ctx.n_layers)
+    params = src.params(recipe, spec, ctx.n_layers, ctx.config.get("model_type"))
     problem = spec.check(params.shared, params.per_model) if spec.check else None
     if problem:
         raise RecipeError(f"method {spec.name!r}: {problem}", tensor=name)
     layout = linear_layout(cls, ctx.config)
+    # mergekit's arithmetic (``methods.mergekit_order``) takes the whole tensor as stored.
+    order = "mergekit" if ctx.mergekit_order and mergekit_order(spec.name, params.shared, params.per_model) else ""
     turned = layout == "in_out" and spec.oriented  # the method sees the weight transposed
     aux, aux_names = aux_refs(spec, params.per_model, src, e, ctx.aux_cache, turned)
     refs = tuple(TensorRef.of(ctx.ckpts[u].shard_of[n], ctx.ckpts[u].entries[n]) for u, n in src.reads)
+    group = group_refs(ctx, spec, src)
     compute = ctx.compute_dtype or (torch.float64 if e.dtype == "F64" else torch.float32)
     c_item = torch.empty((), dtype=compute).element_size()
     out_item = DTYPES[out_tag][1]
@@ -105,7 +111,9 @@ def tensor_tasks(ctx: PlanContext, src: TensorSource, out: tuple[str, int], out_
     row_numel = e.numel // rows_total if rows_total else 0
     chunk_rows = max(1, recipe.raymerge.chunk_bytes // max(1, row_numel * c_item)) if row_numel else 1
     spans: list[tuple[int, int]]
-    if spec.row_separable and len(e.shape) >= 1 and row_numel:
+    if order:
+        spans = [(0, rows_total if e.shape else 0)]
+    elif spec.row_separable and len(e.shape) >= 1 and row_numel:
         spans = [(r, min(rows_total, r + chunk_rows)) for r in range(0, rows_total, chunk_rows)] or [(0, 0)]
     elif recipe.raymerge.split_fused and (blocks := fused_blocks(name, e, ctx.config)):
         spans = list(itertools.pairwise([0, *itertools.accumulate(blocks)]))
@@ -119,7 +127,9 @@ def tensor_tasks(ctx: PlanContext, src: TensorSource, out: tuple[str, int], out_
         shared = dict(params.shared)
         shape = WorkShape(
             numel=numel,
-            work_numel=min(numel, chunk_rows * row_numel) if spec.chunked and e.shape and not turned else numel,
+            work_numel=min(numel, chunk_rows * row_numel)
+            if spec.chunked and e.shape and not (turned or order)
+            else numel,
             chunk_shape=chunk_shape[::-1] if turned else chunk_shape,
             chunk_rows=chunk_rows,
             inputs=len(refs),
@@ -151,15 +161,41 @@ def tensor_tasks(ctx: PlanContext, src: TensorSource, out: tuple[str, int], out_
                 chunk_rows=chunk_rows,
                 aux=aux,
                 aux_names=aux_names,
+                group=() if order else group,
+                order=order,
                 layout=layout,
                 est_host_bytes=fp.host,
                 est_device_bytes=fp.device,
-                read_bytes=numel * e.itemsize * len(refs) + sum(a.end - a.start for a in aux),
+                read_bytes=numel * e.itemsize * len(refs)
+                + sum(a.end - a.start for a in aux)
+                + sum(r.end - r.start for _, rs in group for r in rs),
                 write_bytes=out_bytes,
                 flops=task_flops(spec, shape),
             )
         )
     return tasks
+
+
+def group_refs(ctx: PlanContext, spec: MethodSpec, src: TensorSource) -> tuple[tuple[str, tuple[TensorRef, ...]], ...]:
+    """The other stored tensors of the tensor mergekit fuses ``src.name`` into, with their inputs,
+    for a method whose statistics span it (``group_stats``); () otherwise and in sliced recipes."""
+    members = ctx.groups.get(src.name, ())
+    if not spec.group_stats or src.part is not None or len(members) < 2:
+        return ()
+    out = []
+    for other in members:
+        if other == src.name:
+            continue
+        refs = []
+        for u, _ in src.reads:
+            ck = ctx.ckpts[u]
+            if other not in ck.entries:
+                raise CheckpointError(
+                    f"model {u} has no tensor {other!r} of this tensor's expert group", file=u, tensor=other
+                )
+            refs.append(TensorRef.of(ck.shard_of[other], ck.entries[other]))
+        out.append((other, tuple(refs)))
+    return tuple(out)
 
 
 def aux_refs(

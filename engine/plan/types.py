@@ -84,6 +84,11 @@ class TensorTask:
     layout: str = "out_in"
     # Declared peak accelerator memory, where the plan places the task on one (else 0).
     est_device_bytes: int = 0
+    # The other stored tensors of the tensor mergekit fuses (a MoE's experts, ``arch.fused_groups``):
+    # (name, its inputs in the order of ``inputs``); read only for the tensor-wide statistics.
+    group: tuple[tuple[str, tuple[TensorRef, ...]], ...] = ()
+    # "mergekit": run mergekit's arithmetic on the whole tensor (``methods.mergekit_order``).
+    order: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,6 +100,9 @@ class TensorTask:
         d["per_model"] = tuple(d["per_model"])
         d["aux"] = tuple(TensorRef(**{**r, "shape": tuple(r["shape"])}) for r in d.get("aux", ()))
         d["aux_names"] = tuple(d.get("aux_names", ()))
+        d["group"] = tuple(
+            (g[0], tuple(TensorRef(**{**r, "shape": tuple(r["shape"])}) for r in g[1])) for g in d.get("group", ())
+        )
         o = d["output"]
         d["output"] = OutputRef(**{**o, "shape": tuple(o["shape"])})
         return cls(**d)

@@ -146,3 +146,14 @@ def test_block_projection_as_wide_as_the_vocabulary_is_linear_not_embedding():
     assert classify("embeddings.word_embeddings.weight", entry("e", (32, 32)), 32) == "embedding"
     assert classify("output.dense_out.weight", entry("o", (32, 16)), 32) == "embedding"  # vocab rows, no block
     assert classify("model.norm.weight", TensorEntry("n", "F32", (32,), 0, 128), 32) == "vector"
+
+
+def test_rank_cut_takes_negative_zero_as_zero():
+    """A zero change times a rounding-negative weight is -0.0 (arcee_fusion in bf16); its bit
+    pattern is negative as an int32 and once crashed the histogram pass."""
+    from raymerge.engine.methods.masks import rank_cut
+
+    x = torch.tensor([0.5, -0.0, 0.25, 0.0, 1.0])
+    assert rank_cut(lambda: iter([x]), 5, 2) == rank_cut(lambda: iter([x.abs()]), 5, 2)
+    cut = rank_cut(lambda: iter([x]), 5, 1)  # the second of the two zeros starts the kept ranks
+    assert cut.value == 0.0 and cut.skip == 1
