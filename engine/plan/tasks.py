@@ -17,11 +17,12 @@ from typing import Any
 import torch
 
 from raymerge.engine.arch import classify, fused_blocks, linear_layout
-from raymerge.engine.errors import CheckpointError, RecipeError
+from raymerge.engine.errors import CheckpointError, PlanError, RecipeError
 from raymerge.engine.methods import METHODS, MethodSpec, WorkShape
 from raymerge.engine.plan.estimates import Placement, stats_item, task_flops, task_footprint
 from raymerge.engine.plan.slices import TensorSource
 from raymerge.engine.plan.types import OutputRef, TensorRef, TensorTask
+from raymerge.engine.plan.vocab import VocabPlan, is_vocab_tensor, out_entry, split_spans, task_fields
 from raymerge.engine.recipe import Recipe
 from raymerge.engine.storage import DTYPES, TAG_OF_DTYPE, Checkpoint, TensorEntry, open_checkpoint, open_shard
 
@@ -45,6 +46,7 @@ class PlanContext:
     compute_dtype: torch.dtype | None
     aux_cache: dict[str, Checkpoint]
     placement: Placement
+    tokens: VocabPlan | None = None  # the re-indexed output vocabulary, when the recipe builds a tokenizer
 
 
 def copy_task(ctx: PlanContext, name: str, ref: tuple[str, str], cls: str, out: tuple[str, int]) -> TensorTask:
@@ -86,6 +88,9 @@ def tensor_tasks(ctx: PlanContext, src: TensorSource, out: tuple[str, int], out_
     """Every task of output tensor ``src.name``, written at shard/offset ``out`` in dtype ``out_tag``."""
     recipe, name = ctx.recipe, src.name
     e = ctx.ckpts[src.ref[0]].entries[src.ref[1]]
+    tokens = ctx.tokens if ctx.tokens is not None and e.is_float and is_vocab_tensor(name, e.shape) else None
+    if tokens is not None:
+        e = out_entry(e, tokens)
     cls = classify(name, e, ctx.vocab)
     if cls == "buffer":
         return [copy_task(ctx, name, src.ref, cls, out)]
@@ -98,6 +103,9 @@ def tensor_tasks(ctx: PlanContext, src: TensorSource, out: tuple[str, int], out_
     turned = layout == "in_out" and spec.oriented  # the method sees the weight transposed
     aux, aux_names = aux_refs(spec, params.per_model, src, e, ctx.aux_cache, turned)
     refs = tuple(TensorRef.of(ctx.ckpts[u].shard_of[n], ctx.ckpts[u].entries[n]) for u, n in src.reads)
+    lora = tuple(getattr(ctx.ckpts[u], "deltas", {}).get(n) for u, n in src.reads)
+    if tokens is not None and any(lora):
+        raise PlanError("a LoRA update of a re-indexed vocabulary is not supported", tensor=name)
     compute = ctx.compute_dtype or (torch.float64 if e.dtype == "F64" else torch.float32)
     c_item = torch.empty((), dtype=compute).element_size()
     out_item = DTYPES[out_tag][1]
@@ -111,6 +119,8 @@ def tensor_tasks(ctx: PlanContext, src: TensorSource, out: tuple[str, int], out_
         spans = list(itertools.pairwise([0, *itertools.accumulate(blocks)]))
     else:
         spans = [(0, rows_total if e.shape else 0)]
+    if tokens is not None and spec.row_separable:
+        spans = split_spans(spans, tokens.vocab.size)
     seed = tensor_seed(recipe.raymerge.seed, name) if spec.random else 0
     tasks = []
     for r0, r1 in spans:
@@ -157,6 +167,8 @@ def tensor_tasks(ctx: PlanContext, src: TensorSource, out: tuple[str, int], out_
                 read_bytes=numel * e.itemsize * len(refs) + sum(a.end - a.start for a in aux),
                 write_bytes=out_bytes,
                 flops=task_flops(spec, shape),
+                lora=lora if any(lora) else (),
+                **(task_fields(tokens, recipe, ctx.ckpts, src, r0, r1) if tokens is not None else {}),
             )
         )
     return tasks
