@@ -28,12 +28,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from raymerge.engine.arch import layer_index
 from raymerge.engine.errors import CheckpointError, RecipeError
 from raymerge.engine.storage import is_local, local_path
 
 log = logging.getLogger(__name__)
+
+# Names of tables indexed by token id (not positions or token types): embeddings and LM heads.
+TOKEN_HINTS = ("embed_tokens", "lm_head", "wte", "word_embeddings", "embed_out", "tok_embeddings", "output.weight")
+
+
+def is_vocab_tensor(name: str, shape: Sequence[int]) -> bool:
+    """Whether tensor ``name`` has one row per token (a 2-D token embedding or LM head)."""
+    return len(shape) == 2 and layer_index(name) is None and any(h in name for h in TOKEN_HINTS)
+
 
 # A default row: the rows (model index, row) it averages; () is a row of zeros.
 Default = tuple[tuple[int, int], ...]
@@ -82,6 +92,18 @@ class TokenEntry(BaseModel):
 
     source: str | TokenRowSource | None = None
     force: bool = False
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _source(cls, v: Any) -> Any:
+        if isinstance(v, dict):  # one clear message, not one per member of the union
+            try:
+                return TokenRowSource(**v)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(str(p) for p in first["loc"])
+                raise ValueError(f"{where + ': ' if where else ''}{first['msg']}") from None
+        return v
 
     def setting(self) -> TokenSetting:
         s = self.source
@@ -360,6 +382,7 @@ def _setting_row(
 
 
 __all__ = [
+    "TOKEN_HINTS",
     "Default",
     "TokenEntry",
     "TokenRowSource",
@@ -370,5 +393,6 @@ __all__ = [
     "TokenSource",
     "build_vocab",
     "config_vocab_size",
+    "is_vocab_tensor",
     "row_maps",
 ]

@@ -8,26 +8,24 @@ row count, and each of its tasks carries, per input, the input row of each of it
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from raymerge.engine.arch import layer_index
 from raymerge.engine.errors import CheckpointError
 from raymerge.engine.lora import split_lora
 from raymerge.engine.plan.slices import TensorSource
 from raymerge.engine.plan.types import TensorRef
 from raymerge.engine.recipe import Recipe
 from raymerge.engine.storage import Checkpoint, TensorEntry
-from raymerge.engine.tokenizer import Default, OutputVocab, TokenSetting, build_vocab, row_maps
-
-# Names of tables indexed by token id (not positions or token types): embeddings and LM heads.
-TOKEN_HINTS = ("embed_tokens", "lm_head", "wte", "word_embeddings", "embed_out", "tok_embeddings", "output.weight")
-
-
-def is_vocab_tensor(name: str, shape: Sequence[int]) -> bool:
-    """Whether output tensor ``name`` has one row per token (a 2-D token embedding or LM head)."""
-    return len(shape) == 2 and layer_index(name) is None and any(h in name for h in TOKEN_HINTS)
+from raymerge.engine.tokenizer import (
+    TOKEN_HINTS,
+    Default,
+    OutputVocab,
+    TokenSetting,
+    build_vocab,
+    is_vocab_tensor,
+    row_maps,
+)
 
 
 @dataclass

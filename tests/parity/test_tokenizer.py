@@ -207,3 +207,64 @@ def test_different_vocabularies_need_a_tokenizer_source(vocab_family):
     text = f"merge_method: linear\nmodels:\n  - model: {base}\n    parameters: {{weight: 1}}\n  - model: {e1}\n    parameters: {{weight: 1}}\n"
     with pytest.raises(CheckpointError, match="tokenizer_source: union"):
         build_plan(parse_recipe(text))
+
+
+def test_sliced_recipe_with_union_vocabulary_matches_mergekit(vocab_family, tmp_path):
+    """Slices over models whose vocabularies differ: the embedding is re-indexed over the first
+    slice's sources and the LM head over the last's, as mergekit does."""
+    base, e1, e2 = vocab_family
+    src = "      - model: {m}\n        layer_range: [{a}, {b}]\n"
+    text = (
+        f"merge_method: linear\ntokenizer_source: union\nbase_model: {base}\ndtype: float32\nslices:\n"
+        f"  - sources:\n{src.format(m=base, a=0, b=2)}{src.format(m=e1, a=0, b=2)}"
+        "    parameters: {weight: [0.2, 0.8]}\n"
+        f"  - sources:\n{src.format(m=e2, a=1, b=2)}{src.format(m=base, a=1, b=2)}"
+        "    parameters: {weight: 0.5}\n"
+    )
+    mk_out, rm_out = tmp_path / "mergekit", tmp_path / "raymerge"
+    _mergekit(text, mk_out)
+    (tmp_path / "r.yaml").write_text(text)
+    assert raymerge_main(["run", str(tmp_path / "r.yaml"), str(rm_out), "-q"]) == 0
+    ref, got = load_dir(mk_out), load_dir(rm_out)
+    assert set(ref) == set(got) and sum(k.endswith("mlp.up_proj.weight") for k in got) == 3
+    mk_vocab, rm_vocab = _vocab(mk_out), _vocab(rm_out)
+    assert set(mk_vocab) == set(rm_vocab)
+    for name in ref:
+        if name in VOCAB_TENSORS:
+            rows = [(ref[name][i] - got[name][rm_vocab[t]]).abs().max().item() for t, i in mk_vocab.items()]
+            assert max(rows) <= 1e-6, name
+        else:
+            assert (ref[name] - got[name]).abs().max().item() <= 1e-6, name
+
+
+def test_vocab_and_lora_fields_survive_the_task_wire_format(vocab_family):
+    from raymerge.engine.plan import TensorTask
+
+    base, e1, _ = vocab_family
+    text = (
+        f"merge_method: linear\nbase_model: {base}\nmodels:\n  - model: {base}\n    parameters: {{weight: 1}}\n"
+        f"  - model: {e1}\n    parameters: {{weight: 1}}\ntokenizer: {{source: union, pad_to_multiple_of: 24}}\n"
+    )
+    plan = build_plan(parse_recipe(text))
+    tasks = [t for t in plan.tasks if t.vocab_size]
+    assert tasks and any(t.vocab_defaults for t in tasks)
+    for t in tasks:
+        assert TensorTask.from_json(json.loads(json.dumps(t.to_json()))) == t
+
+
+@pytest.mark.parametrize(
+    "tokens,match",
+    [
+        ("{foo: {source: {kind: model_token, model: M}}}", "exactly one of `token` and `token_id`"),
+        ("{foo: {source: {kind: zeros}}}", "kind"),
+        ("{foo: {source: ./nowhere}}", "'./nowhere' is not one of the models"),
+        ("{foo: {sorce: M}}", "sorce"),
+    ],
+)
+def test_bad_token_sources_are_one_clear_error(tokens, match, vocab_family):
+    from raymerge.engine.errors import RecipeError
+
+    base = vocab_family[0]
+    text = f"merge_method: linear\nmodels:\n  - model: {base}\n    parameters: {{weight: 1}}\ntokenizer: {{tokens: {tokens}}}\n"
+    with pytest.raises(RecipeError, match=match):
+        parse_recipe(text.replace("M", str(base)))
