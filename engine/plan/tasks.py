@@ -104,6 +104,7 @@ def tensor_tasks(ctx: PlanContext, src: TensorSource, out: tuple[str, int], out_
     aux, aux_names = aux_refs(spec, params.per_model, src, e, ctx.aux_cache, turned)
     refs = tuple(TensorRef.of(ctx.ckpts[u].shard_of[n], ctx.ckpts[u].entries[n]) for u, n in src.reads)
     lora = tuple(getattr(ctx.ckpts[u], "deltas", {}).get(n) for u, n in src.reads)
+    lora_bytes = sum(x.a_end - x.a_start + x.b_end - x.b_start for x in lora if x is not None)
     if tokens is not None and any(lora):
         raise PlanError("a LoRA update of a re-indexed vocabulary is not supported", tensor=name)
     compute = ctx.compute_dtype or (torch.float64 if e.dtype == "F64" else torch.float32)
@@ -162,9 +163,10 @@ def tensor_tasks(ctx: PlanContext, src: TensorSource, out: tuple[str, int], out_
                 aux=aux,
                 aux_names=aux_names,
                 layout=layout,
-                est_host_bytes=fp.host,
+                # a LoRA input adds its factors and one product of the task's rows while it is formed
+                est_host_bytes=fp.host + (lora_bytes + numel * c_item if any(lora) else 0),
                 est_device_bytes=fp.device,
-                read_bytes=numel * e.itemsize * len(refs) + sum(a.end - a.start for a in aux),
+                read_bytes=numel * e.itemsize * len(refs) + sum(a.end - a.start for a in aux) + lora_bytes,
                 write_bytes=out_bytes,
                 flops=task_flops(spec, shape),
                 lora=lora if any(lora) else (),

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from raymerge.cli import main as raymerge_main
 from raymerge.engine.errors import CheckpointError
-from raymerge.engine.plan import build_plan
+from raymerge.engine.plan import TensorTask, build_plan
 from raymerge.engine.recipe import parse_recipe
 
 from conftest import load_dir
@@ -134,6 +134,8 @@ def test_expert_tensor_is_base_plus_scaled_product(lora_family):
     assert q.lora[0].scale == 4.0 and q.lora[1].scale == pytest.approx(16 / 8**0.5)
     assert down.lora[1].scale == pytest.approx(4 / 8**0.5)
     assert by["model.layers.0.self_attn.k_proj.weight"].lora == ()
+    assert TensorTask.from_json(json.loads(json.dumps(q.to_json()))) == q  # the wire format keeps the factors
+    assert q.read_bytes > 2 * q.output.nbytes  # the base's rows twice, plus each adapter's factors
     head = by["lm_head.weight"]
     assert head.inputs[1].url == str(rs / "adapter_model.safetensors") and head.lora == ()
 
@@ -168,3 +170,53 @@ def test_adapter_that_does_not_fit_is_one_error_line(lora_family, tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("raymerge: error: adapter factors") and "q_proj" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_conv1d_adapter_matches_mergekit(tmp_path):
+    """GPT-2 stores c_attn / c_fc as in × out (Conv1D): PEFT's fan_in_fan_out adapter adds (B·A)ᵀ."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2)
+    base = tmp_path / "gpt2"
+    GPT2LMHeadModel(cfg).eval().save_pretrained(str(base))
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    g = torch.Generator().manual_seed(1)
+    tensors = {}
+    for name, w in load_dir(base).items():
+        if name.endswith(("attn.c_attn.weight", "mlp.c_fc.weight")):
+            module = name.removesuffix(".weight")
+            in_f, out_f = w.shape
+            tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(3, in_f, generator=g) * 0.3
+            tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(out_f, 3, generator=g) * 0.3
+    save_file(tensors, str(adapter / "adapter_model.safetensors"))
+    (adapter / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "r": 3,
+                "lora_alpha": 6,
+                "target_modules": ["c_attn", "c_fc"],
+                "fan_in_fan_out": True,
+                "bias": "none",
+                "base_model_name_or_path": str(base),
+            }
+        )
+    )
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"merge_method: task_arithmetic\nbase_model: {base}\ndtype: float32\nmodels:\n"
+        f"  - model: {base}+{adapter}\n    parameters: {{weight: 0.8}}\n"
+    )
+    mk_out, rm_out = tmp_path / "mergekit", tmp_path / "raymerge"
+    cmd = [MERGEKIT, str(recipe), str(mk_out), "--no-copy-tokenizer", "--lora-merge-cache", str(tmp_path / "cache")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert raymerge_main(["run", str(recipe), str(rm_out), "-q"]) == 0
+    ref, got, src = load_dir(mk_out), load_dir(rm_out), load_dir(base)
+    assert set(ref) == set(got)
+    worst = max(((ref[k].double() - got[k].double()).abs().max().item(), k) for k in ref)
+    assert worst[0] <= 1e-6, worst
+    assert (got["transformer.h.1.attn.c_attn.weight"] - src["transformer.h.1.attn.c_attn.weight"]).abs().max() > 1e-3
