@@ -3,7 +3,7 @@
 
 The adapters are written by hand (adapter_config.json + adapter_model.safetensors in PEFT's key
 layout): plain (alpha / r), rsLoRA (alpha / √r) with an alpha_pattern override, and one that also
-saves the LM head whole (modules_to_save). raymerge forms each expert tensor inside its task, so
+saves the LM head whole (modules_to_save); the plain one also adapts the token embedding. raymerge forms each expert tensor inside its task, so
 no merged copy of an adapter's model is written anywhere.
 """
 
@@ -32,7 +32,9 @@ MERGEKIT = shutil.which("mergekit-yaml") or str(Path(sys.executable).with_name("
 TARGETS = ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")
 
 
-def write_adapter(path: Path, base: Path, r: int, seed: int, extra: dict | None = None, whole: tuple = ()) -> Path:
+def write_adapter(
+    path: Path, base: Path, r: int, seed: int, extra: dict | None = None, whole: tuple = (), embed: bool = False
+) -> Path:
     """A PEFT LoRA adapter on ``base``'s q/v/down projections (rank ``r``), factors of norm ~0.3."""
     path.mkdir(parents=True)
     weights = load_dir(base)
@@ -45,6 +47,10 @@ def write_adapter(path: Path, base: Path, r: int, seed: int, extra: dict | None 
         out_f, in_f = w.shape
         tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(r, in_f, generator=g) * 0.3
         tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(out_f, r, generator=g) * 0.3
+    if embed:  # PEFT's embedding adapter: A is r × vocabulary, B is width × r, the update (B·A)ᵀ
+        vocab, width = weights["model.embed_tokens.weight"].shape
+        tensors["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.randn(r, vocab, generator=g) * 0.3
+        tensors["base_model.model.model.embed_tokens.lora_embedding_B"] = torch.randn(width, r, generator=g) * 0.3
     for name in whole:
         tensors[f"base_model.model.{name}"] = weights[name] + 0.1 * torch.randn(weights[name].shape, generator=g)
     save_file(tensors, str(path / "adapter_model.safetensors"))
@@ -55,7 +61,7 @@ def write_adapter(path: Path, base: Path, r: int, seed: int, extra: dict | None 
         "r": r,
         "lora_alpha": 16,
         "lora_dropout": 0.0,
-        "target_modules": ["q_proj", "v_proj", "down_proj"],
+        "target_modules": ["q_proj", "v_proj", "down_proj", *(["embed_tokens"] if embed else [])],
         "bias": "none",
         "fan_in_fan_out": False,
         "modules_to_save": [n.removesuffix(".weight") for n in whole] or None,
@@ -70,7 +76,7 @@ def lora_family(tmp_path_factory) -> tuple[Path, Path, Path, Path]:
     root = tmp_path_factory.mktemp("lora")
     base = tiny_llama(root / "base", seed=0)
     other = tiny_llama(root / "other", seed=5)
-    plain = write_adapter(root / "plain", base, 4, seed=1)
+    plain = write_adapter(root / "plain", base, 4, seed=1, embed=True)
     rs = write_adapter(
         root / "rs", base, 8, 2, {"use_rslora": True, "alpha_pattern": {"down_proj": 4}}, whole=("lm_head.weight",)
     )
@@ -134,6 +140,8 @@ def test_expert_tensor_is_base_plus_scaled_product(lora_family):
     assert q.lora[0].scale == 4.0 and q.lora[1].scale == pytest.approx(16 / 8**0.5)
     assert down.lora[1].scale == pytest.approx(4 / 8**0.5)
     assert by["model.layers.0.self_attn.k_proj.weight"].lora == ()
+    emb = by["model.embed_tokens.weight"].lora
+    assert emb[0].transposed and emb[0].scale == 4.0 and emb[1] is None  # only the plain adapter has one
     assert TensorTask.from_json(json.loads(json.dumps(q.to_json()))) == q  # the wire format keeps the factors
     assert q.read_bytes > 2 * q.output.nbytes  # the base's rows twice, plus each adapter's factors
     head = by["lm_head.weight"]

@@ -268,3 +268,17 @@ def test_bad_token_sources_are_one_clear_error(tokens, match, vocab_family):
     text = f"merge_method: linear\nmodels:\n  - model: {base}\n    parameters: {{weight: 1}}\ntokenizer: {{tokens: {tokens}}}\n"
     with pytest.raises(RecipeError, match=match):
         parse_recipe(text.replace("M", str(base)))
+
+
+def test_model_without_a_tokenizer_is_one_error_line(family, tmp_path, capsys):
+    """Synthetic models ship no tokenizer: building one is refused in one line, nothing is written."""
+    base, experts = family
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"merge_method: linear\ntokenizer_source: union\nmodels:\n  - model: {base}\n    parameters: {{weight: 1}}\n"
+        f"  - model: {experts[0]}\n    parameters: {{weight: 1}}\n"
+    )
+    assert raymerge_main(["run", str(recipe), str(tmp_path / "out"), "-q"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("raymerge: error: cannot load the tokenizer") and str(base) in err[0]
+    assert not (tmp_path / "out").exists()
