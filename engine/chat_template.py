@@ -29,7 +29,52 @@ CHATML = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-NAMED = {"chatml": CHATML}
+# Alpaca: the last system message, a blank line, then "### Instruction:" / "### Input:" /
+# "### Response:" sections (contents trimmed) separated by blank lines.
+ALPACA = (
+    "{%- set system = messages | selectattr('role', 'equalto', 'system') | list -%}"
+    "{{- (system | last)['content'] | trim if system else '' }}{{ '\n\n' }}"
+    "{%- for message in messages -%}"
+    "{%- set head = {'user': 'Instruction', 'user_context': 'Input', 'assistant': 'Response'}.get(message['role']) -%}"
+    "{%- if head -%}{{ '### ' + head + ':\n' + message['content'] | trim }}{{ '' if loop.last else '\n\n' }}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt and messages[-1]['role'] != 'assistant' -%}{{ '### Response:\n' }}{%- endif -%}"
+)
+# Llama 3: BOS, then per message a role header, the trimmed content and <|eot_id|> (mergekit adds a newline).
+LLAMA3 = (
+    "{%- for message in messages -%}"
+    "{{ (bos_token if loop.first else '') + '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    " + message['content'] | trim + '<|eot_id|>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif -%}"
+)
+# Mistral: BOS, then alternating " [INST] user [/INST]" and " assistant</s>"; a leading system
+# message is put in front of the first user turn.
+MISTRAL = (
+    "{%- set has_system = messages and messages[0]['role'] == 'system' -%}"
+    "{%- set turns = messages[1:] if has_system else messages -%}"
+    "{{- bos_token -}}"
+    "{%- for message in turns -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{- raise_exception('mistral template: after an optional system message, roles must alternate user, assistant, user, ...') -}}"
+    "{%- elif message['role'] == 'user' -%}"
+    "{{- ' [INST] ' + ((messages[0]['content'] + '\n\n') if has_system and loop.first else '') + message['content'] + ' [/INST]' -}}"
+    "{%- elif message['role'] == 'assistant' -%}{{- ' ' + message['content'] + eos_token -}}"
+    "{%- else -%}{{- raise_exception('mistral template: only user and assistant turns after one optional system message') -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+# EXAONE: [|role|]content, user turns ending in a newline and the others in [|endofturn|] and a
+# newline; an empty system turn first when the conversation has none.
+EXAONE = (
+    "{%- for message in messages -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}{{ '[|system|][|endofturn|]\n' }}{%- endif -%}"
+    "{{ '[|' + message['role'] + '|]' + message['content'] + ('\n' if message['role'] == 'user' else '[|endofturn|]\n') }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '[|assistant|]' }}{%- endif -%}"
+)
+# The templates mergekit knows by name.
+NAMED = {"alpaca": ALPACA, "chatml": CHATML, "exaone": EXAONE, "llama3": LLAMA3, "mistral": MISTRAL}
 
 
 def model_template(url: str) -> str | None:
@@ -78,4 +123,4 @@ def write(directory: Path, template: str) -> None:
     (directory / "chat_template.jinja").write_text(template, encoding="utf-8")
 
 
-__all__ = ["CHATML", "NAMED", "model_template", "resolve", "write"]
+__all__ = ["ALPACA", "CHATML", "EXAONE", "LLAMA3", "MISTRAL", "NAMED", "model_template", "resolve", "write"]

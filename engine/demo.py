@@ -21,7 +21,6 @@ parameters:
   normalize: true
 dtype: float32
 out_dtype: bfloat16
-tokenizer_source: base
 """
 
 

@@ -24,6 +24,7 @@ from raymerge.engine.errors import RecipeError
 from raymerge.engine.methods import METHODS, MethodSpec, Param, Scope
 from raymerge.engine.safeio import decode_text, load_yaml, read_regular
 from raymerge.engine.storage import dtype_from_name
+from raymerge.engine.tokenizer import TokenizerSection, check_tokenizer
 from raymerge.engine.urls import redact_text
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,6 @@ RECIPE_BYTES = 4 << 20  # a recipe is a few kB; literal chat templates make it t
 
 _UNSUPPORTED = {
     "modules": "per-module recipes are not supported; list whole models under `models`",
-    "tokenizer": "tokenizer surgery is not supported; use `tokenizer_source: base`",
 }
 
 
@@ -147,6 +147,7 @@ class Recipe(BaseModel):
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    tokenizer: TokenizerSection | None = None
     chat_template: str | None = None
     name: str | None = None
     raymerge: RaymergeOptions = Field(default_factory=RaymergeOptions)
@@ -155,6 +156,12 @@ class Recipe(BaseModel):
     @property
     def method(self) -> MethodSpec:
         return METHODS[self.merge_method]
+
+    @property
+    def vocab_source(self) -> str | None:
+        """Where the output tokenizer is built from (``tokenizer.source`` or ``tokenizer_source``);
+        None: the base model's tokenizer files are copied as they are."""
+        return self.tokenizer.source if self.tokenizer else self.tokenizer_source
 
     def slice_base(self, s: SliceEntry) -> str | None:
         """The base of one output slice: its own ``base_model``, else the recipe's."""
@@ -426,9 +433,7 @@ def _check_structure(recipe: Recipe, origin: str) -> None:
     method = recipe.method
     if recipe.slices:
         _check_slices(recipe, origin)
-        ts = recipe.tokenizer_source
-        if ts not in (None, "base") and ts not in recipe.model_urls():
-            raise RecipeError(f"tokenizer_source {ts!r} is neither `base` nor one of the models", file=origin)
+        check_tokenizer(recipe.tokenizer_source, recipe.tokenizer, recipe.model_urls(), origin)
         return
     if method.needs_base and not recipe.base_model:
         raise RecipeError(f"method {method.name!r} needs `base_model`", file=origin)
@@ -446,9 +451,7 @@ def _check_structure(recipe: Recipe, origin: str) -> None:
     dup = {u for u in urls if urls.count(u) > 1}
     if dup:
         raise RecipeError(f"model {sorted(dup)[0]!r} is listed twice", file=origin)
-    ts = recipe.tokenizer_source
-    if ts not in (None, "base") and ts not in recipe.model_urls():
-        raise RecipeError(f"tokenizer_source {ts!r} is neither `base` nor one of the models", file=origin)
+    check_tokenizer(recipe.tokenizer_source, recipe.tokenizer, recipe.model_urls(), origin)
     # Required per-model parameters must be resolvable for every expert (checked per tensor later
     # too, but a recipe that can never work should fail before any checkpoint is opened).
     for p in method.params:

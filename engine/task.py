@@ -18,7 +18,9 @@ import torch
 
 from raymerge.engine.errors import CheckpointError, OutputError, TaskError
 from raymerge.engine.executor import task_device
+from raymerge.engine.gather import VocabGather
 from raymerge.engine.guard import disk_full
+from raymerge.engine.lora import delta_rows
 from raymerge.engine.methods import MergeArgs, get_method
 from raymerge.engine.methods.mergekit_order import mergekit_order
 from raymerge.engine.methods.precision import prepare_device
@@ -130,6 +132,7 @@ class ExpertStream(LazyTensors):
         self.compute = DTYPES[task.compute_dtype][0]
         self.bytes_read = 0
         self.checked: set[tuple[int, int, int]] = set()
+        self.vocab = VocabGather(task, readers, self.compute) if task.vocab_size else None
 
     def load(self, i: int, r0: int | None = None, r1: int | None = None) -> torch.Tensor:
         """Input ``i`` of the task (0 = base when the task has one), rows [r0, r1) if given."""
@@ -137,7 +140,11 @@ class ExpertStream(LazyTensors):
         r0 = self.task.row_start if r0 is None else r0
         r1 = self.task.row_end if r1 is None else r1
         entry = ref.entry(self.task.tensor)
-        if moves_by_chunks(self.dev) and entry.shape and r1 - r0 > self.task.chunk_rows > 0:
+        if self.vocab is not None:  # re-indexed rows, gathered on the host
+            before = self.vocab.bytes_read
+            x = self.vocab.rows(i, r0, r1).to(self.dev)
+            self.bytes_read += self.vocab.bytes_read - before
+        elif moves_by_chunks(self.dev) and entry.shape and r1 - r0 > self.task.chunk_rows > 0:
             x = self._to_device_by_chunks(i, entry, r0, r1)
         else:
             view = self.readers[i].read_rows(entry, r0, r1)
@@ -147,6 +154,8 @@ class ExpertStream(LazyTensors):
                 # x is a converted copy: hand the mapped pages back now rather than at task end, so a
                 # task's resident set is one chunk per input, not the whole tensor of every input.
                 self.readers[i].release(*row_span(entry, r0, r1))
+        if self.task.lora and (lora := self.task.lora[i]) is not None:  # base + scale·B·A, these rows only
+            x = x + delta_rows(lora, self.task.tensor, r0, r1, self.compute).to(x.device)
         key = (i, r0, r1)
         if key not in self.checked and not bool(torch.isfinite(x).all()):
             raise CheckpointError(

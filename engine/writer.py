@@ -454,6 +454,8 @@ class Staging:
             (self.dir / "config.json").write_text(json.dumps(config, indent=2))
         if plan.tokenizer_from:
             copy_side_files(plan.tokenizer_from, self.dir, TOKENIZER_FILES)
+        for name, data in plan.tokenizer_files.items():
+            (self.dir / name).write_bytes(data)
         if plan.chat_template:
             chat_template.write(self.dir, plan.chat_template)
         (self.dir / "README.md").write_text(card, encoding="utf-8")

@@ -5,22 +5,27 @@ Reads headers only (never tensor data) and fails early on any disagreement betwe
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from raymerge.engine import chat_template
 from raymerge.engine.arch import fused_groups, is_embedding_name, stack_depths
 from raymerge.engine.errors import CheckpointError
+from raymerge.engine.lora import open_model
 from raymerge.engine.plan.estimates import Placement
 from raymerge.engine.plan.layout import lay_out, tensor_order
 from raymerge.engine.plan.slices import slice_sources, stacked_config, whole_model_sources
 from raymerge.engine.plan.tasks import PlanContext, tensor_tasks
 from raymerge.engine.plan.types import DEFAULT_SHARD_BYTES, MergePlan, TensorTask
+from raymerge.engine.plan.vocab import is_vocab_tensor, out_entry, plan_vocab
 from raymerge.engine.recipe import Recipe
-from raymerge.engine.storage import DTYPES, TAG_OF_DTYPE, Checkpoint, dtype_from_name, open_checkpoint
+from raymerge.engine.storage import DTYPES, TAG_OF_DTYPE, Checkpoint, dtype_from_name
 
 
-def check_agreement(ckpts: list[Checkpoint], ref: Checkpoint) -> None:
-    """Every model has the reference's tensors with the same shapes and dtypes, or one clear error."""
+def check_agreement(ckpts: list[Checkpoint], ref: Checkpoint, vocab: bool = False) -> None:
+    """Every model has the reference's tensors with the same shapes and dtypes, or one clear error;
+    with ``vocab`` (a re-indexed vocabulary) token tables may differ in their number of rows."""
     names = set(ref.entries)
     for ck in ckpts:
         if ck is ref:
@@ -35,14 +40,15 @@ def check_agreement(ckpts: list[Checkpoint], ref: Checkpoint) -> None:
             raise CheckpointError(f"model {ck.url} has a tensor that {ref.url} lacks", file=ck.url, tensor=extra[0])
         for name, e in ref.entries.items():
             o = ck.entries[name]
-            if o.shape != e.shape:
+            rows_may_differ = vocab and is_vocab_tensor(name, e.shape) and len(o.shape) == 2
+            if o.shape != e.shape and not (rows_may_differ and o.shape[1:] == e.shape[1:]):
                 vocab = len(e.shape) == 2 and is_embedding_name(name)
                 raise CheckpointError(
                     f"shape {list(o.shape)} in model {ck.url} differs from {list(e.shape)} in {ref.url}",
                     file=ck.shard_of[name],
                     tensor=name,
                     hint=(
-                        "vocabulary sizes differ; resize the embeddings to a common vocabulary before merging"
+                        "vocabulary sizes differ; set `tokenizer_source: union` (or base, or a model) to re-index them"
                         if vocab
                         else "models must share one architecture"
                     ),
@@ -80,7 +86,7 @@ def build_plan(
     where = placement or Placement()
     method = recipe.method
     urls = recipe.model_urls()
-    ckpts = {u: open_checkpoint(u, allow_pickle=recipe.raymerge.allow_pickle_bin) for u in urls}
+    ckpts = {u: open_model(u, allow_pickle=recipe.raymerge.allow_pickle_bin) for u in urls}
     experts = recipe.expert_urls()
     if recipe.slices:
         base_url = recipe.base_model or recipe.slices[0].sources[0].model
@@ -91,12 +97,15 @@ def build_plan(
     else:
         base_url = recipe.base_model if recipe.base_model else experts[0]
         ref = ckpts[base_url]
-        check_agreement(list(ckpts.values()), ref)
+        check_agreement(list(ckpts.values()), ref, vocab=recipe.vocab_source is not None)
         has_base = method.needs_base or (recipe.base_model is not None and not method.includes_base_in_inputs)
         inputs = ([recipe.base_model] if has_base and recipe.base_model else []) + experts
         sources = whole_model_sources(list(ref.entries), base_url, inputs, experts, has_base)
         config = dict(ref.config)
         n_layers = stack_depths(config, ref.entries)
+    tokens = plan_vocab(recipe, ckpts, base_url)
+    if tokens is not None:
+        config = with_vocab_size(config, tokens.vocab.padded)
     out_tag: str | None = None
     if recipe.out_dtype or recipe.dtype:
         out_tag = TAG_OF_DTYPE[dtype_from_name(recipe.out_dtype or recipe.dtype or "")]
@@ -112,15 +121,19 @@ def build_plan(
         aux_cache={},
         placement=where,
         groups=fused_groups(config.get("model_type"), ref.entries) if not recipe.slices else {},
+        tokens=tokens,
     )
     sources.sort(key=lambda src: tensor_order(src.name))
     entries = {src.name: ckpts[src.ref[0]].entries[src.ref[1]] for src in sources}
+    if tokens is not None:
+        entries = {
+            n: out_entry(e, tokens) if e.is_float and is_vocab_tensor(n, e.shape) else e for n, e in entries.items()
+        }
     layout = lay_out([src.name for src in sources], entries, out_tag, out_shard_bytes)
     tasks: list[TensorTask] = []
     for src in sources:
         tasks += tensor_tasks(ctx, src, layout.offset_of[src.name], layout.dtype_of[src.name])
-    tok = recipe.tokenizer_source
-    tokenizer_from = base_url if tok in (None, "base") else tok
+    tokenizer_from = base_url if tokens is None else None
     out_dtype_name = str(DTYPES[out_tag][0]).replace("torch.", "") if out_tag else None
     return MergePlan(
         recipe,
@@ -133,7 +146,18 @@ def build_plan(
         device=where.device,
         device_memory=where.device_memory,
         chat_template=chat_template.resolve(recipe.chat_template, urls) if recipe.chat_template else None,
+        tokenizer_files=dict(tokens.vocab.files) if tokens is not None else {},
     )
+
+
+def with_vocab_size(config: dict[str, Any], rows: int) -> dict[str, Any]:
+    """``config`` with its vocabulary size (top level, else ``text_config``'s) set to ``rows``."""
+    out = dict(config)
+    if isinstance(out.get("text_config"), dict) and "vocab_size" not in out:
+        out["text_config"] = {**out["text_config"], "vocab_size": rows}
+    else:
+        out["vocab_size"] = rows
+    return out
 
 
 __all__ = ["build_plan", "check_agreement"]

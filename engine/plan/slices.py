@@ -19,6 +19,7 @@ from raymerge.engine.errors import CheckpointError, PlanError
 from raymerge.engine.methods import MethodSpec, Scope
 from raymerge.engine.recipe import Recipe, ResolvedParams, SliceEntry, resolve_for_tensor, resolve_param
 from raymerge.engine.storage import Checkpoint
+from raymerge.engine.tokenizer import is_vocab_tensor
 
 # Names outside blocks that come after them (LM heads), although they look like embeddings.
 HEAD_HINTS = ("lm_head", "embed_out", "output.weight")
@@ -129,7 +130,10 @@ def _tensor(
                 tensor=names[u],
                 hint="check the slice's layer_range against the model's blocks",
             )
-        if e is not None and (o.shape != e.shape or o.dtype != e.dtype):
+        # a re-indexed vocabulary (tokenizer_source) lets token tables differ in their row count
+        vocab = e is not None and recipe.vocab_source is not None and is_vocab_tensor(out, e.shape)
+        same = e is None or o.shape == e.shape or (vocab and o.shape[1:] == e.shape[1:])
+        if e is not None and (not same or o.dtype != e.dtype):
             raise CheckpointError(
                 f"{o.dtype} {list(o.shape)} in model {u} differs from {e.dtype} {list(e.shape)} "
                 f"({ref_name} in {ref_url}), both read for {out!r}",

@@ -17,12 +17,13 @@ from typing import Any
 import torch
 
 from raymerge.engine.arch import classify, fused_blocks, linear_layout
-from raymerge.engine.errors import CheckpointError, RecipeError
+from raymerge.engine.errors import CheckpointError, PlanError, RecipeError
 from raymerge.engine.methods import METHODS, MethodSpec, WorkShape
 from raymerge.engine.methods.mergekit_order import mergekit_order
 from raymerge.engine.plan.estimates import Placement, stats_item, task_flops, task_footprint
 from raymerge.engine.plan.slices import TensorSource
 from raymerge.engine.plan.types import OutputRef, TensorRef, TensorTask
+from raymerge.engine.plan.vocab import VocabPlan, is_vocab_tensor, out_entry, split_spans, task_fields
 from raymerge.engine.recipe import Recipe
 from raymerge.engine.storage import DTYPES, TAG_OF_DTYPE, Checkpoint, TensorEntry, open_checkpoint, open_shard
 
@@ -48,6 +49,7 @@ class PlanContext:
     placement: Placement
     groups: dict[str, tuple[str, ...]] = field(default_factory=dict)  # ``arch.fused_groups`` of the inputs
     mergekit_order: bool = False  # ``compute_dtype: mergekit``: mergekit's arithmetic where it has one
+    tokens: VocabPlan | None = None  # the re-indexed output vocabulary, when the recipe builds a tokenizer
 
 
 def copy_task(ctx: PlanContext, name: str, ref: tuple[str, str], cls: str, out: tuple[str, int]) -> TensorTask:
@@ -89,6 +91,9 @@ def tensor_tasks(ctx: PlanContext, src: TensorSource, out: tuple[str, int], out_
     """Every task of output tensor ``src.name``, written at shard/offset ``out`` in dtype ``out_tag``."""
     recipe, name = ctx.recipe, src.name
     e = ctx.ckpts[src.ref[0]].entries[src.ref[1]]
+    tokens = ctx.tokens if ctx.tokens is not None and e.is_float and is_vocab_tensor(name, e.shape) else None
+    if tokens is not None:
+        e = out_entry(e, tokens)
     cls = classify(name, e, ctx.vocab)
     if cls == "buffer":
         return [copy_task(ctx, name, src.ref, cls, out)]
@@ -104,6 +109,10 @@ def tensor_tasks(ctx: PlanContext, src: TensorSource, out: tuple[str, int], out_
     aux, aux_names = aux_refs(spec, params.per_model, src, e, ctx.aux_cache, turned)
     refs = tuple(TensorRef.of(ctx.ckpts[u].shard_of[n], ctx.ckpts[u].entries[n]) for u, n in src.reads)
     group = group_refs(ctx, spec, src)
+    lora = tuple(getattr(ctx.ckpts[u], "deltas", {}).get(n) for u, n in src.reads)
+    lora_bytes = sum(x.a_end - x.a_start + x.b_end - x.b_start for x in lora if x is not None)
+    if tokens is not None and any(lora):
+        raise PlanError("a LoRA update of a re-indexed vocabulary is not supported", tensor=name)
     compute = ctx.compute_dtype or (torch.float64 if e.dtype == "F64" else torch.float32)
     c_item = torch.empty((), dtype=compute).element_size()
     out_item = DTYPES[out_tag][1]
@@ -119,6 +128,8 @@ def tensor_tasks(ctx: PlanContext, src: TensorSource, out: tuple[str, int], out_
         spans = list(itertools.pairwise([0, *itertools.accumulate(blocks)]))
     else:
         spans = [(0, rows_total if e.shape else 0)]
+    if tokens is not None and spec.row_separable:
+        spans = split_spans(spans, tokens.vocab.size)
     seed = tensor_seed(recipe.raymerge.seed, name) if spec.random else 0
     tasks = []
     for r0, r1 in spans:
@@ -164,13 +175,17 @@ def tensor_tasks(ctx: PlanContext, src: TensorSource, out: tuple[str, int], out_
                 group=() if order else group,
                 order=order,
                 layout=layout,
-                est_host_bytes=fp.host,
+                # a LoRA input adds its factors and one product of the task's rows while it is formed
+                est_host_bytes=fp.host + (lora_bytes + numel * c_item if any(lora) else 0),
                 est_device_bytes=fp.device,
                 read_bytes=numel * e.itemsize * len(refs)
                 + sum(a.end - a.start for a in aux)
-                + sum(r.end - r.start for _, rs in group for r in rs),
+                + sum(r.end - r.start for _, rs in group for r in rs)
+                + lora_bytes,
                 write_bytes=out_bytes,
                 flops=task_flops(spec, shape),
+                lora=lora if any(lora) else (),
+                **(task_fields(tokens, recipe, ctx.ckpts, src, r0, r1) if tokens is not None else {}),
             )
         )
     return tasks

@@ -12,6 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from raymerge.engine.lora import LoraRef
 from raymerge.engine.recipe import Recipe
 from raymerge.engine.storage import TensorEntry
 from raymerge.engine.urls import redact
@@ -89,6 +90,17 @@ class TensorTask:
     group: tuple[tuple[str, tuple[TensorRef, ...]], ...] = ()
     # "mergekit": run mergekit's arithmetic on the whole tensor (``methods.mergekit_order``).
     order: str = ""
+    # Re-indexed vocabulary (``tokenizer_source``): the output has ``vocab_size`` token rows (then
+    # padding rows). ``vocab_rows[i]``: input i's row of each output row from ``row_start`` (from 0
+    # when the task reaches the padding rows, whose value is the mean of the token rows), or -k-1
+    # for default row k, the mean of the rows ``vocab_defaults[k]`` lists as (index into
+    # ``vocab_refs``, row); an empty default is zeros.
+    vocab_size: int = 0
+    vocab_rows: tuple[tuple[int, ...], ...] = ()
+    vocab_defaults: tuple[tuple[tuple[int, int], ...], ...] = ()
+    vocab_refs: tuple[TensorRef, ...] = ()
+    # Per input, the LoRA update added to its rows (``base+adapter`` inputs), or None; () if none has one.
+    lora: tuple[LoraRef | None, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,6 +115,10 @@ class TensorTask:
         d["group"] = tuple(
             (g[0], tuple(TensorRef(**{**r, "shape": tuple(r["shape"])}) for r in g[1])) for g in d.get("group", ())
         )
+        d["vocab_rows"] = tuple(tuple(r) for r in d.get("vocab_rows", ()))
+        d["vocab_defaults"] = tuple(tuple(tuple(p) for p in x) for x in d.get("vocab_defaults", ()))
+        d["vocab_refs"] = tuple(TensorRef(**{**r, "shape": tuple(r["shape"])}) for r in d.get("vocab_refs", ()))
+        d["lora"] = tuple(None if x is None else LoraRef.from_json(x) for x in d.get("lora", ()))
         o = d["output"]
         d["output"] = OutputRef(**{**o, "shape": tuple(o["shape"])})
         return cls(**d)
@@ -135,6 +151,9 @@ class MergePlan:
     device_memory: int | None = None
     # The recipe's chat template, resolved (``chat_template.resolve``), for the output's tokenizer files.
     chat_template: str | None = None
+    # The output tokenizer's files (name → bytes) where the recipe builds one (``tokenizer_source``);
+    # then ``tokenizer_from`` is None.
+    tokenizer_files: dict[str, bytes] = field(default_factory=dict, hash=False)
 
     @property
     def read_bytes(self) -> int:

@@ -47,3 +47,77 @@ def test_unknown_chat_template_name_is_one_clear_error(family, tmp_path):
     with pytest.raises(RecipeError, match="unknown chat_template 'vicunaa'.*chatml"):
         merge(parse_recipe(text), tmp_path / "o", progress=False)
     assert not (tmp_path / "o").exists()
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": " hi there "}],
+    [
+        {"role": "system", "content": "be nice "},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo\n"},
+    ],
+    [
+        {"role": "system", "content": "s1"},
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "q2"},
+    ],
+    [
+        {"role": "user", "content": "q"},
+        {"role": "user_context", "content": "ctx"},
+        {"role": "assistant", "content": "a"},
+    ],
+]
+
+
+def _render(template: str, conversation: list, generation: bool) -> str:
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    out, _ = render_jinja_template(
+        conversations=[conversation],
+        chat_template=template,
+        add_generation_prompt=generation,
+        bos_token="<s>",
+        eos_token="</s>",
+    )
+    return out[0]
+
+
+@pytest.mark.parametrize("name", ["alpaca", "chatml", "exaone", "llama3", "mistral"])
+def test_named_templates_render_as_mergekit_s(name):
+    """Each named template renders every conversation as mergekit's template of that name does,
+    in transformers' Jinja environment (exaone: up to the whitespace of mergekit's source lines), and
+    refuses the same conversations."""
+    pytest.importorskip("transformers")
+    import importlib.resources
+    import re
+
+    from raymerge.engine.chat_template import NAMED, resolve
+
+    theirs = importlib.resources.files("mergekit._data.chat_templates").joinpath(f"{name}.jinja").read_text()
+    mine = resolve(name, [])
+    assert mine == NAMED[name] and mine != theirs
+    for conv in CONVERSATIONS:
+        for gen in (False, True):
+            try:
+                want = _render(theirs, conv, gen)
+            except Exception as exc:  # noqa: BLE001 - mistral refuses roles it does not know
+                with pytest.raises(type(exc)):
+                    _render(mine, conv, gen)
+                continue
+            got = _render(mine, conv, gen)
+            if name == "exaone":  # mergekit's keeps its source's line breaks and indentation
+                want, got = re.sub(r"\s+", "", want), re.sub(r"\s+", "", got)
+            assert got == want, (name, conv, gen)
+
+
+def test_exaone_and_llama3_exact_text():
+    pytest.importorskip("transformers")
+    from raymerge.engine.chat_template import EXAONE, LLAMA3
+
+    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    assert (
+        _render(EXAONE, conv, True)
+        == "[|system|][|endofturn|]\n[|user|]hi\n[|assistant|]yo[|endofturn|]\n[|assistant|]"
+    )
+    assert _render(LLAMA3, conv[:1], False) == "<s><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>\n"
