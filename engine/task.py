@@ -291,7 +291,8 @@ def run_task(task: TensorTask, staging_dir: str, device: str = "cpu") -> Receipt
         if method is not None and task.order == "mergekit":
             stream = ExpertStream(task, readers, 1 if task.has_base else 0, dev)
             fn = mergekit_order(task.method, task.shared, task.per_model)
-            assert fn is not None
+            if fn is None:
+                raise TaskError(f"method {task.method!r} has no mergekit arithmetic here", tensor=task.tensor)
             args = MergeArgs(task.shared, task.per_model, None, task.tensor, task.seed, AuxStream(task, dev))
             base_t = stream.load(0) if task.has_base else None
             merged = fn(base_t, [stream.load(stream.first + i) for i in range(len(stream))], args)
