@@ -292,6 +292,31 @@ def _write_pieces(
     return crc, written
 
 
+def fused_call(fn: Any, task: TensorTask, stream: ExpertStream, args: MergeArgs) -> torch.Tensor:
+    """mergekit's arithmetic on the task's tensor, or, for a tensor of a fused group (a MoE's
+    experts), on the group fused as mergekit holds it (members stacked in order), keeping this
+    tensor's rows of the result."""
+
+    def inputs(i: int) -> torch.Tensor:
+        own = stream.load(i)
+        if not task.group:
+            return own
+        parts = []
+        for name, refs in task.group:
+            ref = refs[i]
+            x = open_shard(ref.url).read_rows(ref.entry(name)).to(device=stream.dev, dtype=stream.compute)
+            parts.append(x.reshape(-1, *own.shape[1:]))
+        parts.insert(task.group_at, own)
+        return torch.cat(parts)
+
+    base = inputs(0) if task.has_base else None
+    merged = fn(base, [inputs(stream.first + i) for i in range(len(stream))], args)
+    if not task.group:
+        return merged  # type: ignore[no-any-return]
+    start = sum(refs[0].shape[0] for _, refs in task.group[: task.group_at])
+    return merged[start : start + (task.row_end - task.row_start)]  # type: ignore[no-any-return]
+
+
 def run_task(task: TensorTask, staging_dir: str, device: str = "cpu") -> Receipt:
     """Execute ``task`` and write its output bytes into ``staging_dir/<shard>`` at its offset."""
     t0 = time.perf_counter()
@@ -310,10 +335,10 @@ def run_task(task: TensorTask, staging_dir: str, device: str = "cpu") -> Receipt
         if method is not None and task.order == "mergekit":
             stream = ExpertStream(task, readers, 1 if task.has_base else 0, dev)
             fn = mergekit_order(task.method, task.shared, task.per_model)
-            assert fn is not None
+            if fn is None:
+                raise TaskError(f"method {task.method!r} has no mergekit arithmetic here", tensor=task.tensor)
             args = MergeArgs(task.shared, task.per_model, None, task.tensor, task.seed, AuxStream(task, dev))
-            base_t = stream.load(0) if task.has_base else None
-            merged = fn(base_t, [stream.load(stream.first + i) for i in range(len(stream))], args)
+            merged = fused_call(fn, task, stream, args)
             crc, written = _write_pieces([merged], out_dtype, path, task.output.offset, task)
             return Receipt(task.id, task.tensor, crc, written, stream.bytes_read, time.perf_counter() - t0, str(dev))
         if method is not None and method.chunked is not None and not turned:

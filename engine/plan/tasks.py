@@ -108,7 +108,8 @@ def tensor_tasks(ctx: PlanContext, src: TensorSource, out: tuple[str, int], out_
     turned = layout == "in_out" and spec.oriented  # the method sees the weight transposed
     aux, aux_names = aux_refs(spec, params.per_model, src, e, ctx.aux_cache, turned)
     refs = tuple(TensorRef.of(ctx.ckpts[u].shard_of[n], ctx.ckpts[u].entries[n]) for u, n in src.reads)
-    group = group_refs(ctx, spec, src)
+    group = group_refs(ctx, spec, src, bool(order))
+    group_at = next((i for i, n in enumerate(ctx.groups.get(name, ())) if n == name), 0) if group else 0
     lora = tuple(getattr(ctx.ckpts[u], "deltas", {}).get(n) for u, n in src.reads)
     lora_bytes = sum(x.a_end - x.a_start + x.b_end - x.b_start for x in lora if x is not None)
     if tokens is not None and any(lora):
@@ -172,7 +173,8 @@ def tensor_tasks(ctx: PlanContext, src: TensorSource, out: tuple[str, int], out_
                 chunk_rows=chunk_rows,
                 aux=aux,
                 aux_names=aux_names,
-                group=() if order else group,
+                group=group,
+                group_at=group_at,
                 order=order,
                 layout=layout,
                 # a LoRA input adds its factors and one product of the task's rows while it is formed
@@ -191,11 +193,14 @@ def tensor_tasks(ctx: PlanContext, src: TensorSource, out: tuple[str, int], out_
     return tasks
 
 
-def group_refs(ctx: PlanContext, spec: MethodSpec, src: TensorSource) -> tuple[tuple[str, tuple[TensorRef, ...]], ...]:
+def group_refs(
+    ctx: PlanContext, spec: MethodSpec, src: TensorSource, whole: bool = False
+) -> tuple[tuple[str, tuple[TensorRef, ...]], ...]:
     """The other stored tensors of the tensor mergekit fuses ``src.name`` into, with their inputs,
-    for a method whose statistics span it (``group_stats``); () otherwise and in sliced recipes."""
+    for a method whose statistics span it (``group_stats``), or for any method computed on the
+    whole fused tensor (``whole``: mergekit's arithmetic); () otherwise and in sliced recipes."""
     members = ctx.groups.get(src.name, ())
-    if not spec.group_stats or src.part is not None or len(members) < 2:
+    if not (spec.group_stats or whole) or src.part is not None or len(members) < 2:
         return ()
     out = []
     for other in members:

@@ -88,6 +88,8 @@ class TensorTask:
     # The other stored tensors of the tensor mergekit fuses (a MoE's experts, ``arch.fused_groups``):
     # (name, its inputs in the order of ``inputs``); read only for the tensor-wide statistics.
     group: tuple[tuple[str, tuple[TensorRef, ...]], ...] = ()
+    # Where this tensor sits among its group's members (``order: mergekit`` fuses them in order).
+    group_at: int = 0
     # "mergekit": run mergekit's arithmetic on the whole tensor (``methods.mergekit_order``).
     order: str = ""
     # Re-indexed vocabulary (``tokenizer_source``): the output has ``vocab_size`` token rows (then

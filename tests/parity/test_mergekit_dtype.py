@@ -79,3 +79,23 @@ def test_fp32_arithmetic_differs_from_mergekit_in_bf16(family, tmp_path):
     ref, got = _run(CASES["ties"], family, tmp_path, "bfloat16", "bfloat16")
     worst = max((ref[k].float() - got[k].float()).abs().max().item() for k in ref)
     assert worst > 1e-2
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("method", ["ties", "model_stock", "sce"])
+def test_fused_experts_bit_equal_to_mergekit_in_bf16(arch, method, tmp_path_factory, tmp_path):
+    """A MoE's experts in this mode: mergekit's arithmetic on the fused expert tensor."""
+    from hf_tiny import perturbed_file
+    from test_arch_parity import BUILDERS, both, recipe
+
+    root = tmp_path_factory.mktemp(arch)
+    base = BUILDERS[arch](root / "base")
+    experts = [perturbed_file(base, root / f"e{i}", seed=i) for i in (1, 2, 3)]
+    per_model = {"ties": "{weight: 1.0, density: 0.4}", "model_stock": "", "sce": ""}[method]
+    params = "{select_topk: 0.5}" if method == "sce" else ""
+    text = recipe(method, base, experts, [per_model] * 3, params).replace("float32", "bfloat16")
+    ref, got = both(text, tmp_path, arch, "raymerge: {compute_dtype: mergekit}\n")
+    assert set(ref) == set(got)
+    for k in ref:
+        bad = (got[k] != ref[k].to(torch.bfloat16)).sum().item()
+        assert bad == 0, f"{arch} {method}: {bad} of {ref[k].numel()} elements of {k} differ from mergekit's"

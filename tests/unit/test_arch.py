@@ -95,3 +95,20 @@ def test_karcher_averages_an_unlisted_base_as_mergekit(family):
     assert plan.models == (str(experts[0]), str(experts[1]), str(base))
     task = next(t for t in plan.tasks if t.action == "merge")
     assert not task.has_base and len(task.inputs) == 3 and len(task.per_model) == 3
+
+
+def test_mergekit_compute_dtype_plans_whole_tensors_in_the_recipe_dtype(family):
+    from raymerge.engine.plan import build_plan
+
+    from conftest import recipe_text
+
+    base, experts = family
+    extra = "dtype: bfloat16\nraymerge: {compute_dtype: mergekit, chunk_bytes: 256}"
+    ties = build_plan(parse_recipe(recipe_text("ties", base, experts, {"density": 0.5, "weight": 1.0}, extra=extra)))
+    assert {(t.order, t.compute_dtype) for t in ties.tasks} == {("mergekit", "BF16")}
+    assert all(t.row_start == 0 and t.row_end == t.output.shape[0] for t in ties.tasks if t.output.shape)
+    # DELLA's random drop is raymerge's own (mergekit draws it from its RNG); task_arithmetic has
+    # no mergekit order here: both compute in bf16 in raymerge's order
+    for method, params in (("della", {"density": 0.5, "weight": 1.0}), ("task_arithmetic", {"weight": 1.0})):
+        plan = build_plan(parse_recipe(recipe_text(method, base, experts, params, extra=extra)))
+        assert {(t.order, t.compute_dtype) for t in plan.tasks} == {("", "BF16")}
