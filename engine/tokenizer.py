@@ -215,14 +215,17 @@ def _stripped(tok: Any, vocab_size: int | None, url: str) -> Any:
     for t in unused:
         spec["model"]["vocab"].pop(t, None)
 
-    def keep(m: Any) -> bool:
+    def keep(m: Any) -> bool:  # a merge of, or making, a dropped token goes too (mergekit keeps the latter)
         pair = m.split(" ") if isinstance(m, str) else list(m)
-        return not any(p in unused for p in pair)
+        return not any(p in unused for p in pair) and "".join(pair) not in unused
 
     spec["model"]["merges"] = [m for m in spec["model"]["merges"] if keep(m)]
     import tokenizers
 
-    tok._tokenizer = tokenizers.Tokenizer.from_str(json.dumps(spec))
+    try:
+        tok._tokenizer = tokenizers.Tokenizer.from_str(json.dumps(spec))
+    except Exception as exc:  # noqa: BLE001 - the tokenizers library raises a bare Exception
+        raise CheckpointError(f"cannot drop the tokens past row {vocab_size}: {exc}", file=url) from None
     return tok
 
 
@@ -234,7 +237,8 @@ def _union(base_tok: Any, toks: dict[str, Any], sizes: dict[str, int | None]) ->
         size = sizes[url] or tok.vocab_size
         decoder = tok.added_tokens_decoder
         specials = {info.content for info in decoder.values()}
-        for t, i in tok.get_vocab().items():
+        # in id order: mergekit takes the order of a hash map, which varies from run to run
+        for t, i in sorted(tok.get_vocab().items(), key=lambda kv: kv[1]):
             if i < size and t not in specials:
                 plain.setdefault(t)
         for i, info in decoder.items():

@@ -282,3 +282,56 @@ def test_model_without_a_tokenizer_is_one_error_line(family, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("raymerge: error: cannot load the tokenizer") and str(base) in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def _bpe_model(path: Path, rows: int, seed: int) -> Path:
+    """A Llama over a small BPE tokenizer (9 tokens: [UNK], a–d, ab, cd, then x and y, which no
+    merge makes) with ``rows`` embedding rows: fewer rows than tokens leaves x and y without one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "a": 1, "b": 2, "c": 3, "d": 4, "ab": 5, "cd": 6, "x": 7, "y": 8}
+    merges = [("a", "b"), ("c", "d")]
+    tk = Tokenizer(models.BPE(vocab, merges, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]").save_pretrained(str(path))
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=rows,
+        hidden_size=8,
+        intermediate_size=12,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(cfg).eval().save_pretrained(str(path))
+    return path
+
+
+def test_tokens_past_the_base_rows_are_dropped_then_taken_from_others(tmp_path):
+    """A base whose embedding stops before its BPE tokenizer does (7 rows, 9 tokens): its tokenizer
+    is stripped of x and y, then the union takes them from the other model, whose rows they get —
+    as mergekit does."""
+    base = _bpe_model(tmp_path / "b", 7, seed=0)
+    other = _bpe_model(tmp_path / "o", 9, seed=1)
+    text = (
+        f"merge_method: linear\nbase_model: {base}\ntokenizer_source: union\ndtype: float32\nmodels:\n"
+        f"  - model: {base}\n    parameters: {{weight: 0.3}}\n  - model: {other}\n    parameters: {{weight: 0.7}}\n"
+    )
+    mk_out, rm_out = tmp_path / "mergekit", tmp_path / "raymerge"
+    _mergekit(text, mk_out)
+    (tmp_path / "r.yaml").write_text(text)
+    assert raymerge_main(["run", str(tmp_path / "r.yaml"), str(rm_out), "-q"]) == 0
+    mk_vocab, rm_vocab = _vocab(mk_out), _vocab(rm_out)
+    assert set(mk_vocab) == set(rm_vocab) and len(rm_vocab) == 9
+    assert [rm_vocab[t] for t in ("x", "y")] == [7, 8]  # new tokens in the donor's id order
+    ref, got, o = load_dir(mk_out), load_dir(rm_out), load_dir(other)
+    for name in ref:
+        if name in VOCAB_TENSORS:
+            rows = [(ref[name][i] - got[name][rm_vocab[t]]).abs().max().item() for t, i in mk_vocab.items()]
+            assert max(rows) <= 1e-6, name
+        else:
+            assert (ref[name] - got[name]).abs().max().item() <= 1e-6, name
+    emb = "model.embed_tokens.weight"
+    assert torch.equal(got[emb][rm_vocab["y"]], o[emb][8])  # one donor: the other model's row as is
