@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -187,6 +188,35 @@ def _write_metadata(
         (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 256, "source": str(path.name)}))
 
 
+def _write_shards(
+    path: str | Path,
+    specs: list[tuple[str, tuple[int, ...]]],
+    dtype: torch.dtype,
+    shard_bytes: int | None,
+    fill: Callable[[BinaryIO, list[tuple[str, tuple[int, ...]]], int], None],
+) -> tuple[Path, dict[str, str], int, int]:
+    """Lay ``specs`` out in HF-layout shards under ``path``: each file gets its length prefix and
+    header, then ``fill(file, group, data_bytes)`` writes (or leaves out) the data section.
+    Returns the directory, the weight map, the shard count and the total data bytes."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tag = TAG_OF_DTYPE[dtype]
+    item = DTYPES[tag][1]
+    files = _shard_files(specs, item, shard_bytes)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for fname, group in files:
+        rows, data_bytes = _shard_rows(group, tag, item)
+        weight_map.update((name, fname) for name, _ in group)
+        total += data_bytes
+        header = shard_header(rows)
+        with open(path / fname, "wb") as f:
+            f.write(len(header).to_bytes(8, "little"))
+            f.write(header)
+            fill(f, group, data_bytes)
+    return path, weight_map, len(files), total
+
+
 def write_checkpoint(
     path: str | Path,
     tensors: Iterator[tuple[str, torch.Tensor]] | list[tuple[str, torch.Tensor]],
@@ -197,26 +227,17 @@ def write_checkpoint(
     tokenizer: bool = True,
 ) -> Path:
     """Stream tensors (in ``specs`` order) into HF-layout safetensors shards plus metadata."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tag = TAG_OF_DTYPE[dtype]
-    item = DTYPES[tag][1]
-    files = _shard_files(specs, item, shard_bytes)
     it = iter(tensors)
-    weight_map: dict[str, str] = {}
-    for fname, group in files:
-        rows, _ = _shard_rows(group, tag, item)
-        weight_map.update((name, fname) for name, _ in group)
-        header = shard_header(rows)
-        with open(path / fname, "wb") as f:
-            f.write(len(header).to_bytes(8, "little"))
-            f.write(header)
-            for name, shape in group:
-                got_name, t = next(it)
-                assert got_name == name and tuple(t.shape) == tuple(shape), (got_name, name)
-                f.write(tensor_bytes(t.to(dtype)))
-    _write_metadata(path, weight_map, len(files), config, tokenizer)
-    return path
+
+    def fill(f: BinaryIO, group: list[tuple[str, tuple[int, ...]]], _: int) -> None:
+        for name, shape in group:
+            got_name, t = next(it)
+            assert got_name == name and tuple(t.shape) == tuple(shape), (got_name, name)
+            f.write(tensor_bytes(t.to(dtype)))
+
+    out, weight_map, n_files, _ = _write_shards(path, specs, dtype, shard_bytes, fill)
+    _write_metadata(out, weight_map, n_files, config, tokenizer)
+    return out
 
 
 def write_header_only_checkpoint(
@@ -235,24 +256,13 @@ def write_header_only_checkpoint(
     ~4 KiB of disk however large the tensors. Sharded and indexed like ``write_checkpoint``
     (``shard_bytes`` per shard); for planning and header-level tests of frontier-size models.
     """
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tag = TAG_OF_DTYPE[dtype]
-    item = DTYPES[tag][1]
-    files = _shard_files(specs, item, shard_bytes)
-    weight_map: dict[str, str] = {}
-    total = 0
-    for fname, group in files:
-        rows, data_bytes = _shard_rows(group, tag, item)
-        weight_map.update((name, fname) for name, _ in group)
-        total += data_bytes
-        header = shard_header(rows)
-        with open(path / fname, "wb") as f:
-            f.write(len(header).to_bytes(8, "little"))
-            f.write(header)
-            f.truncate(8 + len(header) + data_bytes)
-    _write_metadata(path, weight_map, len(files), config, tokenizer, total_size=total)
-    return path
+
+    def fill(f: BinaryIO, _: list[tuple[str, tuple[int, ...]]], data_bytes: int) -> None:
+        f.truncate(f.tell() + data_bytes)
+
+    out, weight_map, n_files, total = _write_shards(path, specs, dtype, shard_bytes, fill)
+    _write_metadata(out, weight_map, n_files, config, tokenizer, total_size=total)
+    return out
 
 
 def make_family(
