@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Sequence
 
 from raymerge.cluster.connect import RayConnection
-from raymerge.cluster.nodes import discover_nodes
+from raymerge.cluster.nodes import alive_nodes, discover_nodes
 from raymerge.cluster.progress import ClusterProgress
 from raymerge.cluster.scheduler import UnitScheduler
 from raymerge.cluster.units import group_tasks
@@ -51,6 +51,12 @@ def unit_bytes_target(total_read: int, total_slots: int) -> int:
     return max(MIN_UNIT_BYTES, min(MAX_UNIT_BYTES, total_read // max(1, 4 * total_slots)))
 
 
+def uniform_threads(resources: Sequence[dict[str, float]], workers: int) -> int:
+    """One torch thread count for every unit: the fewest cores a slot gets on any node with a CPU."""
+    counts = [max(1, int(r["CPU"]) // max(1, min(workers, int(r["CPU"])))) for r in resources if r.get("CPU", 0) >= 1]
+    return min(counts, default=1)
+
+
 class RayExecutor:
     """Runs tasks on a Ray cluster (see ``raymerge.engine.executor.Executor``).
 
@@ -59,13 +65,44 @@ class RayExecutor:
     per node; the budget given to ``run`` bounds the declared peak host memory of the units
     running on each node. Units whose worker or node dies are run again (safe: tasks write the
     same bytes at fixed offsets).
+
+    Every unit computes with the same torch thread count on every node (``threads``, else
+    ``task_threads()`` picks the fewest cores a slot gets on any alive node): reductions round by
+    thread count, so a Gram or spectral result must not depend on which node ran it. The merge
+    records the count in the staging area and a resume sets ``threads`` back to it, whatever the
+    cluster looks like then (results are bit-identical across nodes of the same CPU type).
     """
 
     name = "ray"
 
-    def __init__(self, workers: int | None = None, address: str | None = None) -> None:
+    def __init__(self, workers: int | None = None, address: str | None = None, threads: int | None = None) -> None:
         self.workers = workers or default_workers()
         self.address = address
+        self.threads = threads
+        self._conn: RayConnection | None = None
+
+    def _connect(self) -> RayConnection:
+        """The Ray session of this merge, opened on first use and kept until ``close``."""
+        if self._conn is None:
+            conn = RayConnection(self.address)
+            conn.__enter__()
+            self._conn = conn
+            if conn.dashboard_url:
+                print(f"raymerge: Ray dashboard at {conn.dashboard_url}", file=sys.stderr, flush=True)
+        return self._conn
+
+    def close(self) -> None:
+        """Leave the Ray session (an embedded Ray is stopped); ``run`` does it when it returns."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.__exit__(None, None, None)
+
+    def task_threads(self) -> int:
+        """Torch threads per unit on every node: ``threads``, else the fewest any node's slot gets."""
+        if self.threads is None:
+            self._connect()
+            self.threads = uniform_threads([n.get("Resources", {}) for n in alive_nodes().values()], self.workers)
+        return self.threads
 
     def run(
         self,
@@ -79,23 +116,25 @@ class RayExecutor:
     ) -> ExecutionReport:
         """Run ``tasks``; ``on_done(task, receipt)`` is called in this thread per finished task."""
         if not tasks:
+            self.close()
             return ExecutionReport(bytes_read=0)
         staging_dir = os.path.abspath(staging_dir)
         originals = {t.id: t for t in tasks}
         runnable = [absolute_inputs(t) for t in tasks]
-        with RayConnection(self.address) as conn:
-            if conn.dashboard_url:
-                print(f"raymerge: Ray dashboard at {conn.dashboard_url}", file=sys.stderr, flush=True)
+        self._connect()
+        try:
+            threads = self.task_threads()
             files = {local_path(r.url) for t in runnable for r in t.inputs if is_local(r.url)}
             nodes = discover_nodes(staging_dir, files, self.workers, budget)
             slots = sum(n.slots for n in nodes)
             units = group_tasks(runnable, device, unit_bytes_target(sum(t.read_bytes for t in runnable), slots))
             log.info(
-                "Ray: %d tasks in %d units on %d node(s), %d slot(s), budget %.2f GiB per node",
+                "Ray: %d tasks in %d units on %d node(s), %d slot(s) of %d thread(s), budget %.2f GiB per node",
                 len(runnable),
                 len(units),
                 len(nodes),
                 slots,
+                threads,
                 budget / 2**30,
             )
             progress = ClusterProgress(len(runnable), sum(t.read_bytes + t.write_bytes for t in runnable))
@@ -109,13 +148,16 @@ class RayExecutor:
                 progress=progress,
                 device_budget=device_budget,
                 originals=originals,
+                threads=threads,
             )
             try:
                 scheduler.run(units)
             finally:
                 progress.report(force=True)
                 print(progress.table(), file=sys.stderr, flush=True)
+        finally:
+            self.close()
         return ExecutionReport(bytes_read=scheduler.bytes_read)
 
 
-__all__ = ["RayExecutor"]
+__all__ = ["RayExecutor", "uniform_threads"]

@@ -85,7 +85,11 @@ class UnitScheduler:
         progress: ClusterProgress,
         originals: dict[str, TensorTask],
         device_budget: int | None = None,
+        threads: int | None = None,
     ) -> None:
+        # Torch threads per unit, one count on every node (``RayExecutor.task_threads``); by
+        # default each node's cores per slot.
+        self.threads = threads
         self.nodes = {n.node_id: n for n in nodes}
         self.device_budget = device_budget
         for n in nodes:
@@ -232,7 +236,7 @@ class UnitScheduler:
                     max_concurrency=ACTOR_DEPTH,
                     max_restarts=0,
                     scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False),
-                ).remote(self.staging_dir, self.device, node.cpus_per_slot, self.run_id)
+                ).remote(self.staging_dir, self.device, self.threads or node.cpus_per_slot, self.run_id)
                 self.actors.append(ActorSlot(handle, node, gpu=self.use_gpus))
 
     def _submit_cpu(self, unit: WorkUnit, attempt: int, node: NodeState) -> None:
@@ -241,7 +245,7 @@ class UnitScheduler:
             max_retries=RAY_MAX_RETRIES,
             retry_exceptions=RETRY_EXCEPTIONS,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False),
-        ).remote(unit.tasks, self.staging_dir, self.device, node.cpus_per_slot, self.run_id)
+        ).remote(unit.tasks, self.staging_dir, self.device, self.threads or node.cpus_per_slot, self.run_id)
         node.free_slots -= 1
         node.memory.take(unit.est_host_bytes)
         self.running[ref] = Running(unit, node, attempt, holds_slot=True)

@@ -142,19 +142,33 @@ def merge(
     if plan.tokenizer_from:  # refuse an unsafe tokenizer file now, not after the compute
         check_side_files(plan.tokenizer_from, TOKENIZER_FILES)
     staging = Staging(out, plan, overwrite=overwrite, progress=progress)
-    receipts = staging.prepare(threads=_task_threads(runner))
-    _pin_threads(runner, staging.threads)
     try:
-        figures = _run(
-            plan, staging, receipts, runner, budget=budget, dev=dev, where=where, t0=t0, read0=read0, progress=progress
-        )
+        receipts = staging.prepare(threads=_task_threads(runner))
+        _pin_threads(runner, staging.threads)
+        try:
+            figures = _run(
+                plan,
+                staging,
+                receipts,
+                runner,
+                budget=budget,
+                dev=dev,
+                where=where,
+                t0=t0,
+                read0=read0,
+                progress=progress,
+            )
+        finally:
+            staging.release()  # the journal is closed and the output's lock released on every way out
     finally:
-        staging.release()  # the journal is closed and the output's lock released on every way out
+        close = getattr(runner, "close", None)
+        if callable(close):  # an executor that holds a session (a Ray connection) leaves it
+            close()
     return figures
 
 
 def _task_threads(runner: Executor) -> int | None:
-    """The torch threads per task of an executor that has one count for all tasks (the local one)."""
+    """The torch threads per task of an executor that has one count for all tasks (local and Ray)."""
     count = getattr(runner, "task_threads", None)
     return int(count()) if callable(count) else None
 

@@ -771,3 +771,53 @@ def test_every_method_matches_local_on_ray(family, tmp_path):
         ray.shutdown()
     covered = {e.method for e in every_other_method} | {c[0] for c in CASES.values()} | FALLBACKS
     assert covered >= set(METHODS), set(METHODS) - covered
+
+
+def test_resume_on_another_cluster_shape_is_bit_identical(family, tmp_path, monkeypatch):
+    """An ACTMat merge killed on Ray with 2 slots of 1 thread, resumed with 1 slot of 2 threads:
+    every unit computes with the staged run's thread count, so the output is the undisturbed run's."""
+    import ray
+
+    from raymerge.engine import writer
+
+    recipe = parse_recipe(recipe_text("actmat", *family))
+    shard = 100_000
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        clean = RayExecutor(workers=2)
+        merge(recipe, tmp_path / "clean", executor=clean, progress=False, out_shard_bytes=shard)
+        assert clean.threads == 1
+
+        real = writer.Staging.record
+        seen = {"n": 0}
+
+        def crash_after_five(self, receipt):
+            seen["n"] += 1
+            if seen["n"] > 5:
+                raise RuntimeError("simulated driver crash")
+            real(self, receipt)
+
+        monkeypatch.setattr(writer.Staging, "record", crash_after_five)
+        with pytest.raises(RuntimeError, match="simulated driver crash"):
+            merge(recipe, tmp_path / "out", executor=RayExecutor(workers=2), progress=False, out_shard_bytes=shard)
+        monkeypatch.setattr(writer.Staging, "record", real)
+        staged = json.loads((tmp_path / "out.raymerge-staging" / ".raymerge" / "plan.json").read_text())
+        assert staged["threads"] == 1
+
+        wider = RayExecutor(workers=1)  # on its own it would give each unit both cores
+        figures = merge(recipe, tmp_path / "out", executor=wider, progress=False, out_shard_bytes=shard)
+        assert figures.tasks_resumed == 5
+        assert wider.threads == 1, "the resume computes with the staged run's thread count"
+        assert digests(tmp_path / "out") == digests(tmp_path / "clean")
+    finally:
+        ray.shutdown()
+
+
+def test_one_thread_count_for_every_node():
+    from raymerge.cluster.executor import uniform_threads
+
+    nodes = [{"CPU": 16.0}, {"CPU": 4.0, "GPU": 1.0}, {"CPU": 0.0}]
+    assert uniform_threads(nodes, workers=2) == 2  # the 4-core node's slots get 2 cores each
+    assert uniform_threads(nodes, workers=8) == 1
+    assert uniform_threads([{"CPU": 16.0}], workers=4) == 4
+    assert uniform_threads([], workers=4) == 1
