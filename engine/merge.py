@@ -6,6 +6,7 @@ import dataclasses
 import datetime as _dt
 import json
 import logging
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -22,6 +23,7 @@ from raymerge.engine.outpath import check_output_path
 from raymerge.engine.plan import DEFAULT_SHARD_BYTES, MergePlan, Placement, TensorTask, build_plan, check_budget
 from raymerge.engine.publish import TOKENIZER_FILES
 from raymerge.engine.recipe import Recipe
+from raymerge.engine.reduce import PARTIALS_DIR
 from raymerge.engine.sidefiles import check_side_files
 from raymerge.engine.storage import READ_STATS
 from raymerge.engine.task import Receipt
@@ -249,6 +251,8 @@ def _run(
         device=dev,
         peak_device_bytes=report.peak_device_bytes,
     )
+    # Statistics a map-reduce left behind (a reduce that failed after its maps) are not the model's.
+    shutil.rmtree(staging.dir / PARTIALS_DIR, ignore_errors=True)
     staging.commit(receipts, model_card(plan, figures))
     return figures
 

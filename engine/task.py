@@ -319,6 +319,10 @@ def fused_call(fn: Any, task: TensorTask, stream: ExpertStream, args: MergeArgs)
 
 def run_task(task: TensorTask, staging_dir: str, device: str = "cpu") -> Receipt:
     """Execute ``task`` and write its output bytes into ``staging_dir/<shard>`` at its offset."""
+    if task.action == "partial" or task.partials:  # a map or the reduce of a map-reduce over experts
+        from raymerge.engine.reduce import run_map_or_reduce
+
+        return run_map_or_reduce(task, staging_dir, device, _write_pieces)  # type: ignore[no-any-return]
     t0 = time.perf_counter()
     dev = task_device(task, device)
     prepare_device(dev)

@@ -88,7 +88,13 @@ def gram_stats(
     src: ChunkSource, reader: BlockReader, blocks: list[list[tuple[int, int]]], weighting: str, with_sum: bool
 ) -> GramStats:
     """Two passes over each expert's row blocks (C_t, ‖Δ_t‖², ΣΔ; then R += w_t Δ_t C_t), one
-    expert after another; weights 1 (``none``) or 1/‖Δ_t‖² (``inv_sq_norm``)."""
+    expert after another; weights 1 (``none``) or 1/‖Δ_t‖² (``inv_sq_norm``).
+
+    A source with ``partial_stats`` (a map-reduce over experts, ``engine.reduce``) hands back the
+    statistics other tasks accumulated over their experts, added up, instead of reading any."""
+    summed = getattr(src, "partial_stats", None)
+    if summed is not None:
+        return summed(reader.precision)  # type: ignore[no-any-return]
     origin, end = blocks[0][0][0], blocks[-1][-1][1]
     S = C = R = total = None
     norms: list[float] = []

@@ -53,9 +53,9 @@ class OutputRef:
 class TensorTask:
     """One self-contained unit of work: merge rows [row_start, row_end) of one tensor.
 
-    ``action`` is ``merge`` (run ``method``) or ``copy`` (take the base model's bytes, for
-    non-float buffers). ``est_host_bytes`` and ``est_device_bytes`` are the declared peak host and
-    accelerator memory, which executors use for admission; ``read_bytes``/``write_bytes`` are
+    ``action`` is ``merge`` (run ``method``), ``copy`` (take the base model's bytes, for
+    non-float buffers) or ``partial`` (statistics of some experts only, see ``engine.reduce``).
+    ``est_host_bytes`` and ``est_device_bytes`` are the declared peak host and accelerator memory, which executors use for admission; ``read_bytes``/``write_bytes`` are
     exact I/O volumes.
     """
 
@@ -103,6 +103,9 @@ class TensorTask:
     vocab_refs: tuple[TensorRef, ...] = ()
     # Per input, the LoRA update added to its rows (``base+adapter`` inputs), or None; () if none has one.
     lora: tuple[LoraRef | None, ...] = ()
+    # Map-reduce over experts (``engine.reduce``): for ``action: partial``, the one file this task's
+    # partial statistics go to; for a merge, the partial files to add up instead of reading experts.
+    partials: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -121,6 +124,7 @@ class TensorTask:
         d["vocab_defaults"] = tuple(tuple(tuple(p) for p in x) for x in d.get("vocab_defaults", ()))
         d["vocab_refs"] = tuple(TensorRef(**{**r, "shape": tuple(r["shape"])}) for r in d.get("vocab_refs", ()))
         d["lora"] = tuple(None if x is None else LoraRef.from_json(x) for x in d.get("lora", ()))
+        d["partials"] = tuple(d.get("partials", ()))
         o = d["output"]
         d["output"] = OutputRef(**{**o, "shape": tuple(o["shape"])})
         return cls(**d)
