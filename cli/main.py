@@ -87,7 +87,7 @@ def executor_for(args: argparse.Namespace) -> Executor:
     if args.executor == "ray":
         from raymerge.cluster import RayExecutor
 
-        return RayExecutor(workers=args.workers, address=args.address)
+        return RayExecutor(workers=args.workers, address=args.address, map_reduce=getattr(args, "map_reduce", "auto"))
     from raymerge.engine.local import LocalExecutor
 
     return LocalExecutor(workers=args.workers)
@@ -276,6 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--executor", choices=["local", "ray"], default="local", help="where tasks run")
     sp.add_argument(
         "--address", default=None, help="Ray cluster to join (auto | HOST:PORT); default: embedded local Ray"
+    )
+    sp.add_argument(
+        "--map-reduce",
+        choices=["auto", "always"],
+        default="auto",
+        help="Ray: ACTMat/WUDI statistics summed over nodes that each read some experts: when no node "
+        "reads all of a tensor's experts (auto), or for every such tensor (always)",
     )
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     sp.set_defaults(fn=cmd_run)

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Sequence
 
 from raymerge.cluster.connect import RayConnection
+from raymerge.cluster.mapreduce import MODES, split_for_nodes
 from raymerge.cluster.nodes import alive_nodes, discover_nodes
 from raymerge.cluster.progress import ClusterProgress
 from raymerge.cluster.scheduler import UnitScheduler
@@ -22,6 +23,7 @@ from raymerge.cluster.units import group_tasks
 from raymerge.engine.executor import ExecutionReport, OnDone, default_workers
 from raymerge.engine.plan import TensorTask
 from raymerge.engine.storage import is_local, local_path
+from raymerge.engine.task import Receipt
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +77,19 @@ class RayExecutor:
 
     name = "ray"
 
-    def __init__(self, workers: int | None = None, address: str | None = None, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        workers: int | None = None,
+        address: str | None = None,
+        threads: int | None = None,
+        map_reduce: str = "auto",
+    ) -> None:
+        if map_reduce not in MODES:
+            raise ValueError(f"map_reduce must be one of {MODES}, got {map_reduce!r}")
         self.workers = workers or default_workers()
         self.address = address
         self.threads = threads
+        self.map_reduce = map_reduce
         self._conn: RayConnection | None = None
 
     def _connect(self) -> RayConnection:
@@ -127,37 +138,58 @@ class RayExecutor:
             files = {local_path(r.url) for t in runnable for r in t.inputs if is_local(r.url)}
             nodes = discover_nodes(staging_dir, files, self.workers, budget)
             slots = sum(n.slots for n in nodes)
-            units = group_tasks(runnable, device, unit_bytes_target(sum(t.read_bytes for t in runnable), slots))
+            target = unit_bytes_target(sum(t.read_bytes for t in runnable), slots)
+            cut = split_for_nodes(runnable, nodes, staging_dir, self.map_reduce)
+            phases = [group_tasks(cut.whole, device, target)]
+            for maps in cut.maps_by_group.values():  # a group's maps read the same experts
+                phases[0] += group_tasks(maps, device, target)
+            if cut.reduces:
+                phases.append(group_tasks(cut.reduces, device, target))
+                log.warning(
+                    "Ray: %d tensor(s) merged as a map-reduce over experts (no node reads all of their experts%s)",
+                    cut.cut,
+                    "" if self.map_reduce == "auto" else ", or asked with --map-reduce always",
+                )
             log.info(
                 "Ray: %d tasks in %d units on %d node(s), %d slot(s) of %d thread(s), budget %.2f GiB per node",
                 len(runnable),
-                len(units),
+                sum(len(u) for u in phases),
                 len(nodes),
                 slots,
                 threads,
                 budget / 2**30,
             )
             progress = ClusterProgress(len(runnable), sum(t.read_bytes + t.write_bytes for t in runnable))
-            scheduler = UnitScheduler(
-                nodes,
-                budget=budget,
-                staging_dir=staging_dir,
-                device=device,
-                run_id=uuid.uuid4().hex,
-                on_done=on_done,
-                progress=progress,
-                device_budget=device_budget,
-                originals=originals,
-                threads=threads,
-            )
+
+            def report(task: TensorTask, receipt: Receipt) -> None:
+                if task.action != "partial":  # a map's statistics are not output: its reduce reports
+                    on_done(task, receipt)
+
+            bytes_read = 0
             try:
-                scheduler.run(units)
+                for units in phases:
+                    scheduler = UnitScheduler(
+                        nodes,
+                        budget=budget,
+                        staging_dir=staging_dir,
+                        device=device,
+                        run_id=uuid.uuid4().hex,
+                        on_done=report,
+                        progress=progress,
+                        device_budget=device_budget,
+                        originals=originals,
+                        threads=threads,
+                    )
+                    try:
+                        scheduler.run(units)
+                    finally:
+                        bytes_read += scheduler.bytes_read
             finally:
                 progress.report(force=True)
                 print(progress.table(), file=sys.stderr, flush=True)
         finally:
             self.close()
-        return ExecutionReport(bytes_read=scheduler.bytes_read)
+        return ExecutionReport(bytes_read=bytes_read)
 
 
 __all__ = ["RayExecutor", "uniform_threads"]

@@ -86,8 +86,8 @@ class Admission:
 
 def wants_accelerator(task: TensorTask, device: str) -> bool:
     """The one device rule (``MethodSpec.runs_on_accelerator``): whether ``task`` computes on an
-    accelerator under the run's ``device``. Copies never do."""
-    if task.action != "merge" or device == "cpu":
+    accelerator under the run's ``device``. Copies never do; a map-reduce's maps go where their merge would."""
+    if task.action not in ("merge", "partial") or device == "cpu":
         return False
     return get_method(task.method).runs_on_accelerator(device)
 

@@ -20,6 +20,7 @@ import json
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -196,18 +197,26 @@ class RayTestCluster:
     def dashboard(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
+    # Per node, directories it must not see: the node runs in its own user and mount namespaces
+    # with an empty tmpfs mounted over each (see ``can_hide_paths``).
+    hidden: dict[str, tuple[Path, ...]] = field(default_factory=dict)
+
     def _start(self, name: str, args: list[str]) -> subprocess.Popen:
         log = open(self.root / f"{name}.log", "w")  # noqa: SIM115 - kept for the process's lifetime
+        cmd = [
+            RAY,
+            "start",
+            "--num-cpus=1",
+            f"--resources={json.dumps({name: 1})}",
+            "--disable-usage-stats",
+            f"--dashboard-agent-listen-port={free_port()}",
+            *args,
+        ]
+        if self.hidden.get(name):
+            mounts = " && ".join(f"mount -t tmpfs none {shlex.quote(str(d))}" for d in self.hidden[name])
+            cmd = ["unshare", "-rm", "sh", "-c", f"{mounts} && exec {shlex.join(cmd)}"]
         proc = subprocess.Popen(
-            [
-                RAY,
-                "start",
-                "--num-cpus=1",
-                f"--resources={json.dumps({name: 1})}",
-                "--disable-usage-stats",
-                f"--dashboard-agent-listen-port={free_port()}",
-                *args,
-            ],
+            cmd,
             env=self.env,
             cwd=self.root,
             stdout=log,
@@ -821,3 +830,55 @@ def test_one_thread_count_for_every_node():
     assert uniform_threads(nodes, workers=8) == 1
     assert uniform_threads([{"CPU": 16.0}], workers=4) == 4
     assert uniform_threads([], workers=4) == 1
+
+
+def can_hide_paths() -> bool:
+    """Whether this machine lets a user start a process in new user and mount namespaces."""
+    try:
+        return subprocess.run(["unshare", "-rm", "true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.skipif(not can_hide_paths(), reason="needs unprivileged user and mount namespaces (unshare -rm)")
+def test_map_reduce_over_nodes_that_each_read_their_own_experts(tmp_path):
+    """Three nodes, each of which can read the base and only its own expert (the others' directories
+    are hidden by its mount namespace): ACTMat's statistics are accumulated per node and reduced,
+    and the output equals the single-node merge."""
+    from safetensors.torch import load_file
+
+    root = Path(tempfile.mkdtemp(prefix="rmmr-", dir="/tmp"))
+    base, experts = make_family(root / "models", "tiny", 3, dtype=torch.float32, shard_bytes=200_000)
+    names = ("rm_head", "rm_node_b", "rm_node_c")
+    env = dict(os.environ)
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=secrets.token_hex(32),
+    )
+    c = RayTestCluster(
+        root, env, hidden={n: tuple(e for j, e in enumerate(experts) if j != i) for i, n in enumerate(names)}
+    )
+    text = recipe_text("actmat", base, experts)
+    recipe = root / "recipe.yaml"
+    recipe.write_text(text)
+    try:
+        c.start_head()
+        c.add_workers(*names[1:])
+        local_reference(text, tmp_path / "local")
+        _, err = finish(run_on_cluster(c, recipe, root / "out"))
+    finally:
+        c.stop()
+    assert "map-reduce over experts" in err
+    assert len(node_rows(err)) == 3
+    want = {k: v for f in sorted((tmp_path / "local").glob("*.safetensors")) for k, v in load_file(f).items()}
+    got = {k: v for f in sorted((root / "out").glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert got.keys() == want.keys()
+    base_sd = load_dir(base)
+    for name, w in want.items():
+        gram = w.dim() == 2 and "embed" not in name and "lm_head" not in name
+        scale = (w - base_sd[name]) if gram else w
+        assert float((got[name] - w).abs().max() / scale.abs().max().clamp(min=1e-30)) <= 1e-6, name
+    assert not (root / "out" / ".raymerge" / "partials").exists()
+    shutil.rmtree(root, ignore_errors=True)
