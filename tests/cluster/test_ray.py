@@ -882,3 +882,36 @@ def test_map_reduce_over_nodes_that_each_read_their_own_experts(tmp_path):
         assert float((got[name] - w).abs().max() / scale.abs().max().clamp(min=1e-30)) <= 1e-6, name
     assert not (root / "out" / ".raymerge" / "partials").exists()
     shutil.rmtree(root, ignore_errors=True)
+
+
+def test_experts_grouped_by_the_nodes_that_read_them(family, tmp_path):
+    """As few groups as the mounts allow, each group's experts in order, each group runnable
+    only where all of its experts are; an expert no node reads is one clear error."""
+    from raymerge.cluster.mapreduce import expert_groups, split_for_nodes
+    from raymerge.cluster.nodes import NodeState
+    from raymerge.engine.errors import RaymergeError
+    from raymerge.engine.plan import build_plan
+    from raymerge.engine.storage import local_path
+
+    base, experts = family
+    plan = build_plan(parse_recipe(recipe_text("actmat", base, experts)))
+    task = next(t for t in plan.tasks if t.method == "actmat")
+    files = [local_path(r.url) for r in task.inputs]  # base, e1, e2, e3
+
+    def node(name: str, hidden: list[int]) -> NodeState:
+        return NodeState(name, name, 1, 0, 1, 1, missing_files=frozenset(files[i] for i in hidden))
+
+    a, b, c = node("a", [2]), node("b", [1]), node("c", [1, 2, 3])
+    assert expert_groups(task, [a, b, c]) == [(("a",), [0, 2]), (("b",), [1])]
+    assert expert_groups(task, [node("x", []), b]) == [(("x",), [0, 1, 2])]
+    cut = split_for_nodes(plan.tasks, [a, b], str(tmp_path))
+    # Cut: exactly the tasks (in those shards) that neither node can run whole.
+    blind = [t for t in plan.tasks if not any(n.sees(local_path(r.url) for r in t.inputs) for n in (a, b))]
+    assert task.id in {r.id for r in cut.reduces} and {r.id for r in cut.reduces} == {t.id for t in blind}
+    assert {len(m) for m in cut.maps_by_group.values()} == {cut.cut}
+    assert len(cut.whole) + cut.cut == len(plan.tasks)
+    assert split_for_nodes(plan.tasks, [node("x", []), a], str(tmp_path)).cut == 0
+    reducible_tasks = sum(1 for t in plan.tasks if t.method in ("actmat", "mean"))
+    assert split_for_nodes(plan.tasks, [node("x", []), a], str(tmp_path), "always").cut == reducible_tasks
+    with pytest.raises(RaymergeError, match="no usable Ray node reads expert 2"):
+        expert_groups(task, [a, c])
