@@ -333,6 +333,23 @@ def tiny_qwen3_moe(path: Path, seed: int = 0, layers: int = 2, experts: int = 3)
     return path
 
 
+def tiny_qwen2_moe(path: Path, seed: int = 0, layers: int = 2, experts: int = 3) -> Path:
+    """Qwen2-MoE, stored as published: routed ``mlp.experts.E.…`` plus a gated ``mlp.shared_expert``."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2MoeConfig(
+        **_decoder_shape(layers, tie_word_embeddings=False),
+        moe_intermediate_size=24,
+        shared_expert_intermediate_size=24,
+        num_experts=experts,
+        num_experts_per_tok=2,
+    )
+    Qwen2MoeForCausalLM(cfg).save_pretrained(str(path))
+    write_tokenizer(path)
+    return path
+
+
 def perturbed_file(src: Path, dst: Path, seed: int, scale: float = 0.05) -> Path:
     """``perturbed`` on the stored tensors themselves (names kept as stored): a copy of ``src``
     with N(0, scale²·mean|p|²) noise on every float tensor."""
@@ -360,6 +377,7 @@ MOE = {
     "mixtral": (r"(.*)\.block_sparse_moe\.experts\.(\d+)\.", ("w1", "w3", "w2"), ".block_sparse_moe.gate."),
     "qwen3_moe": (r"(.*)\.mlp\.experts\.(\d+)\.", ("gate_proj", "up_proj", "down_proj"), ".mlp.gate."),
 }
+MOE["qwen2_moe"] = MOE["qwen3_moe"]
 
 
 def fuse_moe(sd: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:

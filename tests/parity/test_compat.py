@@ -41,6 +41,7 @@ from hf_tiny import (
     tiny_gpt2,
     tiny_llava,
     tiny_mixtral,
+    tiny_qwen2_moe,
     tiny_qwen3_moe,
     write_adapter,
     write_tokenizer,
@@ -65,6 +66,7 @@ BUILDERS: dict[str, Callable[[Path], Path]] = {
     "gemma3": lambda p: tiny_gemma3(p, text_layers=2),
     "gpt2": tiny_gpt2,
     "mixtral": tiny_mixtral,
+    "qwen2_moe": tiny_qwen2_moe,
     "qwen3_moe": tiny_qwen3_moe,
     "llava": tiny_llava,
     "llava_saved": lambda p: tiny_llava(p, saved=True),
@@ -322,6 +324,13 @@ ROWS = (
         "mergekit drops the language model of a LLaVA checkpoint in transformers' saved layout",
         mergekit_drops_the_language_model,
         same_names=False,
+    ),
+    Row(
+        "qwen2_moe",
+        "ties",
+        "merge_method: ties\nbase_model: $B\n"
+        + _models(("E1", "{density: 0.5, weight: 0.6}"), ("E2", "{density: 0.5, weight: 0.4}"))
+        + "parameters: {normalize: true}\n",
     ),
     # ---- slices: depth up-scaling, a GPT-2 stack, gradient SLERP over slices
     Row("llama", "slices-dus", "merge_method: passthrough\n" + _slices([("B", 0, 2)], [("B", 1, 2)]), moved=False),
