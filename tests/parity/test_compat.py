@@ -511,8 +511,10 @@ def _loads(out: Path) -> None:
 def test_recipe_matches_mergekit(row: Row, zoo, tmp_path):
     text = _fill(row, zoo)
     mk_out, rm_out = tmp_path / "mergekit", tmp_path / "raymerge"
-    options = MergeOptions(quiet=True, lora_merge_cache=str(tmp_path / "lora-cache"), random_seed=0)
-    mergekit_merge.run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), str(mk_out), options)
+    options = MergeOptions(quiet=True, lora_merge_cache=str(tmp_path / "lora-cache"))
+    with torch.random.fork_rng(devices=[]):  # mergekit's random drops draw from torch's global RNG
+        torch.manual_seed(0)
+        mergekit_merge.run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), str(mk_out), options)
     (tmp_path / "recipe.yaml").write_text(text)
     assert raymerge_main(["run", str(tmp_path / "recipe.yaml"), str(rm_out), "-q"]) == 0
 
