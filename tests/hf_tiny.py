@@ -350,9 +350,11 @@ def tiny_qwen2_moe(path: Path, seed: int = 0, layers: int = 2, experts: int = 3)
     return path
 
 
-def perturbed_file(src: Path, dst: Path, seed: int, scale: float = 0.05) -> Path:
+def perturbed_file(src: Path, dst: Path, seed: int, scale: float = 0.05, uneven_experts: bool = False) -> Path:
     """``perturbed`` on the stored tensors themselves (names kept as stored): a copy of ``src``
-    with N(0, scale²·mean|p|²) noise on every float tensor."""
+    with N(0, scale²·mean|p|²) noise on every float tensor. ``uneven_experts``: a MoE's expert E
+    gets (E + 1) times that noise, so its experts move by different angles."""
+    import re
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -360,10 +362,13 @@ def perturbed_file(src: Path, dst: Path, seed: int, scale: float = 0.05) -> Path
     shutil.copytree(src, dst, dirs_exist_ok=True)
     g = torch.Generator().manual_seed(seed)
     sd = load_file(str(src / "model.safetensors"))
-    out = {
-        k: (v + torch.randn(v.shape, generator=g) * scale * v.abs().mean()).contiguous() if v.is_floating_point() else v
-        for k, v in sd.items()
-    }
+    out = {}
+    for k, v in sd.items():
+        if v.is_floating_point():
+            m = re.search(r"\.experts\.(\d+)\.", k) if uneven_experts else None
+            s = scale * (int(m.group(1)) + 1 if m else 1)
+            v = (v + torch.randn(v.shape, generator=g) * s * v.abs().mean()).contiguous()
+        out[k] = v
     save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
     return dst
 

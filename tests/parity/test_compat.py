@@ -146,7 +146,7 @@ def ties_broken_by_position(ref: Tensors, got: Tensors, inputs: Callable[[str], 
 @dataclass(frozen=True)
 class Row:
     """One recipe over one architecture's family: ``$B`` the base, ``$E1``–``$E3`` fine-tuned
-    experts, ``$V`` an expert with another tokenizer, ``$A`` a LoRA adapter on the base, ``$QB`` /
+    experts (``$U1``–``$U3``: a MoE's experts moved by different angles), ``$V`` an expert with another tokenizer, ``$A`` a LoRA adapter on the base, ``$QB`` /
     ``$QE`` a base and expert on a power-of-two grid (exact magnitude ties). ``moved``: the
     output must differ from the base somewhere (false where a slice recipe copies it)."""
 
@@ -157,6 +157,7 @@ class Row:
     check: Callable[[Tensors, Tensors, Callable[[str], Tensors]], None] | None = None
     moved: bool = True
     same_names: bool = True
+    xfail: str | None = None  # a known divergence not fixed yet (the test must fail: strict)
 
     @property
     def id(self) -> str:
@@ -332,6 +333,29 @@ ROWS = (
         + _models(("E1", "{density: 0.5, weight: 0.6}"), ("E2", "{density: 0.5, weight: 0.4}"))
         + "parameters: {normalize: true}\n",
     ),
+    # MoE: whole-tensor statistics (angles, norms, quartiles) span mergekit's fused expert tensor
+    Row(
+        "mixtral",
+        "slerp",
+        "merge_method: slerp\nbase_model: $B\n" + _models(("B", ""), ("U1", "")) + "parameters: {t: 0.3}\n",
+    ),
+    Row("mixtral", "nuslerp", "merge_method: nuslerp\n" + _models(("U1", "{weight: 0.4}"), ("U2", "{weight: 0.6}"))),
+    Row(
+        "qwen2_moe",
+        "multislerp",
+        "merge_method: multislerp\nbase_model: $B\n" + _models(("U1", "{weight: 0.5}"), ("U2", "{weight: 0.5}")),
+    ),
+    Row("qwen3_moe", "karcher", "merge_method: karcher\n" + _models(("U1", ""), ("U2", ""), ("U3", ""))),
+    Row("qwen3_moe", "arcee_fusion", "merge_method: arcee_fusion\nbase_model: $B\n" + _models(("B", ""), ("U1", ""))),
+    Row(
+        "mixtral",
+        "nuslerp-row-wise",
+        "merge_method: nuslerp\n"
+        + _models(("U1", "{weight: 0.4}"), ("U2", "{weight: 0.6}"))
+        + "parameters: {nuslerp_flatten: false, nuslerp_row_wise: true}\n",
+        xfail="mergekit slerps each column of the fused [experts, rows, width] tensor, across the "
+        "experts; raymerge each column of one stored expert",
+    ),
     # ---- slices: depth up-scaling, a GPT-2 stack, gradient SLERP over slices
     Row("llama", "slices-dus", "merge_method: passthrough\n" + _slices([("B", 0, 2)], [("B", 1, 2)]), moved=False),
     Row(
@@ -437,6 +461,8 @@ def zoo(tmp_path_factory) -> Callable[[str, str], Path]:
                 path = BUILDERS[arch](root / "B")
             elif key.startswith("E"):
                 path = perturbed_file(get(arch, "B"), root / key, seed=int(key[1:]))
+            elif key.startswith("U"):
+                path = perturbed_file(get(arch, "B"), root / key, seed=int(key[1:]), uneven_experts=True)
             elif key == "V":
                 path = _other_tokenizer(get(arch, "E2"), root / "V")
             elif key == "A":
@@ -507,7 +533,12 @@ def _loads(out: Path) -> None:
     assert not info["missing_keys"] and not info["unexpected_keys"], info
 
 
-@pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
+PARAMS = [
+    pytest.param(r, id=r.id, marks=[pytest.mark.xfail(strict=True, reason=r.xfail)] if r.xfail else []) for r in ROWS
+]
+
+
+@pytest.mark.parametrize("row", PARAMS)
 def test_recipe_matches_mergekit(row: Row, zoo, tmp_path):
     text = _fill(row, zoo)
     mk_out, rm_out = tmp_path / "mergekit", tmp_path / "raymerge"
