@@ -168,7 +168,7 @@ class Row:
         return yaml.safe_load(self.recipe)["merge_method"]
 
 
-def _models(*entries: str) -> str:
+def _models(*entries: tuple[str, str]) -> str:
     return "models:\n" + "".join(f"  - model: ${m}\n" + (f"    parameters: {p}\n" if p else "") for m, p in entries)
 
 
