@@ -94,6 +94,8 @@ FUSED_EXPERTS: dict[str, tuple[tuple[re.Pattern[str], str], ...]] = {
         (re.compile(r"^(.*)\.mlp\.experts\.\d+\.down_proj\.weight$"), r"\1.mlp.experts.down_proj"),
     ),
 }
+# Qwen2-MoE's routed experts are stored as Qwen3-MoE's (its ``shared_expert`` stays a plain MLP).
+FUSED_EXPERTS["qwen2_moe"] = FUSED_EXPERTS["qwen3_moe"]
 
 
 def mergekit_name(tensor_name: str, model_type: Any) -> str:

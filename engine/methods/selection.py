@@ -53,36 +53,39 @@ def arcee_fusion(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
     1.5·IQR take the other model's value, the rest keep the base's. The quartiles are exact order
     statistics (mergekit samples 1M entries at random above that size, so it is not deterministic
     there; below, the two agree)."""
-    last = src.shape[-1] if src.shape else 1
 
-    def importance(r0: int, r1: int) -> torch.Tensor:
-        base, other = src.base(r0, r1), src.expert(0, r0, r1)
-        rows_b = base.reshape(-1, last) if not src.vector else base.reshape(1, -1)
-        rows_o = other.reshape(-1, last) if not src.vector else other.reshape(1, -1)
+    def importance(g: ChunkSource, r0: int, r1: int) -> torch.Tensor:
+        last = g.shape[-1] if g.shape else 1
+        base, other = g.base(r0, r1), g.expert(0, r0, r1)
+        rows_b = base.reshape(-1, last) if not g.vector else base.reshape(1, -1)
+        rows_o = other.reshape(-1, last) if not g.vector else other.reshape(1, -1)
         p = torch.softmax(rows_o, dim=-1) + 1e-8
         q = torch.softmax(rows_b, dim=-1) + 1e-8
         kl = (p * torch.log(p / q)).sum(-1, keepdim=True)
         return ((rows_o - rows_b).abs() * kl).clamp(min=0).reshape(-1)  # KL ≥ 0 up to rounding
 
-    if src.vector and len(src.ranges) > 1:  # a 1-D tensor is one row: rank it whole
-        whole = [(src.ranges[0][0], src.ranges[-1][1])]
-        ranges = whole
-    else:
-        ranges = src.ranges
-    n = src.numel
-    cached = [importance(r0, r1) for r0, r1 in ranges] if resident(n) else None
+    def ranges(g: ChunkSource) -> list[tuple[int, int]]:
+        if g.vector and len(g.ranges) > 1:  # a 1-D tensor is one row: rank it whole
+            return [(g.ranges[0][0], g.ranges[-1][1])]
+        return list(g.ranges)
+
+    # The quartiles span the tensor mergekit fuses this one into (a MoE layer's experts), as
+    # mergekit's do; this tensor's chunks come first.
+    parts = [(g, r0, r1) for g in src.stats_sources for r0, r1 in ranges(g)]
+    n = sum(g.numel for g in src.stats_sources)
+    cached = [importance(*part) for part in parts] if resident(n) else None
 
     def chunks() -> Iterator[torch.Tensor]:
         if cached is not None:
             yield from cached
         else:
-            for r0, r1 in ranges:
-                yield importance(r0, r1)
+            for part in parts:
+                yield importance(*part)
 
     q1, median, q3 = (rank_cut(chunks, n, int(q * (n - 1))).value for q in (0.25, 0.5, 0.75))
     threshold = median + 1.5 * (q3 - q1)
-    for i, (r0, r1) in enumerate(ranges):
-        imp = cached[i] if cached is not None else importance(r0, r1)
+    for i, (r0, r1) in enumerate(ranges(src)):
+        imp = cached[i] if cached is not None else importance(src, r0, r1)
         base, other = src.base(r0, r1), src.expert(0, r0, r1)
         keep = (imp >= threshold).reshape(base.shape)
         yield base + (other - base) * keep
@@ -95,6 +98,7 @@ register_chunked(
     "https://arcee.ai (mergekit's arcee_fusion)",
     max_experts=1,
     work_buffers=lambda n: 10,
+    group_stats=True,
 )
 
 RAM_EPSILON = Param("epsilon", float, S, 1e-5, "an entry counts as changed by an expert when |τ| exceeds it", low=0.0)

@@ -2,7 +2,8 @@
 
 Each needs a statistic of the whole tensor (norms, dot products, a Gram matrix of the inputs)
 before any entry can be written, so all run over row chunks (``chunks.register_chunked``):
-statistics passes that keep only scalars or a small matrix, then an apply pass. multislerp and
+statistics passes that keep only scalars or a small matrix, then an apply pass. The statistics
+span the tensor mergekit fuses a stored tensor into (a MoE layer's experts), as mergekit's do. multislerp and
 nuslerp take an optional base: with one, they work on task vectors about it.
 """
 
@@ -29,8 +30,8 @@ def slerp(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
     t = float(args.shared["t"])
     eps = 1e-8
     sa = sb = dot = 0.0
-    for r0, r1 in src.ranges:
-        a, b = src.base(r0, r1).double(), src.expert(0, r0, r1).double()
+    for g, r0, r1 in _stats_ranges(src):
+        a, b = g.base(r0, r1).double(), g.expert(0, r0, r1).double()
         sa += float((a * a).sum())
         sb += float((b * b).sum())
         dot += float((a * b).sum())
@@ -55,7 +56,16 @@ register_chunked(
     "https://en.wikipedia.org/wiki/Slerp",
     max_experts=1,
     work_buffers=lambda n: 6,
+    group_stats=True,
 )
+
+
+def _stats_ranges(src: ChunkSource) -> Iterator[tuple[ChunkSource, int, int]]:
+    """Every row chunk the tensor-wide statistics span: the tensor's, then those of the rest of
+    the tensor mergekit fuses it into (a MoE layer's experts, ``stats_sources``)."""
+    for g in src.stats_sources:
+        for r0, r1 in g.ranges:
+            yield g, r0, r1
 
 
 def _origin_and_points(src: ChunkSource, r0: int, r1: int) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
@@ -84,8 +94,8 @@ def multislerp(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
         weights = [w / total for w in weights]
     eps = float(args.shared["eps"])
     squares = torch.zeros(n, dtype=torch.float64)
-    for r0, r1 in src.ranges:
-        _, pts = _origin_and_points(src, r0, r1)
+    for g, r0, r1 in _stats_ranges(src):
+        _, pts = _origin_and_points(g, r0, r1)
         squares += torch.stack([p.to(torch.float64).square().sum() for p in pts]).cpu()
     norms = squares.sqrt().tolist()
 
@@ -96,8 +106,8 @@ def multislerp(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
         return m
 
     mean_sq = 0.0
-    for r0, r1 in src.ranges:
-        mean_sq += float(mean_chunk(_origin_and_points(src, r0, r1)[1]).to(torch.float64).square().sum())
+    for g, r0, r1 in _stats_ranges(src):
+        mean_sq += float(mean_chunk(_origin_and_points(g, r0, r1)[1]).to(torch.float64).square().sum())
     mean_norm = mean_sq**0.5
     if mean_norm < eps and n != 2:
         raise RecipeError(
@@ -127,6 +137,7 @@ register_chunked(
     "https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
     needs_base=False,
     work_buffers=lambda n: n + 4,
+    group_stats=True,
 )
 
 
@@ -157,8 +168,9 @@ def nuslerp(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
     sums: list[torch.Tensor] = []
     if mode != "rows":  # one pass: sums of squares and the dot product, whole or per column
         acc = None
-        for r0, r1 in src.ranges:
-            _, (v0, v1) = _origin_and_points(src, r0, r1)
+        chunks = _stats_ranges(src) if mode == "whole" else ((src, r0, r1) for r0, r1 in src.ranges)
+        for g, r0, r1 in chunks:
+            _, (v0, v1) = _origin_and_points(g, r0, r1)
             v0, v1 = v0.to(torch.float64), v1.to(torch.float64)
             dim = None if mode == "whole" else 0
             part = [(v0 * v0).sum(dim), (v1 * v1).sum(dim), (v0 * v1).sum(dim)]
@@ -195,6 +207,7 @@ register_chunked(
     min_experts=2,
     max_experts=2,
     work_buffers=lambda n: 8,
+    group_stats=True,
 )
 
 
@@ -215,8 +228,8 @@ def karcher(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
         return
     max_iter, tol = int(args.shared["max_iter"]), float(args.shared["tol"])
     raw = torch.zeros(n, n, dtype=torch.float64)
-    for r0, r1 in src.ranges:
-        x = torch.stack([src.expert(t, r0, r1).reshape(-1) for t in range(n)]).to(torch.float64)
+    for g, r0, r1 in _stats_ranges(src):
+        x = torch.stack([g.expert(t, r0, r1).reshape(-1) for t in range(n)]).to(torch.float64)
         raw += (x @ x.T).cpu()
     norms = raw.diagonal().clamp(min=0).sqrt()
     valid = [t for t in range(n) if float(norms[t]) > tol]
@@ -270,6 +283,7 @@ register_chunked(
     includes_base_in_inputs=True,
     base_joins_inputs=True,
     work_buffers=lambda n: n + 4,
+    group_stats=True,
 )
 
 

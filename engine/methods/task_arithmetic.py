@@ -248,39 +248,45 @@ def sce(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
     whose sign disagrees with the sign of the sum, and take the weighted mean of the rest.
 
     Three passes over the chunks: variances (twice, for the exact top-k cut), the experts' mean
-    squares, then the merge; memory is a stack of the experts' chunks.
+    squares, then the merge; memory is a stack of the experts' chunks. The cut and the mean
+    squares span the tensor mergekit fuses (a MoE layer's experts), as mergekit's do.
     """
     topk = float(args.shared["select_topk"])
     n_exp = src.n_experts
+    sources = src.stats_sources  # the tensor, then the rest of the tensor mergekit fuses (a MoE's experts)
+    numel = sum(s.numel for s in sources)
 
-    def taus(r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
-        base = src.base(r0, r1)
-        return base, torch.stack([src.expert(t, r0, r1) - base for t in range(n_exp)])
+    def taus(s: ChunkSource, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        base = s.base(r0, r1)
+        return base, torch.stack([s.expert(t, r0, r1) - base for t in range(n_exp)])
 
     def variances() -> Iterator[torch.Tensor]:
-        for r0, r1 in src.ranges:
-            yield taus(r0, r1)[1].var(0, unbiased=False)
+        for s in sources:
+            for r0, r1 in s.ranges:
+                yield taus(s, r0, r1)[1].var(0, unbiased=False)
 
     cut: RankCut | None = None  # None: every entry selected
     if topk < 1:
         k = int(sum(int(torch.count_nonzero(v)) for v in variances()) * topk) if topk > 0 else 0
-        cut = RankCut(0.0, 0, nothing=True) if k == 0 else rank_cut(variances, src.numel, src.numel - k)
+        cut = RankCut(0.0, 0, nothing=True) if k == 0 else rank_cut(variances, numel, numel - k)
 
-    def selected() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        select = CutMask(cut) if cut is not None else None
-        for r0, r1 in src.ranges:
-            base, tv = taus(r0, r1)
+    def selected(s: ChunkSource, select: CutMask | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for r0, r1 in s.ranges:
+            base, tv = taus(s, r0, r1)
             if select is not None:
                 tv = tv * select(tv.var(0, unbiased=False))
             yield base, tv
 
+    # The cut's equal values are counted in the order ``variances`` streams them, over every source.
     squares = torch.zeros(n_exp, dtype=torch.float64)
-    for _, tv in selected():
-        squares += tv.reshape(n_exp, -1).to(torch.float64).square().sum(1).cpu()
-    means = squares / max(1, src.numel)
+    select = CutMask(cut) if cut is not None else None
+    for s in sources:
+        for _, tv in selected(s, select):
+            squares += tv.reshape(n_exp, -1).to(torch.float64).square().sum(1).cpu()
+    means = squares / max(1, numel)
     total = float(means.sum())
     weights = torch.full((n_exp,), 1.0 / n_exp) if abs(total) < 1e-6 else (means / total).float()
-    for base, tv in selected():
+    for base, tv in selected(src, CutMask(cut) if cut is not None else None):
         majority = torch.where(tv.sum(0) >= 0, 1.0, -1.0).to(tv.dtype)
         kept = (tv.sign() == majority).to(tv.dtype)  # zeros never agree
         w = weights.to(tv.device, tv.dtype).reshape(-1, *([1] * (tv.dim() - 1))) * kept
@@ -304,6 +310,7 @@ register_chunked(
     ),
     "https://arxiv.org/abs/2408.07990",
     work_buffers=lambda n: 3 * n + 6,
+    group_stats=True,
 )
 
 

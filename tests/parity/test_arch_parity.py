@@ -10,7 +10,6 @@ fused the same way before the comparison.
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_tiny import perturbed_file, tiny_gemma3, tiny_mixtral, tiny_qwen3_moe, tiny_t5
+from hf_tiny import fuse_moe, perturbed_file, tiny_gemma3, tiny_mixtral, tiny_qwen3_moe, tiny_t5
 
 from raymerge.cli import main as raymerge_main
 
@@ -32,12 +31,6 @@ BUILDERS: dict[str, Callable[[Path], Path]] = {
     "t5": tiny_t5,
     "mixtral": tiny_mixtral,
     "qwen3_moe": tiny_qwen3_moe,
-}
-
-# (gate, up, down) of one expert, per MoE layout, and the router's stored name.
-MOE = {
-    "mixtral": (r"(.*)\.block_sparse_moe\.experts\.(\d+)\.", ("w1", "w3", "w2"), ".block_sparse_moe.gate."),
-    "qwen3_moe": (r"(.*)\.mlp\.experts\.(\d+)\.", ("gate_proj", "up_proj", "down_proj"), ".mlp.gate."),
 }
 
 
@@ -54,26 +47,6 @@ def zoo(tmp_path_factory) -> Callable[[str], tuple[Path, list[Path]]]:
         return built[arch]
 
     return get
-
-
-def fuse_moe(sd: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
-    """``sd`` with each layer's experts fused as mergekit writes them (see the module docstring)."""
-    if arch not in MOE:
-        return sd
-    pattern, (gate, up, down), router = MOE[arch]
-    out: dict[str, torch.Tensor] = {}
-    experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
-    for k, v in sd.items():
-        m = re.match(pattern + r"(\w+)\.weight$", k)
-        if m:
-            experts.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[m.group(3)] = v
-        else:
-            out[k.replace(router, ".mlp.gate.")] = v
-    for prefix, by_index in experts.items():
-        order = [by_index[i] for i in sorted(by_index)]
-        out[f"{prefix}.mlp.experts.gate_up_proj"] = torch.stack([torch.cat([e[gate], e[up]]) for e in order])
-        out[f"{prefix}.mlp.experts.down_proj"] = torch.stack([e[down] for e in order])
-    return out
 
 
 def recipe(method: str, base: Path | None, models: list[Path], per_model: list[str], params: str = "") -> str:

@@ -18,23 +18,12 @@ from conftest import load_dir, recipe_text
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-def _gpt2(path, seed):
-    from hf_tiny import write_tokenizer
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32, initializer_range=0.2)
-    GPT2LMHeadModel(cfg).eval().save_pretrained(str(path))
-    write_tokenizer(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def gpt2_family(tmp_path_factory):
-    from hf_tiny import perturbed
+    from hf_tiny import perturbed, tiny_gpt2
 
     root = tmp_path_factory.mktemp("gpt2")
-    base = _gpt2(root / "base", 0)
+    base = tiny_gpt2(root / "base", 0)
     return base, [perturbed(base, root / f"e{i}", seed=i, scale=0.3) for i in range(3)]
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_tiny import tiny_llama
+from hf_tiny import tiny_llama, write_adapter
 from safetensors.torch import save_file
 
 from raymerge.cli import main as raymerge_main
@@ -29,46 +29,6 @@ from conftest import load_dir
 
 pytest.importorskip("peft")
 MERGEKIT = shutil.which("mergekit-yaml") or str(Path(sys.executable).with_name("mergekit-yaml"))
-TARGETS = ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")
-
-
-def write_adapter(
-    path: Path, base: Path, r: int, seed: int, extra: dict | None = None, whole: tuple = (), embed: bool = False
-) -> Path:
-    """A PEFT LoRA adapter on ``base``'s q/v/down projections (rank ``r``), factors of norm ~0.3."""
-    path.mkdir(parents=True)
-    weights = load_dir(base)
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for name, w in weights.items():
-        module = name.removesuffix(".weight")
-        if not module.endswith(TARGETS):
-            continue
-        out_f, in_f = w.shape
-        tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(r, in_f, generator=g) * 0.3
-        tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(out_f, r, generator=g) * 0.3
-    if embed:  # PEFT's embedding adapter: A is r × vocabulary, B is width × r, the update (B·A)ᵀ
-        vocab, width = weights["model.embed_tokens.weight"].shape
-        tensors["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.randn(r, vocab, generator=g) * 0.3
-        tensors["base_model.model.model.embed_tokens.lora_embedding_B"] = torch.randn(width, r, generator=g) * 0.3
-    for name in whole:
-        tensors[f"base_model.model.{name}"] = weights[name] + 0.1 * torch.randn(weights[name].shape, generator=g)
-    save_file(tensors, str(path / "adapter_model.safetensors"))
-    cfg = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": str(base),
-        "r": r,
-        "lora_alpha": 16,
-        "lora_dropout": 0.0,
-        "target_modules": ["q_proj", "v_proj", "down_proj", *(["embed_tokens"] if embed else [])],
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "modules_to_save": [n.removesuffix(".weight") for n in whole] or None,
-        **(extra or {}),
-    }
-    (path / "adapter_config.json").write_text(json.dumps(cfg))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_tiny import WORDS
+from hf_tiny import WORDS, write_tokenizer
 
 from raymerge.cli import main as raymerge_main
 from raymerge.engine.plan import build_plan
@@ -34,16 +34,9 @@ VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
 def _model(path: Path, words: list[str], rows: int, seed: int, added: tuple[str, ...] = (), tied: bool = False) -> Path:
     """A 2-block Llama over a word-level tokenizer ([PAD], [UNK], [BOS], ``words``, ``added``)
     whose embedding has ``rows`` rows (more than the tokens: a padded vocabulary)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    vocab = {"[PAD]": 0, "[UNK]": 1, "[BOS]": 2, **{w: i + 3 for i, w in enumerate(words)}}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]")
-    if added:
-        fast.add_tokens(list(added), special_tokens=True)
-    assert len(fast) <= rows
+    assert 3 + len(words) + len(added) <= rows
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=rows,
@@ -57,7 +50,7 @@ def _model(path: Path, words: list[str], rows: int, seed: int, added: tuple[str,
         initializer_range=0.3,
     )
     LlamaForCausalLM(cfg).eval().save_pretrained(str(path))
-    fast.save_pretrained(str(path))
+    write_tokenizer(path, words, added)
     return path
 
 

@@ -46,6 +46,11 @@ def test_moe_experts_take_mergekit_fused_names():
     assert mergekit_name("model.layers.0.mlp.experts.2.down_proj.weight", "qwen3_moe") == (
         "model.layers.0.mlp.experts.down_proj"
     )
+    assert mergekit_name("model.layers.0.mlp.experts.2.up_proj.weight", "qwen2_moe") == (
+        "model.layers.0.mlp.experts.gate_up_proj"
+    )
+    shared = "model.layers.0.mlp.shared_expert.up_proj.weight"
+    assert mergekit_name(shared, "qwen2_moe") == shared
     assert mergekit_name("model.layers.0.mlp.experts.2.down_proj.weight", "olmoe") == (
         "model.layers.0.mlp.experts.2.down_proj.weight"
     )
