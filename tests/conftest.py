@@ -12,6 +12,16 @@ from raymerge.engine.storage import clear_shard_cache
 from raymerge.engine.synth import make_family
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (``--dist loadgroup``), tests that start Ray clusters run one after another
+    in one worker, and so do CUDA tests (one device); the rest spread over the other workers."""
+    for item in items:
+        for marker in ("ray", "gpu"):
+            if item.get_closest_marker(marker) is not None:
+                item.add_marker(pytest.mark.xdist_group(marker))
+                break
+
+
 @pytest.fixture(autouse=True)
 def _fresh_readers():
     # Tests rewrite files in place; never reuse a mapping of an older file.
