@@ -12,7 +12,9 @@ with C_t = Δ_tᵀΔ_t. Per expert, a first pass over its row chunks accumulates
 * **ACTMat** (Hameed et al., arXiv 2604.01329): w_t = 1, Δ* = R S⁺, the RegMean closed form with
   the data-free covariance estimate C_t ≈ Δ_tᵀΔ_t. S⁺ comes from ``eigh`` of the symmetric S with
   ``torch.linalg.pinv``'s default cut-off (max(dim)·eps·λ_max). ``merge_mode: weight`` gives
-  W* = (Σ W_t C_t)(Σ C_t)⁺ = W₀·S S⁺ + Δ*.
+  W* = (Σ W_t C_t)(Σ C_t)⁺ = W₀·S S⁺ + Δ*. ``trim: k`` < 1 is the authors' trimmed-covariance
+  variant (TACT): C_t = trim(Δ_t)ᵀ trim(Δ_t) from Δ_t's ⌈k·numel⌉ entries largest in magnitude
+  (exact threshold streamed by ``gram_trim``), while R = Σ Δ_t C_t keeps the whole Δ_t.
 * **RegMean** (Jin et al., ICLR 2023), the data-based original: W* = (Σ_t W_t G̃_t)(Σ_t G̃_t)⁻¹
   with each expert's input Gram G_t = XᵀX/N (given per expert by the ``grams`` parameter) and
   G̃_t = G_t with off-diagonal entries × ``alpha``. B = Σ W_t G̃_t accumulates by row chunks.
@@ -87,6 +89,16 @@ _COMMON = (
     ),
 )
 _TF32 = Param("tf32", bool, S_, False, "TF32 matmuls in the Adam iterations on CUDA (never in statistics or solves)")
+_TRIM = Param(
+    "trim",
+    float,
+    S_,
+    1.0,
+    "estimate C_t from Δ_t's top fraction of entries by magnitude (1 = whole Δ_t); R uses the whole Δ_t",
+    low=0.0,
+    high=1.0,
+    low_open=True,
+)
 _GRAM: dict[str, Any] = {
     "oriented": True,  # input side = columns of an out × in weight (Conv1D weights arrive transposed)
     "applies_to": frozenset({"linear"}),
@@ -104,7 +116,7 @@ def actmat(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
     blocks = row_blocks(src.ranges)
     reader = BlockReader(blocks, str(p["precision"]))
     with tf32(False):
-        st = gram_stats(src, reader, blocks, "none", with_sum=False)
+        st = gram_stats(src, reader, blocks, "none", with_sum=False, trim=float(p["trim"]))
         S, R, origin = st.S, st.R, st.origin
         del st
         symmetrize_(S)
@@ -136,6 +148,7 @@ register_gram(
         Param("merge_mode", str, S_, "delta", "delta: W₀ + R S⁺ | weight: (Σ W_t C_t)(Σ C_t)⁺", ("delta", "weight")),
         Param("ridge", float, S_, 0.0, "add ridge·mean(diag S) to S's diagonal before solving", low=0.0),
         Param("rcond", float, S_, -1.0, "eigenvalue cut-off relative to λ_max (negative: pinv default)"),
+        _TRIM,
     ),
     "https://arxiv.org/abs/2604.01329",
     memory=memory_model("actmat"),

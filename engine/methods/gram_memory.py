@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from raymerge.engine.methods import gram_stream
+from raymerge.engine.methods import gram_stream, gram_trim
 from raymerge.engine.methods.eigh import in_place
 from raymerge.engine.methods.registry import Footprint, WorkShape
 
@@ -85,9 +85,23 @@ def _eigh_bytes(n: int, item: int, on_accelerator: bool, bounded: bool = False) 
 RUNTIME_BYTES = 16 << 20
 
 
-def gram_memory(kind: str, s: WorkShape, on_accelerator: bool) -> Footprint:
+# The trimmed covariance's threshold (``gram_trim``): the histogram, its reversed running sum and
+# each pass's bincount, 65 536 int64 each.
+TRIM_HIST_BYTES = 4 * gram_trim.BINS * 8
+
+
+def _trim_bytes(d: _Dims, si: int) -> int:
+    """What ``trim`` adds to the statistics phase beyond the block buffer: during a threshold pass
+    |δ| of a block (shifted in place through its integer view), two boolean masks and the selected
+    digits; during the candidate pass |δ|, a mask, a block's selected values and the candidates (at
+    most a block each); during the C pass |δ| ≥ τ of a block. The largest: the candidate pass, 3
+    blocks and a mask, plus the histograms."""
+    return 3 * d.block * si + d.block + TRIM_HIST_BYTES
+
+
+def gram_memory(kind: str, s: WorkShape, on_accelerator: bool, trim: bool = False) -> Footprint:
     """Declared peak bytes of a Gram task: ``kind`` is ``actmat``, ``wudi:<solver>``, ``wudi``
-    (the largest over its solvers) or ``regmean``.
+    (the largest over its solvers) or ``regmean``; ``trim``: ACTMat's trimmed covariance.
 
     Phases (the peak is the largest): statistics (S, C_t, R [, ΣΔ] and the block buffer), the
     solve (``_eigh_bytes``, or RegMean's Cholesky factor, or WUDI-Adam's fp32 copy of S), and the
@@ -113,7 +127,7 @@ def gram_memory(kind: str, s: WorkShape, on_accelerator: bool) -> Footprint:
         output = nn + rows + 3 * blk
     else:
         held = rows * (2 if kind.startswith("wudi") else 1)  # R [and ΣΔ]
-        stats = 2 * nn + held + blk
+        stats = 2 * nn + held + blk + (_trim_bytes(d, si) if trim else 0)
         if kind == "wudi:adam":
             # S in fp64 and fp32 for a moment; then per block M, its gradient, two moments, the
             # denominator and R's rows, all fp32; after it the result in the statistics dtype
@@ -146,7 +160,8 @@ def memory_model(kind: str) -> Callable[[WorkShape, bool], Footprint]:
     def model(s: WorkShape, on_accelerator: bool) -> Footprint:
         params = getattr(s, "params", None) or {}
         k = f"wudi:{params['solver']}" if kind == "wudi" and "solver" in params else kind
-        return gram_memory(k.replace("adaptive", "spectral"), s, on_accelerator)
+        trim = float(params.get("trim", 1.0)) < 1
+        return gram_memory(k.replace("adaptive", "spectral"), s, on_accelerator, trim)
 
     return model
 

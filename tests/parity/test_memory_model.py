@@ -55,6 +55,7 @@ SLACK = 1.5  # declared may exceed measured by at most this factor
 # rank-deficient task vectors (it needs more memory, and the declared figure covers it).
 METHOD_CASES: dict[str, tuple[str, dict[str, object]]] = {
     "actmat": ("actmat", {}),
+    "actmat_trim": ("actmat", {"trim": 0.5}),
     "wudi_adam": ("wudi", {"solver": "adam", "steps": 3}),
     "wudi_spectral": ("wudi", {"solver": "spectral"}),
     "regmean": ("regmean", {}),
