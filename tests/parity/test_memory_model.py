@@ -62,6 +62,7 @@ METHOD_CASES: dict[str, tuple[str, dict[str, object]]] = {
     "tsv_m": ("tsv_m", {}),
     "iso_c": ("iso_c", {}),
     "iso_cts": ("iso_cts", {}),
+    "svc_tsv_m": ("svc_tsv_m", {}),
 }
 CASES = [(case, tensor) for case in METHOD_CASES for tensor in (WIDE, TALL)]
 METHOD_CASES |= {
@@ -71,7 +72,12 @@ METHOD_CASES |= {
     "iso_c_fp32": ("iso_c", {"precision": "fp32"}),
 }
 CASES += [("tsv_m_exact", TALL), ("iso_c_exact", WIDE), ("iso_cts_exact", TALL), ("iso_c_fp32", WIDE)]
-CASES += [("tsv_m", HEAD)]  # the spectral methods' fallback, mean_task_vector
+CASES += [("tsv_m", HEAD)]
+METHOD_CASES |= {"svc_task_arithmetic": ("svc_task_arithmetic", {"lambda": 0.3})}
+CASES += [
+    ("svc_task_arithmetic", WIDE),
+    ("svc_task_arithmetic", TALL),
+]  # the spectral methods' fallback, mean_task_vector
 
 # Runs in a fresh interpreter: argv = recipe file, tensor name, staging directory; prints JSON.
 PROBE = textwrap.dedent(
@@ -165,6 +171,8 @@ def case_recipe(case: str, medium: tuple[Path, list[Path], list[Path]]) -> str:
     method, shared = METHOD_CASES[case]
     base, experts, grams = medium
     per_model = [{"grams": str(p)} for p in grams] if method == "regmean" else None
+    if "weight" in {p.name for p in METHODS[method].params if p.required}:
+        per_model = [{"weight": 1.0}] * len(experts)
     return recipe_text(method, None if method == "regmean" else base, list(experts), shared or None, per_model)
 
 
