@@ -20,8 +20,9 @@ from raymerge.engine.errors import CheckpointError, OutputError, TaskError
 from raymerge.engine.executor import task_device
 from raymerge.engine.gather import VocabGather
 from raymerge.engine.guard import disk_full
-from raymerge.engine.lora import delta_rows
+from raymerge.engine.lora import delta_rows, lora_factors
 from raymerge.engine.methods import MergeArgs, get_method
+from raymerge.engine.methods.gram_lora import Factors
 from raymerge.engine.methods.mergekit_order import mergekit_order
 from raymerge.engine.methods.precision import prepare_device
 from raymerge.engine.plan import TensorTask
@@ -266,6 +267,17 @@ class TaskChunks:
             return self.stream.load(i).reshape(1, 1)
         x = self.stream.load(i, r0, r1)
         return x.reshape(r1 - r0, -1)
+
+    def lora_factors(self, t: int) -> Factors | None:
+        """Expert t's task vector as factors (scale·B·A) when it is exactly the base plus a LoRA
+        adapter stored out × in, else None (``methods.gram_lora`` solves in their span)."""
+        task, i = self.stream.task, self.stream.first + t
+        if not self.has_base or not task.lora or task.lora[0] is not None or self.scalar:
+            return None
+        ref = task.lora[i]
+        if ref is None or ref.transposed or task.inputs[i] != task.inputs[0]:
+            return None
+        return lora_factors(ref, task.tensor, task.row_start, task.row_end, self.stream.compute, self.stream.dev)
 
     def base(self, r0: int, r1: int) -> torch.Tensor:
         if not self.has_base:  # base-free methods check ``has_base`` first; input 0 is an expert here

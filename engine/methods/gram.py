@@ -69,6 +69,7 @@ import torch
 
 from raymerge.engine.methods.chunks import ChunkSource
 from raymerge.engine.methods.eigh import Pseudoinverse, sym_eigh, symmetrize_
+from raymerge.engine.methods.gram_lora import factored_applies, factored_merge, source_factors
 from raymerge.engine.methods.gram_memory import gram_flops, memory_model, regmean_flops
 from raymerge.engine.methods.gram_stream import BlockReader, gram_stats, pieces, register_gram, row_blocks
 from raymerge.engine.methods.precision import stats_dtype, tf32
@@ -112,6 +113,10 @@ _GRAM: dict[str, Any] = {
 def actmat(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
     """ACTMat: W = W₀ + λ·R S⁺ with C_t = Δ_tᵀΔ_t (or weight mode W₀ S S⁺ + λ·R S⁺)."""
     p = args.shared
+    facs = source_factors(src) if factored_applies("actmat", p) else None
+    if facs is not None:  # LoRA experts: solved in the span of their A factors
+        yield from factored_merge("actmat", src, facs, p)
+        return
     lam_ = float(p["lambda"])
     blocks = row_blocks(src.ranges)
     reader = BlockReader(blocks, str(p["precision"]))
@@ -243,6 +248,10 @@ def _wudi_rows(
 def wudi(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
     """WUDI-Merging: ACTMat's objective with per-task weights 1/‖Δ_t‖²; Adam or closed forms."""
     p = args.shared
+    facs = source_factors(src) if factored_applies("wudi", p) else None
+    if facs is not None:  # LoRA experts, a closed-form solver: solved in the span of their A factors
+        yield from factored_merge("wudi", src, facs, p)
+        return
     lam_ = float(p["lambda"])
     blocks = row_blocks(src.ranges)
     reader = BlockReader(blocks, str(p["precision"]))

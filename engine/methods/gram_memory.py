@@ -114,6 +114,8 @@ def gram_memory(kind: str, s: WorkShape, on_accelerator: bool, trim: bool = Fals
         peaks = [gram_memory(f"wudi:{x}", s, on_accelerator) for x in ("adam", "spectral", "closed_form")]
         return Footprint(max(p.host for p in peaks), max(p.device for p in peaks))
     d = _Dims.of(s)
+    if s.lora_rank and kind != "regmean":
+        return _factored_memory(s, d, on_accelerator)
     si, n = s.stats_item, d.n
     nn = n * n * si
     rows = d.out * n * si  # one out × in statistic (R, ΣΔ, B)
@@ -151,6 +153,35 @@ def gram_memory(kind: str, s: WorkShape, on_accelerator: bool, trim: bool = Fals
     if kind == "regmean":  # a Gram crosses the host in row chunks too
         host += max(1, s.chunk_rows) * n * (4 + s.compute_item)
     return Footprint(host=host, device=peak + copies)
+
+
+# What a factored task's resident set grows by besides its buffers: its solves are K × K and
+# in × K (no in × in LAPACK work), so BLAS's buffers remain, as for the spectral methods (2–6 MiB).
+FACTORED_RUNTIME_BYTES = 8 << 20
+
+
+def _factored_memory(s: WorkShape, d: _Dims, on_accelerator: bool) -> Footprint:
+    """LoRA experts in factored form (``gram_lora``), K = Σ r_t: the factors in the compute dtype
+    (K·(in + out)); the stacked A in the statistics dtype, its QR (Q in × K, the solver's copy and
+    workspace) and K × K matrices; Y, ΣΔ's Z and the result X (out × K each) and, for ACTMat's
+    weight mode, Q's kept rotation P (in × K); then the output pass: the block buffer (base rows),
+    a block of X Qᵀ (the result, in place) and its compute-dtype copy, plus the weight mode's
+    projection (rows × K). Expert rows are never read: on CPU the base's pages (or one converted
+    chunk), one output chunk and ``FACTORED_RUNTIME_BYTES``; on an accelerator the host holds one
+    stored chunk, its converted copy, one output chunk and the factors as stored."""
+    k, n, out, si = s.lora_rank, d.n, d.out, s.stats_item
+    factors = k * (n + out) * s.compute_item
+    span = 3 * k * n * si + 3 * k * k * si + out * k * si
+    solved = 3 * out * k * si + k * n * si
+    rows = d.block // max(1, n)
+    output = 2 * d.block * si + d.block * s.compute_item + rows * k * si
+    peak = factors + max(span, solved + output)
+    if not on_accelerator:
+        base = s.numel * s.in_item if s.in_item == s.compute_item else d.chunk * (s.in_item + s.compute_item)
+        return Footprint(host=peak + base + d.chunk * s.out_item + FACTORED_RUNTIME_BYTES)
+    chunk = s.chunk_numel
+    host = chunk * (s.in_item + s.compute_item + s.out_item) + k * (n + out) * 4 + RUNTIME_BYTES
+    return Footprint(host=host, device=peak + 2 * chunk * (s.compute_item + s.in_item) + chunk * s.out_item)
 
 
 def memory_model(kind: str) -> Callable[[WorkShape, bool], Footprint]:
