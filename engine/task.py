@@ -168,6 +168,17 @@ class ExpertStream(LazyTensors):
         self.checked.add(key)  # multi-pass methods re-read chunks; check each once
         return x
 
+    def lora_factors(self, t: int) -> Factors | None:
+        """Expert t's task vector as factors (scale·B·A) when it is exactly the base plus a LoRA
+        adapter stored out × in, else None (``methods.gram_lora`` solves in their span)."""
+        task, i = self.task, self.first + t
+        if self.first != 1 or not task.lora or task.lora[0] is not None or self.vocab is not None:
+            return None
+        ref = task.lora[i]
+        if ref is None or ref.transposed or task.inputs[i] != task.inputs[0] or len(task.output.shape) != 2:
+            return None
+        return lora_factors(ref, task.tensor, task.row_start, task.row_end, self.compute, self.dev)
+
     def _to_device_by_chunks(self, i: int, entry: TensorEntry, r0: int, r1: int) -> torch.Tensor:
         out = move_rows(self.readers[i], entry, r0, r1, self.compute, self.dev, self.task.chunk_rows)
         self.bytes_read += (r1 - r0) * entry.row_bytes()
@@ -269,15 +280,8 @@ class TaskChunks:
         return x.reshape(r1 - r0, -1)
 
     def lora_factors(self, t: int) -> Factors | None:
-        """Expert t's task vector as factors (scale·B·A) when it is exactly the base plus a LoRA
-        adapter stored out × in, else None (``methods.gram_lora`` solves in their span)."""
-        task, i = self.stream.task, self.stream.first + t
-        if not self.has_base or not task.lora or task.lora[0] is not None or self.scalar:
-            return None
-        ref = task.lora[i]
-        if ref is None or ref.transposed or task.inputs[i] != task.inputs[0]:
-            return None
-        return lora_factors(ref, task.tensor, task.row_start, task.row_end, self.stream.compute, self.stream.dev)
+        """Expert t's task vector as factors (``ExpertStream.lora_factors``)."""
+        return None if self.scalar else self.stream.lora_factors(t)
 
     def base(self, r0: int, r1: int) -> torch.Tensor:
         if not self.has_base:  # base-free methods check ``has_base`` first; input 0 is an expert here

@@ -1,4 +1,4 @@
-"""ACTMat and WUDI's closed forms on LoRA experts in factored form: never an in × in matrix.
+"""ACTMat, WUDI's closed forms and TSV-M on LoRA experts in factored form: never an in × in matrix.
 
 When every expert is a LoRA adapter on the merge's base, Δ_t = s_t B_t A_t (A_t: r_t × in, B_t:
 out × r_t) exactly, and every statistic lives in the span of the stacked A's (K = Σ r_t rows).
@@ -23,6 +23,10 @@ Not factored (the dense path runs): ``trim`` < 1 (a trimmed Δ_t is not low-rank
 
 Memory: the factors (K·(in + out)), Q (in × K), Y and Z (out × K), K × K matrices, and the output
 row blocks: O(K·(in + out)) in the statistics dtype, against O(in² + out·in) dense.
+
+TSV-M (``tsv_m_factored``, called from ``spectral.tsv_m`` when the expert stream offers factors)
+takes each task's singular triplets from an r_t × r_t core and the polar factors from K' × K'
+ones; see its docstring for where it can differ from the dense path.
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ def factored_applies(method: str, shared: Mapping[str, Any]) -> bool:
         )
     if method == "wudi":
         return shared.get("solver", "adam") != "adam" and float(shared.get("trim", 1.0)) >= 1
-    return False
+    return method == "tsv_m"
 
 
 def factored_rank(
@@ -198,4 +202,57 @@ def factored_merge(
             yield from pieces(out.to(reader.compute), block)
 
 
-__all__ = ["Factors", "factored_applies", "factored_merge", "factored_rank", "source_factors"]
+def _polar_small(r: torch.Tensor) -> torch.Tensor:
+    """The orthogonal polar factor U Vᵀ of a small square matrix (exact SVD)."""
+    u, _, vh = torch.linalg.svd(r)
+    return u @ vh
+
+
+def tsv_m_factored(base: torch.Tensor, facs: Sequence[Factors], k: int, dtype: torch.dtype) -> torch.Tensor:
+    """TSV-M's merged task vector from LoRA factors, in the solve dtype (``spectral.tsv_m``).
+
+    Each τ_t = s B A = Q_B (s R_B R_Aᵀ) Q_Aᵀ (thin QRs of B and Aᵀ): its singular triplets are the
+    r_t × r_t core's, rotated. The top min(k, r_t) are kept (a rank-r_t τ_t has no more non-zero
+    ones; the dense path fills the rest with σ = 0 and singular vectors LAPACK picks arbitrarily,
+    which then move the polar factors, so the two agree exactly when k ≤ r_t for every task).
+    Ū = Q_U R_U and V̄ = Q_V R_V (thin QRs, out × K' and in × K', K' = Σ min(k, r_t)), so
+    polar(Ū) = Q_U polar(R_U) and τ = Q_U [polar(R_U) diag(σ̄) polar(R_V)ᵀ] Q_Vᵀ: one out × in
+    product, everything else O(K'·(in + out))."""
+    us, ss, vs = [], [], []
+    for f in facs:
+        qb, rb = torch.linalg.qr(f.B.to(dtype))
+        qa, ra = torch.linalg.qr(f.A.to(dtype).T)
+        uc, sc, vch = torch.linalg.svd(float(f.scale) * rb @ ra.T)
+        kt = min(k, sc.numel())
+        us.append(qb @ uc[:, :kt])
+        ss.append(sc[:kt])
+        vs.append(qa @ vch[:kt].T)
+    qu, ru = torch.linalg.qr(torch.cat(us, dim=1))
+    qv, rv = torch.linalg.qr(torch.cat(vs, dim=1))
+    core = (_polar_small(ru) * torch.cat(ss)) @ _polar_small(rv).T
+    return (qu @ core) @ qv.T
+
+
+def stream_factors(experts: Sequence[torch.Tensor]) -> list[Factors] | None:
+    """Every expert's factors when the lazy expert sequence offers them (``lora_factors(t)``)."""
+    get = getattr(experts, "lora_factors", None)
+    if get is None:
+        return None
+    out = []
+    for t in range(len(experts)):
+        f = get(t)
+        if f is None:
+            return None
+        out.append(f)
+    return out
+
+
+__all__ = [
+    "Factors",
+    "factored_applies",
+    "factored_merge",
+    "factored_rank",
+    "source_factors",
+    "stream_factors",
+    "tsv_m_factored",
+]

@@ -167,3 +167,67 @@ def test_factored_memory_is_linear_in_total_rank():
     assert per_rank <= 12 * (inn + out) * 8  # a few in- and out-vectors in fp64 per unit of rank
     for acc in (False, True):
         assert METHODS["wudi"].footprint(dataclasses.replace(dense, lora_rank=128, params={"solver": "spectral"}), acc)
+
+
+class LazyLora:
+    """A lazy expert sequence (base + s·B·A) that also offers the factors, as a task's stream does."""
+
+    def __init__(self, base, facs):
+        self.base, self.facs = base, facs
+
+    def __len__(self):
+        return len(self.facs)
+
+    def __getitem__(self, t):
+        f = self.facs[t]
+        return self.base + f.scale * f.B @ f.A
+
+    def lora_factors(self, t):
+        return self.facs[t]
+
+
+@pytest.mark.parametrize(("shape", "ranks"), [((40, 24), (12, 16)), ((24, 40), (8, 10, 12)), ((30, 30), (15, 20))])
+def test_tsv_m_factored_equals_dense(shape, ranks):
+    """TSV-M from the factors equals the dense SVD path when every τ_t has at least k = int(r/T)
+    non-zero singular values (below that the dense path's extra triplets are arbitrary)."""
+    facs = _factors(shape, ranks, seed=len(ranks) + shape[0])
+    base = torch.randn(*shape, dtype=torch.float64)
+    args = MergeArgs(_defaults("tsv_m", svd="exact"), [{}] * len(ranks))
+    factored = METHODS["tsv_m"].fn(base, LazyLora(base, facs), args)
+    dense = METHODS["tsv_m"].fn(base, [base + f.scale * f.B @ f.A for f in facs], args)
+    assert _rel(factored - base, dense - base) <= 1e-6
+
+
+def test_recipe_of_adapters_tsv_m_factored_equals_dense(tmp_path, monkeypatch):
+    """Two adapters of rank ≥ k on every targeted weight of the tiny Llama, through the engine."""
+    from hf_tiny import tiny_llama
+    from test_lora_inputs import write_adapter
+
+    from raymerge.engine.task import ExpertStream
+
+    base = tiny_llama(tmp_path / "base", seed=0)
+    ads = [write_adapter(tmp_path / f"a{i}", base, r, seed=20 + i) for i, r in enumerate((16, 20))]
+    text = (
+        f"merge_method: tsv_m\nbase_model: {base}\nmodels:\n"
+        + "".join(f"  - model: {base}+{a}\n" for a in ads)
+        + "raymerge:\n  compute_dtype: float64\n  device: cpu\n"
+    )
+    calls = []
+    real = ExpertStream.lora_factors
+
+    def spy(self, t):
+        out = real(self, t)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(ExpertStream, "lora_factors", spy)
+    merge(parse_recipe(text), tmp_path / "factored", progress=False, workers=1)
+    assert sum(calls) == 12  # 2 experts × q, v, down_proj × 2 layers
+    monkeypatch.setattr(ExpertStream, "lora_factors", lambda self, t: None)
+    merge(parse_recipe(text), tmp_path / "dense", progress=False, workers=1)
+    f, d, b = load_dir(tmp_path / "factored"), load_dir(tmp_path / "dense"), load_dir(base)
+    for k in f:
+        if k.endswith(("q_proj.weight", "v_proj.weight", "down_proj.weight")):
+            assert _rel(f[k].double() - b[k].double(), d[k].double() - b[k].double()) <= 1e-6, k
+        else:
+            assert torch.equal(f[k], d[k]), k
