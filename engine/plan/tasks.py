@@ -180,8 +180,9 @@ def tensor_tasks(ctx: PlanContext, src: TensorSource, out: tuple[str, int], out_
                 order=order,
                 layout=layout,
                 # a LoRA input adds its factors and one product of the task's rows while it is formed
-                # (in factored form, ``shape.lora_rank``, the method's model counts the factors)
-                est_host_bytes=fp.host + (lora_bytes + numel * c_item if any(lora) and not shape.lora_rank else 0),
+                # (in factored form, ``shape.lora_rank``, no product: the method's model counts the factors)
+                est_host_bytes=fp.host
+                + ((lora_bytes + (0 if shape.lora_rank else numel * c_item)) if any(lora) else 0),
                 est_device_bytes=fp.device,
                 read_bytes=numel * e.itemsize * len(refs)
                 + sum(a.end - a.start for a in aux)
