@@ -101,7 +101,7 @@ def _trim_bytes(d: _Dims, si: int) -> int:
 
 def gram_memory(kind: str, s: WorkShape, on_accelerator: bool, trim: bool = False) -> Footprint:
     """Declared peak bytes of a Gram task: ``kind`` is ``actmat``, ``wudi:<solver>``, ``wudi``
-    (the largest over its solvers) or ``regmean``; ``trim``: ACTMat's trimmed covariance.
+    (the largest over its solvers) or ``regmean``; ``trim``: the trimmed covariance (ACTMat, WUDI).
 
     Phases (the peak is the largest): statistics (S, C_t, R [, ΣΔ] and the block buffer), the
     solve (``_eigh_bytes``, or RegMean's Cholesky factor, or WUDI-Adam's fp32 copy of S), and the
@@ -111,7 +111,7 @@ def gram_memory(kind: str, s: WorkShape, on_accelerator: bool, trim: bool = Fals
     holds one stored chunk, its converted copy and one output chunk (and a chunk of a Gram).
     """
     if kind == "wudi":
-        peaks = [gram_memory(f"wudi:{x}", s, on_accelerator) for x in ("adam", "spectral", "closed_form")]
+        peaks = [gram_memory(f"wudi:{x}", s, on_accelerator, trim) for x in ("adam", "spectral", "closed_form")]
         return Footprint(max(p.host for p in peaks), max(p.device for p in peaks))
     d = _Dims.of(s)
     if s.lora_rank and kind != "regmean":

@@ -82,6 +82,35 @@ def test_trimmed_actmat_matches_fp64_formula(shape, keep):
     assert _rel(whole, plain) <= 1e-10
 
 
+def test_trimmed_wudi_closed_form_matches_fp64_formula():
+    """WUDI's closed form with ``trim``: C_t from trim(Δ_t), weights 1/‖Δ_t‖² of the whole Δ_t."""
+    deltas = [d.double() for d in _task_vectors((64, 48), 3, seed=9)]
+    base = torch.zeros(64, 48, dtype=torch.float64)
+    args = MergeArgs(_defaults("wudi", solver="closed_form", trim=0.5), [{}] * 3)
+    out = METHODS["wudi"].fn(base, deltas, args)
+    d = torch.stack(deltas)
+    kept = []
+    for x in d:
+        tau = torch.topk(x.abs().flatten(), math.ceil(0.5 * x.numel())).values[-1]
+        kept.append(torch.where(x.abs() >= tau, x, torch.zeros_like(x)))
+    c = torch.stack([t.T @ t for t in kept])
+    w = torch.stack([1 / x.square().sum() for x in d])[:, None, None]
+    ref = (w * (d @ c)).sum(0) @ torch.linalg.pinv((w * c).sum(0))
+    assert _rel(out, ref) <= 1e-10
+
+
+def test_wudi_trim_only_with_the_closed_form(tmp_path, family):
+    """Measured not to help WUDI's Adam or spectral solvers, so offered with closed_form only."""
+    from raymerge.engine.errors import RaymergeError
+
+    base, experts = family
+    for solver in ("adam", "spectral"):
+        text = recipe_text("wudi", base, experts, {"solver": solver, "trim": 0.5})
+        with pytest.raises(RaymergeError, match="trim applies to solver closed_form only"):
+            merge(parse_recipe(text), tmp_path / solver, progress=False)
+        assert not (tmp_path / solver).exists()
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("keep,rows", [(0.5, 7), (0.37, 10), (0.01, 3), (1.0, 50), (0.9, 200)])
 def test_magnitude_threshold_is_exact_over_blocks(dtype, keep, rows):
@@ -271,6 +300,7 @@ CHUNKED_CASES = [
     ("actmat", {"merge_mode": "weight"}),
     ("actmat", {"ridge": 0.1, "rcond": 1e-6}),
     ("actmat", {"trim": 0.5}),
+    ("wudi", {"solver": "closed_form", "trim": 0.7}),
     ("wudi", {"solver": "spectral", "t": 50.0}),
     ("wudi", {"solver": "spectral", "keep_fraction": 0.5}),
     ("wudi", {"solver": "adaptive"}),

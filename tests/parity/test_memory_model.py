@@ -81,6 +81,8 @@ METHOD_CASES |= {"actmat_lora": ("actmat", {}), "wudi_lora": ("wudi", {"solver":
 # (the adapters target q/v/down_proj: no tall weight; on the 512 × 512 q_proj the fixed runtime
 # allowance alone puts the declared 16.5 MiB at 1.6x the measured 10.4)
 CASES += [("actmat_lora", WIDE), ("wudi_lora", WIDE)]
+METHOD_CASES |= {"wudi_trim": ("wudi", {"solver": "closed_form", "trim": 0.5})}
+CASES += [("wudi_trim", TALL)]
 
 # Runs in a fresh interpreter: argv = recipe file, tensor name, staging directory; prints JSON.
 PROBE = textwrap.dedent(
