@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from raymerge.engine.errors import CheckpointError
+from raymerge.engine.methods.gram_lora import Factors
 from raymerge.engine.safeio import read_json
 from raymerge.engine.storage import Checkpoint, join_url, open_checkpoint, open_shard
 
@@ -142,4 +143,26 @@ def delta_rows(ref: LoraRef, name: str, r0: int, r1: int, compute: torch.dtype) 
     return (b[r0:r1] @ a) * ref.scale
 
 
-__all__ = ["LoraCheckpoint", "LoraRef", "delta_rows", "open_model", "split_lora"]
+def lora_factors(ref: LoraRef, name: str, r0: int, r1: int, compute: torch.dtype, device: torch.device) -> Factors:
+    """The update of rows [r0, r1) as factors: scale · B[r0:r1] · A (an adapter stored as out × in).
+
+    Gram methods solve in the span of the A's from these (``methods.gram_lora``) instead of
+    reading rows of base + scale·B·A. Non-finite factors are refused, naming the adapter file."""
+    from raymerge.engine.headers import TensorEntry
+
+    if ref.transposed:
+        raise ValueError("factored form of a transposed adapter")
+    out = []
+    for url, entry in (
+        (ref.a_url, TensorEntry(name, ref.a_dtype, ref.a_shape, ref.a_start, ref.a_end)),
+        (ref.b_url, TensorEntry(name, ref.b_dtype, ref.b_shape, ref.b_start, ref.b_end)),
+    ):
+        x = open_shard(url).read_rows(entry).to(device=device, dtype=compute)
+        if not bool(torch.isfinite(x).all()):
+            raise CheckpointError("adapter factor contains NaN or Inf", file=url, tensor=name)
+        out.append(x)
+    a, b = out
+    return Factors(a, b[r0:r1], ref.scale)
+
+
+__all__ = ["LoraCheckpoint", "LoraRef", "delta_rows", "lora_factors", "open_model", "split_lora"]

@@ -59,6 +59,7 @@ def reducible(task: TensorTask) -> bool:
         and not task.group
         and not task.vocab_size
         and not task.aux
+        and not task.lora  # adapters are merged in their factors' span, on one node
         and task.layout == "out_in"
         and not task.partials
         and (task.method == "mean" or task.row_start == 0)
@@ -100,7 +101,6 @@ def plan_map_reduce(
                 action="partial",
                 inputs=tuple(task.inputs[i] for i in pick),
                 per_model=tuple(task.per_model[i] for i in group),
-                lora=tuple(task.lora[i] for i in pick) if task.lora else (),
                 partials=(os.path.join(where, f"{k}.safetensors"),),
                 write_bytes=0,
                 read_bytes=task.read_bytes * len(pick) // len(task.inputs),
@@ -111,7 +111,6 @@ def plan_map_reduce(
         task,
         inputs=task.inputs[:1],
         per_model=(),
-        lora=task.lora[:1] if task.lora else (),
         partials=tuple(m.partials[0] for m in maps),
         read_bytes=task.read_bytes // len(task.inputs),
         est_host_bytes=task.est_host_bytes + extra,
@@ -178,7 +177,8 @@ def _map_stats(task: TensorTask, src: Any, precision: str) -> dict[str, torch.Te
         return {"sum": total, "count": torch.tensor([src.n_experts])}
     blocks = row_blocks(src.ranges) if src.ranges else [[(0, 0)]]
     reader = BlockReader(blocks, precision)
-    st = gram_stats(src, reader, blocks, weighting[0], with_sum=weighting[1])
+    trim = float(task.shared.get("trim", 1.0) or 1.0)  # the trimmed covariance, per expert as in one task
+    st = gram_stats(src, reader, blocks, weighting[0], with_sum=weighting[1], trim=trim)
     out = {"S": st.S, "R": st.R, "count": torch.tensor([st.count]), "origin": torch.tensor([st.origin])}
     if st.delta_sum is not None:
         out["delta_sum"] = st.delta_sum

@@ -20,8 +20,9 @@ from raymerge.engine.errors import CheckpointError, OutputError, TaskError
 from raymerge.engine.executor import task_device
 from raymerge.engine.gather import VocabGather
 from raymerge.engine.guard import disk_full
-from raymerge.engine.lora import delta_rows
+from raymerge.engine.lora import delta_rows, lora_factors
 from raymerge.engine.methods import MergeArgs, get_method
+from raymerge.engine.methods.gram_lora import Factors
 from raymerge.engine.methods.mergekit_order import mergekit_order
 from raymerge.engine.methods.precision import prepare_device
 from raymerge.engine.plan import TensorTask
@@ -167,6 +168,17 @@ class ExpertStream(LazyTensors):
         self.checked.add(key)  # multi-pass methods re-read chunks; check each once
         return x
 
+    def lora_factors(self, t: int) -> Factors | None:
+        """Expert t's task vector as factors (scale·B·A) when it is exactly the base plus a LoRA
+        adapter stored out × in, else None (``methods.gram_lora`` solves in their span)."""
+        task, i = self.task, self.first + t
+        if self.first != 1 or not task.lora or task.lora[0] is not None or self.vocab is not None:
+            return None
+        ref = task.lora[i]
+        if ref is None or ref.transposed or task.inputs[i] != task.inputs[0] or len(task.output.shape) != 2:
+            return None
+        return lora_factors(ref, task.tensor, task.row_start, task.row_end, self.compute, self.dev)
+
     def _to_device_by_chunks(self, i: int, entry: TensorEntry, r0: int, r1: int) -> torch.Tensor:
         out = move_rows(self.readers[i], entry, r0, r1, self.compute, self.dev, self.task.chunk_rows)
         self.bytes_read += (r1 - r0) * entry.row_bytes()
@@ -266,6 +278,10 @@ class TaskChunks:
             return self.stream.load(i).reshape(1, 1)
         x = self.stream.load(i, r0, r1)
         return x.reshape(r1 - r0, -1)
+
+    def lora_factors(self, t: int) -> Factors | None:
+        """Expert t's task vector as factors (``ExpertStream.lora_factors``)."""
+        return None if self.scalar else self.stream.lora_factors(t)
 
     def base(self, r0: int, r1: int) -> torch.Tensor:
         if not self.has_base:  # base-free methods check ``has_base`` first; input 0 is an expert here

@@ -8,6 +8,7 @@ registry is complete. See docs/adding-a-method.md.
 * ``spherical`` — slerp, multislerp, nuslerp, karcher, Model Stock
 * ``selection`` — nearswap, Arcee Fusion, RAM, RAM+, passthrough
 * ``gram`` — ACTMat, WUDI, RegMean;  ``spectral`` — TSV-M, Iso-C, Iso-CTS (their SVD work in ``polar``)
+* ``svc`` — singular value calibration over task arithmetic, TIES, TSV-M, Iso-C, WUDI (``svc_<method>``)
 
 Shared machinery: ``registry`` (names, parameters, ``MethodSpec``), ``chunks`` (row-chunked
 sources and the chunked-method adapter), ``masks`` (rank cuts, hashed random masks, sparsifiers),
@@ -16,7 +17,7 @@ sources and the chunked-method adapter), ``masks`` (rank cuts, hashed random mas
 
 from __future__ import annotations
 
-from raymerge.engine.methods import gram, selection, spectral, spherical, task_arithmetic  # noqa: F401  (they register)
+from raymerge.engine.methods import gram, selection, spectral, spherical, svc, task_arithmetic  # noqa: F401  (they register)
 from raymerge.engine.methods.chunks import ChunkedFn, ChunkSource, InMemorySource, register_chunked
 from raymerge.engine.methods.registry import (
     METHODS,

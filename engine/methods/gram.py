@@ -12,7 +12,9 @@ with C_t = Δ_tᵀΔ_t. Per expert, a first pass over its row chunks accumulates
 * **ACTMat** (Hameed et al., arXiv 2604.01329): w_t = 1, Δ* = R S⁺, the RegMean closed form with
   the data-free covariance estimate C_t ≈ Δ_tᵀΔ_t. S⁺ comes from ``eigh`` of the symmetric S with
   ``torch.linalg.pinv``'s default cut-off (max(dim)·eps·λ_max). ``merge_mode: weight`` gives
-  W* = (Σ W_t C_t)(Σ C_t)⁺ = W₀·S S⁺ + Δ*.
+  W* = (Σ W_t C_t)(Σ C_t)⁺ = W₀·S S⁺ + Δ*. ``trim: k`` < 1 is the authors' trimmed-covariance
+  variant (TACT): C_t = trim(Δ_t)ᵀ trim(Δ_t) from Δ_t's ⌈k·numel⌉ entries largest in magnitude
+  (exact threshold streamed by ``gram_trim``), while R = Σ Δ_t C_t keeps the whole Δ_t.
 * **RegMean** (Jin et al., ICLR 2023), the data-based original: W* = (Σ_t W_t G̃_t)(Σ_t G̃_t)⁻¹
   with each expert's input Gram G_t = XᵀX/N (given per expert by the ``grams`` parameter) and
   G̃_t = G_t with off-diagonal entries × ``alpha``. B = Σ W_t G̃_t accumulates by row chunks.
@@ -23,6 +25,7 @@ with C_t = Δ_tᵀΔ_t. Per expert, a first pass over its row chunks accumulates
   the analytic gradient 2(M S − R): no T×out×out products, no autograd. Row i of the gradient
   depends only on row i of M and Adam is entry-wise, so each block of rows runs its own
   ``steps`` (the same iterates as one whole-matrix run, up to fp32 rounding of the products).
+  ``trim`` (closed form only) forms C_t from trim(Δ_t) as ACTMat's does, w_t from the whole Δ_t.
   ``solver: spectral`` is the closed form of gradient flow, M = M₀ − M₀ V f Vᵀ + R V (f/λ) Vᵀ
   with S = V Λ Vᵀ and f = 1 − exp(−λ t); ``solver: adaptive`` keeps f = 1 on the top
   K = ⌈(Σ√λ)²/Σλ⌉ eigendirections and 0 elsewhere; ``solver: closed_form`` is the exact
@@ -60,13 +63,14 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from raymerge.engine.methods.chunks import ChunkSource
 from raymerge.engine.methods.eigh import Pseudoinverse, sym_eigh, symmetrize_
+from raymerge.engine.methods.gram_lora import factored_applies, factored_merge, source_factors
 from raymerge.engine.methods.gram_memory import gram_flops, memory_model, regmean_flops
 from raymerge.engine.methods.gram_stream import BlockReader, gram_stats, pieces, register_gram, row_blocks
 from raymerge.engine.methods.precision import stats_dtype, tf32
@@ -87,6 +91,16 @@ _COMMON = (
     ),
 )
 _TF32 = Param("tf32", bool, S_, False, "TF32 matmuls in the Adam iterations on CUDA (never in statistics or solves)")
+_TRIM = Param(
+    "trim",
+    float,
+    S_,
+    1.0,
+    "estimate C_t from Δ_t's top fraction of entries by magnitude (1 = whole Δ_t); R uses the whole Δ_t",
+    low=0.0,
+    high=1.0,
+    low_open=True,
+)
 _GRAM: dict[str, Any] = {
     "oriented": True,  # input side = columns of an out × in weight (Conv1D weights arrive transposed)
     "applies_to": frozenset({"linear"}),
@@ -100,11 +114,15 @@ _GRAM: dict[str, Any] = {
 def actmat(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
     """ACTMat: W = W₀ + λ·R S⁺ with C_t = Δ_tᵀΔ_t (or weight mode W₀ S S⁺ + λ·R S⁺)."""
     p = args.shared
+    facs = source_factors(src) if factored_applies("actmat", p) else None
+    if facs is not None:  # LoRA experts: solved in the span of their A factors
+        yield from factored_merge("actmat", src, facs, p)
+        return
     lam_ = float(p["lambda"])
     blocks = row_blocks(src.ranges)
     reader = BlockReader(blocks, str(p["precision"]))
     with tf32(False):
-        st = gram_stats(src, reader, blocks, "none", with_sum=False)
+        st = gram_stats(src, reader, blocks, "none", with_sum=False, trim=float(p["trim"]))
         S, R, origin = st.S, st.R, st.origin
         del st
         symmetrize_(S)
@@ -136,6 +154,7 @@ register_gram(
         Param("merge_mode", str, S_, "delta", "delta: W₀ + R S⁺ | weight: (Σ W_t C_t)(Σ C_t)⁺", ("delta", "weight")),
         Param("ridge", float, S_, 0.0, "add ridge·mean(diag S) to S's diagonal before solving", low=0.0),
         Param("rcond", float, S_, -1.0, "eigenvalue cut-off relative to λ_max (negative: pinv default)"),
+        _TRIM,
     ),
     "https://arxiv.org/abs/2604.01329",
     memory=memory_model("actmat"),
@@ -230,11 +249,15 @@ def _wudi_rows(
 def wudi(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
     """WUDI-Merging: ACTMat's objective with per-task weights 1/‖Δ_t‖²; Adam or closed forms."""
     p = args.shared
+    facs = source_factors(src) if factored_applies("wudi", p) else None
+    if facs is not None:  # LoRA experts, a closed-form solver: solved in the span of their A factors
+        yield from factored_merge("wudi", src, facs, p)
+        return
     lam_ = float(p["lambda"])
     blocks = row_blocks(src.ranges)
     reader = BlockReader(blocks, str(p["precision"]))
     with tf32(False):
-        st = gram_stats(src, reader, blocks, "inv_sq_norm", with_sum=True)
+        st = gram_stats(src, reader, blocks, "inv_sq_norm", with_sum=True, trim=float(p["trim"]))
         S, R, M0, origin = st.S, st.R, st.delta_sum, st.origin
         del st
         assert M0 is not None
@@ -245,6 +268,14 @@ def wudi(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
             base = reader.read(src.base, block)
             out = merged.mul_(lam_).add_(base)
             yield from pieces(out.to(reader.compute), block)
+
+
+def wudi_check(shared: Mapping[str, Any], per_model: Sequence[Mapping[str, Any]]) -> str | None:
+    """``trim`` is offered with the closed-form solver only: on the quality suite it left Adam
+    unchanged and did not help the spectral filter (README, trimmed covariance)."""
+    if float(shared["trim"]) < 1 and shared["solver"] != "closed_form":
+        return f"trim applies to solver closed_form only, not {shared['solver']!r}"
+    return None
 
 
 register_gram(
@@ -262,6 +293,7 @@ register_gram(
             ("adam", "spectral", "adaptive", "closed_form"),
         ),
         Param("steps", int, S_, 300, "Adam steps", low=1),
+        _TRIM,
         Param("lr", float, S_, 1e-5, "Adam learning rate", low=0.0, low_open=True),
         Param("t", float, S_, 300.0, "spectral filter time f = 1 − exp(−λt)", low=0.0, low_open=True),
         Param(
@@ -277,6 +309,7 @@ register_gram(
     ),
     "https://arxiv.org/abs/2503.08099",
     memory=memory_model("wudi"),
+    check=wudi_check,
     **_GRAM,
 )
 

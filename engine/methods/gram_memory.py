@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from raymerge.engine.methods import gram_stream
+from raymerge.engine.methods import gram_stream, gram_trim
 from raymerge.engine.methods.eigh import in_place
 from raymerge.engine.methods.registry import Footprint, WorkShape
 
@@ -85,9 +85,23 @@ def _eigh_bytes(n: int, item: int, on_accelerator: bool, bounded: bool = False) 
 RUNTIME_BYTES = 16 << 20
 
 
-def gram_memory(kind: str, s: WorkShape, on_accelerator: bool) -> Footprint:
+# The trimmed covariance's threshold (``gram_trim``): the histogram, its reversed running sum and
+# each pass's bincount, 65 536 int64 each.
+TRIM_HIST_BYTES = 4 * gram_trim.BINS * 8
+
+
+def _trim_bytes(d: _Dims, si: int) -> int:
+    """What ``trim`` adds to the statistics phase beyond the block buffer: during a threshold pass
+    |δ| of a block (shifted in place through its integer view), two boolean masks and the selected
+    digits; during the candidate pass |δ|, a mask, a block's selected values and the candidates (at
+    most a block each); during the C pass |δ| ≥ τ of a block. The largest: the candidate pass, 3
+    blocks and a mask, plus the histograms."""
+    return 3 * d.block * si + d.block + TRIM_HIST_BYTES
+
+
+def gram_memory(kind: str, s: WorkShape, on_accelerator: bool, trim: bool = False) -> Footprint:
     """Declared peak bytes of a Gram task: ``kind`` is ``actmat``, ``wudi:<solver>``, ``wudi``
-    (the largest over its solvers) or ``regmean``.
+    (the largest over its solvers) or ``regmean``; ``trim``: the trimmed covariance (ACTMat, WUDI).
 
     Phases (the peak is the largest): statistics (S, C_t, R [, ΣΔ] and the block buffer), the
     solve (``_eigh_bytes``, or RegMean's Cholesky factor, or WUDI-Adam's fp32 copy of S), and the
@@ -97,9 +111,11 @@ def gram_memory(kind: str, s: WorkShape, on_accelerator: bool) -> Footprint:
     holds one stored chunk, its converted copy and one output chunk (and a chunk of a Gram).
     """
     if kind == "wudi":
-        peaks = [gram_memory(f"wudi:{x}", s, on_accelerator) for x in ("adam", "spectral", "closed_form")]
+        peaks = [gram_memory(f"wudi:{x}", s, on_accelerator, trim) for x in ("adam", "spectral", "closed_form")]
         return Footprint(max(p.host for p in peaks), max(p.device for p in peaks))
     d = _Dims.of(s)
+    if s.lora_rank and kind != "regmean":
+        return _factored_memory(s, d, on_accelerator)
     si, n = s.stats_item, d.n
     nn = n * n * si
     rows = d.out * n * si  # one out × in statistic (R, ΣΔ, B)
@@ -113,7 +129,7 @@ def gram_memory(kind: str, s: WorkShape, on_accelerator: bool) -> Footprint:
         output = nn + rows + 3 * blk
     else:
         held = rows * (2 if kind.startswith("wudi") else 1)  # R [and ΣΔ]
-        stats = 2 * nn + held + blk
+        stats = 2 * nn + held + blk + (_trim_bytes(d, si) if trim else 0)
         if kind == "wudi:adam":
             # S in fp64 and fp32 for a moment; then per block M, its gradient, two moments, the
             # denominator and R's rows, all fp32; after it the result in the statistics dtype
@@ -139,6 +155,35 @@ def gram_memory(kind: str, s: WorkShape, on_accelerator: bool) -> Footprint:
     return Footprint(host=host, device=peak + copies)
 
 
+# What a factored task's resident set grows by besides its buffers: its solves are K × K and
+# in × K (no in × in LAPACK work), so BLAS's buffers remain, as for the spectral methods (2–6 MiB).
+FACTORED_RUNTIME_BYTES = 8 << 20
+
+
+def _factored_memory(s: WorkShape, d: _Dims, on_accelerator: bool) -> Footprint:
+    """LoRA experts in factored form (``gram_lora``), K = Σ r_t: the factors in the compute dtype
+    (K·(in + out)); the stacked A in the statistics dtype, its QR (Q in × K, the solver's copy and
+    workspace) and K × K matrices; Y, ΣΔ's Z and the result X (out × K each) and, for ACTMat's
+    weight mode, Q's kept rotation P (in × K); then the output pass: the block buffer (base rows),
+    a block of X Qᵀ (the result, in place) and its compute-dtype copy, plus the weight mode's
+    projection (rows × K). Expert rows are never read: on CPU the base's pages (or one converted
+    chunk), one output chunk and ``FACTORED_RUNTIME_BYTES``; on an accelerator the host holds one
+    stored chunk, its converted copy, one output chunk and the factors as stored."""
+    k, n, out, si = s.lora_rank, d.n, d.out, s.stats_item
+    factors = k * (n + out) * s.compute_item
+    span = 3 * k * n * si + 3 * k * k * si + out * k * si
+    solved = 3 * out * k * si + k * n * si
+    rows = d.block // max(1, n)
+    output = 2 * d.block * si + d.block * s.compute_item + rows * k * si
+    peak = factors + max(span, solved + output)
+    if not on_accelerator:
+        base = s.numel * s.in_item if s.in_item == s.compute_item else d.chunk * (s.in_item + s.compute_item)
+        return Footprint(host=peak + base + d.chunk * s.out_item + FACTORED_RUNTIME_BYTES)
+    chunk = s.chunk_numel
+    host = chunk * (s.in_item + s.compute_item + s.out_item) + k * (n + out) * 4 + RUNTIME_BYTES
+    return Footprint(host=host, device=peak + 2 * chunk * (s.compute_item + s.in_item) + chunk * s.out_item)
+
+
 def memory_model(kind: str) -> Callable[[WorkShape, bool], Footprint]:
     """The registered model; WUDI's depends on its solver, taken from the task's parameters when
     the shape carries them (``params``), else the largest over the solvers."""
@@ -146,7 +191,8 @@ def memory_model(kind: str) -> Callable[[WorkShape, bool], Footprint]:
     def model(s: WorkShape, on_accelerator: bool) -> Footprint:
         params = getattr(s, "params", None) or {}
         k = f"wudi:{params['solver']}" if kind == "wudi" and "solver" in params else kind
-        return gram_memory(k.replace("adaptive", "spectral"), s, on_accelerator)
+        trim = float(params.get("trim", 1.0)) < 1
+        return gram_memory(k.replace("adaptive", "spectral"), s, on_accelerator, trim)
 
     return model
 

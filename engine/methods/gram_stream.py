@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from raymerge.engine.methods.chunks import ChunkedFn, ChunkSource
+from raymerge.engine.methods.gram_trim import magnitude_threshold, trim_
 from raymerge.engine.methods.precision import stats_dtype
 from raymerge.engine.methods.registry import MergeArgs, MergeFn, MethodSpec, Param, register
 
@@ -84,11 +85,28 @@ class GramStats:
     origin: int
 
 
+def _deltas(
+    reader: BlockReader, expert: Rows, base: Rows, blocks: list[list[tuple[int, int]]]
+) -> Iterator[torch.Tensor]:
+    """One expert's task vector block by block, in the reader's buffer."""
+    for block in blocks:
+        yield reader.read(expert, block, base)
+
+
 def gram_stats(
-    src: ChunkSource, reader: BlockReader, blocks: list[list[tuple[int, int]]], weighting: str, with_sum: bool
+    src: ChunkSource,
+    reader: BlockReader,
+    blocks: list[list[tuple[int, int]]],
+    weighting: str,
+    with_sum: bool,
+    trim: float = 1.0,
 ) -> GramStats:
     """Two passes over each expert's row blocks (C_t, ‖Δ_t‖², ΣΔ; then R += w_t Δ_t C_t), one
     expert after another; weights 1 (``none``) or 1/‖Δ_t‖² (``inv_sq_norm``).
+
+    ``trim`` < 1 forms C_t from trim(Δ_t), Δ_t's ⌈trim·numel⌉ entries largest in magnitude
+    (``gram_trim``; its threshold costs 2–4 more passes over the expert), while ‖Δ_t‖², ΣΔ and
+    R = Σ w_t Δ_t C_t use the whole Δ_t.
 
     A source with ``partial_stats`` (a map-reduce over experts, ``engine.reduce``) hands back the
     statistics other tasks accumulated over their experts, added up, instead of reading any."""
@@ -101,6 +119,9 @@ def gram_stats(
     for t in range(src.n_experts):
         expert = functools.partial(src.expert, t)
         sq: torch.Tensor | None = None
+        cut = 0.0
+        if trim < 1:
+            cut = magnitude_threshold(functools.partial(_deltas, reader, expert, src.base, blocks), trim)
         for block in blocks:
             d = reader.read(expert, block, src.base)
             if S is None:
@@ -111,11 +132,13 @@ def gram_stats(
             assert C is not None
             if block is blocks[0]:
                 C.zero_()
-            C.addmm_(d.T, d)
             flat = d.reshape(-1)
             sq = torch.dot(flat, flat) if sq is None else sq.add_(torch.dot(flat, flat))
             if total is not None:
                 total[block[0][0] - origin : block[-1][1] - origin].add_(d)
+            if cut > 0:
+                trim_(d, cut)  # the reader's buffer: the next read overwrites it
+            C.addmm_(d.T, d)
         assert S is not None and C is not None and R is not None and sq is not None
         norms.append(float(sq))
         w = 1.0 if weighting == "none" else (1.0 / norms[-1] if norms[-1] > 0 else 0.0)

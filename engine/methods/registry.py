@@ -107,7 +107,9 @@ class WorkShape:
     tensors read per element (base + experts); ``experts``: task vectors merged; ``in_item``,
     ``compute_item``, ``out_item``, ``stats_item``: the stored inputs, the compute dtype, the
     output dtype, and the statistics/solve dtype of dense linear algebra (8 for fp64); ``params``:
-    the task's method parameters, for models that depend on them (WUDI's solver).
+    the task's method parameters, for models that depend on them (WUDI's solver); ``lora_rank``:
+    Σ r_t when every expert is a LoRA adapter on the base that the method solves in factored form
+    (``gram_lora``), else 0.
     """
 
     numel: int
@@ -121,6 +123,7 @@ class WorkShape:
     out_item: int
     stats_item: int = 8
     params: Mapping[str, Any] = field(default_factory=dict)
+    lora_rank: int = 0
 
     @property
     def row_numel(self) -> int:

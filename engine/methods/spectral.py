@@ -10,6 +10,9 @@
   left space projected out; task blocks then the common block are concatenated, both factors
   replaced by polar factors, and every singular value by their mean.
 
+TSV-M on LoRA experts (every one base + s·B·A, offered by the task's stream) works on the factors
+(``gram_lora.tsv_m_factored``).
+
 All three return base + alpha·τ (alpha applied after the SVD work). They apply to linear weights;
 other tensors get ``mean_task_vector`` = base + alpha·mean_t τ_t, FusionBench's rule for non-2-D
 keys (the plain mean of the experts at the default alpha = 1). Unlike FusionBench, embeddings /
@@ -47,6 +50,7 @@ from typing import Any
 import torch
 
 from raymerge.engine.errors import RecipeError
+from raymerge.engine.methods.gram_lora import stream_factors, tsv_m_factored
 from raymerge.engine.methods.polar import Solver
 
 # One meaning of ``precision: auto`` and ``tf32`` for every dense-linear-algebra method.
@@ -301,6 +305,9 @@ def tsv_m(base: torch.Tensor | None, experts: Sequence[torch.Tensor], args: Merg
     k = tsv_rank(min(rows, cols), n_tasks)
     if k == 0:  # more tasks than rank: FusionBench's factors are all zero, so is its τ
         return base.clone()
+    if (facs := stream_factors(experts)) is not None:  # LoRA experts: in the span of their factors
+        with _tf32(tf32):
+            return _finish(base, tsv_m_factored(base, facs, k, dtype), alpha)
     dev = base.device
     u_cat = torch.empty(rows, n_tasks * k, dtype=dtype, device=dev)
     s_cat = torch.empty(n_tasks * k, dtype=dtype, device=dev)

@@ -19,6 +19,7 @@ import torch
 from raymerge.engine.arch import classify, fused_blocks, linear_layout
 from raymerge.engine.errors import CheckpointError, PlanError, RecipeError
 from raymerge.engine.methods import METHODS, MethodSpec, WorkShape
+from raymerge.engine.methods.gram_lora import factored_rank
 from raymerge.engine.methods.mergekit_order import mergekit_order
 from raymerge.engine.plan.estimates import Placement, stats_item, task_flops, task_footprint
 from raymerge.engine.plan.slices import TensorSource
@@ -151,6 +152,7 @@ def tensor_tasks(ctx: PlanContext, src: TensorSource, out: tuple[str, int], out_
             out_item=out_item,
             stats_item=stats_item(shared),
             params=shared,
+            lora_rank=factored_rank(spec.name, shared, refs, lora, src.has_base) if any(lora) else 0,
         )
         fp = task_footprint(spec, shape, shared, ctx.placement)
         out_bytes = numel * out_item
@@ -178,7 +180,9 @@ def tensor_tasks(ctx: PlanContext, src: TensorSource, out: tuple[str, int], out_
                 order=order,
                 layout=layout,
                 # a LoRA input adds its factors and one product of the task's rows while it is formed
-                est_host_bytes=fp.host + (lora_bytes + numel * c_item if any(lora) else 0),
+                # (in factored form, ``shape.lora_rank``, no product: the method's model counts the factors)
+                est_host_bytes=fp.host
+                + ((lora_bytes + (0 if shape.lora_rank else numel * c_item)) if any(lora) else 0),
                 est_device_bytes=fp.device,
                 read_bytes=numel * e.itemsize * len(refs)
                 + sum(a.end - a.start for a in aux)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -48,6 +50,83 @@ def test_actmat_matches_fp64_pinv_formula(shape, n):
     out = METHODS["actmat"].fn(base.double(), [e.double() for e in experts], MergeArgs(_defaults("actmat"), [{}] * n))
     ref = base.double() + actmat_reference([e.double() - base.double() for e in experts])
     assert _rel(out - base.double(), ref - base.double()) <= 1e-6
+
+
+def trimmed_actmat_reference(deltas, keep):
+    """Δ* = (Σ Δ_t C_t)(Σ C_t)⁺ with C_t = trim(Δ_t)ᵀ trim(Δ_t): trim keeps the ⌈keep·numel⌉
+    entries of Δ_t largest in magnitude (ties with the last one kept), evaluated whole in fp64."""
+    d = torch.stack([x.double() for x in deltas])
+    kept = []
+    for x in d:
+        tau = torch.topk(x.abs().flatten(), math.ceil(keep * x.numel())).values[-1]
+        kept.append(torch.where(x.abs() >= tau, x, torch.zeros_like(x)))
+    t = torch.stack(kept)
+    c = t.transpose(1, 2) @ t
+    return (d @ c).sum(0) @ torch.linalg.pinv(c.sum(0))
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.7, 0.05])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_trimmed_actmat_matches_fp64_formula(shape, keep):
+    """``trim``: C_t from Δ_t's top entries by magnitude, R from the whole Δ_t (whole tensor), against
+    the formula evaluated in fp64; trimming changes the result, and ``trim: 1`` is plain ACTMat."""
+    deltas = [d.double() for d in _task_vectors(shape, 3, seed=5)]
+    base = torch.randn(*shape, dtype=torch.float64) * 0.02
+    experts = [base + d for d in deltas]
+    out = METHODS["actmat"].fn(base, experts, MergeArgs(_defaults("actmat", trim=keep), [{}] * 3)) - base
+    ref = trimmed_actmat_reference([e - base for e in experts], keep)
+    assert _rel(out, ref) <= 1e-10
+    plain = actmat_reference([e - base for e in experts])
+    assert _rel(ref, plain) > 1e-3
+    whole = METHODS["actmat"].fn(base, experts, MergeArgs(_defaults("actmat", trim=1.0), [{}] * 3)) - base
+    assert _rel(whole, plain) <= 1e-10
+
+
+def test_trimmed_wudi_closed_form_matches_fp64_formula():
+    """WUDI's closed form with ``trim``: C_t from trim(Δ_t), weights 1/‖Δ_t‖² of the whole Δ_t."""
+    deltas = [d.double() for d in _task_vectors((64, 48), 3, seed=9)]
+    base = torch.zeros(64, 48, dtype=torch.float64)
+    args = MergeArgs(_defaults("wudi", solver="closed_form", trim=0.5), [{}] * 3)
+    out = METHODS["wudi"].fn(base, deltas, args)
+    d = torch.stack(deltas)
+    kept = []
+    for x in d:
+        tau = torch.topk(x.abs().flatten(), math.ceil(0.5 * x.numel())).values[-1]
+        kept.append(torch.where(x.abs() >= tau, x, torch.zeros_like(x)))
+    c = torch.stack([t.T @ t for t in kept])
+    w = torch.stack([1 / x.square().sum() for x in d])[:, None, None]
+    ref = (w * (d @ c)).sum(0) @ torch.linalg.pinv((w * c).sum(0))
+    assert _rel(out, ref) <= 1e-10
+
+
+def test_wudi_trim_only_with_the_closed_form(tmp_path, family):
+    """Measured not to help WUDI's Adam or spectral solvers, so offered with closed_form only."""
+    from raymerge.engine.errors import RaymergeError
+
+    base, experts = family
+    for solver in ("adam", "spectral"):
+        text = recipe_text("wudi", base, experts, {"solver": solver, "trim": 0.5})
+        with pytest.raises(RaymergeError, match="trim applies to solver closed_form only"):
+            merge(parse_recipe(text), tmp_path / solver, progress=False)
+        assert not (tmp_path / solver).exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("keep,rows", [(0.5, 7), (0.37, 10), (0.01, 3), (1.0, 50), (0.9, 200)])
+def test_magnitude_threshold_is_exact_over_blocks(dtype, keep, rows):
+    """The streamed k-th largest |δ| is exactly the whole tensor's, with ties, zeros, and values so
+    close together that the radix selection goes down to its last digit."""
+    from raymerge.engine.methods.gram_trim import magnitude_threshold, trim_count
+
+    g = torch.Generator().manual_seed(3)
+    cases = [torch.randn(200, 30, generator=g, dtype=dtype) * 1e-3]
+    cases[0][::3, ::2] = 0  # a third of the entries tied at zero
+    cases[0][1, :9] = -cases[0][0, 0]  # ties of opposite sign
+    cases.append(1 + torch.rand(200, 30, generator=g, dtype=dtype) * 1e-6)  # one exponent, close mantissas
+    for x in cases:
+        got = magnitude_threshold(lambda x=x: (x[r : r + rows] for r in range(0, x.shape[0], rows)), keep)
+        want = torch.topk(x.abs().flatten(), trim_count(keep, x.numel())).values[-1]
+        assert got == float(want)
 
 
 def test_actmat_weight_mode_is_projection_plus_delta():
@@ -220,6 +299,8 @@ CHUNKED_CASES = [
     ("actmat", {}),
     ("actmat", {"merge_mode": "weight"}),
     ("actmat", {"ridge": 0.1, "rcond": 1e-6}),
+    ("actmat", {"trim": 0.5}),
+    ("wudi", {"solver": "closed_form", "trim": 0.7}),
     ("wudi", {"solver": "spectral", "t": 50.0}),
     ("wudi", {"solver": "spectral", "keep_fraction": 0.5}),
     ("wudi", {"solver": "adaptive"}),

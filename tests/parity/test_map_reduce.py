@@ -48,6 +48,7 @@ class MapReduceExecutor:
 
 CASES = {
     "actmat": {},
+    "actmat-trim": {"trim": 0.5},
     "wudi-spectral": {"solver": "spectral"},
     "wudi-adam": {"solver": "adam", "steps": 20, "lr": 1e-3},
 }
