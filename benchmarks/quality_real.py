@@ -101,33 +101,34 @@ DATA_FREE = ("TA", "TIES", "DARE-TIES", "TSV-M", "Iso-C", "Iso-CTS", "ACTMat", "
 SMOKE_ROWS = ("TA", "TIES", "ACTMat")
 
 
-def new_method_rows() -> tuple[list[MethodRow], dict[str, str]]:
-    """Rows for the variants another branch adds (ACTMat ``trim``, SVC), when this raymerge has
-    them, and a note per variant saying which row it modifies or that it is absent."""
+# The variants another branch adds, each with the row it modifies: ACTMat with the covariance
+# from the top half of Δ_t by magnitude (the authors' k = 0.5), and SVC after the methods it wraps
+# (registered as ``svc_<method>``), with the wrapped row's hyperparameters and SVC's α = 1.
+SVC_ON = ("TA", "TIES", "TSV-M", "Iso-C", "WUDI (Adam)")
+
+
+def variant_rows() -> tuple[list[MethodRow], dict[str, str]]:
+    """Rows for the variants this raymerge has, and per variant the label of the row it modifies
+    (or, for an absent one, why it is absent)."""
     from raymerge.engine.methods.registry import METHODS
 
     rows, notes = [], {}
-    actmat = METHODS.get("actmat")
-    if actmat is not None and actmat.param("trim") is not None:
-        rows.append(
-            MethodRow("ACTMat (trim 0.5)", "actmat", {"trim": 0.5}, exclude=EMBEDDINGS, note="C_t from top-50 %")
-        )
+    actmat = METHODS["actmat"]
+    if actmat.param("trim") is not None:
+        base = next(r for r in METHOD_ROWS if r.label == "ACTMat")
+        note = "C_t from Δ_t trimmed to its top 50 % by magnitude; R from the whole Δ_t"
+        rows.append(dataclasses.replace(base, label="ACTMat (trim 0.5)", shared={"trim": 0.5}, note=note))
         notes["ACTMat (trim 0.5)"] = "ACTMat"
     else:
         notes["ACTMat trim"] = "absent: this raymerge's actmat has no trim parameter"
-    svc_on = {"TA": "task_arithmetic", "TIES": "ties", "TSV-M": "tsv_m", "Iso-C": "iso_c"}
-    found = False
-    for label, method in svc_on.items():
-        spec = METHODS.get(method)
-        if spec is not None and spec.param("svc") is not None:
-            base = next(r for r in METHOD_ROWS if r.label == label)
-            rows.append(dataclasses.replace(base, label=f"{label} + SVC", shared={**base.shared, "svc": True}))
+    for label in SVC_ON:
+        base = next(r for r in METHOD_ROWS if r.label == label)
+        if f"svc_{base.method}" in METHODS:
+            note = f"SVC (α = 1) after {label}"
+            rows.append(dataclasses.replace(base, label=f"{label} + SVC", method=f"svc_{base.method}", note=note))
             notes[f"{label} + SVC"] = label
-            found = True
-    if not found:
-        notes["SVC"] = "absent: no method of this raymerge has an svc parameter" + (
-            " (a separate svc method exists; its interface is not wired here)" if "svc" in METHODS else ""
-        )
+    if not any(k.endswith("+ SVC") for k in notes):
+        notes["SVC"] = "absent: this raymerge registers no svc_<method>"
     return rows, notes
 
 
@@ -454,8 +455,10 @@ def run(cfg: RealConfig, base_src: Path | None, labels: Sequence[str], data_rows
     ]
     for r in rows[1:]:
         log.info("%-22s mean acc %.3f  %s", r["label"], r["mean_accuracy"], _fmt(r["accuracy"]))
-    extra, variant_notes = new_method_rows()
-    method_rows = [r for r in METHOD_ROWS if r.label in labels] + (extra if data_rows else [])
+    extra, variant_notes = variant_rows()
+    method_rows = [r for r in [*METHOD_ROWS, *extra] if r.label in labels]
+    ran = {r.label for r in method_rows}
+    variant_notes = {k: v for k, v in variant_notes.items() if k in ran or v.startswith("absent")}
     merged: dict[str, Path] = {}
     with tempfile.TemporaryDirectory(prefix="raymerge-quality-real-") as tmp:
         work = Path(tmp)
@@ -513,8 +516,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--smoke", action="store_true", help="tiny random BERT, 2 tasks, TA/TIES/ACTMat (CI, seconds)")
     p.add_argument("--base", type=Path, default=None, help="HF BERT directory (default: the packaged all-MiniLM-L6-v2)")
-    p.add_argument("--methods", nargs="*", default=None, metavar="LABEL", help=f"data-free rows (default {DATA_FREE})")
-    p.add_argument("--no-data", action="store_true", help="skip RegMean, TACT and the new variants")
+    p.add_argument(
+        "--methods",
+        nargs="*",
+        default=None,
+        metavar="LABEL",
+        help=f"data-free rows (default {DATA_FREE} and the variants this raymerge has)",
+    )
+    p.add_argument("--no-data", action="store_true", help="skip RegMean and TACT")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (results and the cache key depend on it)")
     p.add_argument("--cache-dir", type=Path, default=CACHE)
@@ -530,8 +539,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     log.setLevel(logging.INFO)
     cfg = dataclasses.replace(SMOKE if args.smoke else FULL, seed=args.seed, threads=args.threads)
-    labels = args.methods if args.methods is not None else (SMOKE_ROWS if args.smoke else DATA_FREE)
-    unknown = sorted(set(labels) - {r.label for r in METHOD_ROWS})
+    variants = [r.label for r in variant_rows()[0]]
+    labels = args.methods if args.methods is not None else (SMOKE_ROWS if args.smoke else (*DATA_FREE, *variants))
+    unknown = sorted(set(labels) - {r.label for r in METHOD_ROWS} - set(variants))
     if unknown:
         p.error(f"unknown method label(s) {unknown}")
     base_src = None if args.smoke else (args.base or packaged_base())

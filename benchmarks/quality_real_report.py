@@ -45,8 +45,8 @@ def variant_lines(result: dict[str, Any]) -> list[str]:
     by_label = {r["label"]: r for r in result["rows"]}
     lines = []
     for label, base in result.get("variants", {}).items():
-        if label not in by_label:
-            lines.append(f"- {label}: {base}.")
+        if label not in by_label or base not in by_label:
+            lines.append(f"- {label}: {base if label not in by_label else 'its base row did not run'}.")
             continue
         v, b = by_label[label]["mean_normalized"], by_label[base]["mean_normalized"]
         verdict = "beats" if v > b else "does not beat"

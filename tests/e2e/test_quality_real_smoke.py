@@ -83,3 +83,20 @@ def test_quality_real_smoke(tmp_path: Path) -> None:
     assert proc.stdout.startswith(table.splitlines()[0])
     # Base and experts sit in the cache, marked complete, for the next run to reuse.
     assert all((Path(p) / "complete.json").exists() for p in result["training"]["experts"].values())
+
+
+def test_variant_verdicts() -> None:
+    from benchmarks.quality_real_report import variant_lines
+
+    def row(label: str, mean: float) -> dict[str, object]:
+        return {"label": label, "mean_normalized": mean}
+
+    result = {
+        "rows": [row("ACTMat", 0.84), row("ACTMat (trim 0.5)", 0.86), row("TA", 0.71), row("TA + SVC", 0.70)],
+        "variants": {"ACTMat (trim 0.5)": "ACTMat", "TA + SVC": "TA", "SVC on X": "absent: no svc_x"},
+    }
+    assert variant_lines(result) == [
+        "- ACTMat (trim 0.5) beats ACTMat: 86.0 vs 84.0 mean normalized accuracy.",
+        "- TA + SVC does not beat TA: 70.0 vs 71.0 mean normalized accuracy.",
+        "- SVC on X: absent: no svc_x.",
+    ]
