@@ -529,6 +529,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--cache-dir", type=Path, default=CACHE)
     p.add_argument("--results-dir", type=Path, default=RESULTS)
     p.add_argument("--table", type=Path, default=None, metavar="JSON", help="print the README block of a results JSON")
+    p.add_argument("--source-note", default=None, help="a line on which raymerge build ran, shown above the tables")
+    p.add_argument("--stem", default=None, help="results file stem (default quality_real, quality_real_smoke)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     if args.table is not None:
@@ -547,7 +549,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     base_src = None if args.smoke else (args.base or packaged_base())
     result = run(cfg, base_src, labels, not (args.smoke or args.no_data), args.cache_dir)
     result["command"] = "python -m benchmarks.quality_real " + " ".join(sys.argv[1:] if argv is None else argv)
-    stem = "quality_real_smoke" if args.smoke else "quality_real"
+    if args.source_note:
+        result["source_note"] = args.source_note
+    stem = args.stem or ("quality_real_smoke" if args.smoke else "quality_real")
     args.results_dir.mkdir(parents=True, exist_ok=True)
     out = args.results_dir / f"{stem}.json"
     out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")

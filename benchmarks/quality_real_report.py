@@ -15,7 +15,8 @@ def markdown_table(result: dict[str, Any]) -> str:
     per new variant saying whether it beat the method it modifies, or that it was absent."""
     tasks = list(result["tasks"])
     rows = result["rows"]
-    out = [
+    out = [f"*{result['source_note']}*", ""] if result.get("source_note") else []
+    out += [
         f"Normalized accuracy (% of the task's expert), {result['model']['name']}, {len(tasks)} tasks:",
         "",
         "| method | " + " | ".join(_short(t) for t in tasks) + " | **mean norm.** | mean acc. |",
