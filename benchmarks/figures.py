@@ -73,7 +73,7 @@ def _renderer(stem: str) -> Callable[[dict[str, Any]], str]:
         return throughput_table
     if stem.startswith("quality"):
         # the longest module name that prefixes the stem renders it (quality_nonlocal_mlp before quality_nonlocal)
-        modules = ("quality_nonlocal_mlp", "quality_nonlocal", "quality")
+        modules = ("quality_nonlocal_mlp", "quality_nonlocal", "quality_real", "quality")
         module = "benchmarks." + next(m for m in modules if stem.startswith(m))
         quality = importlib.import_module(module)
         render: Callable[[dict[str, Any]], str] = quality.markdown_table
