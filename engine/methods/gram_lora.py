@@ -81,7 +81,7 @@ def factored_rank(
 def source_factors(src: ChunkSource) -> list[Factors] | None:
     """Every expert's factors when the source offers them for all (``src.lora_factors(t)``)."""
     get = getattr(src, "lora_factors", None)
-    if get is None or not src.has_base:
+    if get is None or not src.has_base or src.n_experts == 0:  # a map-reduce's reduce reads no expert
         return None
     out = []
     for t in range(src.n_experts):
