@@ -279,9 +279,15 @@ EXAMPLES: tuple[Example, ...] = (
     E("iso_c", "iso_c", shared={"alpha": 1.5}, ray=True),
     E("iso_cts", "iso_cts", ray=True),
     # ---- SVC over a merge
-    E("svc_task_arithmetic", "svc_task_arithmetic", shared={"lambda": 0.5}, per_model=_weights(1.0, 1.0, 1.0)),
-    E("svc_ties", "svc_ties", per_model=[{"weight": 1.0, "density": 0.5}] * 3),
+    E(
+        "svc_task_arithmetic",
+        "svc_task_arithmetic",
+        shared={"lambda": 0.5},
+        per_model=_weights(1.0, 1.0, 1.0),
+        ray=True,
+    ),
+    E("svc_ties", "svc_ties", per_model=[{"weight": 1.0, "density": 0.5}] * 3, ray=True),
     E("svc_tsv_m", "svc_tsv_m", shared={"svc_alpha": 0.5}, ray=True),
-    E("svc_iso_c", "svc_iso_c"),
-    E("svc_wudi", "svc_wudi", shared={"steps": 20}),
+    E("svc_iso_c", "svc_iso_c", ray=True),
+    E("svc_wudi", "svc_wudi", shared={"steps": 20}, ray=True),
 )
