@@ -85,6 +85,10 @@ class CutMask:
             return torch.zeros_like(w, dtype=torch.bool)
         value = torch.tensor(cut.value, dtype=torch.float32, device=w.device)
         w32 = w.to(torch.float32)
+        if self.equal_seen >= cut.skip:
+            # The skipped equal elements all lay in earlier chunks: every equal one is kept from here
+            # on, so ``>=`` decides without locating them (the count no longer matters).
+            return w32 >= value
         keep = w32 > value
         equal = w32 == value
         where = equal.reshape(-1).nonzero().squeeze(1)
@@ -309,6 +313,15 @@ class Sparsifier:
         if self.upper is not None:
             keep &= ~self.upper(w)
         return keep
+
+    def apply_(self, d: torch.Tensor, r0: int) -> torch.Tensor:
+        """``__call__`` in place on ``d`` (the same kernels on the same values, so the same bits)."""
+        if self.zero:
+            return d.zero_()
+        if self.kind is None:
+            return d
+        d.mul_(self._mask(d, r0))
+        return d.mul_(self.factor) if self.factor != 1.0 else d
 
     def __call__(self, d: torch.Tensor, r0: int) -> torch.Tensor:
         """Sparsified (and rescaled) task-vector chunk ``d`` holding rows ``r0 …`` of the tensor."""

@@ -117,33 +117,48 @@ def gta(
     normalize = bool(args.shared["normalize"])
     lam = float(args.shared["lambda"])
     total_w = sum(weights)
+    n = src.n_experts
+    # One buffer of task vectors reused across chunks (a shorter last chunk views its start). Each
+    # step below is the same torch kernel on the same values as the plain expressions in the
+    # comments, written in place, so the result is bit-identical to them with fewer passes and no
+    # per-chunk allocations; the yielded chunk is fresh (callers may keep it).
+    flat: torch.Tensor | None = None
     for r0, r1 in src.ranges:
-        base = src.base(r0, r1)
-        deltas = []
-        for t in range(src.n_experts):
-            d = sparsifiers[t](src.expert(t, r0, r1) - base, r0)
-            deltas.append(d * weights[t])
+        base = src.base(r0, r1)  # a rows × rest matrix (chunk sources hand out 2-D chunks)
+        size = max(1, n) * base.numel()
+        if flat is None or flat.numel() < size or flat.dtype != base.dtype or flat.device != base.device:
+            flat = torch.empty(size, dtype=base.dtype, device=base.device)
+        deltas = flat[: n * base.numel()].view(n, *base.shape)  # contiguous, like torch.stack(...)
+        for t in range(n):
+            d = deltas[t]
+            torch.sub(src.expert(t, r0, r1), base, out=d)  # τ_t = expert − base
+            sparsifiers[t].apply_(d, r0)  # d = sparsify(τ_t)
+            d.mul_(weights[t])  # d = sparsify(τ_t) · w_t
         if sign_consensus:
-            total = torch.stack(deltas).sum(0) if deltas else torch.zeros_like(base)
+            total = deltas.sum(0) if n else torch.zeros_like(base)  # Σ_t d_t, as torch.stack(...).sum(0)
+            # An entry agrees with the elected sign when d·majority > 0 (d.sign() == majority: zeros
+            # never agree), with majority = +1 where total ≥ 0, else −1.
             majority = torch.where(total >= 0, 1.0, -1.0).to(base.dtype)
             mixed = torch.zeros_like(base)
             divisor = torch.zeros_like(base)
-            for d, w in zip(deltas, weights, strict=True):
-                agree = d.sign() == majority  # trimmed zeros never agree
-                mixed.add_(d * agree)
-                divisor.add_(agree.to(base.dtype), alpha=w)
-            divisor[divisor == 0] = 1
+            agree = total  # reused: total is not needed once the majority is known
+            for t, w in enumerate(weights):
+                d = deltas[t]
+                torch.mul(d, majority, out=agree).gt_(0)  # 1.0 where the signs agree, else 0.0
+                mixed.add_(d.mul_(agree))  # mixed += d · agree
+                divisor.add_(agree, alpha=w)  # divisor += agree · w
+            divisor.masked_fill_(divisor == 0, 1)
             if normalize:
                 mixed.div_(divisor)
         else:
             mixed = torch.zeros_like(base)
-            for d in deltas:
-                mixed.add_(d)
+            for t in range(n):
+                mixed.add_(deltas[t])
             if normalize:
                 mixed.div_(1.0 if abs(total_w) < 1e-8 else total_w)
         if lam != 1:
             mixed.mul_(lam)
-        yield base + mixed
+        yield mixed.add_(base)  # base + mixed (addition commutes bit for bit)
 
 
 # Task arithmetic (Ilharco et al. 2023): base + λ·Σ w_t τ_t.
