@@ -87,11 +87,11 @@ def _leaf_phase(func: str, path: str, line: int) -> str | None:
         return "write"
     if path.endswith("engine/storage.py") or func in ("read_ahead", "populate"):
         return "read"
-    if func == "check_finite":
+    if func in ("check_finite", "all_finite"):
         return "input NaN/Inf check"
     if path.endswith("engine/task.py") and func == "load":
         text = source_line(path, line)
-        if "isfinite" in text or "check_finite" in text:
+        if "isfinite" in text or "_finite(" in text:
             return "input NaN/Inf check"
         if ".to(" in text or "convert" in text:
             return "input convert"

@@ -77,6 +77,11 @@ class CutMask:
         self.cut = cut
         self.equal_seen = 0
 
+    def settled(self) -> bool:
+        """Whether every element from here on is kept exactly when it is ``>= cut.value`` (the
+        skipped equal elements are all behind, and the cut is neither everything nor nothing)."""
+        return not (self.cut.everything or self.cut.nothing) and self.equal_seen >= self.cut.skip
+
     def __call__(self, w: torch.Tensor) -> torch.Tensor:
         cut = self.cut
         if cut.everything:
@@ -146,15 +151,18 @@ def _hash_bits53(key: int, start: int, n: int, device: torch.device) -> torch.Te
     return tmp.bitwise_and_((1 << 53) - 1)
 
 
-def bernoulli_mask(key: int, start: int, shape: torch.Size, density: float, device: torch.device) -> torch.Tensor:
+def bernoulli_mask(
+    key: int, start: int, shape: torch.Size, density: float, device: torch.device, dtype: torch.dtype = torch.bool
+) -> torch.Tensor:
     """Keep-mask of the elements with flat indices ``start … start + numel(shape) − 1`` of a tensor.
 
     Element i is kept iff the top 53 bits of SplitMix64(key + i·φ) fall below ⌊density·2⁵³⌋, so
     P(keep) = density to double precision, and the mask is a pure function of (key, i): the same
-    whatever the row chunking, the memory budget, the device or the order tasks run in.
+    whatever the row chunking, the memory budget, the device or the order tasks run in. A float
+    ``dtype`` gives the same mask as 1.0 / 0.0 (multiplying by it is much cheaper than by a bool).
     """
     n = math.prod(shape)
-    out = torch.empty(n, dtype=torch.bool, device=device)
+    out = torch.empty(n, dtype=dtype, device=device)
     threshold = int(density * 2.0**53)
     for lo in range(0, n, MASK_SLICE):
         hi = min(n, lo + MASK_SLICE)
@@ -307,8 +315,12 @@ class Sparsifier:
         if self.kind == "random":
             # Chunks are rows × the rest of the tensor: row r0 starts at flat index r0 · row length.
             row = d[0].numel() if d.dim() >= 1 and d.shape[0] else 0
-            return bernoulli_mask(self.key, r0 * row, d.shape, self.density, d.device)
+            return bernoulli_mask(self.key, r0 * row, d.shape, self.density, d.device, d.dtype)
         w = d.abs()
+        if self.upper is None and self.lower is not None and self.lower.settled() and w.dtype == torch.float32:
+            # The mask ``w >= value`` (see ``CutMask``) as 1.0 / 0.0 written over w: one float pass
+            # instead of a bool temporary, and a float multiply instead of a bool one.
+            return w.ge_(self.lower.cut.value)
         keep = self.lower(w) if self.lower else torch.ones_like(w, dtype=torch.bool)
         if self.upper is not None:
             keep &= ~self.upper(w)

@@ -136,18 +136,20 @@ def gta(
             d.mul_(weights[t])  # d = sparsify(τ_t) · w_t
         if sign_consensus:
             total = deltas.sum(0) if n else torch.zeros_like(base)  # Σ_t d_t, as torch.stack(...).sum(0)
-            # An entry agrees with the elected sign when d·majority > 0 (d.sign() == majority: zeros
-            # never agree), with majority = +1 where total ≥ 0, else −1.
-            majority = torch.where(total >= 0, 1.0, -1.0).to(base.dtype)
+            # The elected sign, torch.where(total >= 0, 1.0, -1.0), computed in place in float (the
+            # bool kernels cost several times the float ones). An entry agrees with it when
+            # d·majority > 0, which is d.sign() == majority (zeros never agree).
+            majority = total.ge_(0).mul_(2).sub_(1)
             mixed = torch.zeros_like(base)
             divisor = torch.zeros_like(base)
-            agree = total  # reused: total is not needed once the majority is known
+            agree = torch.empty_like(base)
             for t, w in enumerate(weights):
                 d = deltas[t]
                 torch.mul(d, majority, out=agree).gt_(0)  # 1.0 where the signs agree, else 0.0
                 mixed.add_(d.mul_(agree))  # mixed += d · agree
                 divisor.add_(agree, alpha=w)  # divisor += agree · w
-            divisor.masked_fill_(divisor == 0, 1)
+            # divisor[divisor == 0] = 1: adding 1.0 where it is ±0 and 0.0 elsewhere changes nothing else.
+            divisor.add_(torch.eq(divisor, 0, out=agree))
             if normalize:
                 mixed.div_(divisor)
         else:
