@@ -24,6 +24,8 @@ from raymerge.engine.methods.masks import CutMask, RankCut, Sparsifier, Sparsify
 from raymerge.engine.methods.registry import REQUIRED, MergeArgs, MethodSpec, Param, Scope, register
 
 S, M = Scope.SHARED, Scope.MODEL
+# Elements per block of ``gta``'s combining passes (1 MiB of float32 per array: they stay in L2).
+BLOCK_ELEMENTS = 1 << 18
 
 INT8_MASK = Param(
     "int8_mask",
@@ -134,33 +136,55 @@ def gta(
             torch.sub(src.expert(t, r0, r1), base, out=d)  # τ_t = expert − base
             sparsifiers[t].apply_(d, r0)  # d = sparsify(τ_t)
             d.mul_(weights[t])  # d = sparsify(τ_t) · w_t
-        if sign_consensus:
-            total = deltas.sum(0) if n else torch.zeros_like(base)  # Σ_t d_t, as torch.stack(...).sum(0)
-            # The elected sign, torch.where(total >= 0, 1.0, -1.0), computed in place in float (the
-            # bool kernels cost several times the float ones). An entry agrees with it when
-            # d·majority > 0, which is d.sign() == majority (zeros never agree).
-            majority = total.ge_(0).mul_(2).sub_(1)
-            mixed = torch.zeros_like(base)
-            divisor = torch.zeros_like(base)
-            agree = torch.empty_like(base)
-            for t, w in enumerate(weights):
-                d = deltas[t]
-                torch.mul(d, majority, out=agree).gt_(0)  # 1.0 where the signs agree, else 0.0
-                mixed.add_(d.mul_(agree))  # mixed += d · agree
-                divisor.add_(agree, alpha=w)  # divisor += agree · w
-            # divisor[divisor == 0] = 1: adding 1.0 where it is ±0 and 0.0 elsewhere changes nothing else.
-            divisor.add_(torch.eq(divisor, 0, out=agree))
-            if normalize:
-                mixed.div_(divisor)
-        else:
-            mixed = torch.zeros_like(base)
-            for t in range(n):
-                mixed.add_(deltas[t])
-            if normalize:
-                mixed.div_(1.0 if abs(total_w) < 1e-8 else total_w)
-        if lam != 1:
-            mixed.mul_(lam)
-        yield mixed.add_(base)  # base + mixed (addition commutes bit for bit)
+        mixed = torch.empty_like(base)
+        # The passes below touch n + 3 chunk-size arrays each; a block of rows at a time keeps
+        # them in cache (3x faster than whole 4 MiB chunks here). Every operation is elementwise
+        # and the sum over experts runs in expert order either way, so blocks change no bit.
+        step = max(1, BLOCK_ELEMENTS // max(1, base[0].numel())) if base.dim() else 1
+        for a in range(0, max(1, base.shape[0] if base.dim() else 1), step):
+            b = a + step
+            _combine(deltas[:, a:b], mixed[a:b], base[a:b], weights, sign_consensus, normalize, total_w, lam)
+        yield mixed
+
+
+def _combine(
+    deltas: torch.Tensor,
+    mixed: torch.Tensor,
+    base: torch.Tensor,
+    weights: Sequence[float],
+    sign_consensus: bool,
+    normalize: bool,
+    total_w: float,
+    lam: float,
+) -> None:
+    """``mixed`` = base + λ·(the combined weighted task vectors ``deltas``), for one block of rows."""
+    mixed.zero_()
+    n = deltas.shape[0]
+    if sign_consensus:
+        total = deltas.sum(0) if n else torch.zeros_like(base)  # Σ_t d_t, as torch.stack(...).sum(0)
+        # The elected sign, torch.where(total >= 0, 1.0, -1.0), computed in place in float (the
+        # bool kernels cost several times the float ones). An entry agrees with it when
+        # d·majority > 0, which is d.sign() == majority (zeros never agree).
+        majority = total.ge_(0).mul_(2).sub_(1)
+        divisor = torch.zeros_like(base)
+        agree = torch.empty_like(base)
+        for t, w in enumerate(weights):
+            d = deltas[t]
+            torch.mul(d, majority, out=agree).gt_(0)  # 1.0 where the signs agree, else 0.0
+            mixed.add_(d.mul_(agree))  # mixed += d · agree
+            divisor.add_(agree, alpha=w)  # divisor += agree · w
+        # divisor[divisor == 0] = 1: adding 1.0 where it is ±0 and 0.0 elsewhere changes nothing else.
+        divisor.add_(torch.eq(divisor, 0, out=agree))
+        if normalize:
+            mixed.div_(divisor)
+    else:
+        for t in range(n):
+            mixed.add_(deltas[t])
+        if normalize:
+            mixed.div_(1.0 if abs(total_w) < 1e-8 else total_w)
+    if lam != 1:
+        mixed.mul_(lam)
+    mixed.add_(base)  # base + mixed (addition commutes bit for bit)
 
 
 # Task arithmetic (Ilharco et al. 2023): base + λ·Σ w_t τ_t.

@@ -7,9 +7,10 @@ must agree bit for bit with the straightforward expression it replaces.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from raymerge.engine.methods import MergeArgs, get_method
+from raymerge.engine.methods import MergeArgs, get_method, task_arithmetic
 from raymerge.engine.methods.chunks import InMemorySource
 from raymerge.engine.methods.masks import CutMask, RankCut, Sparsifier, rank_cut
 from raymerge.engine.task import all_finite
@@ -66,7 +67,11 @@ def family(seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     return base, experts
 
 
-def test_task_arithmetic_and_ties_match_the_plain_formulation_bit_for_bit() -> None:
+@pytest.mark.parametrize("block", [29 * 3, 1 << 18])  # blocks of 3 rows, and whole chunks
+def test_task_arithmetic_and_ties_match_the_plain_formulation_bit_for_bit(
+    block: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(task_arithmetic, "BLOCK_ELEMENTS", block)
     for seed in range(4):
         base, experts = family(seed)
         weights = [0.7, -0.4, 1.3]
@@ -104,3 +109,16 @@ def test_float_cut_mask_keeps_the_same_equal_elements() -> None:
             if not (cut.everything or cut.nothing):
                 assert floats >= len(pieces) - 1  # only the chunk where the skipping ends is slow
         assert int(whole.sum()) == w.numel() - r
+
+
+def test_sum_over_experts_of_a_row_block_matches_the_whole_stack() -> None:
+    # Cancelling terms make (d0 + d1) + d2 and d0 + (d1 + d2) differ: a block's sum must add in
+    # the same order as the whole stack's, or TIES' elected sign would change near zero.
+    g = torch.Generator().manual_seed(3)
+    d0 = torch.randn(64, 300, generator=g) * 1e8
+    stack = torch.stack([d0, -d0 + torch.randn(64, 300, generator=g), torch.randn(64, 300, generator=g) * 1e-3])
+    assert not torch.equal((stack[0] + stack[1]) + stack[2], stack[0] + (stack[1] + stack[2]))
+    whole = stack.sum(0)
+    for step in (1, 7, 64):
+        blocks = torch.cat([stack[:, a : a + step].sum(0) for a in range(0, 64, step)])
+        assert torch.equal(bits(blocks), bits(whole))
