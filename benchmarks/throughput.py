@@ -354,9 +354,13 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     mx = results["matrix"]
     runs = [r for r in mx["runs"] if r["returncode"] == 0]
-    # Without a method matrix (a scaling/growth-only run) only the last two panels are drawn.
-    fig, drawn = plt.subplots(1, 4 if runs else 2, figsize=(22 if runs else 11, 5))
-    axes = list(drawn) if runs else [None, None, *drawn]
+    # Without a method matrix (a scaling/growth-only run) only the last two panels are drawn, and
+    # without a scaling or growth sweep only the first two.
+    sweeps = bool(mx["scaling"] or results["growth"])
+    n_panels = (2 if runs else 0) + (2 if sweeps or not runs else 0)
+    fig, drawn = plt.subplots(1, n_panels, figsize=(5.5 * n_panels, 5))
+    drawn = list(drawn)
+    axes = (drawn[:2] if runs else [None, None]) + (drawn[-2:] if sweeps or not runs else [None, None])
     columns = sorted({(r["tool"], r["executor"]) for r in runs}, key=lambda c: (c[0] != "raymerge", c))
     methods = list(dict.fromkeys(r["method"] for r in runs))
     colors = {"raymerge": ["#2b7bba", "#7fb2dc", "#b3d3ee"], "mergekit": ["#d95f02"], "fusionbench": ["#c44e52"]}
@@ -381,6 +385,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.legend(fontsize=7)
         ax.set_title("wall time per method" if panel == 0 else "peak memory per method")
     ax = axes[2]
+    if ax is None:
+        _finish(fig, results, path)
+        return
     for executor in sorted({s["executor"] for s in mx["scaling"]}):
         pts = [s for s in mx["scaling"] if s["executor"] == executor and s["returncode"] == 0]
         ax.plot([s["workers"] for s in pts], [s["read_gbps"] for s in pts], "o-", label=f"raymerge ({executor})")
@@ -399,6 +406,13 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("input bytes (GiB, log)")
     ax.set_ylabel("peak RSS (GiB)")
     ax.set_title("growth: TIES peak memory vs model size")
+    _finish(fig, results, path)
+
+
+def _finish(fig: Any, results: dict[str, Any], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    mx = results["matrix"]
     m = results["machine"]
     fig.suptitle(
         f"{mx['size']} Llama shape, base + {results['config']['experts']} experts, bf16 — {m.get('gpu') or 'no GPU'},"
