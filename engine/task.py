@@ -149,8 +149,12 @@ class ExpertStream(LazyTensors):
         self.checked: set[tuple[int, int, int]] = set()
         self.vocab = VocabGather(task, readers, self.compute) if task.vocab_size else None
 
-    def load(self, i: int, r0: int | None = None, r1: int | None = None) -> torch.Tensor:
-        """Input ``i`` of the task (0 = base when the task has one), rows [r0, r1) if given."""
+    def load(self, i: int, r0: int | None = None, r1: int | None = None, *, chunk: bool = False) -> torch.Tensor:
+        """Input ``i`` of the task (0 = base when the task has one), rows [r0, r1) if given.
+
+        ``chunk``: a row chunk of a chunked method, checked by ``all_finite`` (no temporaries);
+        whole-tensor reads keep ``isfinite(x).all()``, whose temporaries the memory models of the
+        whole-tensor methods declare (they are small beside those methods' own work)."""
         ref = self.task.inputs[i]
         r0 = self.task.row_start if r0 is None else r0
         r1 = self.task.row_end if r1 is None else r1
@@ -172,7 +176,7 @@ class ExpertStream(LazyTensors):
         if self.task.lora and (lora := self.task.lora[i]) is not None:  # base + scale·B·A, these rows only
             x = x + delta_rows(lora, self.task.tensor, r0, r1, self.compute).to(x.device)
         key = (i, r0, r1)
-        if key not in self.checked and not all_finite(x):
+        if key not in self.checked and not (all_finite(x) if chunk else bool(torch.isfinite(x).all())):
             raise CheckpointError(
                 "input contains NaN or Inf",
                 file=ref.url,
@@ -226,7 +230,7 @@ class AuxStream(LazyTensors):
             x = move_rows(reader, entry, 0, entry.shape[0], dtype, self.dev, self.task.chunk_rows)
         else:
             x = reader.read_rows(entry).to(device=self.dev, dtype=dtype)
-        if not all_finite(x):
+        if not bool(torch.isfinite(x).all()):  # Gram memory models declare its mask
             raise CheckpointError("statistics contain NaN or Inf", file=ref.url, tensor=name)
         return x
 
@@ -278,8 +282,8 @@ class TaskChunks:
 
     def _rows(self, i: int, r0: int, r1: int) -> torch.Tensor:
         if self.scalar:
-            return self.stream.load(i).reshape(1, 1)
-        x = self.stream.load(i, r0, r1)
+            return self.stream.load(i, chunk=True).reshape(1, 1)
+        x = self.stream.load(i, r0, r1, chunk=True)
         return x.reshape(r1 - r0, -1)
 
     def base(self, r0: int, r1: int) -> torch.Tensor:
