@@ -54,11 +54,14 @@ def gram_table(res: dict[str, Any]) -> str:
 
 
 def throughput_table(res: dict[str, Any]) -> str:
-    from benchmarks.throughput import summary_table
+    from benchmarks.throughput import startup_table, summary_table
 
     floor = res["matrix"]["io_floor"]
-    return summary_table(res) + (
-        f"\n\nI/O floor: {floor['floor_s']:.2f} s ({floor['read_gbps']} GB/s sequential read, warm cache)."
+    start = startup_table(res)
+    return (
+        summary_table(res)
+        + f"\n\nI/O floor: {floor['floor_s']:.2f} s ({floor['read_gbps']} GB/s sequential read, warm cache)."
+        + (f"\n\n{start}" if start else "")
     )
 
 
@@ -71,6 +74,10 @@ def _renderer(stem: str) -> Callable[[dict[str, Any]], str]:
         return scaling_growth_table
     if stem.startswith(("throughput", "frontier")):
         return throughput_table
+    if stem.startswith("profile_elementwise"):
+        from benchmarks.profile_elementwise import markdown_table
+
+        return markdown_table
     if stem.startswith("quality"):
         # the longest module name that prefixes the stem renders it (quality_nonlocal_mlp before quality_nonlocal)
         modules = ("quality_nonlocal_mlp", "quality_nonlocal", "quality_real", "quality")

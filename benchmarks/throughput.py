@@ -214,12 +214,17 @@ def run_matrix(args: argparse.Namespace, checkpoint: Path | None = None) -> dict
         if checkpoint is not None:
             checkpoint.write_text(json.dumps({"partial": True, "io_floor": floor, "runs": runs, "scaling": scaling}))
 
+    startup = measure_startup(args) if args.startup_size else {}
     for method in args.methods:
         device = device_for(method, args.device)
         ours: dict[str, Any] | None = None
         for executor in args.executors:
             r = m.raymerge(method, executor, None, device)
             r["wall_over_io_floor"] = ratio(r["wall_s"], floor["floor_s"]) if r["returncode"] == 0 else None
+            split_wall(r, startup.get(executor), m.input_bytes)
+            local = next((x for x in runs if x["method"] == method and x["executor"] == "local"), None)
+            if executor != "local" and local is not None and local["returncode"] == 0 and r["returncode"] == 0:
+                r["wall_over_local"] = ratio(r["wall_s"], local["wall_s"])
             runs.append(r)
             save()
             ours = ours or (r if r["returncode"] == 0 else None)
@@ -265,10 +270,49 @@ def run_matrix(args: argparse.Namespace, checkpoint: Path | None = None) -> dict
         "output_bytes": m.output_bytes,
         "checkpoints_reused": reused,
         "io_floor": floor,
+        "startup": startup,
         "runs": runs,
         "comparisons": comparisons,
         "scaling": scaling,
     }
+
+
+def measure_startup(args: argparse.Namespace) -> dict[str, Any]:
+    """Each executor's fixed cost: the wall of task arithmetic on the ``--startup-size`` family
+    (a few MB: interpreter, imports, planning, publishing, and for Ray starting and stopping the
+    embedded cluster and warming its workers), best of ``--startup-repeats`` runs."""
+    name, layers = parse_size(args.startup_size)
+    root = args.workdir / size_label(name, layers)
+    base, experts, _ = build_family(root, name, args.experts, args.shard_bytes, args.rebuild, layers)
+    m = Matrix(args, root, base, experts)
+    out: dict[str, Any] = {}
+    for executor in args.executors:
+        walls, cpus = [], []
+        for _ in range(max(1, args.startup_repeats)):
+            r = m.raymerge("task_arithmetic", executor, None, "cpu")
+            shutil.rmtree(r["out"], ignore_errors=True)
+            if r["returncode"] == 0:
+                walls.append(r["wall_s"])
+                cpus.append(round((r["cpu_utilisation"] or 0) * r["wall_s"], 3))  # whole tree
+        out[executor] = {
+            "size": size_label(name, layers),
+            "input_bytes": m.input_bytes,
+            "wall_s": min(walls) if walls else None,
+            "walls_s": walls,
+            "cpu_s": min(cpus) if cpus else None,
+            "peak_rss_bytes": r.get("peak_rss_bytes"),
+        }
+    return out
+
+
+def split_wall(run: dict[str, Any], start: dict[str, Any] | None, input_bytes: int) -> None:
+    """A run's wall as its executor's fixed start-up plus seconds per GB of input beyond it."""
+    if run["returncode"] != 0 or not start or start.get("wall_s") is None:
+        return
+    run["fixed_startup_s"] = start["wall_s"]
+    run["per_gb_s"] = round(
+        (run["wall_s"] - start["wall_s"]) / max(1e-9, (input_bytes - start["input_bytes"]) / 1e9), 3
+    )
 
 
 def _params(name: str, layers: int | None) -> int:
@@ -310,9 +354,13 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     mx = results["matrix"]
     runs = [r for r in mx["runs"] if r["returncode"] == 0]
-    # Without a method matrix (a scaling/growth-only run) only the last two panels are drawn.
-    fig, drawn = plt.subplots(1, 4 if runs else 2, figsize=(22 if runs else 11, 5))
-    axes = list(drawn) if runs else [None, None, *drawn]
+    # Without a method matrix (a scaling/growth-only run) only the last two panels are drawn, and
+    # without a scaling or growth sweep only the first two.
+    sweeps = bool(mx["scaling"] or results["growth"])
+    n_panels = (2 if runs else 0) + (2 if sweeps or not runs else 0)
+    fig, drawn = plt.subplots(1, n_panels, figsize=(5.5 * n_panels, 5))
+    drawn = list(drawn)
+    axes = (drawn[:2] if runs else [None, None]) + (drawn[-2:] if sweeps or not runs else [None, None])
     columns = sorted({(r["tool"], r["executor"]) for r in runs}, key=lambda c: (c[0] != "raymerge", c))
     methods = list(dict.fromkeys(r["method"] for r in runs))
     colors = {"raymerge": ["#2b7bba", "#7fb2dc", "#b3d3ee"], "mergekit": ["#d95f02"], "fusionbench": ["#c44e52"]}
@@ -337,6 +385,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.legend(fontsize=7)
         ax.set_title("wall time per method" if panel == 0 else "peak memory per method")
     ax = axes[2]
+    if ax is None:
+        _finish(fig, results, path)
+        return
     for executor in sorted({s["executor"] for s in mx["scaling"]}):
         pts = [s for s in mx["scaling"] if s["executor"] == executor and s["returncode"] == 0]
         ax.plot([s["workers"] for s in pts], [s["read_gbps"] for s in pts], "o-", label=f"raymerge ({executor})")
@@ -355,6 +406,13 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("input bytes (GiB, log)")
     ax.set_ylabel("peak RSS (GiB)")
     ax.set_title("growth: TIES peak memory vs model size")
+    _finish(fig, results, path)
+
+
+def _finish(fig: Any, results: dict[str, Any], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    mx = results["matrix"]
     m = results["machine"]
     fig.suptitle(
         f"{mx['size']} Llama shape, base + {results['config']['experts']} experts, bf16 — {m.get('gpu') or 'no GPU'},"
@@ -394,6 +452,29 @@ def summary_table(results: dict[str, Any]) -> str:
             f" | {declared(r)} | {f'**{vs_wall:.2f}**' if vs_wall else ''} | {f'**{vs_rss:.2f}**' if vs_rss else ''} |"
         )
     return "\n".join(rows)
+
+
+def startup_table(results: dict[str, Any]) -> str:
+    """Fixed start-up per executor and each run's seconds per GB beyond it (empty without a
+    start-up measurement, as in runs that predate it)."""
+    mx = results["matrix"]
+    start = mx.get("startup") or {}
+    if not start:
+        return ""
+    rows = [
+        "| method | executor | wall s | fixed start-up s | s per GB of input beyond it | × local wall |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in mx["runs"]:
+        if r["tool"] != "raymerge" or r["returncode"] != 0 or "per_gb_s" not in r:
+            continue
+        vs = r.get("wall_over_local")
+        rows.append(
+            f"| {r['method']} | {r['executor']} | {r['wall_s']:.1f} | {r['fixed_startup_s']:.1f} | {r['per_gb_s']:.2f} "
+            f"| {f'{vs:.2f}' if vs else ''} |"
+        )
+    size = next(iter(start.values()))["size"]
+    return "\n".join(rows) + f"\n\nFixed start-up: best wall of task arithmetic on the {size} family per executor."
 
 
 def scaling_growth_table(results: dict[str, Any]) -> str:
@@ -440,6 +521,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--growth", type=csv, default=["tiny"], help="sizes for the growth sweep (SHAPE or SHAPE:LAYERS)")
     p.add_argument("--clean-growth", action="store_true", help="delete each growth family after measuring it")
     p.add_argument("--memory-budget", default="2GiB")
+    p.add_argument("--startup-size", default="tiny", help="family whose runs measure fixed start-up ('' to skip)")
+    p.add_argument("--startup-repeats", type=int, default=2)
     p.add_argument("--shard-bytes", type=int, default=1 << 30)
     p.add_argument("--workdir", type=Path, default=Path(os.environ.get("RAYMERGE_BENCH_DIR", "/tmp/raymerge-bench")))
     p.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)
@@ -488,6 +571,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     json_path.write_text(json.dumps(results, indent=1) + "\n")
     plot(results, json_path.with_suffix(".png"))
     print(summary_table(results))
+    print(startup_table(results))
     print("growth:", [(g["size"], round((g["peak_rss_bytes"] or 0) / GIB, 2)) for g in growth])
     print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
     failed = [r for r in matrix["runs"] if r["returncode"] != 0 and r["tool"] == "raymerge"]

@@ -22,6 +22,17 @@ from raymerge.engine.storage import READ_STATS
 from raymerge.engine.task import Receipt, run_task
 
 
+def longest_first(tasks: Sequence[TensorTask]) -> list[TensorTask]:
+    """``tasks`` by bytes moved, largest first (plan order among equals).
+
+    Plan order puts the LM head, often the largest task, last: the other workers then idle while
+    it runs alone. Starting the longest tasks first leaves short ones for the end, so the pool
+    stays busy until the last task. Each task writes its own bytes at fixed offsets, so the order
+    changes nothing in the output.
+    """
+    return sorted(tasks, key=lambda t: -(t.read_bytes + t.write_bytes))
+
+
 class LocalExecutor:
     """Runs tasks on ``workers`` threads of this process (see ``executor.Executor``)."""
 
@@ -98,7 +109,7 @@ class LocalExecutor:
                         continue
                     on_done(task, receipt)
 
-            for task in tasks:
+            for task in longest_first(tasks):
                 # Wait for a free worker and for memory without holding a pool slot.
                 while not errors and (
                     len(running) >= workers

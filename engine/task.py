@@ -120,6 +120,21 @@ def move_rows(
     return out
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether every element of ``x`` is finite, in one read-only pass in the common case.
+
+    A sum is finite only if every term is (a NaN or an infinity makes any sum NaN or infinite),
+    so a finite sum proves the tensor finite without the bool temporary and second pass of
+    ``isfinite(x).all()``, which cost as much as the whole of task arithmetic's math; only a
+    non-finite sum (a bad input, or finite values whose sum overflows) takes the exact check.
+    """
+    if not x.is_floating_point() or x.numel() == 0:
+        return True
+    if bool(torch.isfinite(x.sum())):
+        return True
+    return bool(torch.isfinite(x).all())
+
+
 class ExpertStream(LazyTensors):
     """The experts of a task as a lazy sequence: each access reads that expert's rows afresh
     (zero-copy from the mapping, then cast to the compute dtype on the compute device), so a
@@ -135,8 +150,12 @@ class ExpertStream(LazyTensors):
         self.checked: set[tuple[int, int, int]] = set()
         self.vocab = VocabGather(task, readers, self.compute) if task.vocab_size else None
 
-    def load(self, i: int, r0: int | None = None, r1: int | None = None) -> torch.Tensor:
-        """Input ``i`` of the task (0 = base when the task has one), rows [r0, r1) if given."""
+    def load(self, i: int, r0: int | None = None, r1: int | None = None, *, chunk: bool = False) -> torch.Tensor:
+        """Input ``i`` of the task (0 = base when the task has one), rows [r0, r1) if given.
+
+        ``chunk``: a row chunk of a chunked method, checked by ``all_finite`` (no temporaries);
+        whole-tensor reads keep ``isfinite(x).all()``, whose temporaries the memory models of the
+        whole-tensor methods declare (they are small beside those methods' own work)."""
         ref = self.task.inputs[i]
         r0 = self.task.row_start if r0 is None else r0
         r1 = self.task.row_end if r1 is None else r1
@@ -158,7 +177,7 @@ class ExpertStream(LazyTensors):
         if self.task.lora and (lora := self.task.lora[i]) is not None:  # base + scale·B·A, these rows only
             x = x + delta_rows(lora, self.task.tensor, r0, r1, self.compute).to(x.device)
         key = (i, r0, r1)
-        if key not in self.checked and not bool(torch.isfinite(x).all()):
+        if key not in self.checked and not (all_finite(x) if chunk else bool(torch.isfinite(x).all())):
             raise CheckpointError(
                 "input contains NaN or Inf",
                 file=ref.url,
@@ -223,7 +242,7 @@ class AuxStream(LazyTensors):
             x = move_rows(reader, entry, 0, entry.shape[0], dtype, self.dev, self.task.chunk_rows)
         else:
             x = reader.read_rows(entry).to(device=self.dev, dtype=dtype)
-        if not bool(torch.isfinite(x).all()):
+        if not bool(torch.isfinite(x).all()):  # Gram memory models declare its mask
             raise CheckpointError("statistics contain NaN or Inf", file=ref.url, tensor=name)
         return x
 
@@ -275,8 +294,8 @@ class TaskChunks:
 
     def _rows(self, i: int, r0: int, r1: int) -> torch.Tensor:
         if self.scalar:
-            return self.stream.load(i).reshape(1, 1)
-        x = self.stream.load(i, r0, r1)
+            return self.stream.load(i, chunk=True).reshape(1, 1)
+        x = self.stream.load(i, r0, r1, chunk=True)
         return x.reshape(r1 - r0, -1)
 
     def lora_factors(self, t: int) -> Factors | None:

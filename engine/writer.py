@@ -33,6 +33,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from raymerge.engine import __version__, chat_template
@@ -48,7 +49,7 @@ from raymerge.engine.guard import (
     regular_or_absent,
     shard_problem,
 )
-from raymerge.engine.plan import MergePlan, OutputShard
+from raymerge.engine.plan import MergePlan, OutputShard, TensorTask
 from raymerge.engine.publish import (
     INDEX,
     META,
@@ -301,27 +302,38 @@ class Staging:
 
     def _matching_receipts(self, receipts: Iterable[Receipt] | None = None) -> tuple[dict[str, Receipt], int]:
         """The receipts (of the journal by default) whose task's staged bytes match their CRC, and
-        the number that did not."""
+        the number that did not. The CRCs are read on a thread per core (``pread`` and ``crc32``
+        release the GIL), then folded in receipt order, so a later receipt of a task decides."""
         by_id = {t.id: t for t in self.plan.tasks}
-        done: dict[str, Receipt] = {}
-        damaged = 0
+        wanted = []
+        for r in self._journal_receipts() if receipts is None else receipts:
+            task = by_id.get(r.id)
+            if task is not None and r.tensor == task.tensor and r.nbytes == task.output.nbytes:
+                wanted.append((r, task))
         fds: dict[str, int] = {}
         try:
-            for r in self._journal_receipts() if receipts is None else receipts:
-                task = by_id.get(r.id)
-                if task is None or r.tensor != task.tensor or r.nbytes != task.output.nbytes:
-                    continue
+            for _, task in wanted:
                 shard = task.output.shard
                 if shard not in fds:
                     fds[shard] = os.open(self.dir / shard, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-                if crc_of(fds[shard], task.output.offset, task.output.nbytes) == r.crc32:
-                    done[r.id] = r
-                else:
-                    done.pop(r.id, None)
-                    damaged += 1
+
+            def crc(task: TensorTask) -> int | None:
+                return crc_of(fds[task.output.shard], task.output.offset, task.output.nbytes)
+
+            workers = max(1, min(len(wanted), os.cpu_count() or 1))
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="raymerge-verify") as pool:
+                crcs = list(pool.map(crc, [task for _, task in wanted]))
         finally:
             for fd in fds.values():
                 os.close(fd)
+        done: dict[str, Receipt] = {}
+        damaged = 0
+        for (r, _), got in zip(wanted, crcs, strict=True):
+            if got == r.crc32:
+                done[r.id] = r
+            else:
+                done.pop(r.id, None)
+                damaged += 1
         return done, damaged
 
     def _open_journal(self) -> None:

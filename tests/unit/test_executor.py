@@ -136,3 +136,22 @@ def test_accelerator_row_chunk_transfers_write_the_same_bytes(method, family, tm
         for d in ("whole", "chunks")
     ]
     assert crcs[0] == crcs[1]
+
+
+def test_local_executor_starts_the_largest_tasks_first(family, tmp_path, monkeypatch):
+    base, experts = family
+    recipe = parse_recipe(recipe_text("ties", base, experts, {"density": 0.5}, [{"weight": 1}] * 3))
+    started = []
+    real = executor.run_task
+
+    def watched(task, staging_dir, device):
+        started.append(task.read_bytes + task.write_bytes)
+        return real(task, staging_dir, device)
+
+    monkeypatch.setattr(executor, "run_task", watched)
+    merge(recipe, tmp_path / "out", progress=False, workers=1)
+    assert len(started) > 2 and started == sorted(started, reverse=True)
+    monkeypatch.setattr(executor, "run_task", real)
+    merge(recipe, tmp_path / "ref", progress=False, workers=3)
+    a, b = load_dir(tmp_path / "out"), load_dir(tmp_path / "ref")
+    assert all(torch.equal(a[k], b[k]) for k in a)
