@@ -159,7 +159,9 @@ class RayExecutor:
                 threads,
                 budget / 2**30,
             )
-            progress = ClusterProgress(len(runnable), sum(t.read_bytes + t.write_bytes for t in runnable))
+            # Counted as run: a map-reduce's maps and reduces in place of the tasks they were cut from.
+            running = [t for units in phases for u in units for t in u.tasks]
+            progress = ClusterProgress(len(running), sum(t.read_bytes + t.write_bytes for t in running))
 
             def report(task: TensorTask, receipt: Receipt) -> None:
                 if task.action != "partial":  # a map's statistics are not output: its reduce reports

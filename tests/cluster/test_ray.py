@@ -872,6 +872,8 @@ def test_map_reduce_over_nodes_that_each_read_their_own_experts(tmp_path):
         c.stop()
     assert "map-reduce over experts" in err
     assert len(node_rows(err)) == 3
+    done = re.findall(r"(\d+)/(\d+) tasks", err)  # the progress lines count maps and reduces as run
+    assert done and done[-1][0] == done[-1][1], done
     want = {k: v for f in sorted((tmp_path / "local").glob("*.safetensors")) for k, v in load_file(f).items()}
     got = {k: v for f in sorted((root / "out").glob("*.safetensors")) for k, v in load_file(f).items()}
     assert got.keys() == want.keys()
