@@ -38,10 +38,15 @@ from raymerge.engine.synth import LlamaShape, make_family
 
 from conftest import recipe_text
 
-pytestmark = pytest.mark.skipif(
-    not os.path.exists("/proc/self/clear_refs") or platform.libc_ver()[0] != "glibc",
-    reason="measures the resident set through Linux /proc, with glibc's allocator",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not os.path.exists("/proc/self/clear_refs") or platform.libc_ver()[0] != "glibc",
+        reason="measures the resident set through Linux /proc, with glibc's allocator",
+    ),
+    # The ``measured`` fixture probes every selected case of this module at once: under
+    # pytest-xdist they must all run in one worker, or each worker would probe them all.
+    pytest.mark.xdist_group("memory_model"),
+]
 
 SHAPE = LlamaShape(vocab=2048, hidden=512, layers=1, intermediate=2048, heads=8, kv_heads=8)
 WIDE = "model.layers.0.mlp.down_proj.weight"  # 512 × 2048
