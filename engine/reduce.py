@@ -32,27 +32,24 @@ from safetensors.torch import load_file, save_file
 from raymerge.engine.errors import TaskError
 from raymerge.engine.executor import task_device
 from raymerge.engine.methods import MergeArgs, get_method
-from raymerge.engine.methods.gram_stream import BlockReader, GramStats, gram_stats, row_blocks
+from raymerge.engine.methods.gram import STATS_OF, method_stats
+from raymerge.engine.methods.gram_stream import BlockReader, GramStats, row_blocks
 from raymerge.engine.methods.precision import prepare_device, stats_dtype
 from raymerge.engine.plan import TensorTask
 from raymerge.engine.storage import DTYPES, open_shard, row_span
 
 PARTIALS_DIR = os.path.join(".raymerge", "partials")
 
-# How each reducible method's statistics are accumulated: ``gram_stats``' weighting and whether it
-# keeps ΣΔ_t; ``None`` for the mean (Σ x_t).
-GRAM_WEIGHTING: dict[str, tuple[str, bool] | None] = {
-    "actmat": ("none", False),
-    "wudi": ("inv_sq_norm", True),
-    "mean": None,
-}
+# Methods whose statistics are sums over experts: the Gram methods (accumulated as they do it
+# themselves, ``gram.method_stats``) and the mean (Σ x_t).
+REDUCIBLE = frozenset({*STATS_OF, "mean"})
 
 
 def reducible(task: TensorTask) -> bool:
     """Whether ``task`` can be cut into per-expert-group maps and a reduce."""
     return (
         task.action == "merge"
-        and task.method in GRAM_WEIGHTING
+        and task.method in REDUCIBLE
         and task.has_base
         and len(task.inputs) > 2
         and not task.order
@@ -126,10 +123,9 @@ def _partial_bytes(task: TensorTask) -> int:
     cols = 1
     for d in shape[1:]:
         cols *= d
-    weighting = GRAM_WEIGHTING[task.method]
-    if weighting is None:
+    if task.method == "mean":
         return rows * cols * 8
-    return 8 * (cols * cols + rows * cols * (2 if weighting[1] else 1))
+    return 8 * (cols * cols + rows * cols * (2 if STATS_OF[task.method][1] else 1))
 
 
 def run_map_or_reduce(task: TensorTask, staging_dir: str, device: str, write: Callable[..., Any]) -> Any:
@@ -149,7 +145,7 @@ def run_map_or_reduce(task: TensorTask, staging_dir: str, device: str, write: Ca
             _save_atomic(_map_stats(task, src, precision), task.partials[0])
             return Receipt(task.id, task.tensor, 0, 0, stream.bytes_read, time.perf_counter() - t0, str(dev))
         path = os.path.join(staging_dir, task.output.shard)
-        if GRAM_WEIGHTING[task.method] is None:
+        if task.method == "mean":
             pieces: Any = [_mean_of_partials(task, dev, stream.compute)]
         else:
             src.partial_stats = functools.partial(_gram_of_partials, task, dev)  # type: ignore[attr-defined]
@@ -166,8 +162,7 @@ def run_map_or_reduce(task: TensorTask, staging_dir: str, device: str, write: Ca
 
 def _map_stats(task: TensorTask, src: Any, precision: str) -> dict[str, torch.Tensor]:
     """The statistics of the map task's experts, as the whole task would accumulate them."""
-    weighting = GRAM_WEIGHTING[task.method]
-    if weighting is None:  # the mean: Σ x_t in the compute dtype, as ``methods.mean`` adds them
+    if task.method == "mean":  # Σ x_t in the compute dtype, as ``methods.mean`` adds them
         total: torch.Tensor | None = None
         for t in range(src.n_experts):
             x = src.stream.load(src.stream.first + t)
@@ -176,9 +171,7 @@ def _map_stats(task: TensorTask, src: Any, precision: str) -> dict[str, torch.Te
         assert total is not None
         return {"sum": total, "count": torch.tensor([src.n_experts])}
     blocks = row_blocks(src.ranges) if src.ranges else [[(0, 0)]]
-    reader = BlockReader(blocks, precision)
-    trim = float(task.shared.get("trim", 1.0) or 1.0)  # the trimmed covariance, per expert as in one task
-    st = gram_stats(src, reader, blocks, weighting[0], with_sum=weighting[1], trim=trim)
+    st = method_stats(task.method, src, BlockReader(blocks, precision), blocks, task.shared)
     out = {"S": st.S, "R": st.R, "count": torch.tensor([st.count]), "origin": torch.tensor([st.origin])}
     if st.delta_sum is not None:
         out["delta_sum"] = st.delta_sum
@@ -235,7 +228,7 @@ def _mean_of_partials(task: TensorTask, dev: torch.device, compute: torch.dtype)
 
 
 __all__ = [
-    "GRAM_WEIGHTING",
+    "REDUCIBLE",
     "discard_partials",
     "PARTIALS_DIR",
     "partial_dir",

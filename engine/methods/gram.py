@@ -72,7 +72,7 @@ from raymerge.engine.methods.chunks import ChunkSource
 from raymerge.engine.methods.eigh import Pseudoinverse, sym_eigh, symmetrize_
 from raymerge.engine.methods.gram_lora import factored_applies, factored_merge, source_factors
 from raymerge.engine.methods.gram_memory import gram_flops, memory_model, regmean_flops
-from raymerge.engine.methods.gram_stream import BlockReader, gram_stats, pieces, register_gram, row_blocks
+from raymerge.engine.methods.gram_stream import BlockReader, GramStats, gram_stats, pieces, register_gram, row_blocks
 from raymerge.engine.methods.precision import stats_dtype, tf32
 from raymerge.engine.methods.registry import REQUIRED, MergeArgs, Param, Scope
 
@@ -111,6 +111,19 @@ _GRAM: dict[str, Any] = {
 }
 
 
+# How each method accumulates its statistics over experts: ``gram_stats``' per-expert weighting and
+# whether it keeps ΣΔ_t. A map-reduce over experts (``engine.reduce``) accumulates a group's the same way.
+STATS_OF: dict[str, tuple[str, bool]] = {"actmat": ("none", False), "wudi": ("inv_sq_norm", True)}
+
+
+def method_stats(
+    method: str, src: ChunkSource, reader: BlockReader, blocks: list[list[tuple[int, int]]], p: Mapping[str, Any]
+) -> GramStats:
+    """The statistics ``method`` (``actmat`` or ``wudi``) solves from, over ``src``'s experts."""
+    weighting, with_sum = STATS_OF[method]
+    return gram_stats(src, reader, blocks, weighting, with_sum=with_sum, trim=float(p["trim"]))
+
+
 def actmat(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
     """ACTMat: W = W₀ + λ·R S⁺ with C_t = Δ_tᵀΔ_t (or weight mode W₀ S S⁺ + λ·R S⁺)."""
     p = args.shared
@@ -122,7 +135,7 @@ def actmat(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
     blocks = row_blocks(src.ranges)
     reader = BlockReader(blocks, str(p["precision"]))
     with tf32(False):
-        st = gram_stats(src, reader, blocks, "none", with_sum=False, trim=float(p["trim"]))
+        st = method_stats("actmat", src, reader, blocks, p)
         S, R, origin = st.S, st.R, st.origin
         del st
         symmetrize_(S)
@@ -257,7 +270,7 @@ def wudi(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
     blocks = row_blocks(src.ranges)
     reader = BlockReader(blocks, str(p["precision"]))
     with tf32(False):
-        st = gram_stats(src, reader, blocks, "inv_sq_norm", with_sum=True, trim=float(p["trim"]))
+        st = method_stats("wudi", src, reader, blocks, p)
         S, R, M0, origin = st.S, st.R, st.delta_sum, st.origin
         del st
         assert M0 is not None
@@ -400,4 +413,4 @@ register_gram(
 )
 
 
-__all__ = ["actmat", "regmean", "shrink_off_diagonal_", "wudi", "wudi_adam", "wudi_filter"]
+__all__ = ["STATS_OF", "actmat", "method_stats", "regmean", "shrink_off_diagonal_", "wudi", "wudi_adam", "wudi_filter"]
