@@ -19,10 +19,10 @@ from raymerge.cluster.mapreduce import MODES, split_for_nodes
 from raymerge.cluster.nodes import alive_nodes, discover_nodes
 from raymerge.cluster.progress import ClusterProgress
 from raymerge.cluster.scheduler import UnitScheduler
-from raymerge.cluster.units import group_tasks
+from raymerge.cluster.units import group_tasks, local_files
 from raymerge.engine.executor import ExecutionReport, OnDone, default_workers
 from raymerge.engine.plan import TensorTask
-from raymerge.engine.storage import is_local, local_path
+from raymerge.engine.storage import is_local
 from raymerge.engine.task import Receipt
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ class RayExecutor:
         self._connect()
         try:
             threads = self.task_threads()
-            files = {local_path(r.url) for t in runnable for r in t.inputs if is_local(r.url)}
+            files = local_files(r for t in runnable for r in t.inputs)
             nodes = discover_nodes(staging_dir, files, self.workers, budget)
             slots = sum(n.slots for n in nodes)
             target = unit_bytes_target(sum(t.read_bytes for t in runnable), slots)

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from raymerge.cluster.nodes import NodeState
+from raymerge.cluster.units import local_files
 from raymerge.engine.errors import RaymergeError
 from raymerge.engine.plan import TensorTask
 from raymerge.engine.reduce import plan_map_reduce, reducible
@@ -38,19 +39,15 @@ class MapReducePlan:
         return len(self.reduces)
 
 
-def _files(refs: Sequence) -> frozenset[str]:
-    return frozenset(local_path(r.url) for r in refs if is_local(r.url))
-
-
 def expert_groups(task: TensorTask, nodes: Sequence[NodeState]) -> list[tuple[tuple[str, ...], list[int]]]:
     """Experts of ``task`` grouped by the nodes that can read each with the base: greedily the node
     set covering most of the experts left, so there are as few partial files as the mounts allow.
     Each group is (the ids of the nodes that may run it, its expert indices in order)."""
-    base = _files(task.inputs[:1])
+    base = local_files(task.inputs[:1])
     experts = task.inputs[1:]
     readers: list[frozenset[str]] = []
     for i, ref in enumerate(experts):
-        ok = frozenset(n.node_id for n in nodes if n.sees(base | _files([ref])))
+        ok = frozenset(n.node_id for n in nodes if n.sees(base | local_files([ref])))
         if not ok:
             raise RaymergeError(
                 f"no usable Ray node reads expert {i + 1} together with the base model",
@@ -82,7 +79,7 @@ def split_for_nodes(
         raise ValueError(f"map_reduce must be one of {MODES}, got {mode!r}")
     out = MapReducePlan()
     for task in tasks:
-        whole = any(n.sees(_files(task.inputs)) for n in nodes)
+        whole = any(n.sees(local_files(task.inputs)) for n in nodes)
         if not reducible(task) or (whole and mode == "auto"):
             out.whole.append(task)
             continue

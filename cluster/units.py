@@ -9,13 +9,18 @@ largest task, not their sum.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from raymerge.engine.arch import layer_index
 from raymerge.engine.executor import wants_accelerator
-from raymerge.engine.plan import TensorTask
+from raymerge.engine.plan import TensorRef, TensorTask
 from raymerge.engine.storage import is_local, local_path
+
+
+def local_files(refs: Iterable[TensorRef]) -> frozenset[str]:
+    """The local file paths among ``refs`` (the files a node must see; URLs every node reads)."""
+    return frozenset(local_path(r.url) for r in refs if is_local(r.url))
 
 
 @dataclass(frozen=True)
@@ -46,7 +51,7 @@ class WorkUnit:
             est_device_bytes=max(t.est_device_bytes for t in tasks),
             read_bytes=sum(t.read_bytes for t in tasks),
             write_bytes=sum(t.write_bytes for t in tasks),
-            input_files=frozenset(local_path(r.url) for t in tasks for r in t.inputs if is_local(r.url)),
+            input_files=local_files(r for t in tasks for r in t.inputs),
         )
 
 
