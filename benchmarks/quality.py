@@ -821,6 +821,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def write_results(
+    result: dict[str, Any],
+    results_dir: Path,
+    stem: str,
+    plot: Callable[[dict[str, Any], Path], None],
+    table: Callable[[dict[str, Any]], str],
+) -> Path:
+    """Write a quality run's ``result`` to ``results_dir/<stem>.json`` and its plot beside it
+    (``.png``); print its README table and what was written. Returns the JSON path."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    out = results_dir / f"{stem}.json"
+    out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    plot(result, out.with_suffix(".png"))
+    print(table(result))
+    print(f"wrote {out} and {out.with_suffix('.png').name} in {result['wall_seconds']['total']:.0f} s")
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.table is not None:
@@ -847,12 +865,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result["config"]["smoke"] = args.smoke
     result["command"] = "python -m benchmarks.quality " + " ".join(sys.argv[1:] if argv is None else argv)
     stem = args.stem or ("quality_smoke" if args.smoke else "quality")
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    out = args.results_dir / f"{stem}.json"
-    out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
-    plot(result, out.with_suffix(".png"))
-    print(markdown_table(result))
-    print(f"wrote {out} and {out.with_suffix('.png').name} in {result['wall_seconds']['total']:.0f} s")
+    write_results(result, args.results_dir, stem, plot, markdown_table)
     return 0
 
 

@@ -67,6 +67,7 @@ from benchmarks.quality import (
     summarize,
     train_all,
     train_cached,
+    write_results,
 )
 from benchmarks.quality_model import (
     Classifier,
@@ -1101,12 +1102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result["config"]["smoke"] = args.smoke
     result["command"] = "python -m benchmarks.quality_nonlocal " + " ".join(sys.argv[1:] if argv is None else argv)
     stem = args.stem or ("quality_nonlocal_smoke" if args.smoke else "quality_nonlocal")
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    out = args.results_dir / f"{stem}.json"
-    out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
-    plot(result, out.with_suffix(".png"))
-    print(markdown_table(result))
-    print(f"wrote {out} and {out.with_suffix('.png').name} in {result['wall_seconds']['total']:.0f} s")
+    write_results(result, args.results_dir, stem, plot, markdown_table)
     return 0
 
 

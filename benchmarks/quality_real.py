@@ -47,8 +47,8 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertModel
 
-from benchmarks.quality import EMBEDDINGS, METHOD_ROWS, MethodRow, recipe_yaml, run_merge, summarize
-from benchmarks.quality_model import TrainSpec, _schedule, accuracy, features, load_body, load_heads, save_heads
+from benchmarks.quality import EMBEDDINGS, METHOD_ROWS, MethodRow, recipe_yaml, run_merge, summarize, write_results
+from benchmarks.quality_model import TrainSpec, _loop, accuracy, features, load_body, load_heads, save_heads
 from benchmarks.quality_real_report import markdown_table, plot
 from benchmarks.quality_real_tasks import SEQ_LEN, TASKS, Task, Vocab
 
@@ -218,24 +218,14 @@ def finetune(base: BertModel, task: Task, s: Split, spec: TrainSpec, seed: int) 
     body = copy.deepcopy(base)
     head = fixed_head(body.config.hidden_size, task.classes, seed)
     body.train()
-    params = list(body.parameters())
-    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
-    sched = _schedule(opt, spec)
     g = torch.Generator().manual_seed(seed)
-    running = 0.0
-    for step in range(spec.steps):
+
+    def loss_fn(step: int) -> torch.Tensor:
         rows = torch.randint(len(s.x_train), (spec.batch,), generator=g)
         logits = head(body(input_ids=s.x_train[rows]).last_hidden_state.mean(dim=1))
-        loss = nn.functional.cross_entropy(logits, s.y_train[rows])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        value = float(loss.detach())
-        running = 0.9 * running + 0.1 * value if step else value
-        if (step + 1) % max(1, spec.steps // 5) == 0:
-            log.info("finetune %s: step %d/%d loss %.4f", task.name, step + 1, spec.steps, running)
+        return nn.functional.cross_entropy(logits, s.y_train[rows])
+
+    _loop(list(body.parameters()), spec, loss_fn, log.info, f"finetune {task.name}")
     body.eval()
     return body, head
 
@@ -557,12 +547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.source_note:
         result["source_note"] = args.source_note
     stem = args.stem or ("quality_real_smoke" if args.smoke else "quality_real")
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    out = args.results_dir / f"{stem}.json"
-    out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
-    plot(result, out.with_suffix(".png"))
-    print(markdown_table(result))
-    print(f"wrote {out} and {out.with_suffix('.png').name} in {result['wall_seconds']['total']:.0f} s")
+    write_results(result, args.results_dir, stem, plot, markdown_table)
     return 0
 
 
