@@ -297,15 +297,9 @@ def tiny_mixtral(path: Path, seed: int = 0, layers: int = 2, experts: int = 3) -
 
     torch.manual_seed(seed)
     cfg = MixtralConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=24,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **_decoder_shape(layers, intermediate_size=24, initializer_range=0.02),
         num_local_experts=experts,
         num_experts_per_tok=2,
-        max_position_embeddings=64,
     )
     MixtralForCausalLM(cfg).save_pretrained(str(path))
     return path
@@ -317,17 +311,11 @@ def tiny_qwen3_moe(path: Path, seed: int = 0, layers: int = 2, experts: int = 3)
 
     torch.manual_seed(seed)
     cfg = Qwen3MoeConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
+        **_decoder_shape(layers, initializer_range=0.02),
         moe_intermediate_size=24,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=8,
         num_experts=experts,
         num_experts_per_tok=2,
-        max_position_embeddings=64,
     )
     Qwen3MoeForCausalLM(cfg).save_pretrained(str(path))
     return path
