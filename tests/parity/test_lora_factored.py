@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_gram import _defaults, _rel
 
 from raymerge.engine.merge import merge
 from raymerge.engine.methods import METHODS, InMemorySource, MergeArgs, gram_lora
@@ -41,16 +42,6 @@ class LoraSource(InMemorySource):
     def lora_factors(self, t):
         self.asked += 1
         return self.facs[t]
-
-
-def _defaults(name, **over):
-    shared = {p.name: p.default for p in METHODS[name].params}
-    shared.update(over)
-    return shared
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def _factors(shape, ranks, seed, shared_a=False):
