@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -80,4 +83,18 @@ def load_dir(path: Path) -> dict[str, torch.Tensor]:
         with safe_open(str(f), "pt") as sf:
             for k in sf.keys():
                 out[k] = sf.get_tensor(k)
+    return out
+
+
+MERGEKIT = shutil.which("mergekit-yaml") or str(Path(sys.executable).with_name("mergekit-yaml"))
+
+
+def mergekit_yaml(text: str, out: Path, *flags: str, copy_tokenizer: bool = False) -> Path:
+    """Run ``mergekit-yaml`` on recipe ``text`` (written beside ``out`` as ``OUT.yaml``) into ``out``,
+    with extra ``flags``; fails the test with mergekit's stderr if it does not exit 0."""
+    recipe = out.with_suffix(".yaml")
+    recipe.write_text(text)
+    cmd = [MERGEKIT, str(recipe), str(out), *(() if copy_tokenizer else ("--no-copy-tokenizer",)), *flags]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     return out

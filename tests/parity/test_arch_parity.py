@@ -10,9 +10,6 @@ fused the same way before the comparison.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,9 +19,7 @@ from hf_tiny import fuse_moe, perturbed_file, tiny_gemma3, tiny_mixtral, tiny_qw
 
 from raymerge.cli import main as raymerge_main
 
-from conftest import load_dir
-
-MERGEKIT = shutil.which("mergekit-yaml") or str(Path(sys.executable).with_name("mergekit-yaml"))
+from conftest import load_dir, mergekit_yaml
 
 BUILDERS: dict[str, Callable[[Path], Path]] = {
     "gemma3": tiny_gemma3,
@@ -65,13 +60,7 @@ def recipe(method: str, base: Path | None, models: list[Path], per_model: list[s
 
 def both(text: str, tmp_path: Path, arch: str, extra: str = "") -> tuple[dict, dict]:
     """mergekit's and raymerge's outputs of recipe ``text`` (raymerge's with ``extra`` appended)."""
-    (tmp_path / "mk.yaml").write_text(text)
-    proc = subprocess.run(
-        [MERGEKIT, str(tmp_path / "mk.yaml"), str(tmp_path / "mk"), "--no-copy-tokenizer"],
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    mergekit_yaml(text, tmp_path / "mk")
     (tmp_path / "rm.yaml").write_text(text + extra)
     assert raymerge_main(["run", str(tmp_path / "rm.yaml"), str(tmp_path / "rm"), "-q"]) == 0
     return load_dir(tmp_path / "mk"), fuse_moe(load_dir(tmp_path / "rm"), arch)

@@ -10,9 +10,6 @@ no merged copy of an adapter's model is written anywhere.
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,10 +22,9 @@ from raymerge.engine.errors import CheckpointError
 from raymerge.engine.plan import TensorTask, build_plan
 from raymerge.engine.recipe import parse_recipe
 
-from conftest import load_dir
+from conftest import load_dir, mergekit_yaml
 
 pytest.importorskip("peft")
-MERGEKIT = shutil.which("mergekit-yaml") or str(Path(sys.executable).with_name("mergekit-yaml"))
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +65,7 @@ def test_lora_inputs_match_mergekit(case, lora_family, tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(text)
     mk_out, rm_out = tmp_path / "mergekit", tmp_path / "raymerge"
-    cmd = [MERGEKIT, str(recipe), str(mk_out), "--no-copy-tokenizer", "--lora-merge-cache", str(tmp_path / "cache")]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    mergekit_yaml(recipe.read_text(), mk_out, "--lora-merge-cache", str(tmp_path / "cache"))
     assert raymerge_main(["run", str(recipe), str(rm_out), "-q"]) == 0
     ref, got = load_dir(mk_out), load_dir(rm_out)
     assert set(ref) == set(got)
@@ -179,9 +173,7 @@ def test_conv1d_adapter_matches_mergekit(tmp_path):
         f"  - model: {base}+{adapter}\n    parameters: {{weight: 0.8}}\n"
     )
     mk_out, rm_out = tmp_path / "mergekit", tmp_path / "raymerge"
-    cmd = [MERGEKIT, str(recipe), str(mk_out), "--no-copy-tokenizer", "--lora-merge-cache", str(tmp_path / "cache")]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    mergekit_yaml(recipe.read_text(), mk_out, "--lora-merge-cache", str(tmp_path / "cache"))
     assert raymerge_main(["run", str(recipe), str(rm_out), "-q"]) == 0
     ref, got, src = load_dir(mk_out), load_dir(rm_out), load_dir(base)
     assert set(ref) == set(got)

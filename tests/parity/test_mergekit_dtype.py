@@ -9,9 +9,6 @@ writes the recipe's dtype, so the comparison is with mergekit's output rounded t
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,10 +16,8 @@ import torch
 
 from raymerge.cli import main as raymerge_main
 
-from conftest import load_dir
+from conftest import load_dir, mergekit_yaml
 from method_examples import EXAMPLES
-
-MERGEKIT = shutil.which("mergekit-yaml") or str(Path(sys.executable).with_name("mergekit-yaml"))
 
 ROWS = (
     "ties",
@@ -42,13 +37,7 @@ CASES = {e.name: e for e in EXAMPLES if e.name in ROWS}
 def _run(example, family, tmp_path: Path, dtype: str, compute: str) -> tuple[dict, dict]:
     base, experts = family
     mk = example.recipe(base, experts, extra=f"dtype: {dtype}", method=example.mergekit)
-    (tmp_path / "mk.yaml").write_text(mk)
-    proc = subprocess.run(
-        [MERGEKIT, str(tmp_path / "mk.yaml"), str(tmp_path / "mk"), "--no-copy-tokenizer"],
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    mergekit_yaml(mk, tmp_path / "mk")
     rm = example.recipe(base, experts, extra=f"dtype: {dtype}\nraymerge: {{compute_dtype: {compute}}}")
     (tmp_path / "rm.yaml").write_text(rm)
     assert raymerge_main(["run", str(tmp_path / "rm.yaml"), str(tmp_path / "rm"), "-q"]) == 0

@@ -6,19 +6,14 @@ cases are the rows of tests/method_examples.py that name a mergekit method.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from raymerge.cli import main as raymerge_main
 
-from conftest import load_dir
+from conftest import load_dir, mergekit_yaml
 from method_examples import EXAMPLES
-
-MERGEKIT = shutil.which("mergekit-yaml") or str(Path(sys.executable).with_name("mergekit-yaml"))
 
 # Every example of tests/method_examples.py that mergekit 0.1.5 can reproduce, by example name.
 CASES = {e.name: e for e in EXAMPLES if e.mergekit}
@@ -30,12 +25,7 @@ _MK_CACHE: dict[str, Path] = {}
 def _mergekit_output(text: str, tmp_path: Path) -> Path:
     """Run mergekit-yaml once per distinct recipe (it does not know raymerge's keys)."""
     if text not in _MK_CACHE:
-        recipe = tmp_path / "mergekit.yaml"
-        recipe.write_text(text)
-        out = tmp_path / "mergekit"
-        proc = subprocess.run([MERGEKIT, str(recipe), str(out), "--no-copy-tokenizer"], capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        _MK_CACHE[text] = out
+        _MK_CACHE[text] = mergekit_yaml(text, tmp_path / "mergekit")
     return _MK_CACHE[text]
 
 

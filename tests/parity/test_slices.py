@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,9 +24,8 @@ from raymerge.engine.plan import build_plan
 from raymerge.engine.recipe import parse_recipe
 from raymerge.engine.synth import SHAPES, make_family
 
-from conftest import load_dir
+from conftest import load_dir, mergekit_yaml
 
-MERGEKIT = shutil.which("mergekit-yaml") or str(Path(sys.executable).with_name("mergekit-yaml"))
 LAYERS = 4
 
 
@@ -104,20 +100,13 @@ def _recipes(b: Path, e0: Path, e1: Path) -> dict[str, tuple[str, int]]:
     }
 
 
-def _mergekit(text: str, out: Path) -> None:
-    recipe = out.with_suffix(".yaml")
-    recipe.write_text(text)
-    proc = subprocess.run([MERGEKIT, str(recipe), str(out), "--no-copy-tokenizer"], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-
-
 @pytest.mark.parametrize("case", sorted(_recipes(Path("b"), Path("e0"), Path("e1"))))
 def test_slices_match_mergekit(case, deep_family, tmp_path):
     base, (e0, e1) = deep_family
     text, blocks = _recipes(base, e0, e1)[case]
     text += "dtype: float32\n"
     mk_out, rm_out = tmp_path / "mergekit", tmp_path / "raymerge"
-    _mergekit(text, mk_out)
+    mergekit_yaml(text, mk_out)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(text)
     assert raymerge_main(["run", str(recipe), str(rm_out), "-q"]) == 0

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,10 +21,9 @@ from raymerge.cli import main as raymerge_main
 from raymerge.engine.plan import build_plan
 from raymerge.engine.recipe import parse_recipe
 
-from conftest import load_dir
+from conftest import load_dir, mergekit_yaml
 
 transformers = pytest.importorskip("transformers")
-MERGEKIT = shutil.which("mergekit-yaml") or str(Path(sys.executable).with_name("mergekit-yaml"))
 VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
 
 
@@ -100,18 +96,11 @@ def _vocab(out: Path) -> dict[str, int]:
     return transformers.AutoTokenizer.from_pretrained(str(out)).get_vocab()
 
 
-def _mergekit(text: str, out: Path) -> None:
-    recipe = out.with_suffix(".yaml")
-    recipe.write_text(text)
-    proc = subprocess.run([MERGEKIT, str(recipe), str(out)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-
-
 @pytest.mark.parametrize("case", sorted(_recipes(Path("b"), Path("e1"), Path("e2"))))
 def test_tokenizer_recipes_match_mergekit(case, vocab_family, tmp_path):
     text = _recipes(*vocab_family)[case] + "dtype: float32\n"
     mk_out, rm_out = tmp_path / "mergekit", tmp_path / "raymerge"
-    _mergekit(text, mk_out)
+    mergekit_yaml(text, mk_out, copy_tokenizer=True)
     recipe = tmp_path / "recipe.yaml"
     # 4 rows per task: token rows, default rows and the padding rows' mean cross task boundaries
     recipe.write_text(text + ("raymerge: {chunk_bytes: 256}\n" if "chunked" in case else ""))
@@ -152,7 +141,7 @@ def test_tied_embeddings_stay_tied(tmp_path):
         f"models:\n  - model: {base}\n    parameters: {{weight: 0.6}}\n  - model: {other}\n    parameters: {{weight: 0.4}}\n"
     )
     mk_out, rm_out = tmp_path / "mergekit", tmp_path / "raymerge"
-    _mergekit(text, mk_out)
+    mergekit_yaml(text, mk_out, copy_tokenizer=True)
     (tmp_path / "r.yaml").write_text(text)
     assert raymerge_main(["run", str(tmp_path / "r.yaml"), str(rm_out), "-q"]) == 0
     ref, got = load_dir(mk_out), load_dir(rm_out)
@@ -215,7 +204,7 @@ def test_sliced_recipe_with_union_vocabulary_matches_mergekit(vocab_family, tmp_
         "    parameters: {weight: 0.5}\n"
     )
     mk_out, rm_out = tmp_path / "mergekit", tmp_path / "raymerge"
-    _mergekit(text, mk_out)
+    mergekit_yaml(text, mk_out, copy_tokenizer=True)
     (tmp_path / "r.yaml").write_text(text)
     assert raymerge_main(["run", str(tmp_path / "r.yaml"), str(rm_out), "-q"]) == 0
     ref, got = load_dir(mk_out), load_dir(rm_out)
@@ -313,7 +302,7 @@ def test_tokens_past_the_base_rows_are_dropped_then_taken_from_others(tmp_path):
         f"  - model: {base}\n    parameters: {{weight: 0.3}}\n  - model: {other}\n    parameters: {{weight: 0.7}}\n"
     )
     mk_out, rm_out = tmp_path / "mergekit", tmp_path / "raymerge"
-    _mergekit(text, mk_out)
+    mergekit_yaml(text, mk_out, copy_tokenizer=True)
     (tmp_path / "r.yaml").write_text(text)
     assert raymerge_main(["run", str(tmp_path / "r.yaml"), str(rm_out), "-q"]) == 0
     mk_vocab, rm_vocab = _vocab(mk_out), _vocab(rm_out)
