@@ -98,3 +98,17 @@ def mergekit_yaml(text: str, out: Path, *flags: str, copy_tokenizer: bool = Fals
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return out
+
+
+def map_reduce_errors(got_dir: Path, want_dir: Path, base_dir: Path) -> dict[str, float]:
+    """Per tensor, how far a map-reduce merge (``got_dir``) is from the single-task one: the sums are
+    reassociated, nothing else changes. Gram-merged linear weights are measured relative to their
+    merged task vector, the fp32 means (norms, embeddings, LM head) relative to the tensor."""
+    got, want, base = load_dir(got_dir), load_dir(want_dir), load_dir(base_dir)
+    assert got.keys() == want.keys()
+    errors = {}
+    for name, w in want.items():
+        gram = w.dim() == 2 and "embed" not in name and "lm_head" not in name
+        scale = (w - base[name]) if gram else w
+        errors[name] = float((got[name] - w).abs().max() / scale.abs().max().clamp(min=1e-30))
+    return errors
