@@ -93,9 +93,9 @@ class S3Proxy:
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
+                    proxy._record(Exchange(self.command, path, query, rng, fault.status, 0, len(body), True))
                     if self.command != "HEAD":
                         self.wfile.write(data)
-                    proxy._record(Exchange(self.command, path, query, rng, fault.status, 0, len(body), True))
                     return
                 conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)
                 try:
@@ -111,11 +111,12 @@ class S3Proxy:
                     length = resp.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data))
                     self.send_header("Content-Length", length)
                     self.end_headers()
-                    sent = 0
-                    if self.command != "HEAD":
-                        self.wfile.write(data)
-                        sent = len(data)
+                    sent = 0 if self.command == "HEAD" else len(data)
+                    # Recorded before the body goes out: once the client has its bytes, the test may
+                    # read the log at once, and a record made after the write could still be missing.
                     proxy._record(Exchange(self.command, path, query, rng, resp.status, sent, len(body), False))
+                    if sent:
+                        self.wfile.write(data)
                 finally:
                     conn.close()
 
