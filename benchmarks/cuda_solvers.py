@@ -94,6 +94,46 @@ def tsv_layer(n_experts: int, dev: torch.device, div: int = 1) -> list[dict[str,
     return rows
 
 
+def timed_value(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    sync(device)
+    t0 = time.perf_counter()
+    value = fn()
+    sync(device)
+    return round(time.perf_counter() - t0, 4), value
+
+
+def inverse_time(n: int, dev: torch.device, rows: int = 4096) -> dict[str, Any]:
+    """ACTMat's solve as ``eigh.gram_inverse`` does it on a nonsingular n × n S: Cholesky, the
+    certifying inverse iteration, and R S⁻¹ for ``rows`` rows, against fp64 ``eigh`` and its
+    pseudo-inverse."""
+    from raymerge.engine.methods.eigh import Pseudoinverse, certified_cholesky, cholesky_apply
+
+    g = torch.Generator(dev.type).manual_seed(1)
+    x = torch.randn(n, 256, dtype=torch.float64, device=dev, generator=g)
+    S = x @ x.T + torch.eye(n, dtype=torch.float64, device=dev)
+    R = torch.randn(rows, n, dtype=torch.float64, device=dev, generator=g)
+    del x
+    torch.cuda.reset_peak_memory_stats(dev)
+    before = torch.cuda.memory_allocated(dev)
+    chol, L = timed_value(lambda: certified_cholesky(S), dev)
+    peak = (torch.cuda.max_memory_allocated(dev) - before) / (8 * n * n)
+    assert L is not None, "S was not certified"
+    factor = [L]  # dropped before eigh runs, so its memory is free for it
+    apply, y = timed_value(lambda: cholesky_apply(factor[0], R), dev)
+    factor.clear()
+    del L
+    eig, pinv = timed_value(lambda: Pseudoinverse(*torch.linalg.eigh(S)), dev)
+    eig_apply, z = timed_value(lambda: pinv.apply(R), dev)
+    return {
+        "cholesky_and_certify_s": chol,
+        "apply_s": apply,
+        "peak_over_n2": round(peak, 2),
+        "eigh_s": eig,
+        "eigh_apply_s": eig_apply,
+        "rel_diff_vs_eigh": float((y - z).norm() / z.norm()),
+    }
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", type=Path, required=True)
@@ -104,7 +144,16 @@ def main() -> int:
     p.add_argument("--only-layer", action="store_true", help="just that (on --device, shapes divided by --div)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--div", type=int, default=1)
+    p.add_argument("--only-inverse", action="store_true", help="just ACTMat's Cholesky solve against eigh")
     args = p.parse_args()
+    if args.only_inverse:
+        inv: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "inverse_fp64": {}}
+        for n in (int(x) for x in args.eigh.split(",") if x):
+            inv["inverse_fp64"][n] = inverse_time(n, torch.device(args.device))
+            print("inverse", n, inv["inverse_fp64"][n], flush=True)
+            args.out.write_text(json.dumps(inv, indent=1))
+            torch.cuda.empty_cache()
+        return 0
     if args.only_layer:
         rows = tsv_layer(args.experts, torch.device(args.device), args.div)
         args.out.write_text(json.dumps({"tsv_m_layer": rows}, indent=1))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark, end to end, in one `device` call (or any CUDA machine without Ray installed).
 #
-#   bash benchmarks/gpu.sh [STAGE ...]        stages: tests gram svd matrix growth solvers frontier (default: all)
+#   bash benchmarks/gpu.sh [STAGE ...]        stages: tests inverse gram svd matrix growth solvers frontier (default: all)
 #
 # matrix overrides: MATRIX_SIZE, MATRIX_METHODS, MATRIX_EXECUTORS, PEER_METHODS, WORKERS, MATRIX_TIMEOUT
 #
@@ -16,7 +16,7 @@ OUT=${OUT:-/tmp/raymerge-gpu}
 SITE=${TMPDIR:-/tmp}/raymerge-site
 WORK=${RAYMERGE_BENCH_DIR:-${TMPDIR:-/tmp}/raymerge-bench}
 mkdir -p "$OUT" "$SITE" "$WORK"
-STAGES=${*:-tests gram svd matrix growth solvers frontier}
+STAGES=${*:-tests inverse gram svd matrix growth solvers frontier}
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 
 if [ ! -e "$SITE/.done" ]; then
@@ -41,7 +41,11 @@ for stage in $STAGES; do
       # without fusion-bench its comparisons skip; CUDA is then checked against the CPU path
       timeout "${TESTS_TIMEOUT:-600}" python3 -m pytest -m gpu -q -p no:cacheprovider -rfEs -o junit_logging=system-out \
         --junitxml "$OUT/gpu_tests_$GPU.xml" \
-        tests/parity/test_gram.py tests/parity/test_spectral.py tests/parity/test_memory_model.py 2>&1 | tail -40 || rc=1 ;;
+        tests/parity/test_gram.py tests/parity/test_spectral.py tests/parity/test_memory_model.py \
+        tests/parity/test_resident_inputs.py tests/unit/test_gram_inverse.py tests/unit/test_dare_masks.py 2>&1 | tail -40 || rc=1 ;;
+    inverse) # ACTMat's solve: certified Cholesky against fp64 eigh at the 7B / 70B input widths
+      timeout "${INVERSE_TIMEOUT:-120}" python3 -m benchmarks.cuda_solvers --only-inverse --eigh "${INVERSE_SIZES:-4096,11008,28672}" \
+        --out "$OUT/cuda_inverse_$GPU.json" 2>&1 | tail -8 || rc=1 ;;
     gram)   # ACTMat / WUDI solvers on the 32 layers of Llama-2-7B, 8 experts, versus FusionBench's wudi_merging
       python3 -m benchmarks.gram_methods --block llama7b --device cuda --experts 8 \
         --out "$OUT/gram_methods_llama7b_$GPU.json" 2>&1 | tail -25 || rc=1 ;;

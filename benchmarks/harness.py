@@ -178,9 +178,31 @@ def _proc_status_kib(pid: int) -> dict[str, int] | None:
     return out
 
 
+def _gpu_handle() -> Any:
+    """An NVML handle of GPU 0 for utilisation samples, or None (no NVML, no NVIDIA GPU)."""
+    try:
+        import pynvml  # nvidia-ml-py: on GPU machines
+
+        pynvml.nvmlInit()
+        return pynvml.nvmlDeviceGetHandleByIndex(0)
+    except Exception:
+        return None
+
+
+def _gpu_busy(handle: Any) -> int | None:
+    """Percent of the last NVML sample period (1/6 s to 1 s) in which a kernel ran on the GPU."""
+    try:
+        import pynvml
+
+        return int(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+    except Exception:
+        return None
+
+
 @dataclass
 class TreeSampler:
-    """Polls a process and all its descendants; keeps the peak of the summed RSS."""
+    """Polls a process and all its descendants; keeps the peak of the summed RSS (and, on an
+    NVIDIA machine, the GPU's busy percentage at each sample)."""
 
     pid: int
     interval: float
@@ -197,7 +219,10 @@ class TreeSampler:
     # workers) are missing from wait4's rusage, so their CPU is added from here.
     cpu_by_pid: dict[int, float] = field(default_factory=dict)
 
+    gpu_busy: list[int] = field(default_factory=list)
+
     def __post_init__(self) -> None:
+        self._gpu = _gpu_handle()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
         self._t0 = time.perf_counter()
@@ -242,6 +267,8 @@ class TreeSampler:
                     continue
         if not alive or not rss:  # exited (zombies have no VmRSS)
             return
+        if self._gpu is not None and (busy := _gpu_busy(self._gpu)) is not None:
+            self.gpu_busy.append(busy)
         self.samples += 1
         if rss > self.peak_rss:
             self.peak_rss, self.anon_at_peak, self.file_at_peak = rss, anon, filed
@@ -322,6 +349,10 @@ def run_measured(cmd: list[str], log: Path, interval: float, env: dict[str, str]
         "peak_threads": sampler.peak_threads,
         "peak_processes": sampler.peak_processes,
         "rss_samples": sampler.samples,
+        # mean over the run of NVML's busy percentage: how much of the wall the GPU computed
+        "gpu_busy_fraction": round(sum(sampler.gpu_busy) / len(sampler.gpu_busy) / 100, 3)
+        if sampler.gpu_busy
+        else None,
         "rss_timeline_s_bytes": timeline[::step],
         "log": str(log),
     }

@@ -59,6 +59,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 "est_host_bytes": t.est_host_bytes,
                 "est_device_bytes": t.est_device_bytes,
                 "flops": t.flops,
+                # dense linear algebra as planned: statistics dtype, and the dtype of R S⁺'s eigh fallback
+                **{k: t.shared[k] for k in ("precision", "eigh_precision") if k in t.shared},
             }
             for t in plan.tasks
         ]
@@ -73,6 +75,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"peak task   {fmt_bytes(summary['peak_task_host_bytes'])} host  (budget {fmt_bytes(budget)})")
         if plan.device != "cpu":
             print(f"            {fmt_bytes(summary['peak_task_device_bytes'])} device  ({dev_budget})")
+            narrowed = sum(t.shared.get("precision") == "fp32" for t in plan.tasks)
+            mixed = sum(t.shared.get("eigh_precision") == "fp32" for t in plan.tasks)
+            if narrowed or mixed:
+                print(
+                    f"precision   {mixed} task(s) fp64 with an fp32 eigh fallback, {narrowed} in fp32"
+                    " (fp64 would not fit the device)"
+                )
         print(f"flops       {summary['flops']:.3g}")
         biggest = sorted(plan.tasks, key=lambda t: (-t.est_host_bytes - t.est_device_bytes, t.id))[:5]
         print(f"largest tasks:{'host':>59} {'device':>12}")

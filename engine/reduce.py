@@ -130,13 +130,13 @@ def _partial_bytes(task: TensorTask) -> int:
 
 def run_map_or_reduce(task: TensorTask, staging_dir: str, device: str, write: Callable[..., Any]) -> Any:
     """Run a map task (write its partial file; an empty receipt) or a reduce task (its output)."""
-    from raymerge.engine.task import ExpertStream, Receipt, TaskChunks  # task.py dispatches here
+    from raymerge.engine.task import ExpertStream, Receipt, TaskChunks, resident_inputs  # task.py dispatches here
 
     t0 = time.perf_counter()
     dev = task_device(task, device)
     prepare_device(dev)
     readers = [open_shard(r.url) for r in task.inputs]
-    stream = ExpertStream(task, readers, 1, dev)
+    stream = ExpertStream(task, readers, 1, dev, resident_inputs(task, dev))
     src = TaskChunks(stream, task)
     args = MergeArgs(task.shared, task.per_model, None, task.tensor, task.seed, ())
     precision = str(task.shared.get("precision", "auto"))

@@ -21,12 +21,13 @@ from raymerge.engine.executor import task_device
 from raymerge.engine.gather import VocabGather
 from raymerge.engine.guard import disk_full
 from raymerge.engine.lora import delta_rows, lora_factors
-from raymerge.engine.methods import MergeArgs, get_method
+from raymerge.engine.methods import METHODS, MergeArgs, get_method
 from raymerge.engine.methods.gram_lora import Factors
 from raymerge.engine.methods.mergekit_order import mergekit_order
 from raymerge.engine.methods.precision import prepare_device
 from raymerge.engine.plan import TensorTask
 from raymerge.engine.storage import DTYPES, ShardReader, TensorEntry, open_shard, row_span
+from raymerge.engine.transfer import move_rows
 
 
 @dataclass(frozen=True)
@@ -103,21 +104,16 @@ def moves_by_chunks(dev: torch.device) -> bool:
     return dev.type != "cpu"
 
 
-def move_rows(
-    reader: ShardReader, entry: TensorEntry, r0: int, r1: int, dtype: torch.dtype, dev: torch.device, step: int
-) -> torch.Tensor:
-    """Rows [r0, r1) of a stored tensor on ``dev`` in ``dtype``, moved ``step`` rows at a time, so the
-    host holds one chunk (and its mapped pages) at a time, never the whole tensor."""
-    out = torch.empty((r1 - r0, *entry.shape[1:]), dtype=dtype, device=dev)
-    for a in range(r0, r1, max(1, step)):
-        b = min(r1, a + max(1, step))
-        view = reader.read_rows(entry, a, b)
-        out[a - r0 : b - r0].copy_(view)
-        if dev.type == "cuda":
-            torch.cuda.current_stream(dev).synchronize()  # the copy is done with the pages
-        del view
-        reader.release(*row_span(entry, a, b))
-    return out
+def holds_inputs(task: TensorTask) -> bool:
+    """Whether ``task``'s method re-reads its inputs and the plan left ``inputs_on_device`` on."""
+    rereads = task.method in METHODS and METHODS[task.method].rereads_inputs
+    return rereads and bool(task.shared.get("inputs_on_device", True))
+
+
+def resident_inputs(task: TensorTask, dev: torch.device) -> bool:
+    """Whether ``task`` holds its inputs in device memory (``holds_inputs``, on CUDA): there a
+    second read from storage and a second host-to-device copy cost more than the device bytes."""
+    return dev.type == "cuda" and holds_inputs(task)
 
 
 def all_finite(x: torch.Tensor) -> bool:
@@ -140,7 +136,9 @@ class ExpertStream(LazyTensors):
     (zero-copy from the mapping, then cast to the compute dtype on the compute device), so a
     method that iterates holds one expert at a time and can iterate more than once."""
 
-    def __init__(self, task: TensorTask, readers: list[ShardReader], first: int, dev: torch.device) -> None:
+    def __init__(
+        self, task: TensorTask, readers: list[ShardReader], first: int, dev: torch.device, resident: bool = False
+    ) -> None:
         self.task = task
         self.readers = readers
         self.first = first
@@ -149,6 +147,10 @@ class ExpertStream(LazyTensors):
         self.bytes_read = 0
         self.checked: set[tuple[int, int, int]] = set()
         self.vocab = VocabGather(task, readers, self.compute) if task.vocab_size else None
+        # Inputs held on the accelerator in their stored dtype (``resident_inputs``): the base, and
+        # the expert read last; a row chunk of either is then sliced and converted there.
+        self.resident = resident and self.vocab is None and not task.lora and len(task.output.shape) == 2
+        self.held: dict[int, torch.Tensor] = {}
 
     def load(self, i: int, r0: int | None = None, r1: int | None = None, *, chunk: bool = False) -> torch.Tensor:
         """Input ``i`` of the task (0 = base when the task has one), rows [r0, r1) if given.
@@ -160,6 +162,8 @@ class ExpertStream(LazyTensors):
         r0 = self.task.row_start if r0 is None else r0
         r1 = self.task.row_end if r1 is None else r1
         entry = ref.entry(self.task.tensor)
+        if chunk and self.resident:
+            return self._held_rows(i, entry, r0, r1)
         if self.vocab is not None:  # re-indexed rows, gathered on the host
             before = self.vocab.bytes_read
             x = self.vocab.rows(i, r0, r1).to(self.dev)
@@ -197,6 +201,30 @@ class ExpertStream(LazyTensors):
         if ref is None or ref.transposed or task.inputs[i] != task.inputs[0] or len(task.output.shape) != 2:
             return None
         return lora_factors(ref, task.tensor, task.row_start, task.row_end, self.compute, self.dev)
+
+    def _held_rows(self, i: int, entry: TensorEntry, r0: int, r1: int) -> torch.Tensor:
+        """Rows [r0, r1) of input ``i`` in the compute dtype, from its copy in device memory (made on
+        first use, replacing the expert held before; the base stays), checked for NaN/Inf once."""
+        held = self.held.get(i)
+        if held is None:
+            if i >= self.first:  # one expert at a time: the Gram methods finish one before the next
+                for k in [k for k in self.held if k >= self.first]:
+                    del self.held[k]
+            task = self.task
+            held = move_rows(
+                self.readers[i], entry, task.row_start, task.row_end, entry.torch_dtype, self.dev, task.chunk_rows
+            )
+            self.bytes_read += (task.row_end - task.row_start) * entry.row_bytes()
+            if not all_finite(held):
+                raise CheckpointError(
+                    "input contains NaN or Inf",
+                    file=task.inputs[i].url,
+                    tensor=task.tensor,
+                    hint="fix the checkpoint, or exclude this tensor from the merge",
+                )
+            self.held[i] = held
+        a = r0 - self.task.row_start
+        return held[a : a + (r1 - r0)].to(self.compute, copy=True)
 
     def _to_device_by_chunks(self, i: int, entry: TensorEntry, r0: int, r1: int) -> torch.Tensor:
         out = move_rows(self.readers[i], entry, r0, r1, self.compute, self.dev, self.task.chunk_rows)
@@ -381,7 +409,7 @@ def run_task(task: TensorTask, staging_dir: str, device: str = "cpu") -> Receipt
             crc, written = _write_pieces([merged], out_dtype, path, task.output.offset, task)
             return Receipt(task.id, task.tensor, crc, written, stream.bytes_read, time.perf_counter() - t0, str(dev))
         if method is not None and method.chunked is not None and not turned:
-            stream = ExpertStream(task, readers, 1 if task.has_base else 0, dev)
+            stream = ExpertStream(task, readers, 1 if task.has_base else 0, dev, resident_inputs(task, dev))
             args = MergeArgs(task.shared, task.per_model, None, task.tensor, task.seed, AuxStream(task, dev))
             pieces = method.chunked(TaskChunks(stream, task), args)
             crc, written = _write_pieces(pieces, out_dtype, path, task.output.offset, task)

@@ -10,15 +10,18 @@ with C_t = Δ_tᵀΔ_t. Per expert, a first pass over its row chunks accumulates
 (WUDI's w_t = 1/‖Δ_t‖² is known after the first pass). Then:
 
 * **ACTMat** (Hameed et al., arXiv 2604.01329): w_t = 1, Δ* = R S⁺, the RegMean closed form with
-  the data-free covariance estimate C_t ≈ Δ_tᵀΔ_t. S⁺ comes from ``eigh`` of the symmetric S with
-  ``torch.linalg.pinv``'s default cut-off (max(dim)·eps·λ_max). ``merge_mode: weight`` gives
+  the data-free covariance estimate C_t ≈ Δ_tᵀΔ_t. S⁺ is ``torch.linalg.pinv``'s (cut-off
+  max(dim)·eps·λ_max): by Cholesky when S is certified nonsingular well above that cut-off (then
+  S⁺ = S⁻¹; ``eigh.gram_inverse``), else from ``eigh`` of the symmetric S; ``solve: eigh`` always
+  takes the eigen-decomposition. ``merge_mode: weight`` gives
   W* = (Σ W_t C_t)(Σ C_t)⁺ = W₀·S S⁺ + Δ*. ``trim: k`` < 1 is the authors' trimmed-covariance
   variant (TACT): C_t = trim(Δ_t)ᵀ trim(Δ_t) from Δ_t's ⌈k·numel⌉ entries largest in magnitude
   (exact threshold streamed by ``gram_trim``), while R = Σ Δ_t C_t keeps the whole Δ_t.
 * **RegMean** (Jin et al., ICLR 2023), the data-based original: W* = (Σ_t W_t G̃_t)(Σ_t G̃_t)⁻¹
   with each expert's input Gram G_t = XᵀX/N (given per expert by the ``grams`` parameter) and
   G̃_t = G_t with off-diagonal entries × ``alpha``. B = Σ W_t G̃_t accumulates by row chunks.
-  Solved by Cholesky, falling back to the ``eigh`` pseudo-inverse when Σ G̃_t is singular; never
+  Solved by Cholesky, falling back to the ``eigh`` pseudo-inverse when Σ G̃_t is not certified
+  nonsingular (``eigh.gram_inverse``); never
   an explicit inverse.
 * **WUDI** (Cheng et al., ICML 2025): w_t = 1/‖Δ_t‖_F², minimising Σ_t ‖(M − Δ_t)Δ_tᵀ‖²/‖Δ_t‖².
   ``solver: adam`` reproduces the paper (M₀ = ΣΔ_t, ``steps`` Adam steps at ``lr`` in fp32) with
@@ -69,7 +72,7 @@ from typing import Any
 import torch
 
 from raymerge.engine.methods.chunks import ChunkSource
-from raymerge.engine.methods.eigh import Pseudoinverse, sym_eigh, symmetrize_
+from raymerge.engine.methods.eigh import gram_inverse, sym_eigh, symmetrize_
 from raymerge.engine.methods.gram_lora import factored_applies, factored_merge, source_factors
 from raymerge.engine.methods.gram_memory import gram_flops, memory_model, regmean_flops
 from raymerge.engine.methods.gram_stream import BlockReader, GramStats, gram_stats, pieces, register_gram, row_blocks
@@ -101,12 +104,46 @@ _TRIM = Param(
     high=1.0,
     low_open=True,
 )
+_SOLVE = Param(
+    "solve",
+    str,
+    S_,
+    "auto",
+    "S⁺ by Cholesky when S is certified nonsingular, else by eigh (auto) | always by eigh",
+    ("auto", "eigh"),
+)
+_EIGH_PRECISION = Param(
+    "eigh_precision",
+    str,
+    S_,
+    "same",
+    "dtype of the eigh fallback of R S⁺: the statistics' (same) | fp32 (half its memory; planned"
+    " where the fp64 one would not fit the device)",
+    ("same", "fp32"),
+)
+
+
+_INPUTS_ON_DEVICE = Param(
+    "inputs_on_device",
+    bool,
+    S_,
+    True,
+    "on an accelerator, hold the base and the current expert in device memory, each read once"
+    " (planned off where they would not fit)",
+)
+
+
+def _eigh_dtype(p: Mapping[str, Any]) -> torch.dtype | None:
+    return torch.float32 if p.get("eigh_precision") == "fp32" else None
+
+
 _GRAM: dict[str, Any] = {
     "oriented": True,  # input side = columns of an out × in weight (Conv1D weights arrive transposed)
     "applies_to": frozenset({"linear"}),
     "fallback": "mean",
     "streams_experts": True,
     "prefers_accelerator": True,
+    "rereads_inputs": True,
     "flops": gram_flops,
 }
 
@@ -142,10 +179,8 @@ def actmat(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
         ridge = float(p["ridge"])
         if ridge > 0:
             S.diagonal().add_(ridge * float(S.diagonal().mean()))
-        eig, V = sym_eigh(S)
+        pinv = gram_inverse(S, None if p["rcond"] < 0 else float(p["rcond"]), str(p["solve"]), _eigh_dtype(p))
         del S
-        pinv = Pseudoinverse(eig, V, None if p["rcond"] < 0 else float(p["rcond"]))
-        del V
         for block in blocks:
             rows = slice(block[0][0] - origin, block[-1][1] - origin)
             base = reader.read(src.base, block)
@@ -167,6 +202,9 @@ register_gram(
         Param("merge_mode", str, S_, "delta", "delta: W₀ + R S⁺ | weight: (Σ W_t C_t)(Σ C_t)⁺", ("delta", "weight")),
         Param("ridge", float, S_, 0.0, "add ridge·mean(diag S) to S's diagonal before solving", low=0.0),
         Param("rcond", float, S_, -1.0, "eigenvalue cut-off relative to λ_max (negative: pinv default)"),
+        _SOLVE,
+        _EIGH_PRECISION,
+        _INPUTS_ON_DEVICE,
         _TRIM,
     ),
     "https://arxiv.org/abs/2604.01329",
@@ -238,12 +276,12 @@ def _wudi_rows(
         return adam
     if solver not in ("spectral", "adaptive", "closed_form"):  # validated by the recipe layer
         raise ValueError(f"unknown WUDI solver {solver!r}")
+    if solver == "closed_form":
+        pinv = gram_inverse(symmetrize_(S), solve=str(p["solve"]), eigh_dtype=_eigh_dtype(p))
+        del S
+        return lambda rows: pinv.apply(R[rows])
     lam, V = sym_eigh(symmetrize_(S))
     del S
-    if solver == "closed_form":
-        pinv = Pseudoinverse(lam, V)
-        del V
-        return lambda rows: pinv.apply(R[rows])
     f = wudi_filter(lam, solver, float(p["t"]), float(p["keep_fraction"]))
     safe = torch.where(lam > 0, lam, torch.ones_like(lam))
     gain = torch.where(lam > 0, f / safe, torch.zeros_like(lam))
@@ -307,6 +345,9 @@ register_gram(
         ),
         Param("steps", int, S_, 300, "Adam steps", low=1),
         _TRIM,
+        _SOLVE,
+        _EIGH_PRECISION,
+        _INPUTS_ON_DEVICE,
         Param("lr", float, S_, 1e-5, "Adam learning rate", low=0.0, low_open=True),
         Param("t", float, S_, 300.0, "spectral filter time f = 1 − exp(−λt)", low=0.0, low_open=True),
         Param(
@@ -337,12 +378,6 @@ def shrink_off_diagonal_(G: torch.Tensor, alpha: float) -> torch.Tensor:
     return G
 
 
-def _cholesky_apply(L: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """B A⁻¹ for A = L Lᵀ, never forming A⁻¹: Bᵀ solved against L, then Lᵀ, as LAPACK's potrs does
-    (bit for bit ``torch.cholesky_solve(B.T, L).T``, which would also copy L for every block)."""
-    return torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, B.T, upper=False), upper=True).T
-
-
 def regmean(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
     """RegMean: W* = (Σ W_t G̃_t)(Σ G̃_t)⁻¹ from per-expert input Grams, one expert at a time."""
     p = args.shared
@@ -370,24 +405,11 @@ def regmean(src: ChunkSource, args: MergeArgs) -> Iterator[torch.Tensor]:
                 B[block[0][0] - origin : block[-1][1] - origin].addmm_(x, g)  # W_t G̃_t (G̃ is symmetric)
             del g
         assert A is not None and B is not None
-        symmetrize_(A)
-        chol, info = torch.linalg.cholesky_ex(A)
-        # Cholesky can "succeed" on a numerically singular matrix; trust it only when the factor's
-        # diagonal shows a condition number the pinv cut-off would keep whole.
-        d = chol.diagonal()
-        cutoff = A.shape[0] * torch.finfo(A.dtype).eps
-        solve: Callable[[torch.Tensor], torch.Tensor]
-        if int(info) == 0 and float((d.min() / d.max()) ** 2) > cutoff:
-            del A, d
-            solve = functools.partial(_cholesky_apply, chol)
-        else:
-            del chol, d
-            lam, V = sym_eigh(A, bounded=True)
-            del A
-            solve = Pseudoinverse(lam, V).apply
-            del V
+        # Cholesky when Σ G̃_t is certified nonsingular (``eigh.gram_inverse``), else the pseudo-inverse
+        inverse = gram_inverse(symmetrize_(A), solve=str(p["solve"]), eigh_dtype=_eigh_dtype(p))
+        del A
         for block in blocks:
-            merged = solve(B[block[0][0] - origin : block[-1][1] - origin])
+            merged = inverse.apply(B[block[0][0] - origin : block[-1][1] - origin])
             yield from pieces(merged.to(reader.compute), block)
 
 
@@ -406,10 +428,12 @@ register_gram(
             high=1.0,
         ),
         _COMMON[1],
+        _SOLVE,
+        _EIGH_PRECISION,
     ),
     "https://arxiv.org/abs/2212.09849",
     memory=memory_model("regmean"),
-    **{**_GRAM, "aux_param": "grams", "needs_base": False, "flops": regmean_flops},
+    **{**_GRAM, "aux_param": "grams", "needs_base": False, "flops": regmean_flops, "rereads_inputs": False},
 )
 
 

@@ -63,16 +63,32 @@ def _eigh_bytes(n: int, item: int, on_accelerator: bool, bounded: bool = False) 
     """Peak bytes of ``sym_eigh`` of an n × n matrix including S itself.
 
     CPU below ``IN_PLACE_BYTES`` (unless ``bounded``): S, V and syevd's 1 + 6n + 2n² workspace
-    (measured: 3.05n² + 6 MiB above S at n = 3072); above it: S (overwritten), V and syevr's O(n)
-    workspace. CUDA: ``torch.linalg.eigh`` allocates 5.0n² beyond S (H200, torch 2.11, fp64,
-    n = 4096, 11008 and 28672; ``benchmarks/cuda_solvers.py``), so 6n² with S; the pseudo-inverse's
-    copy of the kept eigenvectors comes after the workspace is freed. ``bounded`` (RegMean's
-    fallback after a failed Cholesky) keeps 3n²: not reached by the measured cases."""
+    (measured: 3.05n² + 6 MiB above S at n = 3072); above it, or ``bounded``: S (overwritten), V
+    and syevr's O(n) workspace. CUDA: ``torch.linalg.eigh`` allocates 5.0n² beyond S (H200, torch
+    2.11, fp64, n = 4096, 11008 and 28672; ``benchmarks/cuda_solvers.py``), so 6n² with S; the
+    pseudo-inverse's copy of the kept eigenvectors comes after the workspace is freed."""
     if on_accelerator:
-        return (3 if bounded else 6) * n * n * item + 64 * n * item
+        return 6 * n * n * item + 64 * n * item
     if bounded or in_place(n, item):
         return 2 * n * n * item + 64 * n * item
     return 4 * n * n * item + 256 * n * item
+
+
+# What the Cholesky path's library calls keep beyond S and L: measured 1.3 MiB (potrf) and 2.4 MiB
+# (the certifying triangular solves) of resident-set growth at n = 2048, one thread, apart; within a
+# task the two together measured 3.3 MiB above S, L and the itemised rest, so twice that is declared.
+CHOLESKY_WORK_BYTES = 8 << 20
+
+
+def _inverse_bytes(n: int, item: int, on_accelerator: bool, eigh_item: int | None = None) -> int:
+    """Peak bytes of ``eigh.gram_inverse`` with S: S and its Cholesky factor (the certifying vectors,
+    and on CPU ``CHOLESKY_WORK_BYTES``), or, when S is not certified, the eigen-decomposition
+    (bounded on CPU) in the statistics' dtype, or in ``eigh_item``-byte elements after S is copied
+    to them and released (``eigh_precision: fp32``)."""
+    chol = 2 * n * n * item + 16 * n * item + (0 if on_accelerator else CHOLESKY_WORK_BYTES)
+    if eigh_item is None or eigh_item == item:
+        return max(chol, _eigh_bytes(n, item, on_accelerator, bounded=True))
+    return max(chol, n * n * (item + eigh_item), _eigh_bytes(n, eigh_item, on_accelerator, bounded=True))
 
 
 # Besides its own tensors, a task's resident set grows by what BLAS and LAPACK keep (packing
@@ -99,19 +115,26 @@ def _trim_bytes(d: _Dims, si: int) -> int:
     return 3 * d.block * si + d.block + TRIM_HIST_BYTES
 
 
-def gram_memory(kind: str, s: WorkShape, on_accelerator: bool, trim: bool = False) -> Footprint:
+def gram_memory(
+    kind: str, s: WorkShape, on_accelerator: bool, trim: bool = False, eigh_item: int | None = None
+) -> Footprint:
     """Declared peak bytes of a Gram task: ``kind`` is ``actmat``, ``wudi:<solver>``, ``wudi``
-    (the largest over its solvers) or ``regmean``; ``trim``: the trimmed covariance (ACTMat, WUDI).
+    (the largest over its solvers) or ``regmean``; ``trim``: the trimmed covariance (ACTMat, WUDI);
+    ``eigh_item``: the element size of R S⁺'s eigh fallback when not the statistics'.
 
     Phases (the peak is the largest): statistics (S, C_t, R [, ΣΔ] and the block buffer), the
-    solve (``_eigh_bytes``, or RegMean's Cholesky factor, or WUDI-Adam's fp32 copy of S), and the
+    solve (``_inverse_bytes`` for R S⁺, ``_eigh_bytes`` for WUDI's filters, WUDI-Adam's fp32 copy of S), and the
     output pass (eigenvectors, R [, ΣΔ] and a few block temporaries). On CPU all of it is host
     memory, with the inputs (``_inputs_host``), the output (``_output_host``) and
-    ``RUNTIME_BYTES``. On an accelerator it is device memory, with the chunk copies; the host
-    holds one stored chunk, its converted copy and one output chunk (and a chunk of a Gram).
+    ``RUNTIME_BYTES``. On an accelerator it is device memory, with the chunk copies and (ACTMat,
+    WUDI) the base and the current expert as stored, which the statistics re-read; the host holds
+    one input chunk in flight (``WorkShape.host_in_flight``) and one output chunk (and a chunk of a
+    Gram).
     """
     if kind == "wudi":
-        peaks = [gram_memory(f"wudi:{x}", s, on_accelerator, trim) for x in ("adam", "spectral", "closed_form")]
+        peaks = [
+            gram_memory(f"wudi:{x}", s, on_accelerator, trim, eigh_item) for x in ("adam", "spectral", "closed_form")
+        ]
         return Footprint(max(p.host for p in peaks), max(p.device for p in peaks))
     d = _Dims.of(s)
     if s.lora_rank and kind != "regmean":
@@ -122,10 +145,10 @@ def gram_memory(kind: str, s: WorkShape, on_accelerator: bool, trim: bool = Fals
     blk = d.block * si  # the block buffer, from the first read to the end
     if kind == "regmean":
         # A, G̃_t and the Gram as read (on the host a zero-copy view when the compute dtype is the
-        # Grams' fp32) | A and its Cholesky factor, or A overwritten and V (``sym_eigh(bounded=True)``)
+        # Grams' fp32) | A and its Cholesky factor, or the eigen-decomposition (``gram_inverse``)
         read = n * n * s.compute_item if on_accelerator or s.compute_item != 4 else 0
         stats = 2 * nn + read + rows + blk
-        solve = max(2 * nn, _eigh_bytes(n, si, on_accelerator, bounded=True)) + rows + blk
+        solve = _inverse_bytes(n, si, on_accelerator, eigh_item) + rows + blk
         output = nn + rows + 3 * blk
     else:
         held = rows * (2 if kind.startswith("wudi") else 1)  # R [and ΣΔ]
@@ -136,9 +159,12 @@ def gram_memory(kind: str, s: WorkShape, on_accelerator: bool, trim: bool = Fals
             solve = nn + n * n * 4 + held + blk
             output = n * n * 4 + held + blk + max(6 * d.block * 4, blk + d.block * s.compute_item)
         else:
-            solve = _eigh_bytes(n, si, on_accelerator) + held + blk
-            # the block buffer, x V, the block's result and its compute-dtype copy; ACTMat's weight
-            # mode also holds the projection of the base rows
+            # R S⁺ (``gram_inverse``: Cholesky or eigh) or WUDI's spectral filters (eigh)
+            inverse = kind in ("actmat", "wudi:closed_form")
+            solve = held + blk
+            solve += _inverse_bytes(n, si, on_accelerator, eigh_item) if inverse else _eigh_bytes(n, si, on_accelerator)
+            # L or V, the block buffer, the first solve's (x V's) block, the block's result and its
+            # compute-dtype copy; ACTMat's weight mode also holds the projection of the base rows
             output = nn + held + (4 if kind == "actmat" else 3) * blk
     peak = max(stats, solve, output)
     if not on_accelerator:
@@ -149,9 +175,11 @@ def gram_memory(kind: str, s: WorkShape, on_accelerator: bool, trim: bool = Fals
         return Footprint(host=peak + _inputs_host(s, d) + _output_host(s, d) + grams + RUNTIME_BYTES)
     chunk = s.chunk_numel
     copies = 2 * chunk * (s.compute_item + s.in_item) + chunk * s.out_item + d.block * s.compute_item
-    host = chunk * (s.in_item + s.compute_item + s.out_item) + RUNTIME_BYTES
+    host = s.host_in_flight + chunk * s.out_item + RUNTIME_BYTES
     if kind == "regmean":  # a Gram crosses the host in row chunks too
         host += max(1, s.chunk_rows) * n * (4 + s.compute_item)
+    elif s.params.get("inputs_on_device", True):  # the base and the current expert as stored
+        copies += 2 * s.numel * s.in_item
     return Footprint(host=host, device=peak + copies)
 
 
@@ -180,7 +208,7 @@ def _factored_memory(s: WorkShape, d: _Dims, on_accelerator: bool) -> Footprint:
         base = s.numel * s.in_item if s.in_item == s.compute_item else d.chunk * (s.in_item + s.compute_item)
         return Footprint(host=peak + base + d.chunk * s.out_item + FACTORED_RUNTIME_BYTES)
     chunk = s.chunk_numel
-    host = chunk * (s.in_item + s.compute_item + s.out_item) + k * (n + out) * 4 + RUNTIME_BYTES
+    host = s.host_in_flight + chunk * s.out_item + k * (n + out) * 4 + RUNTIME_BYTES
     return Footprint(host=host, device=peak + 2 * chunk * (s.compute_item + s.in_item) + chunk * s.out_item)
 
 
@@ -192,7 +220,8 @@ def memory_model(kind: str) -> Callable[[WorkShape, bool], Footprint]:
         params = getattr(s, "params", None) or {}
         k = f"wudi:{params['solver']}" if kind == "wudi" and "solver" in params else kind
         trim = float(params.get("trim", 1.0)) < 1
-        return gram_memory(k.replace("adaptive", "spectral"), s, on_accelerator, trim)
+        eigh_item = 4 if params.get("eigh_precision") == "fp32" else None
+        return gram_memory(k.replace("adaptive", "spectral"), s, on_accelerator, trim, eigh_item)
 
     return model
 

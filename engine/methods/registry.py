@@ -135,6 +135,13 @@ class WorkShape:
         """Elements of one row chunk as a task reads it (never more than the span)."""
         return min(self.numel, max(1, self.chunk_rows) * max(1, self.row_numel))
 
+    @property
+    def host_in_flight(self) -> int:
+        """Host bytes of one input row chunk on its way to an accelerator: the chunk as read (its
+        mapped pages) and the two pinned chunks of ``transfer.move_rows``, or, on the pageable
+        path of a single chunk, the chunk read and its converted copy."""
+        return self.chunk_numel * max(3 * self.in_item, self.in_item + self.compute_item)
+
 
 @dataclass(frozen=True)
 class Footprint:
@@ -179,6 +186,10 @@ class MethodSpec:
     ``oriented``: the method reads a linear weight as out × in (input Grams, ΔᵀΔ, a left singular
     space); a weight stored in × out (GPT-2's ``Conv1D``) is handed to it transposed, and the
     result transposed back.
+    ``rereads_inputs``: the chunked function reads each input more than once (the Gram statistics:
+    two passes per expert, the base 2T + 1 times); on an accelerator a task then holds the base and
+    the current expert in device memory in their stored dtype (``memory`` declares them), so each
+    is read from storage and crosses to the device once.
     """
 
     name: str
@@ -205,6 +216,7 @@ class MethodSpec:
     check: Callable[[Mapping[str, Any], Sequence[Mapping[str, Any]]], str | None] | None = None
     oriented: bool = False
     memory: MemoryModel | None = None
+    rereads_inputs: bool = False
 
     def param(self, name: str) -> Param | None:
         for p in self.params:
@@ -243,7 +255,7 @@ class MethodSpec:
             return Footprint(host=compute + s.work_numel * s.in_item * held + out + select)
         chunk = s.chunk_numel
         return Footprint(
-            host=chunk * (s.in_item + s.compute_item) + chunk * s.out_item,
+            host=s.host_in_flight + chunk * s.out_item,
             device=compute + s.work_numel * s.compute_item * held + select + chunk * s.out_item,
         )
 

@@ -223,7 +223,7 @@ def _memory(phases: Callable[[_Live, int], int]) -> MemoryModel:
         if not on_accelerator:
             return Footprint(host=peak + _CPU_RESIDUE)
         chunk = w.chunk_numel
-        return Footprint(host=chunk * (w.in_item + w.compute_item + 2 * w.out_item), device=peak + chunk * w.out_item)
+        return Footprint(host=w.host_in_flight + 2 * chunk * w.out_item, device=peak + chunk * w.out_item)
 
     return memory
 
@@ -280,7 +280,7 @@ def _mean_task_vector_memory(w: WorkShape, on_accelerator: bool) -> Footprint:
     peak = live.held + w.numel * w.compute_item + max(live.read(), w.numel * w.out_item)
     if not on_accelerator:
         return Footprint(host=peak + _CPU_RESIDUE)
-    return Footprint(host=w.chunk_numel * (w.in_item + w.compute_item + w.out_item), device=peak)
+    return Footprint(host=w.host_in_flight + w.chunk_numel * w.out_item, device=peak)
 
 
 register(

@@ -3,8 +3,9 @@ cannot fit.
 
 Each method's memory model lives with the method (``MethodSpec.footprint``: its own ``memory``
 model, or the generic one built from ``work_buffers`` and ``extra_bytes``). Here the planner
-decides where a task computes (``Placement``), asks the model for both figures, and falls back to
-fp32 statistics where fp64 ones would not fit the accelerator (``precision: auto`` only).
+decides where a task computes (``Placement``), asks the model for both figures, and gives up device
+residency, then fp64 solves, then fp64 statistics where a task would not fit the accelerator
+(``precision: auto`` only; ``task_footprint``).
 Executors admit tasks by these figures (``executor.Admission``); ``check_budget`` refuses a plan
 whose largest task cannot fit either budget, naming the tensor and both sizes.
 """
@@ -37,27 +38,61 @@ def stats_item(shared: dict[str, Any]) -> int:
     return 4 if shared.get("precision") == "fp32" else 8
 
 
-def task_footprint(spec: MethodSpec, shape: WorkShape, shared: dict[str, Any], where: Placement) -> Footprint:
-    """The task's declared peaks; may set ``shared["precision"] = "fp32"`` (see the module doc).
+# What a task under ``precision: auto`` may give up, in this order, when its declared device bytes
+# exceed one accelerator: holding its inputs on the device (they are then re-read), an fp64 eigh
+# fallback of R S⁺ (an fp32 one; the certified Cholesky path stays fp64), fp64 statistics.
+_DEVICE_FALLBACKS: tuple[dict[str, Any], ...] = (
+    {"inputs_on_device": False},
+    {"eigh_precision": "fp32"},
+    {"inputs_on_device": False, "eigh_precision": "fp32"},
+    {"precision": "fp32"},
+    {"precision": "fp32", "inputs_on_device": False},
+)
 
-    An accelerator task under ``precision: auto`` whose fp64 statistics exceed ``device_memory``
-    plans them in fp32 instead (half the bytes; README "Scale" states the error against fp64);
-    the choice is recorded in the task, so it is part of the plan and of its fingerprint.
+
+def task_footprint(spec: MethodSpec, shape: WorkShape, shared: dict[str, Any], where: Placement) -> Footprint:
+    """The task's declared peaks; may change ``shared`` to fit the device (see below).
+
+    An accelerator task under ``precision: auto`` whose figure exceeds ``device_memory`` takes the
+    first of ``_DEVICE_FALLBACKS`` that its method offers (``inputs_on_device: true``,
+    ``eigh_precision: same`` with ``solve: auto``) and that fits: fp64 statistics are kept where
+    anything else will do, and fp32 ones cost accuracy (README "Scale" states it). The choice is
+    recorded in the task, so it is part of the plan and of its fingerprint.
     """
     on_acc = where.accelerated(spec)
     fp = spec.footprint(shape, on_acc)
-    if (
+    if not (
         on_acc
         and where.device_memory is not None
         and fp.device > where.device_memory
         and shared.get("precision") == "auto"
         and shape.stats_item == 8
     ):
-        narrow = spec.footprint(WorkShape(**{**shape.__dict__, "stats_item": 4}), on_acc)
-        if narrow.device < fp.device:
-            shared["precision"] = "fp32"
-            return narrow
-    return fp
+        return fp
+    best, change = fp, None
+    for option in _DEVICE_FALLBACKS:
+        if not _offers(shared, option):
+            continue
+        item = 4 if option.get("precision") == "fp32" else shape.stats_item
+        trial = spec.footprint(
+            WorkShape(**{**shape.__dict__, "stats_item": item, "params": {**shape.params, **option}}), on_acc
+        )
+        if trial.device <= where.device_memory:
+            best, change = trial, option
+            break
+        if trial.device < best.device:  # nothing fits: plan the smallest, which the budget check refuses
+            best, change = trial, option
+    if change is not None:
+        shared.update(change)
+    return best
+
+
+def _offers(shared: dict[str, Any], option: dict[str, Any]) -> bool:
+    """Whether a task with these parameters can take ``option`` (its method has those knobs, set to
+    what the option gives up)."""
+    resident = "inputs_on_device" not in option or shared.get("inputs_on_device") is True
+    mixed = "eigh_precision" not in option or (shared.get("eigh_precision") == "same" and shared.get("solve") == "auto")
+    return resident and mixed
 
 
 def task_flops(spec: MethodSpec, s: WorkShape) -> int:

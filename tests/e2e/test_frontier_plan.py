@@ -145,12 +145,49 @@ def test_plan_70b_on_80gib(
     params: dict[str, Any],
 ) -> None:
     """70B fits one 80 GiB accelerator (A100/H100) with every method."""
+    _plan_on_80gib(capsys, tmp_path, frontier, "70b", method, params)
+
+
+def _plan_on_80gib(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    frontier: dict[str, Family],
+    size: str,
+    method: str,
+    params: dict[str, Any],
+) -> dict[str, Any]:
+    """``raymerge plan`` for one 80 GiB card: accepted, both peaks within it and the host's 2 GiB."""
     rc, s, err = _plan(
-        capsys, _recipe(tmp_path, frontier["70b"], method, params), *ACCELERATOR, "--device-memory", "80GiB"
+        capsys, _recipe(tmp_path, frontier[size], method, params), *ACCELERATOR, "--device-memory", "80GiB"
     )
-    assert rc == 0, f"{case} 70b: {err.strip()}; {_figures(s)}"
-    assert s["peak_task_device_bytes"] <= 80 * GiB, f"{case} 70b: {_figures(s)}"
-    assert s["peak_task_host_bytes"] <= HOST_PEAK_ON_ACCELERATOR, f"{case} 70b: {_figures(s)}"
+    case = f"{method} {params} {size}"
+    assert rc == 0, f"{case}: {err.strip()}; {_figures(s)}"
+    assert s["peak_task_device_bytes"] <= 80 * GiB, f"{case}: {_figures(s)}"
+    assert s["peak_task_host_bytes"] <= HOST_PEAK_ON_ACCELERATOR, f"{case}: {_figures(s)}"
+    return s
+
+
+@pytest.mark.parametrize(
+    ("case", "method", "params"), [m for m in METHODS if m[0] in ("actmat", "wudi-closed_form", "regmean")]
+)
+def test_plan_405b_solves_in_fp64_on_80gib(
+    frontier: dict[str, Family],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    case: str,
+    method: str,
+    params: dict[str, Any],
+) -> None:
+    """405B R S⁺ on one 80 GiB card: fp64 statistics and Cholesky, only the eigh fallback planned in
+    fp32 (fp64 eigh of the 53248-wide down_proj S needs 6n² = 127 GiB); WUDI's spectral filter,
+    which always decomposes S, is planned in fp32 there."""
+    s = _plan_on_80gib(capsys, tmp_path, frontier, "405b", method, params)
+    linear = [t for t in s["task_list"] if t["class"] == "linear"]
+    down = [t for t in linear if ".mlp.down_proj." in t["id"]]
+    assert down and all(t["precision"] == "auto" and t["eigh_precision"] == "fp32" for t in down), down[0]
+    assert all(t.get("precision") != "fp32" for t in linear)
+    spectral = _plan_on_80gib(capsys, tmp_path, frontier, "405b", "wudi", {"solver": "spectral"})
+    assert any(t.get("precision") == "fp32" for t in spectral["task_list"])
 
 
 def test_plan_70b_actmat_on_cpu(

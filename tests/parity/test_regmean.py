@@ -183,7 +183,7 @@ def test_regmean_does_not_scale_the_callers_grams():
 
 
 def test_cholesky_apply_is_cholesky_solve():
-    from raymerge.engine.methods.gram import _cholesky_apply
+    from raymerge.engine.methods.eigh import cholesky_apply as _cholesky_apply
 
     A = sum(_grams(40, 2, seed=6))
     L = torch.linalg.cholesky(A)
