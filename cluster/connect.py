@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from types import TracebackType
 from typing import IO, Any
 
@@ -184,12 +185,26 @@ class EmbeddedHead:
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
         self.proc.wait()
-        psutil.wait_procs(procs, timeout=5)
+        # Dead is enough: a killed grandchild stays a zombie until init reaps it, which can take
+        # a second; waiting for that would only add to every merge's wall.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(_alive(p) for p in procs):
+            time.sleep(0.01)
         for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             if stream is not None:
                 with contextlib.suppress(OSError):
                     stream.close()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _alive(proc: Any) -> bool:
+    """Whether a ``psutil.Process`` still runs (a zombie has exited)."""
+    import psutil
+
+    try:
+        return bool(proc.status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _dashboard_url(context: Any) -> str:

@@ -21,7 +21,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 import torch
 
-from raymerge.cluster.progress import ClusterProgress
+from raymerge.cluster.progress import DRIVER_ROW, ClusterProgress
 from raymerge.engine.executor import Admission, wants_accelerator
 from raymerge.engine.local import longest_first
 from raymerge.engine.plan import TensorTask
@@ -29,7 +29,6 @@ from raymerge.engine.task import Receipt, run_task
 
 # How often the driver looks whether the cluster is ready while its tasks run.
 POLL_S = 0.05
-IN_PROCESS = "in-proc"  # the driver's row in the per-node table: "driver in-proc"
 
 
 def runs_in_process(task: TensorTask, device: str) -> bool:
@@ -86,7 +85,7 @@ class DriverPool:
                 self.error = self.error or exc
                 continue
             self.on_done(task, receipt)
-            self.progress.unit_done(IN_PROCESS, "driver", [receipt], task.read_bytes + task.write_bytes)
+            self.progress.unit_done(DRIVER_ROW, "driver", [receipt], task.read_bytes + task.write_bytes)
         return finished
 
     def close(self) -> None:

@@ -16,6 +16,8 @@ from typing import TextIO
 from raymerge.engine.task import Receipt
 
 GB = 1e9
+# The node id under which the driver's own tasks are counted (cluster/inprocess.py).
+DRIVER_ROW = "in-proc"
 
 
 @dataclass
@@ -122,7 +124,9 @@ class ClusterProgress:
             )
         )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = [f"raymerge: Ray run finished in {elapsed:.1f} s on {len(self.nodes)} node(s)"]
+        ray_nodes = sum(1 for node_id in self.nodes if node_id != DRIVER_ROW)
+        driver = " and in the driver" if DRIVER_ROW in self.nodes else ""
+        lines = [f"raymerge: Ray run finished in {elapsed:.1f} s on {ray_nodes} node(s){driver}"]
         for r in rows:
             lines.append(
                 "  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
