@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 import sys
+import time
 import uuid
 from collections.abc import Sequence
 
@@ -103,6 +104,11 @@ class RayExecutor:
         self.head_cpus = os.cpu_count() or 1
         self._head: EmbeddedHead | None = None
         self._warming: list[ray.ObjectRef] | None = None  # the warm-up tasks of the embedded workers
+        # Seconds from this executor's creation until the embedded head took drivers and until its
+        # workers were warm (None: not, or not before the driver had run every task).
+        self.created = time.monotonic()
+        self.head_ready_s: float | None = None
+        self.workers_warm_s: float | None = None
         if address is None and not ray.is_initialized():
             self._head = EmbeddedHead.start(self.head_cpus)
 
@@ -148,12 +154,25 @@ class RayExecutor:
         if not self._head.ready():
             return False
         if self._warming is None:
+            self.head_ready_s = time.monotonic() - self.created
             self._connect()  # raises if the head failed to start
             slots = max(1, min(self.workers, self.head_cpus))
             warm = ray.remote(warm_worker).options(num_cpus=self.head_cpus // slots, max_retries=0)
             self._warming = [warm.remote() for _ in range(slots)]
         ready, _ = ray.wait(self._warming, num_returns=len(self._warming), timeout=0)
-        return len(ready) == len(self._warming)
+        if len(ready) < len(self._warming):
+            return False
+        self.workers_warm_s = time.monotonic() - self.created
+        return True
+
+    def _startup_note(self) -> str:
+        """How long the embedded cluster took to start, for the summary table ("" without one)."""
+        if self._head is None:
+            return ""
+        if self.head_ready_s is None:
+            return "embedded Ray not ready before the driver had run every task"
+        warm = f", workers warm after {self.workers_warm_s:.1f} s" if self.workers_warm_s is not None else ""
+        return f"embedded Ray ready after {self.head_ready_s:.1f} s{warm}"
 
     def run(
         self,
@@ -262,7 +281,7 @@ class RayExecutor:
             if driver is not None:  # reports what the driver still runs if the Ray phase stopped early
                 driver.close()
             progress.report(force=True)
-            print(progress.table(), file=sys.stderr, flush=True)
+            print(progress.table(self._startup_note()), file=sys.stderr, flush=True)
         return ExecutionReport(bytes_read=bytes_read + READ_STATS.bytes_read - read0)
 
 

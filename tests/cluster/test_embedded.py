@@ -123,7 +123,7 @@ def test_driver_runs_tasks_until_ready_then_ray_the_rest(family, tmp_path, monke
     # The driver ran at least the tasks it had to before the cluster was ready, and Ray the rest.
     assert 4 <= len(rec.driver_ran) < figures.tasks
     err = capfd.readouterr().err
-    assert re.search(r"Ray run finished in [0-9.]+ s on 1 node\(s\) and in the driver", err)
+    assert re.search(r"Ray run finished in [0-9.]+ s on 1 node\(s\) and in the driver \(embedded Ray ready after", err)
     table = err.split("Ray run finished", 1)[1].splitlines()
     rows = {" ".join(r.split()[:2]): r.split()[2:] for r in table[2:] if r.strip() and "total" not in r}
     total = next(r.split()[1:] for r in table if r.split()[:1] == ["total"])
