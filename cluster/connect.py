@@ -83,8 +83,23 @@ class RayConnection:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self.owned:
+        if not self.owned:
+            return
+        if self.head is None:
             ray.shutdown()
+            return
+        # Leaving the embedded cluster ends this driver's job, and Ray kills its workers; a worker
+        # still loading torch for a warm-up task the merge no longer needs would then be reported
+        # as an "unhandled error" on stderr. Nothing of the merge is lost: keep that out.
+        saved = os.environ.get("RAY_IGNORE_UNHANDLED_ERRORS")
+        os.environ["RAY_IGNORE_UNHANDLED_ERRORS"] = "1"
+        try:
+            ray.shutdown()
+        finally:
+            if saved is None:
+                os.environ.pop("RAY_IGNORE_UNHANDLED_ERRORS", None)
+            else:
+                os.environ["RAY_IGNORE_UNHANDLED_ERRORS"] = saved
 
 
 def use_local_auth_token() -> None:

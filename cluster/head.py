@@ -20,6 +20,7 @@ import signal
 import sys
 
 READY = "raymerge-head"
+HEAD_NICENESS = 10
 
 
 def _kill_tree() -> None:
@@ -37,6 +38,11 @@ def _kill_tree() -> None:
 def main(argv: list[str]) -> int:
     num_cpus, store_bytes, temp_dir = int(argv[0]), int(argv[1]), argv[2]
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Starting the cluster is background work: the driver is running tasks meanwhile, and on a
+    # small machine Ray's start-up (GCS, raylet, agents: seconds of CPU) would slow them. At nice
+    # 10 (Ray already runs its workers at nice 15) it takes what the driver leaves idle.
+    with contextlib.suppress(OSError):
+        os.nice(HEAD_NICENESS)
     # The driver closing stdin is the signal to stop; SIGTERM (a Ctrl-C'd process group) too.
     signal.signal(signal.SIGTERM, lambda *_: sys.stdin.close())
     try:

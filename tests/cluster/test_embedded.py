@@ -209,6 +209,8 @@ def test_embedded_cluster_goes_when_the_driver_is_killed():
         helper = psutil.Process(int(pid))
         cluster = [helper, *helper.children(recursive=True)]
         assert len(cluster) >= 3  # the helper, GCS, raylet, ...
+        # Started as background work: below the driver's priority (nice 0 here).
+        assert os.nice(0) == 0 and min(p.nice() for p in cluster) >= 10
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
