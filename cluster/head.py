@@ -40,7 +40,8 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Starting the cluster is background work: the driver is running tasks meanwhile, and on a
     # small machine Ray's start-up (GCS, raylet, agents: seconds of CPU) would slow them. At nice
-    # 10 (Ray already runs its workers at nice 15) it takes what the driver leaves idle.
+    # 10 it takes what the driver leaves idle (Ray's workers, which do the merge's work once it
+    # hands over, run at the same 10; Ray's own default puts them at 15).
     with contextlib.suppress(OSError):
         os.nice(HEAD_NICENESS)
     # The driver closing stdin is the signal to stop; SIGTERM (a Ctrl-C'd process group) too.
@@ -56,6 +57,9 @@ def main(argv: list[str]) -> int:
             logging_level=logging.WARNING,
             log_to_driver=False,
             _temp_dir=temp_dir,
+            # Ray adds 15 to its workers' niceness; on top of this process's 10 they would lose
+            # the CPU to any other work on the machine. They do the merge: no more than the rest.
+            _system_config={"worker_niceness": 0},
         )
         print(f"{READY} {ctx.address_info['gcs_address']}", flush=True)  # type: ignore[attr-defined]
         with contextlib.suppress(OSError, ValueError):
