@@ -33,6 +33,9 @@ from raymerge.engine.task import Receipt
 log = logging.getLogger(__name__)
 
 MIN_UNIT_BYTES = 64 << 20
+# The embedded cluster takes over from the driver only if the driver has more than this many
+# seconds of work left (at its rate so far) when the cluster is ready.
+HANDOFF_MIN_S = 10.0
 MAX_UNIT_BYTES = 2 << 30
 
 
@@ -104,6 +107,10 @@ class RayExecutor:
         self.head_cpus = os.cpu_count() or 1
         self._head: EmbeddedHead | None = None
         self._warming: list[ray.ObjectRef] | None = None  # the warm-up tasks of the embedded workers
+        # On its one node Ray runs no faster than the driver: hand over only work that outlasts
+        # the hand-off (workers loading torch, per-unit scheduling).
+        self.handoff_min_s = HANDOFF_MIN_S
+        self._progress: ClusterProgress | None = None
         # Seconds from this executor's creation until the embedded head took drivers and until its
         # workers were warm (None: not, or not before the driver had run every task).
         self.created = time.monotonic()
@@ -153,8 +160,12 @@ class RayExecutor:
             return True
         if not self._head.ready():
             return False
-        if self._warming is None:
+        if self.head_ready_s is None:
             self.head_ready_s = time.monotonic() - self.created
+        if self._warming is None:
+            left = self._driver_left_s()
+            if left is not None and left < self.handoff_min_s:
+                return False  # the driver is done sooner than warming Ray's workers would pay
             self._connect()  # raises if the head failed to start
             slots = max(1, min(self.workers, self.head_cpus))
             warm = ray.remote(warm_worker).options(num_cpus=self.head_cpus // slots, max_retries=0)
@@ -165,6 +176,14 @@ class RayExecutor:
         self.workers_warm_s = time.monotonic() - self.created
         return True
 
+    def _driver_left_s(self) -> float | None:
+        """Seconds the driver would need for the rest at its rate so far (None before a task is done)."""
+        p = self._progress
+        if p is None or p.io_done <= 0:
+            return None
+        rate = p.io_done / max(1e-9, time.monotonic() - p.t0)
+        return (p.total_bytes - p.io_done) / rate
+
     def _startup_note(self) -> str:
         """How long the embedded cluster took to start, for the summary table ("" without one)."""
         if self._head is None:
@@ -172,6 +191,8 @@ class RayExecutor:
         if self.head_ready_s is None:
             return "embedded Ray not ready before the driver had run every task"
         warm = f", workers warm after {self.workers_warm_s:.1f} s" if self.workers_warm_s is not None else ""
+        if self._warming is None:
+            warm = f", not used: under {self.handoff_min_s:.0f} s of the driver's work was left"
         return f"embedded Ray ready after {self.head_ready_s:.1f} s{warm}"
 
     def run(
@@ -193,6 +214,7 @@ class RayExecutor:
         runnable = [absolute_inputs(t) for t in tasks]
         threads = self.task_threads()
         progress = ClusterProgress(len(runnable), sum(t.read_bytes + t.write_bytes for t in runnable))
+        self._progress = progress
 
         def report(task: TensorTask, receipt: Receipt) -> None:
             if task.action != "partial":  # a map's statistics are not output: its reduce reports

@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from raymerge.cluster import executor as executor_mod
+from raymerge.cluster import head as head_script
 from raymerge.cluster import inprocess
 from raymerge.cluster.connect import EmbeddedHead
 from raymerge.cluster.executor import RayExecutor
@@ -114,6 +115,7 @@ def test_driver_runs_tasks_until_ready_then_ray_the_rest(family, tmp_path, monke
     merge(parse_recipe(text), tmp_path / "local", progress=False, workers=2, out_shard_bytes=SHARD)
     rec = Recorder(monkeypatch, driver_tasks_before_ready=4)
     executor = RayExecutor(workers=2)
+    executor.handoff_min_s = 0  # this tiny merge is worth handing over
     figures = merge(parse_recipe(text), tmp_path / "ray", executor=executor, progress=False, out_shard_bytes=SHARD)
 
     assert digests(tmp_path / "ray") == digests(tmp_path / "local")
@@ -190,6 +192,20 @@ def test_a_failing_driver_task_is_one_error_and_the_cluster_is_stopped(family, t
     assert not head_procs(head.temp_dir) and not os.path.exists(head.temp_dir)
 
 
+def _cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except psutil.Error:  # a short-lived process of Ray's that is gone
+        return []
+
+
+def _nice(p: psutil.Process, gone: int) -> int:
+    try:
+        return int(p.nice())
+    except psutil.Error:
+        return gone
+
+
 HOLDER = """
 import sys, time
 from raymerge.cluster.connect import EmbeddedHead
@@ -209,8 +225,15 @@ def test_embedded_cluster_goes_when_the_driver_is_killed():
         helper = psutil.Process(int(pid))
         cluster = [helper, *helper.children(recursive=True)]
         assert len(cluster) >= 3  # the helper, GCS, raylet, ...
-        # Started as background work: below the driver's priority (nice 0 here).
-        assert os.nice(0) == 0 and min(p.nice() for p in cluster) >= 10
+        # Ray's side processes start as background work, below the driver's priority (nice 0
+        # here); GCS, raylet and the workers, which run the merge's units, keep it.
+        side = [p for p in cluster if head_script._side_process(_cmdline(p))]
+        assert len(side) >= 2 and os.nice(0) == 0
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and min(_nice(p, 10) for p in side) < 10:
+            time.sleep(0.1)
+        assert min(_nice(p, 10) for p in side) >= 10
+        assert {_nice(p, 0) for p in cluster if p not in side} == {0}
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -219,3 +242,42 @@ def test_embedded_cluster_goes_when_the_driver_is_killed():
         time.sleep(0.2)
     assert not head_procs(temp_dir) and not os.path.exists(temp_dir)
     assert not [p for p in cluster if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+class ReadyHead:
+    """Stands in for an embedded head that is up."""
+
+    def ready(self) -> bool:
+        return True
+
+    def stop(self) -> None:
+        pass
+
+
+def test_hand_over_only_work_that_outlasts_the_hand_over(monkeypatch):
+    from raymerge.cluster.progress import ClusterProgress
+
+    monkeypatch.setattr(EmbeddedHead, "start", staticmethod(lambda num_cpus: ReadyHead()))
+    ex = RayExecutor(workers=2)
+    joined = []
+
+    class Joined(Exception):
+        pass
+
+    def connect():  # type: ignore[no-untyped-def]
+        joined.append(1)
+        raise Joined
+
+    monkeypatch.setattr(ex, "_connect", connect)
+    ex._progress = ClusterProgress(10, 1000)
+    ex._progress.io_done = 500
+    ex._progress.t0 = time.monotonic() - 1.0  # 500 bytes a second: 1 s left
+    assert not ex._cluster_ready() and not joined, "1 s of the driver's work left: keep it"
+    assert "not used" in ex._startup_note()
+    ex._progress.t0 = time.monotonic() - 100.0  # 5 bytes a second: 100 s left
+    with pytest.raises(Joined):
+        ex._cluster_ready()
+    assert joined and ex.head_ready_s is not None
+    ex._progress.io_done = 0  # no rate yet (the first tasks are long): hand over as soon as ready
+    with pytest.raises(Joined):
+        ex._cluster_ready()
