@@ -21,7 +21,7 @@ from raymerge.cluster.connect import EmbeddedHead, RayConnection
 from raymerge.cluster.inprocess import DriverPool, run_until_ready
 from raymerge.cluster.mapreduce import MODES, split_for_nodes
 from raymerge.cluster.nodes import alive_nodes, discover_nodes
-from raymerge.cluster.progress import ClusterProgress
+from raymerge.cluster.progress import DRIVER_ROW, ClusterProgress
 from raymerge.cluster.scheduler import UnitScheduler
 from raymerge.cluster.units import group_tasks, local_files
 from raymerge.cluster.workers import warm_worker
@@ -34,8 +34,10 @@ log = logging.getLogger(__name__)
 
 MIN_UNIT_BYTES = 64 << 20
 # The embedded cluster takes over from the driver only if the driver has more than this many
-# seconds of work left (at its rate so far) when the cluster is ready.
-HANDOFF_MIN_S = 10.0
+# seconds of work left (at the rate of its finished tasks) when the cluster is ready: on one
+# node Ray's workers are no faster than the driver's threads (on the 2-core benchmark machine
+# they were slower per GB), and the hand-over costs seconds of its own.
+HANDOFF_MIN_S = 30.0
 MAX_UNIT_BYTES = 2 << 30
 
 
@@ -164,8 +166,8 @@ class RayExecutor:
             self.head_ready_s = time.monotonic() - self.created
         if self._warming is None:
             left = self._driver_left_s()
-            if left is not None and left < self.handoff_min_s:
-                return False  # the driver is done sooner than warming Ray's workers would pay
+            if left is None or left < self.handoff_min_s:
+                return False  # no rate yet, or the driver is done sooner than a hand-over would pay
             self._connect()  # raises if the head failed to start
             slots = max(1, min(self.workers, self.head_cpus))
             warm = ray.remote(warm_worker).options(num_cpus=self.head_cpus // slots, max_retries=0)
@@ -177,11 +179,13 @@ class RayExecutor:
         return True
 
     def _driver_left_s(self) -> float | None:
-        """Seconds the driver would need for the rest at its rate so far (None before a task is done)."""
+        """Seconds the driver would need for the rest at the rate of its finished tasks (bytes per
+        second of task time, times its slots); None before a task is done."""
         p = self._progress
-        if p is None or p.io_done <= 0:
+        tally = p.nodes.get(DRIVER_ROW) if p is not None else None
+        if p is None or tally is None or p.io_done <= 0:
             return None
-        rate = p.io_done / max(1e-9, time.monotonic() - p.t0)
+        rate = p.io_done / max(1e-9, tally.busy_s) * max(1, min(self.workers, self.head_cpus))
         return (p.total_bytes - p.io_done) / rate
 
     def _startup_note(self) -> str:

@@ -255,7 +255,7 @@ class ReadyHead:
 
 
 def test_hand_over_only_work_that_outlasts_the_hand_over(monkeypatch):
-    from raymerge.cluster.progress import ClusterProgress
+    from raymerge.cluster.progress import DRIVER_ROW, ClusterProgress
 
     monkeypatch.setattr(EmbeddedHead, "start", staticmethod(lambda num_cpus: ReadyHead()))
     ex = RayExecutor(workers=2)
@@ -270,14 +270,12 @@ def test_hand_over_only_work_that_outlasts_the_hand_over(monkeypatch):
 
     monkeypatch.setattr(ex, "_connect", connect)
     ex._progress = ClusterProgress(10, 1000)
-    ex._progress.io_done = 500
-    ex._progress.t0 = time.monotonic() - 1.0  # 500 bytes a second: 1 s left
+    assert not ex._cluster_ready() and not joined, "no task done yet: no rate to judge by"
+    driver = ex._progress.node(DRIVER_ROW, "driver")
+    ex._progress.io_done, driver.busy_s = 500, 2.0  # 2 slots x 250 bytes per task-second: 1 s left
     assert not ex._cluster_ready() and not joined, "1 s of the driver's work left: keep it"
     assert "not used" in ex._startup_note()
-    ex._progress.t0 = time.monotonic() - 100.0  # 5 bytes a second: 100 s left
+    driver.busy_s = 200.0  # 2 slots x 2.5 bytes per task-second: 100 s left
     with pytest.raises(Joined):
         ex._cluster_ready()
     assert joined and ex.head_ready_s is not None
-    ex._progress.io_done = 0  # no rate yet (the first tasks are long): hand over as soon as ready
-    with pytest.raises(Joined):
-        ex._cluster_ready()
