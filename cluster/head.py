@@ -87,8 +87,14 @@ def main(argv: list[str]) -> int:
             log_to_driver=False,
             _temp_dir=temp_dir,
             # Ray runs its workers at nice 15, where any other work on the machine starves them;
-            # they run the merge's units, at the priority the driver's own tasks have.
-            _system_config={"worker_niceness": 0},
+            # they run the merge's units, at the priority the driver's own tasks have. No idle
+            # workers are started ahead (each loads Python, ~0.7 s of CPU while the driver works):
+            # the driver starts its own when it hands over.
+            _system_config={
+                "worker_niceness": 0,
+                "enable_worker_prestart": False,
+                "prestart_worker_first_driver": False,
+            },
         )
         print(f"{READY} {ctx.address_info['gcs_address']}", flush=True)  # type: ignore[attr-defined]
         stop.wait(2.0)  # side processes the agents start right after
