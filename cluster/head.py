@@ -18,42 +18,10 @@ import os
 import shutil
 import signal
 import sys
-import threading
 
 READY = "raymerge-head"
-# Ray's side processes that a merge does not use (dashboard and runtime-env agents, log and
-# autoscaler monitors): several seconds of CPU between them while the cluster starts.
-SIDE_PROCESSES = ("dashboard/agent.py", "runtime_env/agent/main.py", "log_monitor.py", "monitor.py", "dashboard.py")
-SIDE_NICENESS = 10
-
-
-def _side_process(cmdline: list[str]) -> bool:
-    return any(a.endswith(SIDE_PROCESSES) for a in cmdline) or bool(cmdline and cmdline[0].endswith("Agent"))
-
-
-def _background_side_processes(stop: threading.Event) -> None:
-    """Put Ray's side processes at nice 10 as they appear, until ``stop``.
-
-    The driver runs tasks while the cluster starts; on a small machine these Python processes'
-    start-up would slow them. GCS, raylet and the workers (which run the merge's units) keep the
-    driver's priority.
-    """
-    import psutil
-
-    me, seen = psutil.Process(), set()
-    while not stop.wait(0.1):
-        for p in me.children(recursive=True):
-            if p.pid in seen:
-                continue
-            try:
-                cmdline = p.cmdline()
-                if not cmdline:  # not exec'd yet: look again
-                    continue
-                seen.add(p.pid)
-                if _side_process(cmdline):
-                    p.nice(max(p.nice(), SIDE_NICENESS))
-            except psutil.Error:
-                seen.add(p.pid)
+# The whole embedded cluster starts as background work (see main).
+HEAD_NICENESS = 10
 
 
 def _kill_tree() -> None:
@@ -71,8 +39,12 @@ def _kill_tree() -> None:
 def main(argv: list[str]) -> int:
     num_cpus, store_bytes, temp_dir = int(argv[0]), int(argv[1]), argv[2]
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    stop = threading.Event()
-    threading.Thread(target=_background_side_processes, args=(stop,), daemon=True).start()
+    # Starting the cluster is background work: the driver runs tasks meanwhile, and on a small
+    # machine Ray's start-up and upkeep (GCS, raylet, agents, monitors: several seconds of CPU)
+    # slowed a 10 s merge by half when it competed at the driver's priority. Every process of
+    # the cluster inherits this niceness, its workers included.
+    with contextlib.suppress(OSError):
+        os.nice(HEAD_NICENESS)
     # The driver closing stdin is the signal to stop; SIGTERM (a Ctrl-C'd process group) too.
     signal.signal(signal.SIGTERM, lambda *_: sys.stdin.close())
     try:
@@ -86,8 +58,8 @@ def main(argv: list[str]) -> int:
             logging_level=logging.WARNING,
             log_to_driver=False,
             _temp_dir=temp_dir,
-            # Ray runs its workers at nice 15, where any other work on the machine starves them;
-            # they run the merge's units, at the priority the driver's own tasks have. No idle
+            # Ray adds 15 to its workers' niceness: on top of the 10 above, any other work on the
+            # machine would starve them once they run the merge's units. No idle
             # workers are started ahead (each loads Python, ~0.7 s of CPU while the driver works):
             # the driver starts its own when it hands over.
             _system_config={
@@ -97,8 +69,6 @@ def main(argv: list[str]) -> int:
             },
         )
         print(f"{READY} {ctx.address_info['gcs_address']}", flush=True)  # type: ignore[attr-defined]
-        stop.wait(2.0)  # side processes the agents start right after
-        stop.set()
         with contextlib.suppress(OSError, ValueError):
             sys.stdin.read()  # until the driver closes the pipe or exits
     finally:
