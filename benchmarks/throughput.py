@@ -97,6 +97,28 @@ def peak_device(figures: str | None) -> int | None:
     return int(float(m.group(1)) * GIB) if m else None
 
 
+def ray_split(log: Path) -> dict[str, Any]:
+    """From a Ray run's summary table: the tasks and GB read in the driver and on the cluster, and
+    when the embedded cluster took drivers and had warm workers (seconds after the executor was
+    created; None when it was not before the driver had run every task)."""
+    text = log.read_text(errors="replace")
+    out: dict[str, Any] = {"driver_tasks": 0, "driver_read_gb": 0.0, "ray_tasks": 0, "ray_read_gb": 0.0}
+    head = re.search(r"Ray run finished in .*", text)
+    m = re.search(r"embedded Ray ready after ([0-9.]+) s", head.group(0)) if head else None
+    out["head_ready_s"] = float(m.group(1)) if m else None
+    m = re.search(r"workers warm after ([0-9.]+) s", head.group(0)) if head else None
+    out["workers_warm_s"] = float(m.group(1)) if m else None
+    table = text.split("Ray run finished", 1)[1].splitlines()[2:] if head else []
+    for row in table:
+        cols = row.split()
+        if len(cols) != 9 or cols[0] == "total":  # node label (2 words) + 7 figures
+            continue
+        side = "driver" if cols[:2] == ["driver", "in-proc"] else "ray"
+        out[f"{side}_tasks"] += int(cols[4])
+        out[f"{side}_read_gb"] = round(out[f"{side}_read_gb"] + float(cols[5]), 3)
+    return out
+
+
 def parse_size(spec: str) -> tuple[str, int | None]:
     """``7b`` → ("7b", None); ``70b:2`` → ("70b", 2) (a two-layer subset of the 70b shape)."""
     name, _, layers = spec.partition(":")
@@ -141,6 +163,8 @@ class Matrix:
             cmd += ["--workers", str(workers)]
         r = self._measure(label, cmd, out)
         r["figures_line"] = figures_line(self.root / f"{label}.log")
+        if executor == "ray":
+            r["ray_split"] = ray_split(self.root / f"{label}.log")
         r["peak_device_bytes"] = peak_device(r["figures_line"])
         r.update(self.declared(recipe, device))
         r.update(tool="raymerge", method=method, executor=executor, workers=workers, device=device, out=str(out))
@@ -462,16 +486,22 @@ def startup_table(results: dict[str, Any]) -> str:
     if not start:
         return ""
     rows = [
-        "| method | executor | wall s | fixed start-up s | s per GB of input beyond it | × local wall |",
-        "|---|---|---|---|---|---|",
+        "| method | executor | wall s | fixed start-up s | s per GB of input beyond it | × local wall "
+        "| input GB read in the driver / on Ray | Ray ready / workers warm after s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in mx["runs"]:
         if r["tool"] != "raymerge" or r["returncode"] != 0 or "per_gb_s" not in r:
             continue
         vs = r.get("wall_over_local")
+        split, where, when = r.get("ray_split"), "", ""
+        if split:
+            where = f"{split['driver_read_gb']:.2f} / {split['ray_read_gb']:.2f}"
+            ready, warm = split.get("head_ready_s"), split.get("workers_warm_s")
+            when = f"{'–' if ready is None else f'{ready:.1f}'} / {'–' if warm is None else f'{warm:.1f}'}"
         rows.append(
             f"| {r['method']} | {r['executor']} | {r['wall_s']:.1f} | {r['fixed_startup_s']:.1f} | {r['per_gb_s']:.2f} "
-            f"| {f'{vs:.2f}' if vs else ''} |"
+            f"| {f'{vs:.2f}' if vs else ''} | {where} | {when} |"
         )
     size = next(iter(start.values()))["size"]
     return "\n".join(rows) + f"\n\nFixed start-up: best wall of task arithmetic on the {size} family per executor."

@@ -11,23 +11,33 @@ import dataclasses
 import logging
 import os
 import sys
+import time
 import uuid
 from collections.abc import Sequence
 
-from raymerge.cluster.connect import RayConnection
+import ray
+
+from raymerge.cluster.connect import EmbeddedHead, RayConnection
+from raymerge.cluster.inprocess import DriverPool, run_until_ready
 from raymerge.cluster.mapreduce import MODES, split_for_nodes
 from raymerge.cluster.nodes import alive_nodes, discover_nodes
-from raymerge.cluster.progress import ClusterProgress
+from raymerge.cluster.progress import DRIVER_ROW, ClusterProgress
 from raymerge.cluster.scheduler import UnitScheduler
 from raymerge.cluster.units import group_tasks, local_files
+from raymerge.cluster.workers import warm_worker
 from raymerge.engine.executor import ExecutionReport, OnDone, default_workers
 from raymerge.engine.plan import TensorTask
-from raymerge.engine.storage import is_local
+from raymerge.engine.storage import READ_STATS, is_local
 from raymerge.engine.task import Receipt
 
 log = logging.getLogger(__name__)
 
 MIN_UNIT_BYTES = 64 << 20
+# The embedded cluster takes over from the driver only if the driver has more than this many
+# seconds of work left (at the rate of its finished tasks) when the cluster is ready: on one
+# node Ray's workers are no faster than the driver's threads (on the 2-core benchmark machine
+# they were slower per GB), and the hand-over costs seconds of its own.
+HANDOFF_MIN_S = 30.0
 MAX_UNIT_BYTES = 2 << 30
 
 
@@ -83,6 +93,7 @@ class RayExecutor:
         address: str | None = None,
         threads: int | None = None,
         map_reduce: str = "auto",
+        in_process: bool = True,
     ) -> None:
         if map_reduce not in MODES:
             raise ValueError(f"map_reduce must be one of {MODES}, got {map_reduce!r}")
@@ -90,12 +101,30 @@ class RayExecutor:
         self.address = address
         self.threads = threads
         self.map_reduce = map_reduce
+        # Run tasks in the driver until the embedded cluster is up (inprocess.py).
+        self.in_process = in_process
         self._conn: RayConnection | None = None
+        # The embedded cluster starts now, in a helper process, while the driver plans; not when
+        # this process is already connected to Ray (a notebook, a job), which is then used.
+        self.head_cpus = os.cpu_count() or 1
+        self._head: EmbeddedHead | None = None
+        self._warming: list[ray.ObjectRef] | None = None  # the warm-up tasks of the embedded workers
+        # On its one node Ray runs no faster than the driver: hand over only work that outlasts
+        # the hand-off (workers loading torch, per-unit scheduling).
+        self.handoff_min_s = HANDOFF_MIN_S
+        self._progress: ClusterProgress | None = None
+        # Seconds from this executor's creation until the embedded head took drivers and until its
+        # workers were warm (None: not, or not before the driver had run every task).
+        self.created = time.monotonic()
+        self.head_ready_s: float | None = None
+        self.workers_warm_s: float | None = None
+        if address is None and not ray.is_initialized():
+            self._head = EmbeddedHead.start(self.head_cpus)
 
     def _connect(self) -> RayConnection:
         """The Ray session of this merge, opened on first use and kept until ``close``."""
         if self._conn is None:
-            conn = RayConnection(self.address)
+            conn = RayConnection(self.address, self._head)
             conn.__enter__()
             self._conn = conn
             if conn.dashboard_url:
@@ -103,17 +132,72 @@ class RayExecutor:
         return self._conn
 
     def close(self) -> None:
-        """Leave the Ray session (an embedded Ray is stopped); ``run`` does it when it returns."""
+        """Leave the Ray session and stop the embedded cluster; ``run`` does it when it returns."""
         conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.__exit__(None, None, None)
+        head, self._head = self._head, None
+        self._warming = None
+        try:
+            if conn is not None:
+                conn.__exit__(None, None, None)
+        finally:
+            if head is not None:
+                head.stop()
 
     def task_threads(self) -> int:
-        """Torch threads per unit on every node: ``threads``, else the fewest any node's slot gets."""
+        """Torch threads per unit on every node: ``threads``, else the fewest any node's slot gets
+        (the embedded cluster's one node is known without waiting for it to start)."""
         if self.threads is None:
-            self._connect()
-            self.threads = uniform_threads([n.get("Resources", {}) for n in alive_nodes().values()], self.workers)
+            if self._head is not None and self._conn is None:
+                self.threads = uniform_threads([{"CPU": float(self.head_cpus)}], self.workers)
+            else:
+                self._connect()
+                self.threads = uniform_threads([n.get("Resources", {}) for n in alive_nodes().values()], self.workers)
         return self.threads
+
+    def _cluster_ready(self) -> bool:
+        """Whether the driver should hand its remaining tasks to Ray now: once the embedded head
+        takes drivers, the driver connects and starts one worker per slot (loading torch there
+        takes seconds), and keeps running tasks itself until those workers are warm."""
+        if self._head is None:
+            return True
+        if not self._head.ready():
+            return False
+        if self.head_ready_s is None:
+            self.head_ready_s = time.monotonic() - self.created
+        if self._warming is None:
+            left = self._driver_left_s()
+            if left is None or left < self.handoff_min_s:
+                return False  # no rate yet, or the driver is done sooner than a hand-over would pay
+            self._connect()  # raises if the head failed to start
+            slots = max(1, min(self.workers, self.head_cpus))
+            warm = ray.remote(warm_worker).options(num_cpus=self.head_cpus // slots, max_retries=0)
+            self._warming = [warm.remote() for _ in range(slots)]
+        ready, _ = ray.wait(self._warming, num_returns=len(self._warming), timeout=0)
+        if len(ready) < len(self._warming):
+            return False
+        self.workers_warm_s = time.monotonic() - self.created
+        return True
+
+    def _driver_left_s(self) -> float | None:
+        """Seconds the driver would need for the rest at the rate of its finished tasks (bytes per
+        second of task time, times its slots); None before a task is done."""
+        p = self._progress
+        tally = p.nodes.get(DRIVER_ROW) if p is not None else None
+        if p is None or tally is None or p.io_done <= 0:
+            return None
+        rate = p.io_done / max(1e-9, tally.busy_s) * max(1, min(self.workers, self.head_cpus))
+        return (p.total_bytes - p.io_done) / rate
+
+    def _startup_note(self) -> str:
+        """How long the embedded cluster took to start, for the summary table ("" without one)."""
+        if self._head is None:
+            return ""
+        if self.head_ready_s is None:
+            return "embedded Ray not ready before the driver had run every task"
+        warm = f", workers warm after {self.workers_warm_s:.1f} s" if self.workers_warm_s is not None else ""
+        if self._warming is None:
+            warm = f", not used: under {self.handoff_min_s:.0f} s of the driver's work was left"
+        return f"embedded Ray ready after {self.head_ready_s:.1f} s{warm}"
 
     def run(
         self,
@@ -132,9 +216,46 @@ class RayExecutor:
         staging_dir = os.path.abspath(staging_dir)
         originals = {t.id: t for t in tasks}
         runnable = [absolute_inputs(t) for t in tasks]
-        self._connect()
+        threads = self.task_threads()
+        progress = ClusterProgress(len(runnable), sum(t.read_bytes + t.write_bytes for t in runnable))
+        self._progress = progress
+
+        def report(task: TensorTask, receipt: Receipt) -> None:
+            if task.action != "partial":  # a map's statistics are not output: its reduce reports
+                on_done(originals.get(task.id, task), receipt)
+
         try:
-            threads = self.task_threads()
+            return self._run(runnable, staging_dir, threads, progress, report, budget, device, device_budget)
+        finally:
+            self.close()
+
+    def _run(
+        self,
+        runnable: list[TensorTask],
+        staging_dir: str,
+        threads: int,
+        progress: ClusterProgress,
+        report: OnDone,
+        budget: int,
+        device: str,
+        device_budget: int | None,
+    ) -> ExecutionReport:
+        bytes_read = 0
+        driver: DriverPool | None = None
+        read0 = READ_STATS.bytes_read  # what the driver's own tasks read
+        try:
+            if self._head is not None and self.in_process and self.map_reduce != "always":
+                slots = max(1, min(self.workers, self.head_cpus))
+                driver = DriverPool(
+                    staging_dir, workers=slots, threads=threads, device=device, on_done=report, progress=progress
+                )
+                runnable = run_until_ready(driver, runnable, ready=self._cluster_ready, budget=budget)
+                if not runnable or driver.error is not None:
+                    driver.close()
+                    if driver.error is not None:
+                        raise driver.error
+                    return ExecutionReport(bytes_read=READ_STATS.bytes_read - read0)
+            self._connect()
             files = local_files(r for t in runnable for r in t.inputs)
             nodes = discover_nodes(staging_dir, files, self.workers, budget)
             slots = sum(n.slots for n in nodes)
@@ -160,38 +281,34 @@ class RayExecutor:
                 budget / 2**30,
             )
             # Counted as run: a map-reduce's maps and reduces in place of the tasks they were cut from.
-            running = [t for units in phases for u in units for t in u.tasks]
-            progress = ClusterProgress(len(running), sum(t.read_bytes + t.write_bytes for t in running))
-
-            def report(task: TensorTask, receipt: Receipt) -> None:
-                if task.action != "partial":  # a map's statistics are not output: its reduce reports
-                    on_done(task, receipt)
-
-            bytes_read = 0
-            try:
-                for units in phases:
-                    scheduler = UnitScheduler(
-                        nodes,
-                        budget=budget,
-                        staging_dir=staging_dir,
-                        device=device,
-                        run_id=uuid.uuid4().hex,
-                        on_done=report,
-                        progress=progress,
-                        device_budget=device_budget,
-                        originals=originals,
-                        threads=threads,
-                    )
-                    try:
-                        scheduler.run(units)
-                    finally:
-                        bytes_read += scheduler.bytes_read
-            finally:
-                progress.report(force=True)
-                print(progress.table(), file=sys.stderr, flush=True)
+            progress.total_tasks += sum(len(u.tasks) for units in phases for u in units) - len(runnable)
+            # Largest units first (as the local executor orders tasks), so the LM head does not run
+            # alone at the end; a phase's units are independent, so the order changes no byte.
+            phases = [sorted(units, key=lambda u: -(u.read_bytes + u.write_bytes)) for units in phases]
+            for units in phases:
+                scheduler = UnitScheduler(
+                    nodes,
+                    budget=budget,
+                    staging_dir=staging_dir,
+                    device=device,
+                    run_id=uuid.uuid4().hex,
+                    on_done=report,
+                    progress=progress,
+                    device_budget=device_budget,
+                    originals={},  # ``report`` maps tasks back to the plan's
+                    threads=threads,
+                    driver=driver,
+                )
+                try:
+                    scheduler.run(units)
+                finally:
+                    bytes_read += scheduler.bytes_read
         finally:
-            self.close()
-        return ExecutionReport(bytes_read=bytes_read)
+            if driver is not None:  # reports what the driver still runs if the Ray phase stopped early
+                driver.close()
+            progress.report(force=True)
+            print(progress.table(self._startup_note()), file=sys.stderr, flush=True)
+        return ExecutionReport(bytes_read=bytes_read + READ_STATS.bytes_read - read0)
 
 
 __all__ = ["RayExecutor", "uniform_threads"]

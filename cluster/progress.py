@@ -16,6 +16,8 @@ from typing import TextIO
 from raymerge.engine.task import Receipt
 
 GB = 1e9
+# The node id under which the driver's own tasks are counted (cluster/inprocess.py).
+DRIVER_ROW = "in-proc"
 
 
 @dataclass
@@ -91,8 +93,9 @@ class ClusterProgress:
         self._last = now
         print(self.line(), file=self.stream, flush=True)
 
-    def table(self) -> str:
-        """Per-node summary: units (on actors), tasks, GB read/written, busy seconds, requeued units."""
+    def table(self, note: str = "") -> str:
+        """Per-node summary: units (on actors), tasks, GB read/written, busy seconds, requeued units;
+        ``note`` is added in parentheses to the first line."""
         elapsed = time.monotonic() - self.t0
         rows = [("node", "units", "on actors", "tasks", "read GB", "written GB", "busy s", "requeued")]
         for node_id, t in sorted(self.nodes.items(), key=lambda kv: (kv[1].address, kv[0])):
@@ -122,7 +125,11 @@ class ClusterProgress:
             )
         )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = [f"raymerge: Ray run finished in {elapsed:.1f} s on {len(self.nodes)} node(s)"]
+        ray_nodes = sum(1 for node_id in self.nodes if node_id != DRIVER_ROW)
+        where = f"on {ray_nodes} node(s)"
+        if DRIVER_ROW in self.nodes:
+            where = f"{where} and in the driver" if ray_nodes else "in the driver"
+        lines = [f"raymerge: Ray run finished in {elapsed:.1f} s {where}" + (f" ({note})" if note else "")]
         for r in rows:
             lines.append(
                 "  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))

@@ -25,6 +25,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from raymerge.cluster.inprocess import DriverPool
 from raymerge.cluster.nodes import NodeState, alive_nodes
 from raymerge.cluster.progress import ClusterProgress
 from raymerge.cluster.units import WorkUnit
@@ -46,6 +47,7 @@ MAX_UNIT_ATTEMPTS = 4
 # An actor holds at most this many units: the one computing and the one prefetching.
 ACTOR_DEPTH = 2
 POLL_S = 0.5
+DRIVER_POLL_S = 0.05  # while the driver runs tasks of its own, whose slots Ray units wait for
 LIVENESS_EVERY_S = 2.0
 
 
@@ -86,6 +88,7 @@ class UnitScheduler:
         originals: dict[str, TensorTask],
         device_budget: int | None = None,
         threads: int | None = None,
+        driver: DriverPool | None = None,
     ) -> None:
         # Torch threads per unit, one count on every node (``RayExecutor.task_threads``); by
         # default each node's cores per slot.
@@ -110,6 +113,10 @@ class UnitScheduler:
         self.bytes_read = 0
         self.failure: BaseException | None = None
         self._last_liveness = time.monotonic()
+        # Tasks the driver still runs in-process (an embedded cluster's one node): they hold a
+        # slot and their declared memory there until they finish.
+        self.driver = driver
+        self.driver_node = nodes[0] if driver is not None and nodes else None
         self._run_unit = ray.remote(run_unit)
         self._actor_cls = ray.remote(AcceleratorWorker)
 
@@ -122,16 +129,24 @@ class UnitScheduler:
         if self.accel_queue and self.device == "cuda" and not self.use_gpus:
             raise RaymergeError("--device cuda, but no Ray node has a GPU", hint="use --device auto or cpu")
         self._check_placeable()
+        if self.driver is not None and self.driver_node is not None:
+            self.driver_node.free_slots -= len(self.driver.running)
+            self.driver_node.memory.take(self.driver.running_bytes)
         try:
-            while self.cpu_queue or self.accel_queue or self.running:
+            while self.cpu_queue or self.accel_queue or self.running or self._driver_busy():
+                self._poll_driver(0)
                 if self.failure is None:
                     self._dispatch()
-                    if not self.running and (self.cpu_queue or self.accel_queue):
+                    if not self.running and not self._driver_busy() and (self.cpu_queue or self.accel_queue):
                         self._check_placeable()
                         raise RaymergeError("no Ray node can take the next unit", hint="see the log for why")
-                elif not self.running:
+                elif not self.running and not self._driver_busy():
                     break
-                ready, _ = ray.wait(list(self.running), num_returns=1, timeout=POLL_S)
+                if not self.running:
+                    self._poll_driver(POLL_S)
+                    continue
+                timeout = DRIVER_POLL_S if self._driver_busy() else POLL_S
+                ready, _ = ray.wait(list(self.running), num_returns=1, timeout=timeout)
                 if ready:
                     ready, _ = ray.wait(list(self.running), num_returns=len(self.running), timeout=0)
                 for ref in ready:
@@ -148,6 +163,19 @@ class UnitScheduler:
             self.actors.clear()
         if self.failure is not None:
             raise self.failure
+
+    def _driver_busy(self) -> bool:
+        return self.driver is not None and bool(self.driver.running)
+
+    def _poll_driver(self, timeout: float) -> None:
+        """Report the driver's finished tasks and give their slot and memory back to the node."""
+        if self.driver is None or self.driver_node is None:
+            return
+        for task in self.driver.poll(timeout):
+            self.driver_node.free_slots += 1
+            self.driver_node.memory.give(task.est_host_bytes)
+        if self.driver.error is not None and self.failure is None:
+            self.failure = self.driver.error
 
     # ---------------------------------------------------------------- placement
 

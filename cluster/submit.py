@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from raymerge.cluster.connect import use_local_auth_token
 from raymerge.engine.errors import RaymergeError, RecipeError
 from raymerge.engine.recipe import parse_recipe, read_recipe_text
 from raymerge.engine.safeio import load_yaml
@@ -87,7 +88,7 @@ def submit_merge(
     text = read_recipe_text(recipe_path)  # bounded and strict, like `raymerge run`
     recipe = portable_recipe(text, recipe_path)
     out_abs = _absolute(out)
-    _use_local_auth_token()
+    use_local_auth_token()
     try:
         client = JobSubmissionClient(address)
     except (ConnectionError, RuntimeError, ValueError, ray_exceptions.AuthenticationError) as exc:
@@ -128,22 +129,6 @@ def submit_merge(
     message = getattr(info, "message", "") or ""
     print(f"raymerge: job {submitted} {status.lower()}: {redact_text(message.strip())}", file=sys.stderr)
     return int(code) if isinstance(code, int) and code > 0 else 1
-
-
-def _use_local_auth_token() -> None:
-    """Send this machine's Ray token (``~/.ray/auth_token``, ``$RAY_AUTH_TOKEN``) when there is one.
-
-    ``ray start`` and ``ray.init`` turn token authentication on by themselves when a token
-    exists, but the Jobs SDK does not, so a submit to a token-protected head would be refused.
-    ``RAY_AUTH_MODE``, when set, still decides.
-    """
-    try:
-        from ray._private.authentication.authentication_token_setup import (
-            maybe_enable_token_auth_if_token_available,
-        )
-    except ImportError:  # older Ray without token authentication
-        return
-    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 async def _stream_logs(client: Any, job_id: str) -> None:

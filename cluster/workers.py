@@ -49,6 +49,12 @@ def _node_id() -> str:
     return str(ray.get_runtime_context().get_node_id())
 
 
+def warm_worker() -> int:
+    """Nothing: running it loads this module (torch and the engine) into a fresh worker process,
+    so the units that follow find it warm. Returns the worker's pid."""
+    return os.getpid()
+
+
 def run_unit(tasks: tuple[TensorTask, ...], staging_dir: str, device: str, threads: int, run_id: str) -> UnitResult:
     """Run a unit's tasks one after another in this worker; return their receipts."""
     _enter_run(run_id, threads)

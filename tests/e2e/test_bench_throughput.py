@@ -50,3 +50,30 @@ def test_throughput_smoke_tiny(tmp_path):
     growth = {g["size"]: g for g in res["growth"]}
     assert growth["small"]["input_bytes"] > 10 * growth["tiny"]["input_bytes"]
     assert "| ties | raymerge | local |" in throughput.summary_table(res)
+
+
+def test_ray_split_reads_the_summary_table(tmp_path):
+    """The benchmark's split of a Ray run (driver vs cluster, start-up times) from the table the
+    executor prints."""
+    from raymerge.cluster.progress import DRIVER_ROW, ClusterProgress
+    from raymerge.engine.task import Receipt
+
+    def receipt(i: int, read: int) -> Receipt:
+        return Receipt(id=f"t{i}", tensor=f"t{i}", crc32=0, nbytes=10, read_bytes=read, seconds=0.5, device="cpu")
+
+    p = ClusterProgress(5, 0)
+    p.unit_done(DRIVER_ROW, "driver", [receipt(0, 2_000_000_000)], 0)
+    p.unit_done("abcdef0123456789", "10.0.0.1", [receipt(i, 500_000_000) for i in range(1, 5)], 0)
+    log = tmp_path / "ray.log"
+    log.write_text("noise\n" + p.table("embedded Ray ready after 3.2 s, workers warm after 5.0 s") + "\nfigures\n")
+    split = throughput.ray_split(log)
+    assert split == {
+        "driver_tasks": 1,
+        "driver_read_gb": 2.0,
+        "ray_tasks": 4,
+        "ray_read_gb": 2.0,
+        "head_ready_s": 3.2,
+        "workers_warm_s": 5.0,
+    }
+    log.write_text(p.table("embedded Ray not ready before the driver had run every task"))
+    assert throughput.ray_split(log)["head_ready_s"] is None
