@@ -38,6 +38,9 @@ MIN_UNIT_BYTES = 64 << 20
 # node Ray's workers are no faster than the driver's threads (on the 2-core benchmark machine
 # they were slower per GB), and the hand-over costs seconds of its own.
 HANDOFF_MIN_S = 30.0
+# What starting the embedded cluster takes before it takes drivers (4.2-5.4 s measured on this
+# 2-core box): the driver starts it only with at least this much more work left than the hand-over.
+HEAD_START_S = 5.0
 MAX_UNIT_BYTES = 2 << 30
 
 
@@ -94,6 +97,7 @@ class RayExecutor:
         threads: int | None = None,
         map_reduce: str = "auto",
         in_process: bool = True,
+        eager: bool = False,
     ) -> None:
         if map_reduce not in MODES:
             raise ValueError(f"map_reduce must be one of {MODES}, got {map_reduce!r}")
@@ -104,8 +108,8 @@ class RayExecutor:
         # Run tasks in the driver until the embedded cluster is up (inprocess.py).
         self.in_process = in_process
         self._conn: RayConnection | None = None
-        # The embedded cluster starts now, in a helper process, while the driver plans; not when
-        # this process is already connected to Ray (a notebook, a job), which is then used.
+        # The embedded cluster runs in a helper process (started below or by ``_cluster_ready``);
+        # none when this process is already connected to Ray (a notebook, a job), which is used.
         self.head_cpus = os.cpu_count() or 1
         self._head: EmbeddedHead | None = None
         self._warming: list[ray.ObjectRef] | None = None  # the warm-up tasks of the embedded workers
@@ -118,8 +122,21 @@ class RayExecutor:
         self.created = time.monotonic()
         self.head_ready_s: float | None = None
         self.workers_warm_s: float | None = None
-        if address is None and not ray.is_initialized():
+        # An embedded cluster (no address, no Ray session in this process) starts only once the
+        # driver's own rate says it will outlast the cluster's start-up and the hand-over: on one
+        # node a running cluster's CPU (~7 CPU-s over a 1B merge on 2 cores) came straight out of
+        # merges the driver finished alone. ``eager`` starts it now instead, while raymerge plans.
+        self.embedded = address is None and not ray.is_initialized()
+        self.head_start_s = HEAD_START_S
+        self.head_started_s: float | None = None
+        if self.embedded and (eager or not in_process):
+            self._start_head()
+
+    def _start_head(self) -> None:
+        """Start the embedded cluster's helper process (once)."""
+        if self._head is None:
             self._head = EmbeddedHead.start(self.head_cpus)
+            self.head_started_s = time.monotonic() - self.created
 
     def _connect(self) -> RayConnection:
         """The Ray session of this merge, opened on first use and kept until ``close``."""
@@ -147,7 +164,7 @@ class RayExecutor:
         """Torch threads per unit on every node: ``threads``, else the fewest any node's slot gets
         (the embedded cluster's one node is known without waiting for it to start)."""
         if self.threads is None:
-            if self._head is not None and self._conn is None:
+            if self.embedded and self._conn is None:
                 self.threads = uniform_threads([{"CPU": float(self.head_cpus)}], self.workers)
             else:
                 self._connect()
@@ -158,8 +175,14 @@ class RayExecutor:
         """Whether the driver should hand its remaining tasks to Ray now: once the embedded head
         takes drivers, the driver connects and starts one worker per slot (loading torch there
         takes seconds), and keeps running tasks itself until those workers are warm."""
-        if self._head is None:
+        if not self.embedded:
             return True
+        if self._head is None:
+            left = self._driver_left_s()
+            if left is None or left < self.handoff_min_s + self.head_start_s:
+                return False  # no rate yet, or the driver is done before a cluster would pay
+            self._start_head()
+        assert self._head is not None
         if not self._head.ready():
             return False
         if self.head_ready_s is None:
@@ -190,8 +213,10 @@ class RayExecutor:
 
     def _startup_note(self) -> str:
         """How long the embedded cluster took to start, for the summary table ("" without one)."""
-        if self._head is None:
+        if not self.embedded:
             return ""
+        if self._head is None:
+            return f"embedded Ray not used: under {self.handoff_min_s + self.head_start_s:.0f} s of the driver's work was left"
         if self.head_ready_s is None:
             return "embedded Ray not ready before the driver had run every task"
         warm = f", workers warm after {self.workers_warm_s:.1f} s" if self.workers_warm_s is not None else ""
@@ -244,7 +269,7 @@ class RayExecutor:
         driver: DriverPool | None = None
         read0 = READ_STATS.bytes_read  # what the driver's own tasks read
         try:
-            if self._head is not None and self.in_process and self.map_reduce != "always":
+            if self.embedded and self.in_process and self.map_reduce != "always":
                 slots = max(1, min(self.workers, self.head_cpus))
                 driver = DriverPool(
                     staging_dir, workers=slots, threads=threads, device=device, on_done=report, progress=progress
@@ -255,6 +280,8 @@ class RayExecutor:
                     if driver.error is not None:
                         raise driver.error
                     return ExecutionReport(bytes_read=READ_STATS.bytes_read - read0)
+            if self.embedded:
+                self._start_head()  # not started yet when the driver pool was skipped
             self._connect()
             files = local_files(r for t in runnable for r in t.inputs)
             nodes = discover_nodes(staging_dir, files, self.workers, budget)

@@ -114,7 +114,7 @@ def test_driver_runs_tasks_until_ready_then_ray_the_rest(family, tmp_path, monke
     text = ties(family)
     merge(parse_recipe(text), tmp_path / "local", progress=False, workers=2, out_shard_bytes=SHARD)
     rec = Recorder(monkeypatch, driver_tasks_before_ready=4)
-    executor = RayExecutor(workers=2)
+    executor = RayExecutor(workers=2, eager=True)
     executor.handoff_min_s = 0  # this tiny merge is worth handing over
     figures = merge(parse_recipe(text), tmp_path / "ray", executor=executor, progress=False, out_shard_bytes=SHARD)
 
@@ -154,7 +154,11 @@ def test_whole_merge_in_the_driver_when_the_cluster_is_never_ready(family, tmp_p
     connected = []
     monkeypatch.setattr(executor_mod.RayExecutor, "_connect", lambda self: connected.append(1))
     figures = merge(
-        parse_recipe(text), tmp_path / "ray", executor=RayExecutor(workers=2), progress=False, out_shard_bytes=SHARD
+        parse_recipe(text),
+        tmp_path / "ray",
+        executor=RayExecutor(workers=2, eager=True),
+        progress=False,
+        out_shard_bytes=SHARD,
     )
     assert digests(tmp_path / "ray") == digests(tmp_path / "local")
     assert len(rec.driver_ran) == figures.tasks and set(rec.journal.values()) == {1}
@@ -181,7 +185,7 @@ def test_a_failing_driver_task_is_one_error_and_the_cluster_is_stopped(family, t
         merge(
             parse_recipe(ties(family)),
             tmp_path / "ray",
-            executor=RayExecutor(workers=2),
+            executor=RayExecutor(workers=2, eager=True),
             progress=False,
             out_shard_bytes=SHARD,
         )
@@ -261,8 +265,27 @@ def test_hand_over_only_work_that_outlasts_the_hand_over(monkeypatch):
     driver = ex._progress.node(DRIVER_ROW, "driver")
     ex._progress.io_done, driver.busy_s = 500, 2.0  # 2 slots x 250 bytes per task-second: 1 s left
     assert not ex._cluster_ready() and not joined, "1 s of the driver's work left: keep it"
+    assert ex._head is None, "nor start a cluster for it"
     assert "not used" in ex._startup_note()
+    driver.busy_s = 64.0  # 32 s left: past the hand-over's 30 s, not past it and the start-up's 5
+    assert not ex._cluster_ready() and not joined and ex._head is None
     driver.busy_s = 200.0  # 2 slots x 2.5 bytes per task-second: 100 s left
     with pytest.raises(Joined):
         ex._cluster_ready()
     assert joined and ex.head_ready_s is not None
+
+
+def test_a_merge_the_driver_finishes_alone_starts_no_cluster(family, tmp_path, monkeypatch):
+    """With the default thresholds a merge of seconds never starts the embedded cluster: the
+    driver runs it all, at the local executor's cost, and the output is the local one."""
+    import ray
+
+    text = ties(family)
+    merge(parse_recipe(text), tmp_path / "local", progress=False, workers=2, out_shard_bytes=SHARD)
+    started = []
+    monkeypatch.setattr(EmbeddedHead, "start", staticmethod(lambda num_cpus: started.append(num_cpus)))
+    executor = RayExecutor(workers=2)
+    merge(parse_recipe(text), tmp_path / "ray", executor=executor, progress=False, out_shard_bytes=SHARD)
+    assert digests(tmp_path / "ray") == digests(tmp_path / "local")
+    assert not started and not ray.is_initialized()
+    assert "not used" in executor._startup_note()
