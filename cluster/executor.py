@@ -128,7 +128,6 @@ class RayExecutor:
         # merges the driver finished alone. ``eager`` starts it now instead, while raymerge plans.
         self.embedded = address is None and not ray.is_initialized()
         self.head_start_s = HEAD_START_S
-        self.head_started_s: float | None = None
         if self.embedded and (eager or not in_process):
             self._start_head()
 
@@ -136,7 +135,6 @@ class RayExecutor:
         """Start the embedded cluster's helper process (once)."""
         if self._head is None:
             self._head = EmbeddedHead.start(self.head_cpus)
-            self.head_started_s = time.monotonic() - self.created
 
     def _connect(self) -> RayConnection:
         """The Ray session of this merge, opened on first use and kept until ``close``."""

@@ -182,12 +182,7 @@ class ExpertStream(LazyTensors):
             x = x + delta_rows(lora, self.task.tensor, r0, r1, self.compute).to(x.device)
         key = (i, r0, r1)
         if key not in self.checked and not (all_finite(x) if chunk else bool(torch.isfinite(x).all())):
-            raise CheckpointError(
-                "input contains NaN or Inf",
-                file=ref.url,
-                tensor=self.task.tensor,
-                hint="fix the checkpoint, or exclude this tensor from the merge",
-            )
+            raise self._not_finite(i)
         self.checked.add(key)  # multi-pass methods re-read chunks; check each once
         return x
 
@@ -210,26 +205,28 @@ class ExpertStream(LazyTensors):
             if i >= self.first:  # one expert at a time: the Gram methods finish one before the next
                 for k in [k for k in self.held if k >= self.first]:
                     del self.held[k]
-            task = self.task
-            held = move_rows(
-                self.readers[i], entry, task.row_start, task.row_end, entry.torch_dtype, self.dev, task.chunk_rows
-            )
-            self.bytes_read += (task.row_end - task.row_start) * entry.row_bytes()
+            held = self._to_device_by_chunks(i, entry, self.task.row_start, self.task.row_end, entry.torch_dtype)
             if not all_finite(held):
-                raise CheckpointError(
-                    "input contains NaN or Inf",
-                    file=task.inputs[i].url,
-                    tensor=task.tensor,
-                    hint="fix the checkpoint, or exclude this tensor from the merge",
-                )
+                raise self._not_finite(i)
             self.held[i] = held
         a = r0 - self.task.row_start
         return held[a : a + (r1 - r0)].to(self.compute, copy=True)
 
-    def _to_device_by_chunks(self, i: int, entry: TensorEntry, r0: int, r1: int) -> torch.Tensor:
-        out = move_rows(self.readers[i], entry, r0, r1, self.compute, self.dev, self.task.chunk_rows)
+    def _to_device_by_chunks(
+        self, i: int, entry: TensorEntry, r0: int, r1: int, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """Rows [r0, r1) of input ``i`` on the device in ``dtype`` (the compute dtype by default)."""
+        out = move_rows(self.readers[i], entry, r0, r1, dtype or self.compute, self.dev, self.task.chunk_rows)
         self.bytes_read += (r1 - r0) * entry.row_bytes()
         return out
+
+    def _not_finite(self, i: int) -> CheckpointError:
+        return CheckpointError(
+            "input contains NaN or Inf",
+            file=self.task.inputs[i].url,
+            tensor=self.task.tensor,
+            hint="fix the checkpoint, or exclude this tensor from the merge",
+        )
 
     def __len__(self) -> int:
         return len(self.readers) - self.first

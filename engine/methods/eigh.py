@@ -135,10 +135,15 @@ class Pseudoinverse:
         return y @ self.V.T
 
 
+def cholesky_solve(L: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """A⁻¹ X for A = L Lᵀ: X solved against L, then Lᵀ, as LAPACK's potrs does."""
+    return torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, X, upper=False), upper=True)
+
+
 def cholesky_apply(L: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """B A⁻¹ for A = L Lᵀ, never forming A⁻¹: Bᵀ solved against L, then Lᵀ, as LAPACK's potrs does
-    (bit for bit ``torch.cholesky_solve(B.T, L).T``, which would also copy L for every block)."""
-    return torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, B.T, upper=False), upper=True).T
+    """B A⁻¹ for A = L Lᵀ, never forming A⁻¹ (bit for bit ``torch.cholesky_solve(B.T, L).T``,
+    which would also copy L for every block)."""
+    return cholesky_solve(L, B.T).T
 
 
 class CholeskyInverse:
@@ -179,7 +184,7 @@ def smallest_eigenvalue_bound(L: torch.Tensor) -> float:
     x.div_(x.norm(dim=0))
     log_growth = torch.zeros(_CERTIFY_VECTORS, dtype=torch.float64, device=L.device)
     for _ in range(_CERTIFY_STEPS):
-        x = torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, x, upper=False), upper=True)
+        x = cholesky_solve(L, x)
         norms = x.norm(dim=0)
         if not bool(torch.isfinite(norms).all()) or bool((norms == 0).any()):
             return 0.0
@@ -233,6 +238,7 @@ __all__ = [
     "Pseudoinverse",
     "certified_cholesky",
     "cholesky_apply",
+    "cholesky_solve",
     "gram_inverse",
     "in_place",
     "smallest_eigenvalue_bound",
