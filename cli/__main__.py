@@ -1,7 +1,5 @@
 """``python -m raymerge.cli``: the same as the ``raymerge`` console script."""
 
-import sys
+from raymerge.cli.main import console_main
 
-from raymerge.cli.main import main
-
-sys.exit(main())
+console_main()
