@@ -58,11 +58,15 @@ def throughput_table(res: dict[str, Any]) -> str:
 
     floor = res["matrix"]["io_floor"]
     start = startup_table(res)
-    return (
-        summary_table(res)
-        + f"\n\nI/O floor: {floor['floor_s']:.2f} s ({floor['read_gbps']} GB/s sequential read, warm cache)."
-        + (f"\n\n{start}" if start else "")
+    floors = floor.get("floors_s") or []
+    how = (
+        f"I/O floor: median {floor['floor_s']:.2f} s of {len(floors)} measurements ({min(floors):.2f}–{max(floors):.2f} s);"
+        " each run is divided by the floor measured just before it, and a row is the repeat with the median ratio"
+        " (ranges over the repeats in parentheses)."
+        if len(floors) > 1
+        else f"I/O floor: {floor['floor_s']:.2f} s ({floor['read_gbps']} GB/s sequential read, warm cache)."
     )
+    return summary_table(res) + f"\n\n{how}" + (f"\n\n{start}" if start else "")
 
 
 def _renderer(stem: str) -> Callable[[dict[str, Any]], str]:

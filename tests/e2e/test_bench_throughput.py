@@ -35,6 +35,8 @@ def test_throughput_smoke_tiny(tmp_path):
             "smoke",
             "--sample-interval",
             "0.02",
+            "--repeats",
+            "2",
         ]
     )
     assert rc == 0
@@ -46,10 +48,30 @@ def test_throughput_smoke_tiny(tmp_path):
     for r in mx["runs"]:
         assert r["returncode"] == 0 and r["read_gbps"] > 0 and r["peak_rss_bytes"] > 50 << 20
         assert r["wall_over_io_floor"] > 1  # a merge cannot beat reading its inputs once
+        assert r["repeats"] == 2 and len(r["walls_s"]) == len(r["io_floors_s"]) == 2
+        assert r["wall_over_io_floor"] in r["walls_over_io_floor"] and r["wall_s"] in r["walls_s"]
+    # The first floor, then one before each of the 2 × 2 runs.
+    assert len(mx["io_floor"]["floors_s"]) == 5
     assert [s["workers"] for s in mx["scaling"]] == [1, 2]
     growth = {g["size"]: g for g in res["growth"]}
     assert growth["small"]["input_bytes"] > 10 * growth["tiny"]["input_bytes"]
     assert "| ties | raymerge | local |" in throughput.summary_table(res)
+
+
+def test_a_row_is_the_repeat_with_the_median_ratio():
+    """Each run is judged against the floor measured just before it: the row keeps the repeat
+    whose wall over its own floor is the median, not the fastest wall."""
+    runs = [
+        {"returncode": 0, "wall_s": w, "io_floor_s": f, "wall_over_io_floor": round(w / f, 4)}
+        for w, f in ((8.0, 2.0), (6.0, 1.0), (9.0, 4.5))
+    ]
+    row = throughput.typical(runs)
+    assert (row["wall_s"], row["wall_over_io_floor"]) == (8.0, 4.0)
+    assert row["walls_s"] == [8.0, 6.0, 9.0] and row["walls_over_io_floor"] == [4.0, 6.0, 2.0]
+    ray = [dict(r, wall_s=r["wall_s"] * k) for r, k in zip(runs, (1.1, 1.5, 1.0), strict=True)]
+    assert throughput.median_ratio(ray, runs) == 1.1
+    failed = throughput.typical([*runs, {"returncode": 1, "wall_s": 1.0}])
+    assert failed["returncode"] == 1
 
 
 def test_ray_split_reads_the_summary_table(tmp_path):
