@@ -63,6 +63,12 @@ def throughput_table(res: dict[str, Any]) -> str:
         f"I/O floor: median {floor['floor_s']:.2f} s of {len(floors)} measurements ({min(floors):.2f}–{max(floors):.2f} s);"
         " each run is divided by the floor measured just before it, and a row is the repeat with the median ratio"
         " (ranges over the repeats in parentheses)."
+        + (
+            f" Warm-page floor (the same read, then a rewrite and fsync of the file just written, its pages"
+            f" already cached): median {floor['warm_floor_s']:.2f} s."
+            if floor.get("warm_floor_s")
+            else ""
+        )
         if len(floors) > 1
         else f"I/O floor: {floor['floor_s']:.2f} s ({floor['read_gbps']} GB/s sequential read, warm cache)."
     )

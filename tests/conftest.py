@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -74,6 +75,15 @@ def recipe_text(
     if extra:
         lines.append(extra)
     return "\n".join(lines) + "\n"
+
+
+def presize_shards(staging: Path | str, shards) -> None:
+    """Create ``staging`` and each of a plan's ``shards`` in it, sparse and at its final size, as
+    the writer does before tasks ``pwrite`` into them (for tests that call ``run_task`` directly)."""
+    os.makedirs(staging, exist_ok=True)
+    for shard in shards:
+        with open(os.path.join(staging, shard.name), "wb") as f:
+            f.truncate(shard.size)
 
 
 def load_dir(path: Path) -> dict[str, torch.Tensor]:

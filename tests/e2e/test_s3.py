@@ -35,7 +35,7 @@ from raymerge.engine.recipe import parse_recipe  # noqa: E402
 from raymerge.engine.task import run_task  # noqa: E402
 from raymerge.engine.verify import verify_model  # noqa: E402
 
-from conftest import recipe_text  # noqa: E402
+from conftest import presize_shards, recipe_text  # noqa: E402
 
 HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "server", "date"}
 
@@ -295,10 +295,7 @@ def test_s3_tasks_read_only_their_tensors(s3, family, tmp_path):
     ]
     assert len(picked) == 2
     staging = tmp_path / "partial"
-    staging.mkdir()
-    for shard in plan.shards:
-        with open(staging / shard.name, "wb") as f:
-            f.truncate(shard.size)
+    presize_shards(staging, plan.shards)
     s3.proxy.reset()
     for t in picked:
         run_task(t, str(staging))

@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from raymerge.engine.methods import METHODS, WorkShape
 from raymerge.engine.synth import LlamaShape, make_family
 
-from conftest import recipe_text
+from conftest import presize_shards, recipe_text
 
 pytestmark = [
     pytest.mark.skipif(
@@ -122,9 +122,7 @@ PROBE = textwrap.dedent(
         plan = build_plan(parse_recipe(f.read()))
     task = next(t for t in plan.tasks if t.tensor == tensor)
     shard = next(s for s in plan.shards if s.name == task.output.shard)
-    os.makedirs(staging, exist_ok=True)
-    with open(os.path.join(staging, shard.name), "wb") as f:
-        f.truncate(shard.size)  # sparse, as pre-sized by the writer
+    presize_shards(staging, [shard])
     for dtype in (torch.float32, torch.float64):  # initialise BLAS and LAPACK, model-independent
         a = torch.randn(256, 64, dtype=dtype)
         g = a.T @ a + torch.eye(64, dtype=dtype)
@@ -274,8 +272,7 @@ def test_declared_device_peak_bounds_measured(case, tensor, medium, tmp_path):
     plan = build_plan(parse_recipe(case_recipe(case, medium)), placement=Placement("cuda", None))
     task = next(t for t in plan.tasks if t.tensor == tensor)
     shard = next(s for s in plan.shards if s.name == task.output.shard)
-    with open(tmp_path / shard.name, "wb") as f:
-        f.truncate(shard.size)
+    presize_shards(tmp_path, [shard])
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()

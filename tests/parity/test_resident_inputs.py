@@ -22,7 +22,7 @@ from raymerge.engine.synth import make_family
 from raymerge.engine.task import run_task
 from raymerge.engine.transfer import move_rows
 
-from conftest import recipe_text
+from conftest import presize_shards, recipe_text
 
 CASES = {
     "actmat": ("actmat", {}),
@@ -51,10 +51,7 @@ def _linear_tasks(method, params, base, experts):
 def _run(plan, tasks, staging, resident, monkeypatch, device="cpu"):
     if device == "cpu":
         monkeypatch.setattr(task_mod, "resident_inputs", lambda task, dev: resident and task_mod.holds_inputs(task))
-    staging.mkdir()
-    for shard in plan.shards:
-        with open(staging / shard.name, "wb") as f:
-            f.truncate(shard.size)
+    presize_shards(staging, plan.shards)
     receipts = {t.tensor: run_task(t, str(staging), device) for t in tasks}
     out = {}
     for t in tasks:
