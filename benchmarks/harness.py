@@ -131,32 +131,32 @@ def _read_all(files: Sequence[Path]) -> int:
     return total
 
 
+def _timed_write(f: Any, block: bytes, nbytes: int) -> tuple[float, float]:
+    """Write ``nbytes`` of ``block`` repeated from the start of ``f``, then fsync; the seconds
+    to write and to write + fsync."""
+    f.seek(0)
+    t0 = time.perf_counter()
+    left = nbytes
+    while left > 0:
+        left -= f.write(memoryview(block)[: min(left, len(block))])
+    t_write = time.perf_counter() - t0
+    os.fsync(f.fileno())
+    return t_write, time.perf_counter() - t0
+
+
 def io_floor(inputs: Sequence[Path], out_bytes: int, scratch: Path) -> dict[str, Any]:
     """Time a sequential read of every input byte, then a write + fsync of an output-sized file."""
     t0 = time.perf_counter()
     nread = _read_all(inputs)
     t_read = time.perf_counter() - t0
     block = os.urandom(1 << 20) * (READ_CHUNK >> 20)
-    t0 = time.perf_counter()
     with open(scratch, "wb", buffering=0) as f:
-        left = out_bytes
-        while left > 0:
-            left -= f.write(memoryview(block)[: min(left, len(block))])
-        t_write = time.perf_counter() - t0
-        os.fsync(f.fileno())
-        t_total_write = time.perf_counter() - t0
+        t_write, t_total_write = _timed_write(f, block, out_bytes)
         # The same bytes again into the pages just written (cached, clean): what the write costs
         # when the kernel need not find fresh pages. On a VM whose host backs guest memory lazily,
         # a fresh page can cost more than its copy (1.7 GB of new anonymous memory took 4.5-10.5 s
         # to touch on the 2-core benchmark machine), and that part of the floor varies run to run.
-        f.seek(0)
-        t0 = time.perf_counter()
-        left = out_bytes
-        while left > 0:
-            left -= f.write(memoryview(block)[: min(left, len(block))])
-        t_warm_write = time.perf_counter() - t0
-        os.fsync(f.fileno())
-        t_warm_total = time.perf_counter() - t0
+        t_warm_write, t_warm_total = _timed_write(f, block, out_bytes)
     scratch.unlink()
     return {
         "read_bytes": nread,
