@@ -25,25 +25,61 @@ from raymerge.engine.errors import RaymergeError
 from raymerge.engine.executor import Executor
 from raymerge.engine.plan import build_plan, check_budget, fmt_bytes
 from raymerge.engine.recipe import Recipe
+from raymerge.engine.stages import Stage
 from raymerge.engine.storage import is_local
 from raymerge.engine.urls import RedactingFilter, redact, redact_text
 
 
-def _load(args: argparse.Namespace) -> Recipe:
-    """The recipe file with command-line opt-ins applied (``--allow-pickle``)."""
-    from raymerge.engine.recipe import load_recipe
+def _load(args: argparse.Namespace, text: str | None = None, origin: str | None = None) -> Recipe:
+    """The recipe file (or one stage's ``text``) with command-line opt-ins applied (``--allow-pickle``)."""
+    from raymerge.engine.recipe import load_recipe, parse_recipe
 
-    recipe = load_recipe(args.recipe, strict=args.strict)
+    if text is None:
+        recipe = load_recipe(args.recipe, strict=args.strict)
+    else:
+        recipe = parse_recipe(text, origin or str(args.recipe), strict=args.strict)
     if args.allow_pickle and not recipe.raymerge.allow_pickle_bin:
         options = recipe.raymerge.model_copy(update={"allow_pickle_bin": True})
         recipe = recipe.model_copy(update={"raymerge": options})
     return recipe
 
 
+def _stages(args: argparse.Namespace, out: str | None) -> list[Stage] | None:
+    """The stages of a multi-stage recipe file (None for an ordinary recipe); named intermediate
+    stages go to ``--intermediate-dir``, else ``OUT.stages``."""
+    from raymerge.engine.recipe import read_recipe_text
+    from raymerge.engine.stages import is_multi_stage, stage_order
+
+    text = read_recipe_text(args.recipe)
+    if not is_multi_stage(text, str(args.recipe)):
+        return None
+    inter = args.intermediate_dir or (f"{out.rstrip('/')}.stages" if out is not None else None)
+    if inter is None:
+        inter = os.path.join(tempfile.gettempdir(), "raymerge-unmerged-stages")  # plan: none of them exists
+    return stage_order(text, str(args.recipe), inter)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
+    stages = _stages(args, None)
+    if stages is None:
+        return _plan(args, _load(args))
+    from raymerge.engine.stages import stage_done
+
+    made = {st.dest for st in stages if st.dest is not None and stage_done(st.dest)}
+    for i, st in enumerate(stages):
+        head = f"stage {i + 1}/{len(stages)} {st.label!r} -> {st.dest or 'OUT'}"
+        waits = [d for d in st.reads if d not in made]
+        if waits:
+            print(f"{head}: not planned, reads {', '.join(waits)}, which an earlier stage writes", file=sys.stderr)
+            continue
+        print(head, file=sys.stderr)
+        _plan(args, _load(args, st.text, f"{args.recipe} (stage {st.label!r})"))
+    return 0
+
+
+def _plan(args: argparse.Namespace, recipe: Recipe) -> int:
     from raymerge.engine.executor import default_memory_budget, placement_for
 
-    recipe = _load(args)
     where = placement_for(args.device or recipe.raymerge.device, args.device_memory)
     plan = build_plan(recipe, out_shard_bytes=args.out_shard_size, placement=where)
     budget = args.memory_budget or default_memory_budget()
@@ -103,12 +139,33 @@ def executor_for(args: argparse.Namespace) -> Executor:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    stages = _stages(args, args.out)
+    if stages is None:
+        return _run(args, _load(args), args.out)
+    from raymerge.engine.stages import stage_done
+
+    for i, st in enumerate(stages):
+        dest = args.out if st.final else st.dest
+        assert dest is not None
+        where = f"stage {i + 1}/{len(stages)} {st.label!r}"
+        if not st.final and not args.overwrite and stage_done(dest):
+            print(
+                f"{where}: {dest} already holds a model, used as it is (--overwrite merges it again)", file=sys.stderr
+            )
+            continue
+        print(f"{where} -> {dest}", file=sys.stderr)
+        if not st.final and is_local(dest):
+            os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)  # as mergekit-multi does
+        _run(args, _load(args, st.text, f"{args.recipe} (stage {st.label!r})"), dest)
+    return 0
+
+
+def _run(args: argparse.Namespace, recipe: Recipe, out: str) -> int:
     from raymerge.engine.merge import format_figures, merge
 
-    recipe = _load(args)
     figures = merge(
         recipe,
-        args.out,
+        out,
         executor=executor_for(args),
         device_memory=args.device_memory,
         memory_budget=args.memory_budget,
@@ -119,7 +176,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         copy_tokenizer=args.copy_tokenizer,
     )
     print(format_figures(figures))
-    print(f"wrote {Path(args.out).absolute() if is_local(args.out) else redact(args.out)}")
+    print(f"wrote {Path(out).absolute() if is_local(out) else redact(out)}")
     return 0
 
 
@@ -275,6 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("recipe", help="recipe YAML (mergekit schema + raymerge keys)")
     add_options(sp, PLAN_OPTIONS)
     sp.add_argument("--json", action="store_true", help="machine-readable output, with every task")
+    sp.add_argument(
+        "--intermediate-dir",
+        default=None,
+        help="multi-stage recipes: where `run` writes the named stages (the stages after them are planned "
+        "once those exist)",
+    )
     sp.set_defaults(fn=cmd_plan)
 
     sp = sub.add_parser("run", help="run a merge into OUT (resumes an interrupted run of the same plan)")

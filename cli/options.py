@@ -139,6 +139,13 @@ PLAN_OPTIONS = (
 RUN_OPTIONS = (
     *PLAN_OPTIONS,
     Option(
+        "--intermediate-dir",
+        dict(
+            default=None,
+            help="multi-stage recipes: where the named intermediate stages are written (default: OUT.stages)",
+        ),
+    ),
+    Option(
         "--workers", dict(type=positive_int, default=None, help="concurrent tasks per node (default: min(4, cores))")
     ),
     Option("--overwrite", dict(action="store_true", help="replace an existing output directory")),

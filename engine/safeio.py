@@ -210,10 +210,10 @@ class _StrictYamlLoader(yaml.SafeLoader):
     "billion laughs" alias bomb is a few hundred bytes that expand to billions of nodes."""
 
     def get_single_node(self) -> yaml.Node | None:
-        node = super().get_single_node()
-        if node is not None and _expanded_nodes(node) > MAX_YAML_NODES:
-            raise _Refused(f"its aliases expand to more than {MAX_YAML_NODES} nodes")
-        return node
+        return _bounded(super().get_single_node())
+
+    def get_node(self) -> yaml.Node | None:  # each document of ``load_all``
+        return _bounded(super().get_node())
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
@@ -232,6 +232,12 @@ class _StrictYamlLoader(yaml.SafeLoader):
                 )
             seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
+
+
+def _bounded(node: yaml.Node | None) -> yaml.Node | None:
+    if node is not None and _expanded_nodes(node) > MAX_YAML_NODES:
+        raise _Refused(f"its aliases expand to more than {MAX_YAML_NODES} nodes")
+    return node
 
 
 def _expanded_nodes(root: yaml.Node) -> int:
@@ -266,9 +272,24 @@ def _expanded_nodes(root: yaml.Node) -> int:
 def load_yaml(text: str, *, file: str, error: type[RaymergeError] = RaymergeError, what: str = "file") -> Any:
     """YAML through the safe loader: duplicate keys refused, alias expansion and nesting bounded;
     any failure is one ``error`` naming the file (with the line and column where YAML says)."""
+    return _load(text, False, file, error, what)
+
+
+def load_yaml_documents(
+    text: str, *, file: str, error: type[RaymergeError] = RaymergeError, what: str = "file"
+) -> list[Any]:
+    """Every document of a YAML stream (``---`` separated), each loaded as ``load_yaml`` does."""
+    docs = _load(text, True, file, error, what)
+    assert isinstance(docs, list)
+    return docs
+
+
+def _load(text: str, every: bool, file: str, error: type[RaymergeError], what: str) -> Any:
     if _nesting_depth(text) > MAX_JSON_DEPTH * 4:  # flow-style nesting; block nesting is bounded by indentation
         raise error(f"{what} nests more than {MAX_JSON_DEPTH * 4} levels deep", file=file)
     try:
+        if every:
+            return list(yaml.load_all(text, Loader=_StrictYamlLoader))  # noqa: S506 - a SafeLoader subclass
         return yaml.load(text, Loader=_StrictYamlLoader)  # noqa: S506 - a SafeLoader subclass
     except _Refused as exc:
         raise error(f"{what} is refused: {exc}", file=file) from None

@@ -155,6 +155,7 @@ merge_method: *i
     "case",
     [
         "alias-bomb",
+        "alias-bomb-second-document",
         "not-utf8",
         "method-mapping",
         "bad-exclude-regex",
@@ -171,6 +172,8 @@ def test_recipe_hazards(models, tmp_path, case):
     good = recipe_text("ties", base, experts, {"density": 0.5}, [{"weight": 1}] * 2)
     if case == "alias-bomb":
         r.write_text(RECIPE_BOMB)
+    elif case == "alias-bomb-second-document":  # a multi-stage recipe's documents are bounded one by one
+        r.write_text(good + "---\n" + RECIPE_BOMB)
     elif case == "not-utf8":
         r.write_bytes(good.encode() + b"# \xff\xfe\n")
     elif case == "method-mapping":
