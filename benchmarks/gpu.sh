@@ -3,7 +3,8 @@
 #
 #   bash benchmarks/gpu.sh [STAGE ...]        stages: tests inverse gram svd matrix growth solvers frontier (default: all)
 #
-# matrix overrides: MATRIX_SIZE, MATRIX_METHODS, MATRIX_EXECUTORS, PEER_METHODS, WORKERS, MATRIX_TIMEOUT
+# matrix overrides: MATRIX_SIZE, MATRIX_METHODS, MATRIX_EXECUTORS, PEER_METHODS, WORKERS, MATRIX_TIMEOUT,
+# MATRIX_REPEATS (runs per cell, each after its own I/O floor; 1 by default: device time is short)
 #
 # Needs, in the repo root: .whl/ (pydantic and its deps as wheels; fusion-bench and mergekit with theirs
 # for the peer comparisons) and, for Ray runs, .raybundle/ (built by ../shared/tools/ray-bundle); see
@@ -56,7 +57,7 @@ for stage in $STAGES; do
       timeout "${MATRIX_TIMEOUT:-3000}" python3 -m benchmarks.throughput --size "${MATRIX_SIZE:-7b:2}" --experts 3 \
         --methods "${MATRIX_METHODS:-task_arithmetic,ties,dare_ties,actmat,wudi,tsv_m,iso_c}" \
         --executors "${MATRIX_EXECUTORS:-local,ray}" --peer-methods "${PEER_METHODS:-task_arithmetic,ties,dare_ties,tsv_m,iso_c}" \
-        --workers "${WORKERS-1,4,16}" --growth "" --memory-budget 24GiB --workdir "$WORK" \
+        --workers "${WORKERS-1,4,16}" --growth "" --memory-budget 24GiB --workdir "$WORK" --repeats "${MATRIX_REPEATS:-1}" \
         --results-dir "$OUT" --stem "throughput_$(echo ${MATRIX_SIZE:-7b:2} | tr : -)L_$GPU" 2>&1 | grep -v '^\$ ' | tail -40 || rc=1 ;;
     growth) # TIES peak memory from tiny to a 70B layer subset, same budget: must stay flat
       python3 -m benchmarks.throughput --size tiny --methods "" --workers "" --peers none \
@@ -70,7 +71,7 @@ for stage in $STAGES; do
       for spec in ${FRONTIER_SIZES:-7b:4 70b:1}; do
         timeout "${FRONTIER_TIMEOUT:-400}" python3 -m benchmarks.throughput --size "$spec" --vocab "${FRONTIER_VOCAB:-8192}" \
           --experts 8 --methods "${FRONTIER_METHODS:-actmat,wudi_spectral,tsv_m}" --executors local --peers none \
-          --workers "" --growth "" --memory-budget 16GiB --workdir "$WORK" --results-dir "$OUT" \
+          --workers "" --growth "" --memory-budget 16GiB --workdir "$WORK" --results-dir "$OUT" --repeats "${FRONTIER_REPEATS:-1}" \
           --stem "frontier_$(echo "$spec" | tr : -)L_$GPU" 2>&1 | grep -v '^\$ ' | tail -12 || rc=1
         rm -rf "$WORK/$(echo "$spec" | tr : -)L"
       done ;;

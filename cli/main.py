@@ -16,7 +16,7 @@ import sys
 import tempfile
 import traceback
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from raymerge.cli.data import add_data_commands
 from raymerge.cli.options import MERGEKIT_OPTIONS, PLAN_OPTIONS, RUN_OPTIONS, add_options, forward
@@ -66,18 +66,26 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from raymerge.engine.stages import stage_done
 
     made = {st.dest for st in stages if st.dest is not None and stage_done(st.dest)}
+    listing: list[dict[str, Any]] = []
     for i, st in enumerate(stages):
         head = f"stage {i + 1}/{len(stages)} {st.label!r} -> {st.dest or 'OUT'}"
         waits = [d for d in st.reads if d not in made]
+        entry: dict[str, Any] = {"stage": st.label, "out": st.dest, "waits_for": waits, "plan": None}
+        listing.append(entry)
         if waits:
             print(f"{head}: not planned, reads {', '.join(waits)}, which an earlier stage writes", file=sys.stderr)
             continue
         print(head, file=sys.stderr)
-        _plan(args, _load(args, st.text, f"{args.recipe} (stage {st.label!r})"))
+        plans: list[dict[str, Any]] = []
+        _plan(args, _load(args, st.text, f"{args.recipe} (stage {st.label!r})"), plans if args.json else None)
+        entry["plan"] = plans[0] if plans else None
+    if args.json:
+        print(json.dumps({"stages": listing}, indent=1))
     return 0
 
 
-def _plan(args: argparse.Namespace, recipe: Recipe) -> int:
+def _plan(args: argparse.Namespace, recipe: Recipe, collect: list[dict[str, Any]] | None = None) -> int:
+    """Print ``recipe``'s plan (with ``--json`` and ``collect``, append its summary there instead)."""
     from raymerge.engine.executor import default_memory_budget, placement_for
 
     where = placement_for(args.device or recipe.raymerge.device, args.device_memory)
@@ -100,7 +108,10 @@ def _plan(args: argparse.Namespace, recipe: Recipe) -> int:
             }
             for t in plan.tasks
         ]
-        print(json.dumps(summary, indent=1))
+        if collect is None:
+            print(json.dumps(summary, indent=1))
+        else:
+            collect.append(summary)
     else:
         dev_budget = f"{fmt_bytes(where.device_memory)} per device" if where.device_memory else "not known"
         print(f"method      {summary['method']}  ({len(plan.models)} models)")

@@ -3,6 +3,7 @@ in dependency order, the final one into OUT; against mergekit 0.1.5's own ``merg
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -144,6 +145,12 @@ def test_plan_waits_for_stages_not_merged_yet(family, tmp_path, capsys):
     capsys.readouterr()
     assert raymerge_main(["plan", str(recipe), "--intermediate-dir", str(inter)]) == 0
     assert capsys.readouterr().out.count("method      ") == 3
+    # --json: one document for the whole file, a stage's plan null while it waits.
+    assert raymerge_main(["plan", str(recipe), "--intermediate-dir", str(tmp_path / "none-yet"), "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)["stages"]
+    assert [s["stage"] for s in listing] == ["blend", "sharp", "final merge"]
+    assert listing[0]["plan"]["method"] == "linear" and listing[0]["plan"]["task_list"]
+    assert listing[1]["plan"] is None and listing[1]["waits_for"] == [str(tmp_path / "none-yet" / "blend")]
 
 
 @pytest.mark.parametrize(
