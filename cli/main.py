@@ -153,9 +153,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     stages = _stages(args, args.out)
     if stages is None:
         return _run(args, _load(args), args.out)
+    from raymerge.engine.errors import OutputError
+    from raymerge.engine.outpath import check_output_path
     from raymerge.engine.stages import stage_done
+    from raymerge.engine.storage import local_path
 
-    for i, st in enumerate(stages):
+    # Everything that can be checked before the first stage runs is: a typo in the last stage or
+    # an existing OUT must not surface after hours of earlier stages.
+    recipes = [_load(args, st.text, f"{args.recipe} (stage {st.label!r})") for st in stages]
+    for st in stages:
+        check_output_path(args.out if st.final else str(st.dest))
+    if is_local(args.out) and os.path.lexists(local_path(args.out)) and not args.overwrite:
+        raise OutputError("output path already exists", file=args.out, hint="pass --overwrite to replace it")
+    for i, (st, recipe) in enumerate(zip(stages, recipes, strict=True)):
         dest = args.out if st.final else st.dest
         assert dest is not None
         where = f"stage {i + 1}/{len(stages)} {st.label!r}"
@@ -167,7 +177,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"{where} -> {dest}", file=sys.stderr)
         if not st.final and is_local(dest):
             os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)  # as mergekit-multi does
-        _run(args, _load(args, st.text, f"{args.recipe} (stage {st.label!r})"), dest)
+        _run(args, recipe, dest)
     return 0
 
 

@@ -190,3 +190,24 @@ def test_bad_stage_graphs_are_one_line(family, tmp_path, capsys, case, needle):
     assert len(lines) == 1 and lines[0].startswith("raymerge: error:") and str(recipe) in lines[0], lines
     assert needle in lines[0]
     assert not out.exists() and not (tmp_path / "out.stages").exists()
+
+
+@pytest.mark.parametrize("case", ["typo-in-last-stage", "out-exists"])
+def test_nothing_runs_when_a_later_stage_would_fail(family, tmp_path, capsys, case):
+    """A misspelt parameter in the final document, or an OUT that exists, is found before the
+    first stage merges anything."""
+    base, experts = family
+    text = _multi(base, experts)
+    out = tmp_path / "out"
+    if case == "typo-in-last-stage":
+        text = text.replace("weight: 1.0, density: 0.5}\n  - model", "weight: 1.0, densty: 0.5}\n  - model", 1)
+        needle = "densty"
+    else:
+        out.mkdir()
+        needle = "output path already exists"
+    recipe = tmp_path / "multi.yaml"
+    recipe.write_text(text)
+    assert raymerge_main(["run", str(recipe), str(out), "-q"]) != 0
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("raymerge: error:") and needle in lines[0], lines
+    assert not (tmp_path / "out.stages").exists()
