@@ -26,6 +26,7 @@ from raymerge.cluster.connect import use_local_auth_token
 from raymerge.engine.errors import RaymergeError, RecipeError
 from raymerge.engine.recipe import parse_recipe, read_recipe_text
 from raymerge.engine.safeio import load_yaml
+from raymerge.engine.stages import documents, is_multi_stage, stage_order
 from raymerge.engine.storage import is_local
 from raymerge.engine.urls import redact, redact_text
 
@@ -42,29 +43,63 @@ def _absolute(path: Any) -> Any:
 
 
 def portable_recipe(text: str, origin: str) -> str:
-    """The recipe with relative local model paths made absolute (validated first); else unchanged."""
+    """The recipe with relative local model paths made absolute (validated first); else unchanged.
+    A multi-stage recipe keeps its stage names as they are (they are not paths)."""
+    if is_multi_stage(text, origin):
+        return _portable_stages(text, origin)
     parse_recipe(text, origin)  # fail here, not on the cluster, on a malformed recipe
     raw = load_yaml(text, file=origin, error=RecipeError, what="recipe")
     if not isinstance(raw, dict):
         raise RecipeError("a recipe must be a mapping", file=origin)
+    if not _absolute_paths(raw, set()):
+        return text
+    log.info("made relative model paths absolute for the job")
+    return yaml.safe_dump(raw, sort_keys=False)
+
+
+def _portable_stages(text: str, origin: str) -> str:
+    """Each document of a multi-stage recipe made portable; the stage graph and every stage's
+    recipe are checked here first (names resolved against a placeholder directory)."""
+    for st in stage_order(text, origin, "/intermediate"):
+        parse_recipe(st.text, f"{origin} (stage {st.label!r})")
+    docs = documents(text, origin)
+    names = {d["name"] for d in docs if isinstance(d.get("name"), str)}
+    changed = False
+    for doc in docs:
+        changed |= _absolute_paths(doc, names)
+        if isinstance(doc.get("out_path"), str) and _absolute(doc["out_path"]) != doc["out_path"]:
+            doc["out_path"], changed = _absolute(doc["out_path"]), True
+    if not changed:
+        return text
+    log.info("made relative model paths absolute for the job")
+    return yaml.safe_dump_all(docs, sort_keys=False)
+
+
+def _absolute_paths(raw: dict[str, Any], names: set[str]) -> bool:
+    """Make ``raw``'s relative local model paths absolute in place (not the stage ``names``);
+    whether any changed."""
     changed = False
 
     def fix(obj: dict[str, Any], key: str) -> None:
         nonlocal changed
-        if key in obj and _absolute(obj[key]) != obj[key]:
-            obj[key] = _absolute(obj[key])
+        value = obj.get(key)
+        if isinstance(value, str) and value.partition("+")[0] in names:
+            return
+        if key in obj and _absolute(value) != value:
+            obj[key] = _absolute(value)
             changed = True
 
     fix(raw, "base_model")
     for m in raw.get("models") or []:
         if isinstance(m, dict):
             fix(m, "model")
+    for piece in raw.get("slices") or []:
+        for src in (piece.get("sources") or []) if isinstance(piece, dict) else []:
+            if isinstance(src, dict):
+                fix(src, "model")
     if raw.get("tokenizer_source") not in (None, "base"):
         fix(raw, "tokenizer_source")
-    if not changed:
-        return text
-    log.info("made relative model paths absolute for the job")
-    return yaml.safe_dump(raw, sort_keys=False)
+    return changed
 
 
 def entrypoint(out: str, run_args: list[str]) -> str:

@@ -211,3 +211,34 @@ def test_nothing_runs_when_a_later_stage_would_fail(family, tmp_path, capsys, ca
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("raymerge: error:") and needle in lines[0], lines
     assert not (tmp_path / "out.stages").exists()
+
+
+def test_submitted_multi_stage_recipe_is_portable(family, tmp_path, monkeypatch):
+    """``raymerge submit`` ships the recipe to a job with another working directory: relative
+    model paths become absolute (slices' sources too), stage names stay names, and the shipped
+    text merges the same bytes from anywhere."""
+    pytest.importorskip("ray")
+    from raymerge.cluster.submit import portable_recipe
+
+    base, experts = family
+    monkeypatch.chdir(tmp_path)
+    rel_base, rel = os.path.relpath(base), [os.path.relpath(e) for e in experts]
+    text = _multi(rel_base, rel)
+    portable = portable_recipe(text, "multi.yaml")
+    assert "model: blend" in portable and "model: sharp" in portable
+    assert str(experts[0]) in portable and f"base_model: {base}" in portable
+    (tmp_path / "multi.yaml").write_text(text)
+    assert raymerge_main(["run", "multi.yaml", "here", "-q"]) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "recipe.yaml").write_text(portable)
+    monkeypatch.chdir(elsewhere)
+    assert raymerge_main(["run", "recipe.yaml", "there", "-q"]) == 0
+    got, want = load_dir(elsewhere / "there"), load_dir(tmp_path / "here")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+    sliced = (
+        "merge_method: passthrough\nslices:\n  - sources:\n"
+        f"      - model: {os.path.relpath(experts[0])}\n        layer_range: [0, 1]\n"
+    )
+    assert f"model: {experts[0]}" in portable_recipe(sliced, "sliced.yaml")
