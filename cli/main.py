@@ -53,9 +53,8 @@ def _stages(args: argparse.Namespace, out: str | None) -> list[Stage] | None:
     text = read_recipe_text(args.recipe)
     if not is_multi_stage(text, str(args.recipe)):
         return None
-    inter = args.intermediate_dir or (f"{out.rstrip('/')}.stages" if out is not None else None)
-    if inter is None:
-        inter = os.path.join(tempfile.gettempdir(), "raymerge-unmerged-stages")  # plan: none of them exists
+    # `plan` without --intermediate-dir: a placeholder that names the option (no stage there exists).
+    inter = args.intermediate_dir or (f"{out.rstrip('/')}.stages" if out is not None else "<intermediate-dir>")
     return stage_order(text, str(args.recipe), inter)
 
 
