@@ -233,6 +233,13 @@ def run_matrix(args: argparse.Namespace, checkpoint: Path | None = None) -> dict
     floors: list[float] = [floor["floor_s"]]  # every floor measured in this run, the first included
     warm_floors: list[float] = [floor["warm_floor_s"]]
     unused = [floor]
+
+    def new_floor() -> dict[str, Any]:
+        f = m.floor()
+        floors.append(f["floor_s"])
+        warm_floors.append(f["warm_floor_s"])
+        return f
+
     runs: list[dict[str, Any]] = []
     comparisons: dict[str, Any] = {}
     scaling: list[dict[str, Any]] = []
@@ -250,15 +257,9 @@ def run_matrix(args: argparse.Namespace, checkpoint: Path | None = None) -> dict
         rounds: dict[str, list[dict[str, Any]]] = {e: [] for e in args.executors}
         for _ in range(max(1, args.repeats)):  # executors interleaved, each run after its own floor
             for executor in args.executors:
-                fresh = not unused
-                f = m.floor() if fresh else unused.pop()  # the first run takes the run's first floor
+                f = unused.pop() if unused else new_floor()  # the first run takes the floor of the start
                 r = m.raymerge(method, executor, None, device)
-                r["io_floor_s"], r["io_warm_floor_s"] = f["floor_s"], f["warm_floor_s"]
-                r["wall_over_io_floor"] = ratio(r["wall_s"], f["floor_s"]) if r["returncode"] == 0 else None
-                r["wall_over_warm_floor"] = ratio(r["wall_s"], f["warm_floor_s"]) if r["returncode"] == 0 else None
-                if fresh:
-                    floors.append(f["floor_s"])
-                    warm_floors.append(f["warm_floor_s"])
+                against(r, f)
                 rounds[executor].append(r)  # each round rewrites the same output directory
         for executor in args.executors:
             r = typical(rounds[executor])
@@ -271,14 +272,7 @@ def run_matrix(args: argparse.Namespace, checkpoint: Path | None = None) -> dict
             ours = ours or (r if r["returncode"] == 0 else None)
         peer = m.peer(method, device) if method in args.peer_methods or not args.peer_methods else None
         if peer is not None:
-            pf = m.floor()
-            floors.append(pf["floor_s"])
-            warm_floors.append(pf["warm_floor_s"])
-            peer["io_floor_s"], peer["io_warm_floor_s"] = pf["floor_s"], pf["warm_floor_s"]
-            peer["wall_over_io_floor"] = ratio(peer["wall_s"], pf["floor_s"]) if peer["returncode"] == 0 else None
-            peer["wall_over_warm_floor"] = (
-                ratio(peer["wall_s"], pf["warm_floor_s"]) if peer["returncode"] == 0 else None
-            )
+            against(peer, new_floor())
             runs.append(peer)
             save()
             if ours is not None:
@@ -330,6 +324,14 @@ def run_matrix(args: argparse.Namespace, checkpoint: Path | None = None) -> dict
         "comparisons": comparisons,
         "scaling": scaling,
     }
+
+
+def against(run: dict[str, Any], floor: dict[str, Any]) -> None:
+    """Record on ``run`` the floors measured just before it and its wall over each."""
+    ok = run["returncode"] == 0
+    run["io_floor_s"], run["io_warm_floor_s"] = floor["floor_s"], floor["warm_floor_s"]
+    run["wall_over_io_floor"] = ratio(run["wall_s"], floor["floor_s"]) if ok else None
+    run["wall_over_warm_floor"] = ratio(run["wall_s"], floor["warm_floor_s"]) if ok else None
 
 
 def median(xs: Sequence[float]) -> float:

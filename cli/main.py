@@ -76,7 +76,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             continue
         print(head, file=sys.stderr)
         plans: list[dict[str, Any]] = []
-        _plan(args, _load(args, st.text, f"{args.recipe} (stage {st.label!r})"), plans if args.json else None)
+        _plan(args, _load(args, st.text, st.origin(args.recipe)), plans if args.json else None)
         entry["plan"] = plans[0] if plans else None
     if args.json:
         print(json.dumps({"stages": listing}, indent=1))
@@ -152,18 +152,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     stages = _stages(args, args.out)
     if stages is None:
         return _run(args, _load(args), args.out)
-    from raymerge.engine.errors import OutputError
     from raymerge.engine.outpath import check_output_path
+    from raymerge.engine.publish import ModelPublication
     from raymerge.engine.stages import stage_done
-    from raymerge.engine.storage import local_path
+    from raymerge.engine.writer import OUTPUT_EXISTS
 
     # Everything that can be checked before the first stage runs is: a typo in the last stage or
     # an existing OUT must not surface after hours of earlier stages.
-    recipes = [_load(args, st.text, f"{args.recipe} (stage {st.label!r})") for st in stages]
+    recipes = [_load(args, st.text, st.origin(args.recipe)) for st in stages]
     for st in stages:
         check_output_path(args.out if st.final else str(st.dest))
-    if is_local(args.out) and os.path.lexists(local_path(args.out)) and not args.overwrite:
-        raise OutputError("output path already exists", file=args.out, hint="pass --overwrite to replace it")
+    # The final stage's own check of OUT (``Staging``'s), made now.
+    ModelPublication(args.out, overwrite=args.overwrite, exists_message=OUTPUT_EXISTS).check()
     for i, (st, recipe) in enumerate(zip(stages, recipes, strict=True)):
         dest = args.out if st.final else st.dest
         assert dest is not None

@@ -23,7 +23,7 @@ import torch
 
 from raymerge.cluster.progress import DRIVER_ROW, ClusterProgress
 from raymerge.engine.executor import Admission, wants_accelerator
-from raymerge.engine.local import QUEUED_PER_WORKER, longest_first
+from raymerge.engine.local import longest_first, pool_depth
 from raymerge.engine.plan import TensorTask
 from raymerge.engine.task import Receipt, run_task
 
@@ -111,7 +111,7 @@ def run_until_ready(
         task = queue[i]
         # Queued beyond the running ones as the local executor does, so a worker never waits
         # for this thread to hand it its next task.
-        if len(pool.running) < pool.workers * (1 + QUEUED_PER_WORKER) and gate.fits(task.est_host_bytes):
+        if len(pool.running) < pool_depth(pool.workers) and gate.fits(task.est_host_bytes):
             gate.take(task.est_host_bytes)
             pool.submit(task)
             started.add(task.id)

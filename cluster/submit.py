@@ -61,7 +61,7 @@ def _portable_stages(text: str, origin: str) -> str:
     """Each document of a multi-stage recipe made portable; the stage graph and every stage's
     recipe are checked here first (names resolved against a placeholder directory)."""
     for st in stage_order(text, origin, "/intermediate"):
-        parse_recipe(st.text, f"{origin} (stage {st.label!r})")
+        parse_recipe(st.text, st.origin(origin))
     docs = documents(text, origin)
     names = {d["name"] for d in docs if isinstance(d.get("name"), str)}
     changed = False

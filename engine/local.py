@@ -29,6 +29,11 @@ from raymerge.engine.task import Receipt, run_task
 QUEUED_PER_WORKER = 1
 
 
+def pool_depth(workers: int) -> int:
+    """Tasks a pool of ``workers`` threads holds at once: running, and queued behind them."""
+    return workers * (1 + QUEUED_PER_WORKER)
+
+
 def longest_first(tasks: Sequence[TensorTask]) -> list[TensorTask]:
     """``tasks`` by bytes moved, largest first (plan order among equals).
 
@@ -116,7 +121,7 @@ class LocalExecutor:
                         continue
                     on_done(task, receipt)
 
-            in_flight = workers * (1 + QUEUED_PER_WORKER)
+            in_flight = pool_depth(workers)
             for task in longest_first(tasks):
                 # Wait for room in the pool (running + queued) and for memory without holding a slot.
                 while not errors and (

@@ -52,6 +52,10 @@ class Stage:
     def final(self) -> bool:
         return self.dest is None
 
+    def origin(self, recipe: str | os.PathLike[str]) -> str:
+        """How errors name this stage of the recipe file ``recipe``."""
+        return f"{recipe} (stage {self.label!r})"
+
 
 def documents(text: str, origin: str) -> list[Any]:
     """The recipe's YAML documents (one for an ordinary recipe), empty ones dropped."""
@@ -98,46 +102,43 @@ def stage_order(text: str, origin: str, intermediate_dir: str | os.PathLike[str]
         if not isinstance(doc, dict):
             raise RecipeError(f"document {i + 1} of the recipe is not a YAML mapping", file=origin)
     labels: list[str] = []
-    dests: list[str | None] = []
-    targets: dict[str, str] = {}
+    keys: list[str | None] = []  # how other stages refer to each one (None: it has no name or path)
+    targets: dict[str, str] = {}  # key → where that stage is written
     for i, doc in enumerate(docs):
         name, out_path = doc.pop("name", None), doc.pop("out_path", None)
-        for key, value in (("name", name), ("out_path", out_path)):
+        for field, value in (("name", name), ("out_path", out_path)):
             if value is not None and (not isinstance(value, str) or not value.strip()):
-                raise RecipeError(f"document {i + 1}: `{key}` must be a non-empty string, got {value!r}", file=origin)
+                raise RecipeError(f"document {i + 1}: `{field}` must be a non-empty string, got {value!r}", file=origin)
         if name is not None and ("/" in name or name in (".", "..")):
             raise RecipeError(f"document {i + 1}: stage name {name!r} must not be a path", file=origin)
         ref = name if name is not None else out_path
-        dest = str(Path(intermediate_dir) / name) if name is not None else (out_path if out_path is not None else None)
-        if ref is not None:
-            if _key(ref) in targets:
+        key = None if ref is None else _key(ref)
+        if key is not None:
+            if key in targets:
                 raise RecipeError(f"two stages are called {ref!r}", file=origin, hint="give each stage its own name")
-            targets[_key(ref)] = dest  # type: ignore[assignment]
+            targets[key] = str(Path(intermediate_dir) / name) if name is not None else ref
         labels.append(ref if ref is not None else "final merge")
-        dests.append(dest)
+        keys.append(key)
     reads: list[set[str]] = []
     rewritten = []
     for doc in docs:
         used: set[str] = set()
         rewritten.append(_rewrite(doc, targets, used))
         reads.append(used)
-    keys = [_key(lbl) if d is not None else None for lbl, d in zip(labels, dests, strict=True)]
-    final = _final_stage(keys, dests, reads, labels, origin)
-    order = _topological(keys, reads, labels, origin)
+    final = _final_stage(keys, reads, labels, origin)
     stages = []
-    for i in order:
-        dest = None if i == final else dests[i]
+    for i in _topological(keys, reads, labels, origin):
+        key = keys[i]
+        dest = None if i == final or key is None else targets[key]
         text_i = yaml.safe_dump(rewritten[i], sort_keys=False)
         stages.append(Stage(text_i, labels[i], dest, tuple(sorted(targets[k] for k in reads[i]))))
     return [s for s in stages if not s.final] + [s for s in stages if s.final]
 
 
-def _final_stage(
-    keys: list[str | None], dests: list[str | None], reads: list[set[str]], labels: list[str], origin: str
-) -> int:
+def _final_stage(keys: list[str | None], reads: list[set[str]], labels: list[str], origin: str) -> int:
     """The index of the final merge: the document without a name or out_path, else the one
     stage no other stage reads."""
-    unnamed = [i for i, d in enumerate(dests) if d is None]
+    unnamed = [i for i, k in enumerate(keys) if k is None]
     if len(unnamed) > 1:
         raise RecipeError(
             f"{len(unnamed)} documents have neither `name` nor `out_path`; only the final merge may",

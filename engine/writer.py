@@ -65,6 +65,8 @@ from raymerge.engine.storage import is_local, local_path
 from raymerge.engine.task import Receipt
 
 MERGE_CONFIG = "mergekit_config.yml"
+# What refusing an existing output (without --overwrite) says.
+OUTPUT_EXISTS = "output path already exists"
 SHARDS = "shards.json"  # in .raymerge/: each shard's size and header hash, for `raymerge verify`
 JOURNAL_LIMIT = 1 << 30  # one line per task: far above any plan's journal
 
@@ -89,7 +91,7 @@ class Staging:
             staging_root=staging_root,
             progress=progress,
             error=OutputError,
-            exists_message="output path already exists",
+            exists_message=OUTPUT_EXISTS,
         )
         self.dir = self.publication.dir
         self.plan = plan
