@@ -23,7 +23,7 @@ import torch
 
 from raymerge.cluster.progress import DRIVER_ROW, ClusterProgress
 from raymerge.engine.executor import Admission, wants_accelerator
-from raymerge.engine.local import longest_first, pool_depth
+from raymerge.engine.local import StopOnFailure, longest_first, pool_depth
 from raymerge.engine.plan import TensorTask
 from raymerge.engine.task import Receipt, run_task
 
@@ -53,7 +53,8 @@ class DriverPool:
     ) -> None:
         self.staging_dir, self.workers, self.device = staging_dir, workers, device
         self.on_done, self.progress = on_done, progress
-        self.running: dict[Future[Receipt], TensorTask] = {}
+        self.running: dict[Future[Receipt | None], TensorTask] = {}
+        self._stop = StopOnFailure()  # a task queued behind a failure is skipped, not started
         self.error: BaseException | None = None
         self._prev_threads = torch.get_num_threads()  # some torch builds set the count process-wide
         self._pool = ThreadPoolExecutor(
@@ -68,7 +69,8 @@ class DriverPool:
         return sum(t.est_host_bytes for t in self.running.values())
 
     def submit(self, task: TensorTask) -> None:
-        self.running[self._pool.submit(run_task, task, self.staging_dir, self.device)] = task
+        # run_task looked up here, at submit time (tests replace it in this module)
+        self.running[self._pool.submit(self._stop.run, task, self.staging_dir, self.device, run_task)] = task
 
     def poll(self, timeout: float | None = 0) -> list[TensorTask]:
         """Report the tasks finished within ``timeout`` seconds (None: wait for one); return them."""
@@ -83,6 +85,8 @@ class DriverPool:
                 receipt = fut.result()
             except BaseException as exc:  # noqa: BLE001 - raised by the caller after the others finish
                 self.error = self.error or exc
+                continue
+            if receipt is None:  # skipped after another task failed: not run, so not reported
                 continue
             self.on_done(task, receipt)
             self.progress.unit_done(DRIVER_ROW, "driver", [receipt], task.read_bytes + task.write_bytes)

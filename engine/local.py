@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 import torch
@@ -20,6 +20,8 @@ from raymerge.engine.executor import Admission, ExecutionReport, OnDone, default
 from raymerge.engine.plan import TensorTask
 from raymerge.engine.storage import READ_STATS
 from raymerge.engine.task import Receipt, run_task
+
+Runner = Callable[[TensorTask, str, str], Receipt]
 
 # Tasks queued in the pool beyond those running, per worker. A worker that finishes a task takes
 # the next from the pool's queue at once; with nothing queued it waits for the main thread to wake,
@@ -32,6 +34,27 @@ QUEUED_PER_WORKER = 1
 def pool_depth(workers: int) -> int:
     """Tasks a pool of ``workers`` threads holds at once: running, and queued behind them."""
     return workers * (1 + QUEUED_PER_WORKER)
+
+
+class StopOnFailure:
+    """Runs tasks on pool threads until one fails; a task that a pool thread takes from the queue
+    after that is skipped (``run`` returns None) rather than started. The failing thread itself
+    says so, at once: a queued task must not start in the time the submitting thread takes to
+    notice the failure, or queueing ahead would run work after an error that the executors
+    promise not to start."""
+
+    def __init__(self) -> None:
+        self.failed = threading.Event()
+
+    def run(self, task: TensorTask, staging_dir: str, device: str, runner: Runner) -> Receipt | None:
+        """``runner(task, staging_dir, device)``, or None without running it after a failure."""
+        if self.failed.is_set():
+            return None
+        try:
+            return runner(task, staging_dir, device)
+        except BaseException:
+            self.failed.set()
+            raise
 
 
 def longest_first(tasks: Sequence[TensorTask]) -> list[TensorTask]:
@@ -87,10 +110,11 @@ class LocalExecutor:
         # order, which keeps BLAS-heavy methods bit-identical to the Ray executor's slots).
         threads = self.task_threads()
         errors: list[BaseException] = []
+        stop = StopOnFailure()
 
-        def job(task: TensorTask) -> tuple[TensorTask, Receipt]:
+        def job(task: TensorTask) -> tuple[TensorTask, Receipt | None]:
             try:
-                return task, run_task(task, staging_dir, device)
+                return task, stop.run(task, staging_dir, device, run_task)  # looked up now: tests replace it
             finally:
                 with lock:
                     gate.give(task.est_host_bytes)
@@ -108,7 +132,7 @@ class LocalExecutor:
             ) as pool,
         ):
             restore.callback(torch.set_num_threads, prev_threads)
-            running: set[Future[tuple[TensorTask, Receipt]]] = set()
+            running: set[Future[tuple[TensorTask, Receipt | None]]] = set()
 
             def drain() -> None:
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -119,7 +143,8 @@ class LocalExecutor:
                     except BaseException as exc:  # noqa: BLE001 - re-raised below
                         errors.append(exc)
                         continue
-                    on_done(task, receipt)
+                    if receipt is not None:  # None: skipped after another task failed
+                        on_done(task, receipt)
 
             in_flight = pool_depth(workers)
             for task in longest_first(tasks):
@@ -145,4 +170,4 @@ class LocalExecutor:
         return ExecutionReport(bytes_read=READ_STATS.bytes_read - read0, peak_device_bytes=peak)
 
 
-__all__ = ["LocalExecutor"]
+__all__ = ["LocalExecutor", "StopOnFailure", "longest_first", "pool_depth"]

@@ -155,3 +155,23 @@ def test_local_executor_starts_the_largest_tasks_first(family, tmp_path, monkeyp
     merge(recipe, tmp_path / "ref", progress=False, workers=3)
     a, b = load_dir(tmp_path / "out"), load_dir(tmp_path / "ref")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_no_task_queued_behind_a_failure_starts(family, tmp_path, monkeypatch):
+    """Each worker keeps a task queued; once a task fails, the queued ones are skipped, not run
+    (one worker: the first task fails while the second waits in the queue behind it)."""
+    from raymerge.engine.errors import TaskError
+
+    base, experts = family
+    recipe = parse_recipe(recipe_text("ties", base, experts, {"density": 0.5}, [{"weight": 1}] * 3))
+    started = []
+
+    def first_fails(task, staging_dir, device):
+        started.append(task.id)
+        raise TaskError("injected", tensor=task.tensor)
+
+    monkeypatch.setattr(executor, "run_task", first_fails)
+    with pytest.raises(TaskError, match="injected"):
+        merge(recipe, tmp_path / "out", progress=False, workers=1)
+    assert len(started) == 1
+    assert not (tmp_path / "out").exists()
